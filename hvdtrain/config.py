@@ -1,0 +1,271 @@
+"""One frozen config tree: defaults -> YAML file -> `--section.key=value` overrides, validated once.
+
+Every field has a one-line doc (used by `hvdtrain config --help` and the README reference).
+Validation raises UserError with one line per problem; `check_world` adds the checks that need the
+number of ranks (e.g. the global batch must divide evenly).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from hvdtrain.errors import UserError
+
+
+def _f(default, doc, **kw):
+    """A dataclass field with its documentation attached."""
+    if isinstance(default, (list, dict, tuple)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc, **kw})
+    return field(default=default, metadata={"doc": doc, **kw})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = _f("digits", "digits | synthetic | tfrecord | npz", choices=("digits", "synthetic", "tfrecord", "npz"))
+    path: str = _f("", "training data: a .npz file, or TFRecord files (a directory, a glob or one file)")
+    test_path: str = _f("", "held-out data in the same format as `path` (empty: no test set for npz/tfrecord)")
+    input_shape: tuple = _f((), "shape of one example, e.g. [8, 8, 1]; required for synthetic and tfrecord")
+    num_classes: int = _f(10, "number of classes; labels must lie in [0, num_classes)")
+    synthetic_samples: int = _f(4096, "number of synthetic training examples (test set: a quarter of it)")
+    test_fraction: float = _f(0.2, "digits: share of the 1,797 images held out for testing (fixed seeded split)")
+    shuffle_buffer: int = _f(10000, "tfrecord: shuffle buffer in examples (in-memory sources shuffle fully)")
+    seed: int = _f(1234, "seed of the data order; epoch e shuffles with (seed, e) so order is reproducible")
+
+    def __post_init__(self):
+        _require(self.num_classes >= 2, "data.num_classes must be >= 2")
+        _require(self.synthetic_samples >= 1, "data.synthetic_samples must be >= 1")
+        _require(0.0 < self.test_fraction < 1.0, "data.test_fraction must lie strictly between 0 and 1")
+        _require(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1")
+        _require(all(isinstance(d, int) and d > 0 for d in self.input_shape),
+                 f"data.input_shape must be positive integers, got {list(self.input_shape)}")
+        if self.source in ("npz", "tfrecord"):
+            _require(bool(self.path), f"data.path is required when data.source={self.source}")
+        if self.source in ("synthetic", "tfrecord"):
+            _require(bool(self.input_shape), f"data.input_shape is required when data.source={self.source}, e.g. --data.input_shape=[32,32,3]")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _f("mlp", "registered model name: mlp | cnn | resnet | any name added with hvdtrain.register_model")
+    hidden: tuple = _f((256, 128), "mlp: widths of the hidden layers")
+    width: int = _f(32, "cnn/resnet: filters of the first convolution")
+    blocks: int = _f(2, "resnet: residual blocks per stage (two stages)")
+    options: dict = _f({}, "free-form keyword arguments passed to a user-registered builder")
+
+    def __post_init__(self):
+        _require(all(isinstance(h, int) and h > 0 for h in self.hidden), "model.hidden must be positive integers")
+        _require(self.width > 0 and self.blocks > 0, "model.width and model.blocks must be > 0")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = _f("sgd", "sgd | adam | rmsprop", choices=("sgd", "adam", "rmsprop"))
+    lr: float = _f(0.05, "learning rate before scaling by the number of ranks (see lr_scaling)")
+    lr_scaling: str = _f("none", "how lr grows with the number of ranks n: none | linear (lr*n) | sqrt (lr*sqrt(n))",
+                         choices=("none", "linear", "sqrt"))
+    momentum: float = _f(0.9, "sgd/rmsprop momentum")
+    warmup_epochs: float = _f(0.0, "linear warmup from lr/n to the scaled lr over this many epochs (0: none)")
+    schedule: str = _f("constant", "after warmup: constant | cosine (decays to 0 at the last step)",
+                       choices=("constant", "cosine"))
+    fp16_compression: bool = _f(False, "compress gradients to float16 for the all-reduce (halves the bytes sent)")
+    backward_passes_per_step: int = _f(1, "accumulate gradients locally over this many batches per all-reduce")
+    sparse_as_dense: bool = _f(False, "all-reduce embedding (sparse) gradients as dense tensors")
+
+    def __post_init__(self):
+        _require(self.lr > 0, "optim.lr must be > 0")
+        _require(0.0 <= self.momentum < 1.0, "optim.momentum must lie in [0, 1)")
+        _require(self.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0")
+        _require(self.backward_passes_per_step >= 1, "optim.backward_passes_per_step must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    epochs: int = _f(30, "number of epochs")
+    global_batch_size: int = _f(64, "examples per step summed over all ranks; each rank gets global_batch_size / ranks")
+    run_dir: str = _f("runs/digits", "where config.yaml, checkpoints, metrics.csv, TensorBoard logs and summary.json go")
+    keep_checkpoints: int = _f(3, "how many recent checkpoints to keep")
+    checkpoint_every_epochs: int = _f(1, "write a checkpoint every this many epochs (and at the end)")
+    resume: str = _f("auto", "auto: resume if run_dir holds a checkpoint | never: refuse a used run_dir | always: require one",
+                     choices=("auto", "never", "always"))
+    check_every_steps: int = _f(10, "how often (in steps) ranks agree on non-finite loss and stop requests")
+    tensorboard: bool = _f(True, "write TensorBoard logs under run_dir/tensorboard (rank 0)")
+    progress: str = _f("auto", "rank 0 progress display: auto (bar on a terminal, one line per epoch otherwise) | bar | epoch | none",
+                       choices=("auto", "bar", "epoch", "none"))
+
+    def __post_init__(self):
+        _require(self.epochs >= 1, "trainer.epochs must be >= 1")
+        _require(self.global_batch_size >= 1, "trainer.global_batch_size must be >= 1")
+        _require(bool(self.run_dir), "trainer.run_dir must not be empty")
+        _require(self.keep_checkpoints >= 1, "trainer.keep_checkpoints must be >= 1")
+        _require(self.checkpoint_every_epochs >= 1, "trainer.checkpoint_every_epochs must be >= 1")
+        _require(self.check_every_steps >= 1, "trainer.check_every_steps must be >= 1")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    seed: int = _f(42, "seed for weight initialisation and TensorFlow ops (the same on every rank)")
+    deterministic: bool = _f(False, "enable TensorFlow op determinism (bit-for-bit repeatable runs on CPU)")
+    intra_op_threads: int = _f(0, "TensorFlow intra-op threads per rank (0: CPU cores / ranks on this node)")
+    inter_op_threads: int = _f(0, "TensorFlow inter-op threads per rank (0: 2)")
+    cycle_time_ms: float = _f(0.5, "HOROVOD_CYCLE_TIME: how often Horovod's background thread batches tensors")
+    fusion_threshold_mb: float = _f(64.0, "HOROVOD_FUSION_THRESHOLD: tensors are fused into buffers up to this size")
+    cpu_operations: str = _f("auto", "HOROVOD_CPU_OPERATIONS: auto | mpi | gloo (auto: mpi when launched with MPI, else gloo)",
+                             choices=("auto", "mpi", "gloo"))
+    stall_timeout_s: float = _f(60.0, "a collective that some ranks never join shuts the job down after this many seconds")
+    expected_ranks: int = _f(0, "refuse to start unless exactly this many ranks are running (0: any number)")
+
+    def __post_init__(self):
+        _require(self.intra_op_threads >= 0 and self.inter_op_threads >= 0, "runtime thread counts must be >= 0")
+        _require(self.cycle_time_ms > 0, "runtime.cycle_time_ms must be > 0")
+        _require(self.fusion_threshold_mb >= 0, "runtime.fusion_threshold_mb must be >= 0")
+        _require(self.stall_timeout_s > 0, "runtime.stall_timeout_s must be > 0")
+        _require(self.expected_ranks >= 0, "runtime.expected_ranks must be >= 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **sections) -> "Config":
+        """A copy with some keys changed: cfg.replace(trainer={"epochs": 3})."""
+        return from_dict(_merge(self.to_dict(), sections))
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "trainer": TrainerConfig, "runtime": RuntimeConfig}
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def _plain(value):
+    """Tuples -> lists so the YAML is plain and portable."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) and isinstance(out.get(key), dict) and key in SECTIONS else value
+    return out
+
+
+def _did_you_mean(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(where: str, value, annotation: str, meta: dict):
+    """Check one value against its field's declared type; ints are accepted for floats, lists for tuples."""
+    kind = {"str": str, "int": int, "float": float, "bool": bool, "tuple": tuple, "dict": dict}[annotation]
+    ok = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))) \
+        or (kind is float and isinstance(value, int) and not isinstance(value, bool)) \
+        or (kind is tuple and isinstance(value, list))
+    if not ok:
+        raise UserError(f"{where} must be {_TYPE_NAMES[annotation]}, got {value!r} ({type(value).__name__})")
+    value = tuple(value) if kind is tuple else float(value) if kind is float else value
+    if "choices" in meta and value not in meta["choices"]:
+        raise UserError(f"{where} must be one of {' | '.join(meta['choices'])}, got {value!r}{_did_you_mean(str(value), meta['choices'])}")
+    return value
+
+
+_TYPE_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
+               "tuple": "a list", "dict": "a mapping"}
+
+
+def from_dict(raw: dict) -> Config:
+    if not isinstance(raw, dict):
+        raise UserError(f"the config must be a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}")
+    sections = {}
+    for name, values in raw.items():
+        if name not in SECTIONS:
+            raise UserError(f"unknown config section '{name}'{_did_you_mean(name, SECTIONS)}; sections are {', '.join(SECTIONS)}")
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise UserError(f"config section '{name}' must be a mapping of keys, got {values!r}")
+        cls = SECTIONS[name]
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            if key not in fields:
+                raise UserError(f"unknown config key '{name}.{key}'{_did_you_mean(key, fields)}")
+            kwargs[key] = _coerce(f"{name}.{key}", value, fields[key].type, dict(fields[key].metadata))
+        sections[name] = cls(**kwargs)
+    return Config(**sections)
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """`--trainer.epochs=5` or `trainer.epochs=5` -> ("trainer", "epochs", 5); values are read as YAML scalars/lists."""
+    body = text[2:] if text.startswith("--") else text
+    if "=" not in body or "." not in body.split("=", 1)[0]:
+        raise UserError(f"cannot read override '{text}': write it as --section.key=value, e.g. --trainer.epochs=5")
+    dotted, raw = body.split("=", 1)
+    section, key = dotted.split(".", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return section, key, value
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    raw: dict = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path} (pass an existing YAML file, e.g. configs/digits.yaml)")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise UserError(f"config file {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"config file {path} must hold a mapping of sections ({', '.join(SECTIONS)})")
+    for text in overrides:
+        section, key, value = parse_override(text)
+        raw = _merge(raw, {section: {key: value}})
+    return from_dict(raw)
+
+
+def check_world(cfg: Config, size: int) -> None:
+    """Checks that depend on the number of ranks; run on every rank so all ranks fail together."""
+    batch = cfg.trainer.global_batch_size
+    if batch % size:
+        lower, upper = (batch // size) * size, -(-batch // size) * size
+        hint = f"{lower} or {upper}" if lower else f"{upper}"
+        raise UserError(f"trainer.global_batch_size={batch} is not divisible by the {size} ranks; use a multiple of {size}, e.g. {hint}")
+    if cfg.runtime.expected_ranks and cfg.runtime.expected_ranks != size:
+        raise UserError(f"the config expects {cfg.runtime.expected_ranks} ranks (runtime.expected_ranks) but {size} are running; "
+                        f"launch with `horovodrun -np {cfg.runtime.expected_ranks} hvdtrain train ...` (or srun)")
+
+
+def describe_fields() -> list[tuple[str, str, str]]:
+    """(key, default, doc) for every field, for --help and the README."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((f"{section}.{f.name}", repr(_plain(default)), f.metadata.get("doc", "")))
+    return rows

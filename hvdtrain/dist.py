@@ -1,0 +1,207 @@
+"""The one module that imports Horovod. Everything else receives a plain `Topology` value.
+
+Horovod is imported lazily so that config, data and model code (and their unit tests) run without MPI.
+Communication settings (HOROVOD_* environment) are decided here, before `hvd.init()`:
+the environment wins over the config, so a cluster's sbatch script can still override them.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from hvdtrain.errors import UserError
+
+
+@dataclass(frozen=True)
+class Topology:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    cross_rank: int = 0
+    cross_size: int = 1
+    controller: str = "none"
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+
+def _hvd():
+    """horovod.tensorflow.keras (optimizer wrapper, callbacks, and the collectives it re-exports)."""
+    try:
+        import horovod.tensorflow.keras as hvd
+    except ImportError as exc:
+        raise UserError(f"Horovod with TensorFlow support is not importable ({exc}); "
+                        "run scripts/install.sh to build it (HOROVOD_WITH_TENSORFLOW=1)") from None
+    return hvd
+
+
+def _hvd_tf():
+    _hvd()
+    import horovod.tensorflow as hvd_tf
+    return hvd_tf
+
+
+def rank_hint() -> int:
+    """This process's rank from the launcher's environment, without starting Horovod (for error printing)."""
+    for key in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+def under_launcher() -> bool:
+    """Started by horovodrun, mpirun or srun (their output is line-tagged or collected, not a live terminal)."""
+    return any(k in os.environ for k in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_STEP_ID"))
+
+
+def agree_on_errors(fn, name: str):
+    """Run fn on every rank; if any rank raised a UserError, every rank raises it (all stop together)."""
+    try:
+        result, message = fn(), ""
+    except UserError as exc:
+        result, message = None, str(exc)
+    messages = allgather_object(message, name=name)
+    failed = [(r, m) for r, m in enumerate(messages) if m]
+    if failed:
+        rank, first = failed[0]
+        error = UserError(first if len(messages) == 1 else f"{first} (on rank {rank})")
+        error.agreed = True
+        raise error
+    return result
+
+
+def comm_environment(runtime) -> dict[str, str]:
+    """HOROVOD_* settings from the config; values already in the environment are kept (they win)."""
+    wanted = {
+        "HOROVOD_CYCLE_TIME": f"{runtime.cycle_time_ms:g}",
+        "HOROVOD_FUSION_THRESHOLD": str(int(runtime.fusion_threshold_mb * 1024 * 1024)),
+        # A collective that not every rank joins is reported, then the job is shut down instead of hanging.
+        "HOROVOD_STALL_CHECK_TIME_SECONDS": f"{max(1, int(runtime.stall_timeout_s // 2))}",
+        "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": f"{int(runtime.stall_timeout_s)}",
+    }
+    if runtime.cpu_operations != "auto":
+        wanted["HOROVOD_CPU_OPERATIONS"] = runtime.cpu_operations.upper()
+    elif _launched_by_mpi():
+        wanted["HOROVOD_CPU_OPERATIONS"] = "MPI"  # MPI's shared-memory transport beats Gloo's TCP on one host
+    return {key: os.environ.get(key, value) for key, value in wanted.items()}
+
+
+def _launched_by_mpi() -> bool:
+    return "OMPI_COMM_WORLD_RANK" in os.environ or "PMIX_RANK" in os.environ or "PMI_RANK" in os.environ
+
+
+def init(runtime=None) -> Topology:
+    """Apply communication settings, start Horovod, pin this rank's GPU, and return the topology."""
+    if runtime is not None:
+        os.environ.update(comm_environment(runtime))
+    _check_tensorflow_support()
+    hvd = _hvd()
+    hvd.init()
+    topo = Topology(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(),
+                    hvd.cross_rank(), hvd.cross_size(), "mpi" if hvd.mpi_enabled() else "gloo")
+    pin_device(topo)
+    return topo
+
+
+def _check_tensorflow_support() -> None:
+    import horovod.tensorflow as hvd_tf
+    try:
+        hvd_tf.mpi_built()
+    except Exception as exc:  # the extension library is missing or was built against another TensorFlow
+        raise UserError(f"Horovod was built without working TensorFlow support ({exc}); "
+                        "rebuild it after installing TensorFlow: scripts/install.sh --rebuild-horovod") from None
+
+
+def pin_device(topo: Topology) -> None:
+    """One GPU per rank, chosen by local rank; CPU-only machines are left alone."""
+    import tensorflow as tf
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return
+    if topo.local_size > len(gpus):
+        raise UserError(f"{topo.local_size} ranks on this node but only {len(gpus)} GPUs; launch one rank per GPU")
+    for gpu in gpus:
+        tf.config.experimental.set_memory_growth(gpu, True)
+    tf.config.set_visible_devices(gpus[topo.local_rank], "GPU")
+
+
+def wrap_optimizer(optimizer, optim_cfg):
+    hvd = _hvd()
+    compression = hvd.Compression.fp16 if optim_cfg.fp16_compression else hvd.Compression.none
+    return hvd.DistributedOptimizer(optimizer, compression=compression,
+                                    backward_passes_per_step=optim_cfg.backward_passes_per_step,
+                                    average_aggregated_gradients=True,
+                                    sparse_as_dense=optim_cfg.sparse_as_dense)
+
+
+def broadcast_callback():
+    """Makes every replica start from rank 0's weights and optimizer state."""
+    return _hvd().callbacks.BroadcastGlobalVariablesCallback(0)
+
+
+def metric_average_callback():
+    """Averages epoch metrics over ranks (Horovod sorts the keys so every rank reduces in the same order)."""
+    return _hvd().callbacks.MetricAverageCallback()
+
+
+def broadcast_variables(variables) -> None:
+    _hvd().broadcast_variables(variables, root_rank=0)
+
+
+def allreduce_sum(values, name: str) -> np.ndarray:
+    """Sum a float64 vector over all ranks (exact counts and sums for evaluation)."""
+    import tensorflow as tf
+    hvd = _hvd()
+    return hvd.allreduce(tf.constant(np.asarray(values, dtype=np.float64)), op=hvd.Sum, name=name).numpy()
+
+
+def allreduce_min(values, name: str) -> np.ndarray:
+    import tensorflow as tf
+    hvd = _hvd()
+    return hvd.allreduce(tf.constant(np.asarray(values, dtype=np.int64)), op=hvd.Min, name=name).numpy()
+
+
+def all_agree(flag: bool, name: str) -> bool:
+    """True only if every rank says True (a MIN-reduce); all ranks get the same answer."""
+    return bool(allreduce_min([1 if flag else 0], name)[0])
+
+
+def any_rank(flag: bool, name: str) -> bool:
+    return not all_agree(not flag, name)
+
+
+def allgather_object(obj, name: str) -> list:
+    return _hvd_tf().allgather_object(obj, name=name)
+
+
+def broadcast_object(obj, name: str):
+    return _hvd_tf().broadcast_object(obj, root_rank=0, name=name)
+
+
+def barrier() -> None:
+    allreduce_sum([0.0], name="hvdtrain.barrier")
+
+
+def weights_digest(model) -> str:
+    """A hash of every weight's bytes: equal digests mean bit-identical replicas."""
+    h = hashlib.sha256()
+    for w in model.get_weights():
+        h.update(np.ascontiguousarray(w).tobytes())
+    return h.hexdigest()
+
+
+def build_info() -> dict:
+    """What Horovod was built with and how it is configured, for `hvdtrain doctor`."""
+    import horovod
+    import horovod.tensorflow as hvd_tf
+    return {
+        "horovod": horovod.__version__,
+        "controllers": {"mpi": hvd_tf.mpi_built(), "gloo": hvd_tf.gloo_built()},
+        "tensor_operations": {"nccl": hvd_tf.nccl_built(), "mpi": hvd_tf.mpi_built(), "gloo": hvd_tf.gloo_built(),
+                              "ddl": hvd_tf.ddl_built(), "ccl": hvd_tf.ccl_built()},
+    }

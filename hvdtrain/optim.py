@@ -1,0 +1,57 @@
+"""Optimizer and learning-rate schedule from config, then wrapped for data parallelism by dist.
+
+The LR schedule is a function of the optimizer's step counter, so a resumed run continues its schedule
+exactly, and warmup needs no callback (Horovod's LearningRateWarmupCallback crashes with Keras 2.11+
+optimizers when momentum correction is on).
+"""
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+
+def scaled_lr(base_lr: float, rule: str, size: int) -> float:
+    return base_lr * {"none": 1.0, "linear": float(size), "sqrt": math.sqrt(size)}[rule]
+
+
+@tf.keras.utils.register_keras_serializable("hvdtrain")
+class WarmupSchedule(tf.keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup from `start_lr` to `peak_lr` over `warmup_steps`, then constant or cosine to 0 at `total_steps`."""
+
+    def __init__(self, start_lr: float, peak_lr: float, warmup_steps: int, total_steps: int, decay: str = "constant"):
+        self.start_lr, self.peak_lr = float(start_lr), float(peak_lr)
+        self.warmup_steps, self.total_steps, self.decay = int(warmup_steps), int(total_steps), decay
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        warm = self.start_lr + (self.peak_lr - self.start_lr) * step / max(1, self.warmup_steps)
+        if self.decay == "cosine":
+            span = max(1, self.total_steps - self.warmup_steps)
+            progress = tf.clip_by_value((step - self.warmup_steps) / span, 0.0, 1.0)
+            after = 0.5 * self.peak_lr * (1.0 + tf.cos(math.pi * progress))
+        else:
+            after = tf.constant(self.peak_lr)
+        return tf.where(step < self.warmup_steps, warm, after)
+
+    def get_config(self):
+        return {"start_lr": self.start_lr, "peak_lr": self.peak_lr, "warmup_steps": self.warmup_steps,
+                "total_steps": self.total_steps, "decay": self.decay}
+
+
+def lr_schedule(optim_cfg, size: int, steps_per_epoch: int, epochs: int) -> WarmupSchedule:
+    peak = scaled_lr(optim_cfg.lr, optim_cfg.lr_scaling, size)
+    # Warmup starts from the single-rank LR (Goyal et al.): large scaled LRs diverge in the first steps otherwise.
+    warmup = int(round(optim_cfg.warmup_epochs * steps_per_epoch))
+    start = peak / size if warmup else peak
+    return WarmupSchedule(start, peak, warmup, steps_per_epoch * epochs, optim_cfg.schedule)
+
+
+def build_optimizer(optim_cfg, size: int, steps_per_epoch: int, epochs: int):
+    """The plain Keras optimizer (not yet distributed)."""
+    lr = lr_schedule(optim_cfg, size, steps_per_epoch, epochs)
+    if optim_cfg.name == "sgd":
+        return tf.keras.optimizers.SGD(lr, momentum=optim_cfg.momentum)
+    if optim_cfg.name == "adam":
+        return tf.keras.optimizers.Adam(lr)
+    return tf.keras.optimizers.RMSprop(lr, momentum=optim_cfg.momentum)

@@ -1,0 +1,148 @@
+"""Trainer(cfg).fit(): init -> data -> model -> resume -> fit -> evaluate -> summary. Runs inside every rank."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from hvdtrain import checkpoint, config, data, dist, models, optim, predict, runtime
+from hvdtrain.callbacks import NonFiniteLoss, Position, StopRequest, build_callbacks
+from hvdtrain.errors import UserError
+from hvdtrain.log import get_logger
+
+
+class Trainer:
+    def __init__(self, cfg: config.Config, stop: StopRequest | None = None):
+        self.cfg = cfg
+        self.stop = stop or StopRequest()
+
+    def fit(self) -> dict:
+        cfg, started = self.cfg, time.perf_counter()
+        runtime.check_versions()
+        topo = self.topo = dist.init(cfg.runtime)
+        log = get_logger(topo.rank)
+        dist.agree_on_errors(lambda: config.check_world(cfg, topo.size), "hvdtrain.check_world")
+        runtime.configure(cfg.runtime, topo.local_size)
+        run_dir = dist.agree_on_errors(lambda: checkpoint.prepare_run_dir(cfg.trainer.run_dir), "hvdtrain.run_dir")
+        log.info(f"{topo.size} rank(s) on {topo.cross_size} host(s), controller {topo.controller}; run directory {run_dir}")
+
+        shape = dist.agree_on_errors(lambda: data.input_shape(cfg.data), "hvdtrain.input_shape")
+        model = models.build_model(cfg.model, shape, cfg.data.num_classes)
+        steps = dist.agree_on_errors(lambda: self._steps_per_epoch(topo), "hvdtrain.steps")
+        base_optimizer = optim.build_optimizer(cfg.optim, topo.size, steps, cfg.trainer.epochs)
+        model.compile(optimizer=dist.wrap_optimizer(base_optimizer, cfg.optim),
+                      loss=_loss(), metrics=["accuracy"])
+        model.optimizer.build(model.trainable_variables)  # create slots now so a checkpoint restores them
+        sig = checkpoint.signature(model, shape, cfg.data.num_classes, cfg.model.name)
+        position = dist.agree_on_errors(lambda: self._resume(run_dir, model, sig), "hvdtrain.resume")
+        if topo.is_chief:
+            checkpoint.write_atomic(run_dir / "config.yaml", cfg.to_yaml())
+
+        def save():
+            if topo.is_chief:
+                meta = {"epoch": position.epoch, "step_in_epoch": position.step_in_epoch,
+                        "global_step": position.global_step, "data_seed": cfg.data.seed, "num_ranks": topo.size,
+                        "signature": sig, "config": cfg.to_dict()}
+                checkpoint.save(run_dir, model, model.optimizer, meta, cfg.trainer.keep_checkpoints)
+
+        callbacks = build_callbacks(cfg, topo, run_dir, position=position, stop=self.stop, steps_per_epoch=steps,
+                                    evaluate_fn=lambda m: predict.evaluate(m, cfg.data, topo, "test"), save_fn=save)
+        self._fit_from(position, model, steps, callbacks)
+        return self._finish(run_dir, model, position, save, started, log)
+
+    # ------------------------------------------------------------------ steps
+
+    def _steps_per_epoch(self, topo) -> int:
+        return self._train_stream(topo, 0, 0, 0).steps_per_epoch
+
+    def _train_stream(self, topo, first_epoch, skip, epochs):
+        reduce_min = (lambda n: int(dist.allreduce_min([n], "hvdtrain.agreed_steps")[0])) if topo.size > 1 else (lambda n: n)
+        return data.train_data(self.cfg.data, topo, self.cfg.trainer.global_batch_size, first_epoch, epochs, skip, reduce_min)
+
+    def _resume(self, run_dir: Path, model, sig: dict) -> Position:
+        mode = self.cfg.trainer.resume
+        # Rank 0's view decides, so ranks on nodes without the shared file system cannot disagree silently.
+        latest = dist.broadcast_object(str(checkpoint.latest(run_dir) or ""), "hvdtrain.latest") if self.topo.size > 1 \
+            else str(checkpoint.latest(run_dir) or "")
+        if not latest:
+            if mode == "always":
+                raise UserError(f"trainer.resume=always but {run_dir} holds no checkpoint; train first or use resume=auto")
+            self._resumed_step = -1
+            return Position()
+        if mode == "never":
+            raise UserError(f"{run_dir} already holds checkpoint {Path(latest).name} and trainer.resume=never; "
+                            "use a fresh --trainer.run_dir or --resume")
+        meta = checkpoint.read_meta(Path(latest))
+        checkpoint.check_compatible(Path(latest), meta, sig)
+        checkpoint.restore(Path(latest), model, model.optimizer)
+        done = f"{meta['epoch']} of {self.cfg.trainer.epochs} epochs" + (f" + {meta['step_in_epoch']} steps" if meta["step_in_epoch"] else "")
+        get_logger(self.topo.rank).info(f"resuming from {latest} ({done} done)")
+        self._resumed_step = meta["global_step"]
+        return Position(meta["epoch"], meta["step_in_epoch"], meta["global_step"])
+
+    def _fit_from(self, position: Position, model, steps: int, callbacks) -> None:
+        """Finish a partly trained epoch first (resume after a mid-epoch stop), then the remaining whole epochs."""
+        epochs = self.cfg.trainer.epochs
+        if position.step_in_epoch and position.epoch < epochs:
+            partial = self._train_stream(self.topo, position.epoch, position.step_in_epoch, position.epoch + 1)
+            model.fit(partial.dataset, epochs=position.epoch + 1, initial_epoch=position.epoch,
+                      steps_per_epoch=steps - position.step_in_epoch, callbacks=callbacks, verbose=0)
+            if position.stop_reason:
+                return
+        if position.epoch < epochs:
+            stream = self._train_stream(self.topo, position.epoch, 0, epochs)
+            model.fit(stream.dataset, epochs=epochs, initial_epoch=position.epoch, steps_per_epoch=steps,
+                      callbacks=callbacks, verbose=0)
+
+    # ------------------------------------------------------------------ the end
+
+    def _finish(self, run_dir: Path, model, position: Position, save, started: float, log) -> dict:
+        cfg, topo = self.cfg, self.topo
+        if position.stop_reason == "nonfinite":
+            raise NonFiniteLoss(position.failure)
+        if position.global_step != self._resumed_step:
+            save()
+        digests = dist.allgather_object(dist.weights_digest(model), "hvdtrain.digest") if topo.size > 1 else [dist.weights_digest(model)]
+        if len(set(digests)) != 1:
+            raise UserError(f"replicas diverged: weight digests differ across ranks {digests}; this is a bug, please report it")
+        status = "stopped" if position.stop_reason == "stop_requested" else "completed"
+        test = predict.evaluate(model, cfg.data, topo, "test") if status == "completed" else None
+        epochs_run = [h for h in position.history if h.get("samples_per_sec")]
+        steady = epochs_run[1:] or epochs_run
+        summary = {
+            "status": status, "num_ranks": topo.size, "num_hosts": topo.cross_size, "controller": topo.controller,
+            "epochs": cfg.trainer.epochs, "epoch": position.epoch, "step_in_epoch": position.step_in_epoch,
+            "global_step": position.global_step, "global_batch_size": cfg.trainer.global_batch_size,
+            "samples_per_sec": sum(h["samples_per_sec"] for h in steady) / max(1, len(steady)),
+            "train_loss": epochs_run[-1]["loss"] if epochs_run else None,
+            "test_loss": test["loss"] if test else None, "test_accuracy": test["accuracy"] if test else None,
+            "test_examples": test["examples"] if test else None,
+            "weights_sha256": digests[0], "wall_seconds": time.perf_counter() - started,
+        }
+        if topo.is_chief:
+            if status == "completed":
+                _export_model(model, run_dir)
+            checkpoint.write_json(run_dir / "summary.json", summary)
+            if status == "stopped":
+                log.info(f"stopped at epoch {position.epoch + 1}, step {position.step_in_epoch} on request "
+                         f"({self.stop.signal_name or 'stop flag'}); checkpoint written, rerun the same command to resume")
+            elif test:
+                log.info(f"test accuracy {test['accuracy']:.4f}  test loss {test['loss']:.4f}  "
+                         f"({test['examples']} held-out examples, {topo.size} ranks, {summary['samples_per_sec']:,.0f} samples/s)")
+        return summary
+
+
+def _loss():
+    import tensorflow as tf
+    return tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _export_model(model, run_dir: Path) -> None:
+    """model.keras for users (weights and architecture, no optimizer), written under a temporary name first."""
+    import os
+
+    import tensorflow as tf
+    tmp = run_dir / f"{checkpoint.TMP_PREFIX}model.keras"
+    plain = tf.keras.models.clone_model(model)  # without the distributed optimizer, which only exists under Horovod
+    plain.set_weights(model.get_weights())
+    plain.save(tmp)
+    os.replace(tmp, run_dir / "model.keras")

@@ -1,0 +1,94 @@
+import pytest
+import yaml
+
+from hvdtrain.config import Config, check_world, describe_fields, load_config, parse_override
+from hvdtrain.errors import UserError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_digits_job_and_round_trip_through_yaml(tmp_path):
+    cfg = Config()
+    assert cfg.data.source == "digits" and cfg.trainer.global_batch_size == 64
+    again = load_config(write(tmp_path, cfg.to_yaml()))
+    assert again == cfg
+
+
+def test_file_then_overrides_win_in_that_order(tmp_path):
+    path = write(tmp_path, "trainer:\n  epochs: 7\n  global_batch_size: 32\noptim:\n  lr: 0.1\n")
+    cfg = load_config(path, ["--trainer.epochs=3", "--data.input_shape=[4,4,1]", "--data.source=synthetic"])
+    assert (cfg.trainer.epochs, cfg.trainer.global_batch_size, cfg.optim.lr) == (3, 32, 0.1)
+    assert cfg.data.input_shape == (4, 4, 1)
+
+
+def test_shipped_configs_load():
+    for name in ("digits", "synthetic"):
+        load_config(f"configs/{name}.yaml")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("trainer:\n  epoch: 3\n", "unknown config key 'trainer.epoch' (did you mean 'epochs'?)"),
+    ("trainr:\n  epochs: 3\n", "unknown config section 'trainr' (did you mean 'trainer'?)"),
+    ("trainer:\n  epochs: three\n", "trainer.epochs must be an integer, got 'three'"),
+    ("trainer:\n  epochs: 2.5\n", "trainer.epochs must be an integer"),
+    ("runtime:\n  deterministic: 1\n", "runtime.deterministic must be true or false"),
+    ("optim:\n  name: adamw\n", "optim.name must be one of sgd | adam | rmsprop, got 'adamw' (did you mean 'adam'?)"),
+    ("optim:\n  lr: -1\n", "optim.lr must be > 0"),
+    ("data:\n  source: tfrecord\n", "data.path is required when data.source=tfrecord"),
+    ("data:\n  source: synthetic\n", "data.input_shape is required when data.source=synthetic"),
+    ("- just\n- a list\n", "must hold a mapping of sections"),
+    ("trainer: 5\n", "config section 'trainer' must be a mapping"),
+])
+def test_each_bad_config_gives_one_clear_line(tmp_path, text, message):
+    with pytest.raises(UserError) as err:
+        load_config(write(tmp_path, text))
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    with pytest.raises(UserError, match=r"is not valid YAML at line 3, column 11: mapping values are not allowed"):
+        load_config(write(tmp_path, "trainer:\n  epochs: 3\n   run_dir: x\n"))
+
+
+def test_missing_file_and_bad_override_syntax(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(UserError, match="write it as --section.key=value"):
+        parse_override("--epochs")
+
+
+def test_override_values_are_parsed_as_yaml():
+    assert parse_override("--model.hidden=[8, 4]") == ("model", "hidden", [8, 4])
+    assert parse_override("trainer.tensorboard=false") == ("trainer", "tensorboard", False)
+
+
+def test_global_batch_must_divide_by_ranks():
+    cfg = load_config(None, ["--trainer.global_batch_size=10"])
+    check_world(cfg, 2)
+    with pytest.raises(UserError, match="not divisible by the 3 ranks; use a multiple of 3, e.g. 9 or 12"):
+        check_world(cfg, 3)
+
+
+def test_expected_ranks_refuses_a_run_without_the_launcher():
+    cfg = load_config(None, ["--runtime.expected_ranks=2"])
+    with pytest.raises(UserError, match=r"expects 2 ranks .* but 1 are running; launch with `horovodrun -np 2"):
+        check_world(cfg, 1)
+
+
+def test_frozen_and_replace():
+    cfg = Config()
+    with pytest.raises(Exception):
+        cfg.trainer.epochs = 3
+    assert cfg.replace(trainer={"epochs": 3}).trainer.epochs == 3 and cfg.trainer.epochs == 30
+
+
+def test_every_field_is_documented():
+    rows = describe_fields()
+    assert len(rows) > 30
+    assert all(doc for _, _, doc in rows), [k for k, _, d in rows if not d]
+    assert yaml.safe_load(Config().to_yaml())["trainer"]["run_dir"] == "runs/digits"
