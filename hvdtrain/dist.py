@@ -150,19 +150,19 @@ def metric_average_callback():
 
 
 def broadcast_variables(variables) -> None:
-    _hvd().broadcast_variables(variables, root_rank=0)
+    _hvd_tf().broadcast_variables(variables, root_rank=0)
 
 
 def allreduce_sum(values, name: str) -> np.ndarray:
     """Sum a float64 vector over all ranks (exact counts and sums for evaluation)."""
     import tensorflow as tf
-    hvd = _hvd()
+    hvd = _hvd_tf()
     return hvd.allreduce(tf.constant(np.asarray(values, dtype=np.float64)), op=hvd.Sum, name=name).numpy()
 
 
 def allreduce_min(values, name: str) -> np.ndarray:
     import tensorflow as tf
-    hvd = _hvd()
+    hvd = _hvd_tf()
     return hvd.allreduce(tf.constant(np.asarray(values, dtype=np.int64)), op=hvd.Min, name=name).numpy()
 
 

@@ -34,6 +34,7 @@ class Trainer:
         model.optimizer.build(model.trainable_variables)  # create slots now so a checkpoint restores them
         sig = checkpoint.signature(model, shape, cfg.data.num_classes, cfg.model.name)
         position = dist.agree_on_errors(lambda: self._resume(run_dir, model, sig), "hvdtrain.resume")
+        self.model, self.position = model, position
         if topo.is_chief:
             checkpoint.write_atomic(run_dir / "config.yaml", cfg.to_yaml())
 

@@ -92,3 +92,10 @@ def test_every_field_is_documented():
     assert len(rows) > 30
     assert all(doc for _, _, doc in rows), [k for k, _, d in rows if not d]
     assert yaml.safe_load(Config().to_yaml())["trainer"]["run_dir"] == "runs/digits"
+
+
+def test_readme_documents_every_config_key():
+    from conftest import REPO
+    readme = (REPO / "README.md").read_text()
+    missing = [key for key, _, _ in describe_fields() if f"`{key}`" not in readme]
+    assert not missing, f"README config reference lacks {missing}"

@@ -1,0 +1,105 @@
+"""The CLI end to end, as a user runs it: files in the run directory, the accuracy bar, resume, clear errors."""
+import csv
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import REPO, env, hvdtrain, output
+
+LAUNCH = str(REPO / "scripts/launch.sh")
+
+
+def launch(np_, args, timeout=300):
+    return subprocess.run([LAUNCH, str(np_), "hvdtrain", *args], cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_default_digits_job_on_two_ranks_reaches_the_accuracy_bar(tmp_path):
+    """`make train` runs exactly this (scripts/launch.sh 2 hvdtrain train --config configs/digits.yaml)."""
+    run = tmp_path / "run"
+    proc = launch(2, ["train", "--config", "configs/digits.yaml", f"--trainer.run_dir={run}"])
+    assert proc.returncode == 0, output(proc)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["num_ranks"] == 2 and summary["epochs"] == 30
+    assert summary["test_accuracy"] >= 0.95
+    assert summary["samples_per_sec"] > 0
+    # The run directory is complete.
+    assert (run / "config.yaml").read_text().startswith("data:")
+    assert (run / "model.keras").is_file()
+    assert any((run / "tensorboard").rglob("events.out.tfevents.*"))
+    assert len(list((run / "checkpoints").glob("ckpt-*"))) == 3   # keep_checkpoints
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == list(range(30))
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "samples_per_sec"} <= set(rows[0])
+    # Rank 0 alone reports: one line per epoch and one final line.
+    lines = proc.stdout.splitlines()
+    assert sum("epoch 30/30" in line for line in lines) == 1
+    assert sum("test accuracy" in line for line in lines) == 1
+
+
+def test_model_keras_loads_and_predicts_like_the_summary(tmp_path, small_digits):
+    proc = hvdtrain(["train", *small_digits])
+    assert proc.returncode == 0, output(proc)
+    check = ("import json,sys,numpy as np,tensorflow as tf;from hvdtrain import data;from hvdtrain.config import DataConfig;"
+             "m=tf.keras.models.load_model(sys.argv[1]);t=data.load_arrays(DataConfig(),'test');"
+             "acc=float((np.argmax(m.predict(t.x,verbose=0),1)==t.y).mean());"
+             "s=json.load(open(sys.argv[2]));assert abs(acc-s['test_accuracy'])<1e-9,(acc,s);print('ok')")
+    run = tmp_path / "run"
+    res = subprocess.run([str(REPO / ".venv/bin/python"), "-c", check, str(run / "model.keras"), str(run / "summary.json")],
+                         env=env(), capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip() == "ok", output(res)
+
+
+def test_rerun_resumes_and_no_resume_refuses(tmp_path, small_digits):
+    assert hvdtrain(["train", *small_digits]).returncode == 0
+    more = hvdtrain(["train", *small_digits[:-1], "--trainer.epochs=4"])
+    assert more.returncode == 0, output(more)
+    assert "resuming from" in more.stdout and "(3 of 4 epochs done)" in more.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["global_step"] == 4 * (1437 // 64) and summary["epoch"] == 4
+    refused = hvdtrain(["train", *small_digits, "--no-resume"])
+    assert refused.returncode == 2
+    assert "already holds checkpoint" in refused.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--trainer.epochz=3"], "unknown config key 'trainer.epochz' (did you mean 'epochs'?)"),
+    (["--config", "does/not/exist.yaml"], "config file not found: does/not/exist.yaml"),
+    (["--optim.lr=fast"], "optim.lr must be a number, got 'fast'"),
+    (["--runtime.expected_ranks=2"], "expects 2 ranks (runtime.expected_ranks) but 1 are running"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    proc = hvdtrain(["train", f"--trainer.run_dir={tmp_path / 'run'}", *args])
+    assert proc.returncode == 2, output(proc)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hvdtrain: error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_indivisible_batch_stops_both_ranks_with_one_message(tmp_path):
+    proc = launch(2, ["train", f"--trainer.run_dir={tmp_path / 'run'}", "--trainer.global_batch_size=63"])
+    assert proc.returncode != 0
+    text = output(proc)
+    assert text.count("trainer.global_batch_size=63 is not divisible by the 2 ranks; use a multiple of 2, e.g. 62 or 64") == 1
+    assert "Traceback" not in text
+
+
+def test_help_and_config_reference():
+    assert "--section.key=value" in hvdtrain(["train", "--help"]).stdout
+    ref = hvdtrain(["config", "--reference"]).stdout
+    assert "trainer.global_batch_size" in ref and "HOROVOD_CYCLE_TIME" in ref
+    resolved = hvdtrain(["config", "--config", "configs/digits.yaml", "--trainer.epochs=2"]).stdout
+    assert "epochs: 2" in resolved
+
+
+def test_doctor_reports_the_build_and_ranks():
+    proc = launch(2, ["doctor"])
+    assert proc.returncode == 0, output(proc)
+    text = proc.stdout
+    assert "horovod      0.28.1" in text and "tensorflow   2.15.1" in text
+    assert "controllers  mpi yes, gloo yes" in text
+    assert "Open MPI" in text and "HOROVOD_CYCLE_TIME=" in text
+    assert "ranks        2 (mpi controller)" in text
