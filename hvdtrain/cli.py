@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from hvdtrain import runtime
 from hvdtrain.errors import UserError
+
+# Subcommands that live in their own module: name -> module with HELP, add_arguments(parser), run(args, overrides) -> int.
+# Those modules must import TensorFlow/Horovod lazily (inside run), so `hvdtrain --help` stays fast.
+PLUGGED_COMMANDS: dict[str, str] = {
+}
 
 EPILOG_OVERRIDES = ("Any config key can be overridden after the options as --section.key=value, e.g.\n"
                     "  --trainer.epochs=5 --optim.lr=0.1 --data.input_shape=[32,32,3]\n"
@@ -40,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
                                         "Horovod was built with, the MPI library, the communication settings, and (under a "
                                         "launcher) the ranks and hosts. Exits non-zero with advice when the setup is broken.")
     doctor.add_argument("--config", metavar="FILE", help="show the communication settings this config would apply")
+
+    for name, module_path in PLUGGED_COMMANDS.items():
+        module = importlib.import_module(module_path)
+        module.add_arguments(sub.add_parser(name, help=module.HELP, description=module.__doc__,
+                                            formatter_class=argparse.RawDescriptionHelpFormatter))
     return p
 
 
@@ -52,6 +63,8 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unrecognised arguments: {' '.join(unknown)} (config overrides look like --trainer.epochs=5)")
     try:
+        if args.command in PLUGGED_COMMANDS:
+            return importlib.import_module(PLUGGED_COMMANDS[args.command]).run(args, overrides)
         return _COMMANDS[args.command](args, overrides)
     except UserError as exc:
         from hvdtrain.dist import rank_hint
