@@ -7,8 +7,10 @@ then checkpoints, and rank-0 writers last. Collectives run on every rank; only w
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -83,15 +85,23 @@ class AgreedStop(tf.keras.callbacks.Callback):
         if not self.model.stop_training:
             self._check(logs or {})
 
+    def _weights_finite(self) -> bool:
+        if not hasattr(self, "_finite_fn"):
+            variables = self.model.trainable_variables
+            self._finite_fn = tf.function(lambda: tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in variables]))
+        return bool(self._finite_fn())
+
     def _check(self, logs):
+        # Weights too: a NaN gradient can leave the loss finite (e.g. ReLU maps NaN to 0) while the model is dead.
+        healthy = math.isfinite(float(logs.get("loss", 0.0))) and self._weights_finite()
         flags = np.zeros(self.topo.size + 1)
-        flags[self.topo.rank] = 0.0 if math.isfinite(float(logs.get("loss", 0.0))) else 1.0
+        flags[self.topo.rank] = 0.0 if healthy else 1.0
         flags[-1] = 1.0 if self.stop.requested else 0.0
         total = dist.allreduce_sum(flags, name="hvdtrain.agreed_stop")
         bad = [r for r in range(self.topo.size) if total[r] > 0]
         if bad:
             self.position.failure = (
-                f"non-finite loss at epoch {self.position.epoch + 1}, step {self.position.step_in_epoch} "
+                f"non-finite loss or weights at epoch {self.position.epoch + 1}, step {self.position.step_in_epoch} "
                 f"(global step {self.position.global_step}) on rank(s) {', '.join(map(str, bad))}; all ranks stopped, "
                 "the last good checkpoint is kept; lower optim.lr or check the data")
             self.position.stop_reason = "nonfinite"
@@ -99,6 +109,49 @@ class AgreedStop(tf.keras.callbacks.Callback):
         elif total[-1] > 0:
             self.position.stop_reason = "stop_requested"
             self.model.stop_training = True
+
+
+class Watchdog(tf.keras.callbacks.Callback):
+    """Ends this rank if training makes no progress for `timeout` seconds.
+
+    A rank blocked in a collective whose peer died, stalled or lost its network would otherwise wait forever
+    (MPI has no timeout). Armed after the first batch (tracing and the initial broadcast may be slow); epoch-end
+    work (evaluation, checkpoint) must finish within the timeout too. Exiting lets the launcher stop the others.
+    """
+
+    EXIT_CODE = 4
+
+    def __init__(self, timeout: float, rank: int, run_dir, stream=None):
+        super().__init__()
+        self.timeout, self.rank, self.run_dir = timeout, rank, run_dir
+        self.stream = stream or sys.stderr
+        self.last_beat, self.armed, self.done = time.monotonic(), False, threading.Event()
+
+    def beat(self, *_args, **_kwargs):
+        self.last_beat = time.monotonic()
+
+    on_epoch_begin = on_epoch_end = on_test_batch_end = beat
+
+    def on_train_begin(self, logs=None):
+        self.done.clear()
+        threading.Thread(target=self._watch, name="hvdtrain-watchdog", daemon=True).start()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.beat()
+        self.armed = True
+
+    def on_train_end(self, logs=None):
+        self.done.set()
+
+    def _watch(self):
+        while not self.done.wait(min(1.0, self.timeout / 10)):
+            idle = time.monotonic() - self.last_beat
+            if self.armed and idle > self.timeout:
+                print(f"hvdtrain: error: rank {self.rank} made no progress for {idle:.0f} s (runtime.stall_timeout_s="
+                      f"{self.timeout:g}): a peer rank died, stalled or lost its network; stopping. The checkpoints in "
+                      f"{self.run_dir}/checkpoints are intact: rerun the same command to resume.",
+                      file=self.stream, flush=True)
+                os._exit(self.EXIT_CODE)
 
 
 class Throughput(tf.keras.callbacks.Callback):
@@ -122,7 +175,8 @@ class Throughput(tf.keras.callbacks.Callback):
 
 
 class ExactEvaluation(tf.keras.callbacks.Callback):
-    """Held-out metrics from all-reduced sums at the end of each epoch (exact whatever the shard sizes)."""
+    """Held-out metrics from all-reduced sums at the end of each epoch (exact whatever the shard sizes);
+    `evaluate_fn` returns None when the data source has no held-out split."""
 
     def __init__(self, evaluate_fn, prefix: str = "val_"):
         super().__init__()
@@ -130,7 +184,7 @@ class ExactEvaluation(tf.keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         metrics = self.evaluate_fn(self.model)
-        for key in ("loss", "accuracy"):
+        for key in ("loss", "accuracy") if metrics else ():
             logs[self.prefix + key] = metrics[key]
 
 
@@ -202,6 +256,7 @@ class ProgressLogger(tf.keras.callbacks.Callback):
 def build_callbacks(cfg, topo, run_dir, *, position, stop, steps_per_epoch, evaluate_fn, save_fn):
     """The full list in its one correct order. Rank-0 writers are simply absent on other ranks."""
     callbacks = [
+        Watchdog(cfg.runtime.stall_timeout_s, topo.rank, run_dir),
         dist.broadcast_callback(),
         TrackPosition(position, steps_per_epoch),
         AgreedStop(topo, position, stop, cfg.trainer.check_every_steps),

@@ -11,6 +11,10 @@ from hvdtrain.errors import UserError
 # Subcommands that live in their own module: name -> module with HELP, add_arguments(parser), run(args, overrides) -> int.
 # Those modules must import TensorFlow/Horovod lazily (inside run), so `hvdtrain --help` stays fast.
 PLUGGED_COMMANDS: dict[str, str] = {
+    "bench": "hvdtrain.bench",
+    "predict": "hvdtrain.predict_command",
+    "evaluate": "hvdtrain.evaluate_command",
+    "slurm": "hvdtrain.slurm",
 }
 
 EPILOG_OVERRIDES = ("Any config key can be overridden after the options as --section.key=value, e.g.\n"
@@ -80,7 +84,11 @@ def _train(args, overrides) -> int:
     from hvdtrain.trainer import Trainer
     if args.resume:
         overrides = [*overrides, f"--trainer.resume={args.resume}"]
-    cfg = load_config(args.config, overrides)
+    try:
+        cfg = load_config(args.config, overrides)
+    except UserError as exc:
+        exc.agreed = True  # every rank reads the same file and arguments: rank 0 alone reports it
+        raise
     Trainer(cfg, stop=StopRequest().install()).fit()
     return 0
 

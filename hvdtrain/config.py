@@ -116,6 +116,8 @@ class RuntimeConfig:
     fusion_threshold_mb: float = _f(64.0, "HOROVOD_FUSION_THRESHOLD: tensors are fused into buffers up to this size")
     cpu_operations: str = _f("auto", "HOROVOD_CPU_OPERATIONS: auto | mpi | gloo (auto: mpi when launched with MPI, else gloo)",
                              choices=("auto", "mpi", "gloo"))
+    mpi_yield_when_idle: bool = _f(True, "OMPI_MCA_mpi_yield_when_idle: MPI waits yield the CPU instead of spinning "
+                                   "(Horovod's background thread polls MPI every cycle; spinning steals the cores training needs)")
     stall_timeout_s: float = _f(60.0, "a collective that some ranks never join shuts the job down after this many seconds")
     expected_ranks: int = _f(0, "refuse to start unless exactly this many ranks are running (0: any number)")
 
@@ -178,6 +180,8 @@ def _did_you_mean(name: str, options) -> str:
 def _coerce(where: str, value, annotation: str, meta: dict):
     """Check one value against its field's declared type; ints are accepted for floats, lists for tuples."""
     kind = {"str": str, "int": int, "float": float, "bool": bool, "tuple": tuple, "dict": dict}[annotation]
+    if kind is float and isinstance(value, str):
+        value = _float_or_same(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     ok = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))) \
         or (kind is float and isinstance(value, int) and not isinstance(value, bool)) \
         or (kind is tuple and isinstance(value, list))
@@ -187,6 +191,13 @@ def _coerce(where: str, value, annotation: str, meta: dict):
     if "choices" in meta and value not in meta["choices"]:
         raise UserError(f"{where} must be one of {' | '.join(meta['choices'])}, got {value!r}{_did_you_mean(str(value), meta['choices'])}")
     return value
+
+
+def _float_or_same(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 _TYPE_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",

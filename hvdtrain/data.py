@@ -112,6 +112,10 @@ def _checked(arrays: Arrays, data_cfg, where: str) -> Arrays:
         raise UserError(f"{where}: examples have shape {list(arrays.x.shape[1:])} but data.input_shape is "
                         f"{list(data_cfg.input_shape)}; fix data.input_shape or the data")
     _check_labels(arrays.y, data_cfg.num_classes, where)
+    finite = np.isfinite(arrays.x.reshape(len(arrays.x), -1)).all(axis=1)
+    if not finite.all():
+        raise UserError(f"{where}: example {int(np.argmin(finite))} has a non-finite feature (NaN or Inf); "
+                        f"{int((~finite).sum())} such examples in all; clean the data")
     return arrays
 
 

@@ -80,25 +80,46 @@ def comm_environment(runtime) -> dict[str, str]:
     wanted = {
         "HOROVOD_CYCLE_TIME": f"{runtime.cycle_time_ms:g}",
         "HOROVOD_FUSION_THRESHOLD": str(int(runtime.fusion_threshold_mb * 1024 * 1024)),
-        # A collective that not every rank joins is reported, then the job is shut down instead of hanging.
+        # A collective that not every rank joins is reported at half the timeout; Horovod's own shutdown is a
+        # backstop behind hvdtrain's per-rank watchdog (callbacks.Watchdog), which fires at the timeout.
         "HOROVOD_STALL_CHECK_TIME_SECONDS": f"{max(1, int(runtime.stall_timeout_s // 2))}",
-        "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": f"{int(runtime.stall_timeout_s)}",
+        "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": f"{int(2 * runtime.stall_timeout_s)}",
     }
     if runtime.cpu_operations != "auto":
         wanted["HOROVOD_CPU_OPERATIONS"] = runtime.cpu_operations.upper()
-    elif _launched_by_mpi():
+    elif launched_by_mpi():
         wanted["HOROVOD_CPU_OPERATIONS"] = "MPI"  # MPI's shared-memory transport beats Gloo's TCP on one host
+    if runtime.mpi_yield_when_idle:
+        # Read by OpenMPI at MPI_Init, so setting it here (before hvd.init) is enough. Without it every MPI wait
+        # spins a core: 2 ranks on 2 cores trained the 6M-parameter MLP ~3.5x slower (docs/benchmarks.md).
+        wanted["OMPI_MCA_mpi_yield_when_idle"] = "1"
     return {key: os.environ.get(key, value) for key, value in wanted.items()}
 
 
-def _launched_by_mpi() -> bool:
+def apply_comm_environment(runtime) -> None:
+    """Put the communication settings into this process's environment; call before MPI or Horovod start."""
+    os.environ.update(comm_environment(runtime))
+
+
+def launched_by_mpi() -> bool:
+    """Started by mpirun/srun (horovodrun --mpi uses mpirun), so MPI_Init can join the other ranks."""
     return "OMPI_COMM_WORLD_RANK" in os.environ or "PMIX_RANK" in os.environ or "PMI_RANK" in os.environ
+
+
+# Horovod variables that change performance (the launcher's own HOROVOD_RANK, HOROVOD_GLOO_* etc. are not settings).
+TUNING_KEYS = ("HOROVOD_CYCLE_TIME", "HOROVOD_FUSION_THRESHOLD", "HOROVOD_CPU_OPERATIONS", "HOROVOD_CACHE_CAPACITY",
+               "HOROVOD_AUTOTUNE", "HOROVOD_HIERARCHICAL_ALLREDUCE", "HOROVOD_TIMELINE", "OMPI_MCA_mpi_yield_when_idle")
+
+
+def active_comm_settings() -> dict[str, str]:
+    """The performance-relevant HOROVOD_* values in force in this process (for benchmark reports)."""
+    return {key: os.environ[key] for key in TUNING_KEYS if key in os.environ}
 
 
 def init(runtime=None) -> Topology:
     """Apply communication settings, start Horovod, pin this rank's GPU, and return the topology."""
     if runtime is not None:
-        os.environ.update(comm_environment(runtime))
+        apply_comm_environment(runtime)
     _check_tensorflow_support()
     hvd = _hvd()
     hvd.init()
@@ -160,6 +181,32 @@ def allreduce_sum(values, name: str) -> np.ndarray:
     return hvd.allreduce(tf.constant(np.asarray(values, dtype=np.float64)), op=hvd.Sum, name=name).numpy()
 
 
+def allreduce_loop(name: str, op: str = "sum"):
+    """A tf.function (x, iters) -> the all-reduce of x over ranks, run `iters` times back to back in one graph.
+
+    Each collective waits for the previous one (a control dependency), so the loop measures Horovod's own
+    latency and bandwidth with no Python between collectives, the way a training step issues them.
+    """
+    import tensorflow as tf
+    hvd = _hvd_tf()
+    reduce_op = {"sum": hvd.Sum, "average": hvd.Average}[op]
+
+    @tf.function
+    def loop(x, iters):
+        def body(i, previous):
+            with tf.control_dependencies([previous]):
+                return i + 1, hvd.allreduce(x, op=reduce_op, name=name)
+        return tf.while_loop(lambda i, _: i < iters, body, (tf.constant(0), tf.zeros_like(x)),
+                             parallel_iterations=1)[1]
+    return loop
+
+
+def allreduce_eager(x, name: str):
+    """One eager (not tf.function) sum all-reduce: the slow path, measured by the benchmark for comparison."""
+    hvd = _hvd_tf()
+    return hvd.allreduce(x, op=hvd.Sum, name=name)
+
+
 def allreduce_min(values, name: str) -> np.ndarray:
     import tensorflow as tf
     hvd = _hvd_tf()
@@ -185,6 +232,16 @@ def broadcast_object(obj, name: str):
 
 def barrier() -> None:
     allreduce_sum([0.0], name="hvdtrain.barrier")
+
+
+class CollectiveFailure(UserError):
+    """A collective failed because a peer died, stalled or lost its network."""
+    exit_code = 4
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    text = str(exc)
+    return any(mark in text for mark in ("Horovod", "gloo", "Gloo", "HorovodAllreduce", "HorovodBroadcast"))
 
 
 def weights_digest(model) -> str:

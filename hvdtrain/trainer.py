@@ -47,7 +47,15 @@ class Trainer:
 
         callbacks = build_callbacks(cfg, topo, run_dir, position=position, stop=self.stop, steps_per_epoch=steps,
                                     evaluate_fn=lambda m: predict.evaluate(m, cfg.data, topo, "test"), save_fn=save)
-        self._fit_from(position, model, steps, callbacks)
+        try:
+            self._fit_from(position, model, steps, callbacks)
+        except Exception as exc:
+            if not dist.is_collective_failure(exc):
+                raise
+            raise dist.CollectiveFailure(
+                f"rank {topo.rank}: a collective failed at epoch {position.epoch + 1}, step {position.step_in_epoch} "
+                f"({_first_line(exc)}): a peer rank died, stalled or lost its network. The checkpoints in "
+                f"{run_dir}/checkpoints are intact: rerun the same command to resume.") from None
         return self._finish(run_dir, model, position, save, started, log)
 
     # ------------------------------------------------------------------ steps
@@ -99,7 +107,9 @@ class Trainer:
     def _finish(self, run_dir: Path, model, position: Position, save, started: float, log) -> dict:
         cfg, topo = self.cfg, self.topo
         if position.stop_reason == "nonfinite":
-            raise NonFiniteLoss(position.failure)
+            failure = NonFiniteLoss(position.failure)
+            failure.agreed = True  # decided by an all-rank reduction: the same message on every rank
+            raise failure
         if position.global_step != self._resumed_step:
             save()
         digests = dist.allgather_object(dist.weights_digest(model), "hvdtrain.digest") if topo.size > 1 else [dist.weights_digest(model)]
@@ -130,6 +140,12 @@ class Trainer:
                 log.info(f"test accuracy {test['accuracy']:.4f}  test loss {test['loss']:.4f}  "
                          f"({test['examples']} held-out examples, {topo.size} ranks, {summary['samples_per_sec']:,.0f} samples/s)")
         return summary
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    horovod_lines = [line for line in lines if "Horovod" in line or "gloo" in line.lower()]
+    return (horovod_lines or lines or [type(exc).__name__])[-1][:300]
 
 
 def _loss():

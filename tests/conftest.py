@@ -45,3 +45,58 @@ def output(proc: subprocess.CompletedProcess) -> str:
 def small_digits(tmp_path):
     """Overrides for a short digits run in a fresh run directory."""
     return ["--config", str(REPO / "configs/digits.yaml"), f"--trainer.run_dir={tmp_path / 'run'}", "--trainer.epochs=3"]
+
+
+def start_horovodrun(np: int, args: list[str], launcher: str = "gloo", cwd=REPO) -> subprocess.Popen:
+    """horovodrun in the background (its own session, so a test can clean up the whole tree by pid)."""
+    cmd = [str(BIN / "horovodrun"), "-np", str(np), *LAUNCHERS[launcher], *args]
+    return subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def rank_pids(proc: subprocess.Popen, size: int, timeout: float = 60) -> dict[int, int]:
+    """{rank: pid} of the training processes under a launcher, read from each process's environment."""
+    import time
+
+    import psutil
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = {}
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                environ, cmdline = child.environ(), " ".join(child.cmdline())
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            rank = environ.get("HOROVOD_RANK", environ.get("OMPI_COMM_WORLD_RANK"))
+            if rank is not None and "python" in cmdline and "horovodrun" not in cmdline and "orted" not in cmdline:
+                found[int(rank)] = child.pid
+        if len(found) == size:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"did not find {size} rank processes under pid {proc.pid}")
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """Stop a background launcher and everything it started, by process id."""
+    import psutil
+    try:
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+
+
+def wait_for(predicate, timeout: float = 120, what: str = "condition"):
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

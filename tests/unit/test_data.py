@@ -178,3 +178,11 @@ def test_synthetic_is_any_shape_and_learnable_labels():
     arrays = data.load_arrays(cfg, "train")
     assert arrays.x.shape == (400, 4, 4, 3) and set(np.unique(arrays.y)) <= set(range(5))
     assert len(np.unique(arrays.y)) >= 3
+
+
+def test_non_finite_features_are_refused_up_front(tmp_path):
+    x = np.ones((6, 2), np.float32)
+    x[4, 1] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x, y=np.zeros(6))
+    with pytest.raises(UserError, match="example 4 has a non-finite feature"):
+        data.load_arrays(DataConfig(source="npz", path=str(tmp_path / "nan.npz")), "train")

@@ -1,0 +1,158 @@
+"""Failures provoked for real under horovodrun -np 2: killed and stalled ranks, non-finite loss, stop signals,
+kills during checkpoint writes. Each asserts the outcome: exit codes, messages, a bound on time, checkpoints
+that still load, and resumed results equal to uninterrupted ones."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO, env, horovodrun, kill_tree, output, rank_pids, start_horovodrun, wait_for
+from hvdtrain import checkpoint
+
+HVDTRAIN = [str(REPO / ".venv/bin/hvdtrain"), "train"]
+DIGITS = ["--config", str(REPO / "configs/digits.yaml")]
+
+
+def first_checkpoint(run):
+    return wait_for(lambda: checkpoint.latest(run), timeout=120, what="the first checkpoint")
+
+
+def assert_checkpoint_loads(run):
+    import tensorflow as tf
+    latest = checkpoint.latest(run)
+    assert latest is not None
+    reader = tf.train.load_checkpoint(str(latest / "state"))
+    assert reader.get_variable_to_shape_map()
+    return checkpoint.read_meta(latest)
+
+
+@pytest.mark.parametrize("launcher", ["gloo", "mpi"])
+def test_killed_rank_ends_the_job_quickly_and_the_run_resumes(tmp_path, launcher):
+    run = tmp_path / "run"
+    args = [*HVDTRAIN, *DIGITS, f"--trainer.run_dir={run}", "--trainer.epochs=500", "--trainer.global_batch_size=16"]
+    job = start_horovodrun(2, args, launcher)
+    try:
+        first_checkpoint(run)
+        ranks = rank_pids(job, 2)
+        subprocess.run(["kill", "-9", str(ranks[1])], check=True)
+        killed = time.monotonic()
+        out, _ = job.communicate(timeout=60)          # bounded: the job must end within 60 s
+        ended_after = time.monotonic() - killed
+    finally:
+        kill_tree(job)
+    assert job.returncode != 0
+    assert ended_after < 60
+    names_rank_1 = "Process name: 1" in out or "process rank 1" in out
+    assert names_rank_1, out[-3000:]
+    meta = assert_checkpoint_loads(run)
+    resumed = subprocess.run(["horovodrun", "-np", "2", "--gloo", *args[:-2], f"--trainer.epochs={meta['epoch'] + 1}",
+                              "--trainer.global_batch_size=16"],
+                             cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, output(resumed)
+    assert f"({meta['epoch']} of {meta['epoch'] + 1} epochs done)" in resumed.stdout
+
+
+@pytest.mark.parametrize("launcher", ["gloo", "mpi"])
+def test_stalled_rank_is_stopped_within_the_stall_timeout(tmp_path, launcher):
+    run = tmp_path / "run"
+    job = start_horovodrun(2, [*HVDTRAIN, *DIGITS, f"--trainer.run_dir={run}", "--trainer.epochs=500",
+                               "--trainer.global_batch_size=16", "--runtime.stall_timeout_s=10"], launcher)
+    try:
+        first_checkpoint(run)
+        ranks = rank_pids(job, 2)
+        subprocess.run(["kill", "-STOP", str(ranks[1])], check=True)  # alive but never joins the next collective
+        stalled = time.monotonic()
+        out, _ = job.communicate(timeout=90)
+        ended_after = time.monotonic() - stalled
+    finally:
+        kill_tree(job)
+    assert job.returncode != 0
+    assert ended_after < 90
+    lines = [line for line in out.splitlines() if "hvdtrain: error:" in line]
+    assert lines and ("made no progress for" in lines[0] or "a collective failed" in lines[0]), out[-3000:]
+    assert "rerun the same command to resume" in lines[0]
+    assert_checkpoint_loads(run)
+
+
+def test_non_finite_loss_stops_every_rank_at_the_same_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    ok = horovodrun(2, [*HVDTRAIN, *DIGITS, f"--trainer.run_dir={run}", "--trainer.epochs=1"])
+    assert ok.returncode == 0, output(ok)
+    good = checkpoint.latest(run)
+    # Continue with an absurd learning rate: the weights overflow and the loss becomes non-finite in epoch 2.
+    bad = horovodrun(2, [*HVDTRAIN, *DIGITS, f"--trainer.run_dir={run}", "--trainer.epochs=3", "--optim.lr=1e12",
+                         "--trainer.check_every_steps=1"])
+    assert bad.returncode != 0
+    text = output(bad)
+    errors = [line for line in text.splitlines() if "hvdtrain: error: non-finite loss or weights" in line]
+    assert len(errors) == 1, text[-3000:]                       # rank 0 reports once, for everyone
+    assert "at epoch 2, step " in errors[0] and "on rank(s) 0, 1;" in errors[0]
+    assert "exit with status code 3" in text                    # ranks exit 3 (horovodrun names the first one)
+    assert checkpoint.latest(run) == good                       # the last good checkpoint is kept, nothing newer
+    assert_checkpoint_loads(run)
+    assert not (run / "summary.json").read_text().count("completed") > 1
+
+
+def test_stop_signal_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """Bit-for-bit: deterministic ops on CPU, the same batches in the same order, optimizer and LR state restored."""
+    common = [*HVDTRAIN, *DIGITS, "--trainer.epochs=12", "--trainer.global_batch_size=16",
+              "--runtime.deterministic=true", "--trainer.check_every_steps=3", "--trainer.tensorboard=false"]
+    straight = horovodrun(2, [*common, f"--trainer.run_dir={tmp_path / 'straight'}"])
+    assert straight.returncode == 0, output(straight)
+
+    run = tmp_path / "interrupted"
+    job = start_horovodrun(2, [*common, f"--trainer.run_dir={run}"])
+    try:
+        first_checkpoint(run)
+        subprocess.run(["kill", "-USR1", str(rank_pids(job, 2)[1])], check=True)  # one rank asked: all agree to stop
+        out, _ = job.communicate(timeout=120)
+    finally:
+        kill_tree(job)
+    assert job.returncode == 0, out[-3000:]
+    stopped = json.loads((run / "summary.json").read_text())
+    assert stopped["status"] == "stopped", out[-2000:]
+    meta = checkpoint.read_meta(checkpoint.latest(run))
+    assert meta["global_step"] == stopped["global_step"] < 12 * (1437 // 16)
+    assert meta["step_in_epoch"] % 3 == 0                        # stopped at an agreed check step
+
+    resumed = horovodrun(2, [*common, f"--trainer.run_dir={run}"])
+    assert resumed.returncode == 0, output(resumed)
+    assert "resuming from" in resumed.stdout
+    final = json.loads((run / "summary.json").read_text())
+    reference = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    assert final["status"] == "completed" and final["global_step"] == reference["global_step"]
+    assert final["weights_sha256"] == reference["weights_sha256"]   # bit-for-bit equal weights
+    assert final["test_accuracy"] == reference["test_accuracy"]
+
+
+SAVE_LOOP = """
+import sys, numpy as np, tensorflow as tf
+from hvdtrain import checkpoint
+run = checkpoint.prepare_run_dir(sys.argv[1])
+model = tf.keras.Sequential([tf.keras.layers.Dense(2048, input_shape=(2048,)), tf.keras.layers.Dense(10)])
+opt = tf.keras.optimizers.Adam()
+opt.build(model.trainable_variables)
+sig = checkpoint.signature(model, (2048,), 10, "big")
+for step in range(1, 10**6):
+    checkpoint.save(run, model, opt, {"epoch": step, "step_in_epoch": 0, "global_step": step, "signature": sig}, keep=2)
+    print(step, flush=True)
+"""
+
+
+def test_kill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    for delay in (0.0, 0.013, 0.029, 0.047):
+        writer = subprocess.Popen([sys.executable, "-c", SAVE_LOOP, str(run)], env=env(), stdout=subprocess.PIPE, text=True)
+        try:
+            assert writer.stdout.readline().strip()         # at least one checkpoint is complete
+            time.sleep(delay)
+        finally:
+            writer.kill()                                    # SIGKILL, at an arbitrary point of a write
+            writer.wait()
+        meta = assert_checkpoint_loads(run)
+        assert meta["signature"]["model"] == "big"
+        assert len(checkpoint.list_checkpoints(run)) <= 3
