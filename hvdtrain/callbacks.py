@@ -154,6 +154,34 @@ class Watchdog(tf.keras.callbacks.Callback):
                 os._exit(self.EXIT_CODE)
 
 
+class ElasticCommit(tf.keras.callbacks.Callback):
+    """Copies the position into Horovod's elastic state and commits it every `every` steps and at epoch ends.
+    A commit is also where Horovod interrupts training when hosts were added or removed (on every rank at once)."""
+
+    def __init__(self, state, position: Position, every: int):
+        super().__init__()
+        self.state, self.position, self.every = state, position, every
+
+    def _commit(self):
+        self.state.epoch, self.state.step_in_epoch = self.position.epoch, self.position.step_in_epoch
+        self.state.global_step = self.position.global_step
+        self.state.commit()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.position.step_in_epoch % self.every == 0:
+            self._commit()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._commit()
+
+
+def stop_watchdogs(callbacks) -> None:
+    """Keras skips on_train_end when fit raises: stop watchdogs explicitly (e.g. before an elastic reset)."""
+    for callback in callbacks:
+        if isinstance(callback, Watchdog):
+            callback.done.set()
+
+
 class Throughput(tf.keras.callbacks.Callback):
     """Samples/s per epoch, global and per rank, written into the epoch logs."""
 
@@ -253,8 +281,9 @@ class ProgressLogger(tf.keras.callbacks.Callback):
         print(f"epoch {epoch + 1}/{self.epochs}  " + "  ".join(parts), file=self.stream, flush=True)
 
 
-def build_callbacks(cfg, topo, run_dir, *, position, stop, steps_per_epoch, evaluate_fn, save_fn):
-    """The full list in its one correct order. Rank-0 writers are simply absent on other ranks."""
+def build_callbacks(cfg, topo, run_dir, *, position, stop, steps_per_epoch, evaluate_fn, save_fn, elastic_state=None):
+    """The full list in its one correct order. Rank-0 writers are simply absent on other ranks.
+    The elastic commit comes last, so an interruption it raises never skips an epoch's writers."""
     callbacks = [
         Watchdog(cfg.runtime.stall_timeout_s, topo.rank, run_dir),
         dist.broadcast_callback(),
@@ -272,4 +301,6 @@ def build_callbacks(cfg, topo, run_dir, *, position, stop, steps_per_epoch, eval
         if cfg.trainer.tensorboard:
             callbacks.append(tf.keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False,
                                                             profile_batch=0))
+    if elastic_state is not None:
+        callbacks.append(ElasticCommit(elastic_state, position, cfg.trainer.check_every_steps))
     return callbacks

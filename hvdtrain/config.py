@@ -92,7 +92,9 @@ class TrainerConfig:
     checkpoint_every_epochs: int = _f(1, "write a checkpoint every this many epochs (and at the end)")
     resume: str = _f("auto", "auto: resume if run_dir holds a checkpoint | never: refuse a used run_dir | always: require one",
                      choices=("auto", "never", "always"))
-    check_every_steps: int = _f(10, "how often (in steps) ranks agree on non-finite loss and stop requests")
+    check_every_steps: int = _f(10, "how often (in steps) ranks agree on non-finite loss and stop requests (and elastic commits)")
+    elastic: bool = _f(False, "Horovod Elastic: survive workers leaving/joining (horovodrun --gloo --min-np/--max-np "
+                              "--host-discovery-script); in-memory data sources only")
     tensorboard: bool = _f(True, "write TensorBoard logs under run_dir/tensorboard (rank 0)")
     progress: str = _f("auto", "rank 0 progress display: auto (bar on a terminal, one line per epoch otherwise) | bar | epoch | none",
                        choices=("auto", "bar", "epoch", "none"))

@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 from hvdtrain import checkpoint, config, data, dist, models, optim, predict, runtime
-from hvdtrain.callbacks import NonFiniteLoss, Position, StopRequest, build_callbacks
+from hvdtrain.callbacks import NonFiniteLoss, Position, StopRequest, build_callbacks, stop_watchdogs
 from hvdtrain.errors import UserError
 from hvdtrain.log import get_logger
 
@@ -14,49 +14,87 @@ class Trainer:
     def __init__(self, cfg: config.Config, stop: StopRequest | None = None):
         self.cfg = cfg
         self.stop = stop or StopRequest()
+        self.elastic = cfg.trainer.elastic
 
     def fit(self) -> dict:
         cfg, started = self.cfg, time.perf_counter()
         runtime.check_versions()
         topo = self.topo = dist.init(cfg.runtime)
         log = get_logger(topo.rank)
-        dist.agree_on_errors(lambda: config.check_world(cfg, topo.size), "hvdtrain.check_world")
+        self._together(lambda: self._check_launch(), "hvdtrain.check_world")
         runtime.configure(cfg.runtime, topo.local_size)
-        run_dir = dist.agree_on_errors(lambda: checkpoint.prepare_run_dir(cfg.trainer.run_dir), "hvdtrain.run_dir")
+        run_dir = self.run_dir = self._together(lambda: checkpoint.prepare_run_dir(cfg.trainer.run_dir), "hvdtrain.run_dir")
         log.info(f"{topo.size} rank(s) on {topo.cross_size} host(s), controller {topo.controller}; run directory {run_dir}")
 
-        shape = dist.agree_on_errors(lambda: data.input_shape(cfg.data), "hvdtrain.input_shape")
+        shape = self._together(lambda: data.input_shape(cfg.data), "hvdtrain.input_shape")
         model = models.build_model(cfg.model, shape, cfg.data.num_classes)
-        steps = dist.agree_on_errors(lambda: self._steps_per_epoch(topo), "hvdtrain.steps")
+        steps = self._together(lambda: self._steps_per_epoch(topo), "hvdtrain.steps")
         base_optimizer = optim.build_optimizer(cfg.optim, topo.size, steps, cfg.trainer.epochs)
         model.compile(optimizer=dist.wrap_optimizer(base_optimizer, cfg.optim),
                       loss=_loss(), metrics=["accuracy"])
         model.optimizer.build(model.trainable_variables)  # create slots now so a checkpoint restores them
-        sig = checkpoint.signature(model, shape, cfg.data.num_classes, cfg.model.name)
-        position = dist.agree_on_errors(lambda: self._resume(run_dir, model, sig), "hvdtrain.resume")
+        self.signature = checkpoint.signature(model, shape, cfg.data.num_classes, cfg.model.name)
+        position = self._together(lambda: self._resume(run_dir, model), "hvdtrain.resume")
         self.model, self.position = model, position
         if topo.is_chief:
             checkpoint.write_atomic(run_dir / "config.yaml", cfg.to_yaml())
-
-        def save():
-            if topo.is_chief:
-                meta = {"epoch": position.epoch, "step_in_epoch": position.step_in_epoch,
-                        "global_step": position.global_step, "data_seed": cfg.data.seed, "num_ranks": topo.size,
-                        "signature": sig, "config": cfg.to_dict()}
-                checkpoint.save(run_dir, model, model.optimizer, meta, cfg.trainer.keep_checkpoints)
-
-        callbacks = build_callbacks(cfg, topo, run_dir, position=position, stop=self.stop, steps_per_epoch=steps,
-                                    evaluate_fn=lambda m: predict.evaluate(m, cfg.data, topo, "test"), save_fn=save)
         try:
-            self._fit_from(position, model, steps, callbacks)
+            if self.elastic:
+                self._fit_elastic(model, position, steps)
+            else:
+                self._fit_from(position, model, steps, self._callbacks(position, steps))
         except Exception as exc:
             if not dist.is_collective_failure(exc):
                 raise
             raise dist.CollectiveFailure(
-                f"rank {topo.rank}: a collective failed at epoch {position.epoch + 1}, step {position.step_in_epoch} "
+                f"rank {self.topo.rank}: a collective failed at epoch {position.epoch + 1}, step {position.step_in_epoch} "
                 f"({_first_line(exc)}): a peer rank died, stalled or lost its network. The checkpoints in "
                 f"{run_dir}/checkpoints are intact: rerun the same command to resume.") from None
-        return self._finish(run_dir, model, position, save, started, log)
+        return self._finish(run_dir, model, position, started, log)
+
+    def _together(self, fn, name):
+        """Errors stop all ranks together. Not in elastic mode: a joining worker must not run collectives
+        before Horovod's elastic sync, and every worker reads the same files, so local checks suffice there."""
+        return fn() if self.elastic else dist.agree_on_errors(fn, name)
+
+    def _check_launch(self) -> None:
+        config.check_world(self.cfg, self.topo.size)
+        if self.elastic and not dist.launched_elastic():
+            raise UserError("trainer.elastic=true needs Horovod's elastic launcher: horovodrun --gloo --min-np 1 --max-np N "
+                            "--host-discovery-script scripts/discover-hosts.sh hvdtrain train --elastic ...")
+        if self.elastic and self.cfg.data.source == "tfrecord":
+            raise UserError("elastic training supports in-memory sources (digits, synthetic, npz): TFRecord shards and "
+                            "step counts depend on the number of ranks; convert the data to .npz or train without --elastic")
+
+    def _save(self) -> None:
+        """Rank 0 writes the current position (the rank can change after an elastic reset, so it is read now)."""
+        if self.topo.is_chief:
+            p, cfg = self.position, self.cfg
+            meta = {"epoch": p.epoch, "step_in_epoch": p.step_in_epoch, "global_step": p.global_step,
+                    "data_seed": cfg.data.seed, "num_ranks": self.topo.size, "signature": self.signature,
+                    "config": cfg.to_dict()}
+            checkpoint.save(self.run_dir, self.model, self.model.optimizer, meta, cfg.trainer.keep_checkpoints)
+
+    def _callbacks(self, position: Position, steps: int, elastic_state=None) -> list:
+        return build_callbacks(self.cfg, self.topo, self.run_dir, position=position, stop=self.stop,
+                               steps_per_epoch=steps, save_fn=self._save, elastic_state=elastic_state,
+                               evaluate_fn=lambda m: predict.evaluate(m, self.cfg.data, self.topo, "test"))
+
+    def _fit_elastic(self, model, position: Position, steps: int) -> None:
+        """Horovod Elastic: after a worker leaves or joins, every worker restarts this function from the last
+        commit with the new world size. A global batch holds the same examples whatever the size."""
+        state = dist.elastic_state(lambda: model.variables + model.optimizer.variables, epoch=position.epoch,
+                                   step_in_epoch=position.step_in_epoch, global_step=position.global_step)
+
+        @dist.elastic_run
+        def train(state):
+            self.topo = dist.current_topology()
+            config.check_world(self.cfg, self.topo.size)
+            position.epoch, position.step_in_epoch, position.global_step = state.epoch, state.step_in_epoch, state.global_step
+            get_logger(self.topo.rank).info(f"elastic: {self.topo.size} rank(s) from epoch {position.epoch + 1}, "
+                                            f"step {position.step_in_epoch} (global step {position.global_step})")
+            self._fit_from(position, model, steps, self._callbacks(position, steps, state))
+        train(state)
 
     # ------------------------------------------------------------------ steps
 
@@ -67,11 +105,12 @@ class Trainer:
         reduce_min = (lambda n: int(dist.allreduce_min([n], "hvdtrain.agreed_steps")[0])) if topo.size > 1 else (lambda n: n)
         return data.train_data(self.cfg.data, topo, self.cfg.trainer.global_batch_size, first_epoch, epochs, skip, reduce_min)
 
-    def _resume(self, run_dir: Path, model, sig: dict) -> Position:
+    def _resume(self, run_dir: Path, model) -> Position:
         mode = self.cfg.trainer.resume
-        # Rank 0's view decides, so ranks on nodes without the shared file system cannot disagree silently.
-        latest = dist.broadcast_object(str(checkpoint.latest(run_dir) or ""), "hvdtrain.latest") if self.topo.size > 1 \
-            else str(checkpoint.latest(run_dir) or "")
+        latest = str(checkpoint.latest(run_dir) or "")
+        if self.topo.size > 1 and not self.elastic:
+            # Rank 0's view decides, so ranks on nodes without the shared file system cannot disagree silently.
+            latest = dist.broadcast_object(latest, "hvdtrain.latest")
         if not latest:
             if mode == "always":
                 raise UserError(f"trainer.resume=always but {run_dir} holds no checkpoint; train first or use resume=auto")
@@ -81,7 +120,7 @@ class Trainer:
             raise UserError(f"{run_dir} already holds checkpoint {Path(latest).name} and trainer.resume=never; "
                             "use a fresh --trainer.run_dir or --resume")
         meta = checkpoint.read_meta(Path(latest))
-        checkpoint.check_compatible(Path(latest), meta, sig)
+        checkpoint.check_compatible(Path(latest), meta, self.signature)
         checkpoint.restore(Path(latest), model, model.optimizer)
         done = f"{meta['epoch']} of {self.cfg.trainer.epochs} epochs" + (f" + {meta['step_in_epoch']} steps" if meta["step_in_epoch"] else "")
         get_logger(self.topo.rank).info(f"resuming from {latest} ({done} done)")
@@ -89,6 +128,12 @@ class Trainer:
         return Position(meta["epoch"], meta["step_in_epoch"], meta["global_step"])
 
     def _fit_from(self, position: Position, model, steps: int, callbacks) -> None:
+        try:
+            self._fit_segments(position, model, steps, callbacks)
+        finally:
+            stop_watchdogs(callbacks)
+
+    def _fit_segments(self, position: Position, model, steps: int, callbacks) -> None:
         """Finish a partly trained epoch first (resume after a mid-epoch stop), then the remaining whole epochs."""
         epochs = self.cfg.trainer.epochs
         if position.step_in_epoch and position.epoch < epochs:
@@ -104,14 +149,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ the end
 
-    def _finish(self, run_dir: Path, model, position: Position, save, started: float, log) -> dict:
+    def _finish(self, run_dir: Path, model, position: Position, started: float, log) -> dict:
         cfg, topo = self.cfg, self.topo
         if position.stop_reason == "nonfinite":
             failure = NonFiniteLoss(position.failure)
             failure.agreed = True  # decided by an all-rank reduction: the same message on every rank
             raise failure
         if position.global_step != self._resumed_step:
-            save()
+            self._save()
         digests = dist.allgather_object(dist.weights_digest(model), "hvdtrain.digest") if topo.size > 1 else [dist.weights_digest(model)]
         if len(set(digests)) != 1:
             raise UserError(f"replicas diverged: weight digests differ across ranks {digests}; this is a bug, please report it")
@@ -123,6 +168,7 @@ class Trainer:
             "status": status, "num_ranks": topo.size, "num_hosts": topo.cross_size, "controller": topo.controller,
             "epochs": cfg.trainer.epochs, "epoch": position.epoch, "step_in_epoch": position.step_in_epoch,
             "global_step": position.global_step, "global_batch_size": cfg.trainer.global_batch_size,
+            "optimizer_steps": int(model.optimizer.iterations.numpy()),
             "samples_per_sec": sum(h["samples_per_sec"] for h in steady) / max(1, len(steady)),
             "train_loss": epochs_run[-1]["loss"] if epochs_run else None,
             "test_loss": test["loss"] if test else None, "test_accuracy": test["accuracy"] if test else None,
