@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="require a checkpoint in the run directory and continue from it")
     resume.add_argument("--no-resume", dest="resume", action="store_const", const="never",
                         help="refuse to start if the run directory already holds a checkpoint")
+    train.add_argument("--elastic", action="store_true",
+                       help="Horovod Elastic (same as --trainer.elastic=true): launch with horovodrun --gloo --min-np 1 "
+                            "--max-np N --host-discovery-script scripts/discover-hosts.sh")
 
     cfg = sub.add_parser("config", help="print the resolved config (defaults <- file <- overrides)", epilog=EPILOG_OVERRIDES,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,6 +87,8 @@ def _train(args, overrides) -> int:
     from hvdtrain.trainer import Trainer
     if args.resume:
         overrides = [*overrides, f"--trainer.resume={args.resume}"]
+    if args.elastic:
+        overrides = [*overrides, "--trainer.elastic=true"]
     try:
         cfg = load_config(args.config, overrides)
     except UserError as exc:

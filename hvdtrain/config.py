@@ -114,7 +114,10 @@ class RuntimeConfig:
     deterministic: bool = _f(False, "enable TensorFlow op determinism (bit-for-bit repeatable runs on CPU)")
     intra_op_threads: int = _f(0, "TensorFlow intra-op threads per rank (0: CPU cores / ranks on this node)")
     inter_op_threads: int = _f(0, "TensorFlow inter-op threads per rank (0: 2)")
-    cycle_time_ms: float = _f(0.5, "HOROVOD_CYCLE_TIME: how often Horovod's background thread batches tensors")
+    # 0.05 ms, not Horovod's 5 ms or our earlier 0.5: a back-to-back all-reduce waits for the next tick, so the
+    # tick bounds latency (0.5 ms -> ~590 us at 4 KB), and with MPI yielding while idle the faster tick did not
+    # cost training throughput (docs/benchmarks.md, tuning).
+    cycle_time_ms: float = _f(0.05, "HOROVOD_CYCLE_TIME: how often Horovod's background thread batches tensors")
     fusion_threshold_mb: float = _f(64.0, "HOROVOD_FUSION_THRESHOLD: tensors are fused into buffers up to this size")
     cpu_operations: str = _f("auto", "HOROVOD_CPU_OPERATIONS: auto | mpi | gloo (auto: mpi when launched with MPI, else gloo)",
                              choices=("auto", "mpi", "gloo"))

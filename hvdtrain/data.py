@@ -11,8 +11,6 @@ from __future__ import annotations
 import glob
 import os
 from dataclasses import dataclass
-from typing import Callable
-
 import numpy as np
 
 from hvdtrain.errors import UserError
@@ -210,14 +208,28 @@ def epoch_order(num_examples: int, seed: int, epoch):
     return tf.argsort(keys, stable=True)
 
 
-def train_data(data_cfg, topo, global_batch: int, first_epoch: int, epochs: int, skip_steps: int = 0,
-               reduce_min: Callable[[int], int] = lambda n: n) -> TrainData:
-    """The training stream for this rank from (first_epoch, skip_steps) to the end of training."""
-    import tensorflow as tf
-    per_rank = per_rank_batch(global_batch, topo.size)
+def local_steps(data_cfg, topo, global_batch: int) -> int:
+    """Steps per epoch this rank's shard can feed (no communication; the trainer takes the MIN over ranks).
+    In-memory sources give every rank the same number; TFRecord shards can differ."""
     arrays = load_arrays(data_cfg, "train")
     if arrays is not None:
-        steps = steps_per_epoch(len(arrays.y), global_batch)
+        return steps_per_epoch(len(arrays.y), global_batch)
+    local = scan_tfrecords(list_files(data_cfg.path), topo.rank, topo.size, data_cfg)
+    return local // per_rank_batch(global_batch, topo.size)
+
+
+def train_data(data_cfg, topo, global_batch: int, first_epoch: int, epochs: int, skip_steps: int = 0,
+               steps: int | None = None) -> TrainData:
+    """The training stream for this rank from (first_epoch, skip_steps) to the end of training, `steps` global
+    batches per epoch (the agreed count; default: what this rank's shard allows, right for a single process)."""
+    import tensorflow as tf
+    per_rank = per_rank_batch(global_batch, topo.size)
+    steps = local_steps(data_cfg, topo, global_batch) if steps is None else steps
+    if steps == 0:
+        raise UserError(f"a rank's TFRecord shard has fewer than {per_rank} examples (one per-rank batch); "
+                        "lower trainer.global_batch_size or add data")
+    arrays = load_arrays(data_cfg, "train")
+    if arrays is not None:
         x, y = tf.constant(arrays.x), tf.constant(arrays.y)
         n, rank, size, seed = len(arrays.y), topo.rank, topo.size, data_cfg.seed
 
@@ -230,12 +242,7 @@ def train_data(data_cfg, topo, global_batch: int, first_epoch: int, epochs: int,
         return TrainData(stream.prefetch(tf.data.AUTOTUNE), steps, n)
 
     files = list_files(data_cfg.path)
-    local = scan_tfrecords(files, topo.rank, topo.size, data_cfg)
-    steps = reduce_min(local // per_rank)
-    if steps == 0:
-        raise UserError(f"a rank's TFRecord shard has fewer than {per_rank} examples (one per-rank batch); "
-                        "lower trainer.global_batch_size or add data")
-    total = local * topo.size  # approximate when shards differ; only used for reporting
+    total = steps * global_batch  # examples trained per epoch over all ranks
     records, _ = _records(files, topo.rank, topo.size)
     parse, seed, buffer = _parser(tuple(data_cfg.input_shape)), data_cfg.seed, data_cfg.shuffle_buffer
 

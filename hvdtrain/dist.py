@@ -34,9 +34,10 @@ def _hvd():
     """horovod.tensorflow.keras (optimizer wrapper, callbacks, and the collectives it re-exports)."""
     try:
         import horovod.tensorflow.keras as hvd
-    except ImportError as exc:
-        raise UserError(f"Horovod with TensorFlow support is not importable ({exc}); "
-                        "run scripts/install.sh to build it (HOROVOD_WITH_TENSORFLOW=1)") from None
+    except Exception as exc:  # ImportError, or TensorFlow's NotFoundError when horovod/tensorflow/mpi_lib is missing
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"Horovod with TensorFlow support is not importable ({first}); rebuild it against this "
+                        "TensorFlow: scripts/install.sh --rebuild-horovod") from None
     return hvd
 
 
@@ -85,6 +86,10 @@ def comm_environment(runtime) -> dict[str, str]:
         "HOROVOD_STALL_CHECK_TIME_SECONDS": f"{max(1, int(runtime.stall_timeout_s // 2))}",
         "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": f"{int(2 * runtime.stall_timeout_s)}",
     }
+    if launched_elastic():
+        # Horovod 0.28.1 segfaults in hvd.init() on an elastic reset whenever HOROVOD_CYCLE_TIME and
+        # HOROVOD_FUSION_THRESHOLD are both set (reproduced with plain Horovod; either alone is fine).
+        del wanted["HOROVOD_FUSION_THRESHOLD"]
     if runtime.cpu_operations != "auto":
         wanted["HOROVOD_CPU_OPERATIONS"] = runtime.cpu_operations.upper()
     elif launched_by_mpi():
@@ -121,34 +126,83 @@ def init(runtime=None) -> Topology:
     if runtime is not None:
         apply_comm_environment(runtime)
     _check_tensorflow_support()
-    hvd = _hvd()
-    hvd.init()
-    topo = Topology(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(),
-                    hvd.cross_rank(), hvd.cross_size(), "mpi" if hvd.mpi_enabled() else "gloo")
+    _hvd().init()
+    topo = current_topology()
     pin_device(topo)
     return topo
 
 
+def current_topology() -> Topology:
+    """The world as Horovod sees it now (it changes after an elastic reset)."""
+    hvd = _hvd()
+    return Topology(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(),
+                    hvd.cross_rank(), hvd.cross_size(), "mpi" if hvd.mpi_enabled() else "gloo")
+
+
+def launched_elastic() -> bool:
+    return os.environ.get("HOROVOD_ELASTIC") == "1"
+
+
+def elastic_state(variables_fn, **counters):
+    """Horovod Elastic state: the given variables plus progress counters (e.g. epoch=0), committed and synced.
+
+    Horovod's own Keras state calls `optimizer.variables()`, which is a list property on Keras 2.11+ optimizers,
+    and its TensorFlowState does not re-broadcast variables in eager mode; this one does both correctly.
+    """
+    from horovod.common.elastic import ObjectState
+    hvd_tf = _hvd_tf()
+
+    class VariablesState(ObjectState):
+        def __init__(self):
+            super().__init__(bcast_object=hvd_tf.broadcast_object, get_rank=hvd_tf.rank, **counters)
+            self._save_variables()
+
+        def _save_variables(self):
+            self._saved = [v.numpy() for v in variables_fn()]
+
+        def save(self):
+            self._save_variables()
+            super().save()
+
+        def restore(self):
+            for variable, value in zip(variables_fn(), self._saved):
+                variable.assign(value)
+            super().restore()
+
+        def sync(self):  # a joining worker receives rank 0's variables and counters here
+            hvd_tf.broadcast_variables(variables_fn(), root_rank=0)
+            self._save_variables()
+            super().sync()
+
+    return VariablesState()
+
+
+def elastic_run(fn):
+    """hvd.elastic.run: re-run fn(state) after each membership change, from the last committed state."""
+    return _hvd().elastic.run(fn)
+
+
 def _check_tensorflow_support() -> None:
-    import horovod.tensorflow as hvd_tf
+    hvd_tf = _hvd_tf()  # raises a UserError when the TensorFlow extension is missing
     try:
         hvd_tf.mpi_built()
-    except Exception as exc:  # the extension library is missing or was built against another TensorFlow
+    except Exception as exc:  # the extension loads but was built against another TensorFlow
         raise UserError(f"Horovod was built without working TensorFlow support ({exc}); "
                         "rebuild it after installing TensorFlow: scripts/install.sh --rebuild-horovod") from None
 
 
 def pin_device(topo: Topology) -> None:
-    """One GPU per rank, chosen by local rank; CPU-only machines are left alone."""
+    """One GPU per rank: the GPU of this local rank, or the only visible one when the launcher already bound
+    one GPU per task (srun --gpus-per-task, CUDA_VISIBLE_DEVICES per rank). CPU-only machines are left alone."""
     import tensorflow as tf
     gpus = tf.config.list_physical_devices("GPU")
     if not gpus:
         return
-    if topo.local_size > len(gpus):
-        raise UserError(f"{topo.local_size} ranks on this node but only {len(gpus)} GPUs; launch one rank per GPU")
-    for gpu in gpus:
-        tf.config.experimental.set_memory_growth(gpu, True)
-    tf.config.set_visible_devices(gpus[topo.local_rank], "GPU")
+    if len(gpus) > 1 and topo.local_size > len(gpus):
+        raise UserError(f"{topo.local_size} ranks on this node but only {len(gpus)} GPUs visible; launch one rank per GPU")
+    gpu = gpus[0] if len(gpus) == 1 else gpus[topo.local_rank]
+    tf.config.experimental.set_memory_growth(gpu, True)
+    tf.config.set_visible_devices(gpu, "GPU")
 
 
 def wrap_optimizer(optimizer, optim_cfg):

@@ -44,6 +44,9 @@ def run(config_path, overrides) -> int:
     print(f"mpi          {_mpi_library()}")
     for key, value in sorted(dist.comm_environment(cfg.runtime).items()):
         print(f"setting      {key}={value}")
+    rt = cfg.runtime  # the thread defaults benchmarked in docs/benchmarks.md
+    print(f"setting      threads per rank: intra-op {rt.intra_op_threads or 'CPU cores / ranks on the node'}, "
+          f"inter-op {rt.inter_op_threads or 2}")
     if info and ("HOROVOD_RANK" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ or "PMIX_RANK" in os.environ):
         topo = dist.init(cfg.runtime)
         hosts = dist.allgather_object(socket.gethostname(), "hvdtrain.doctor.hosts")

@@ -7,6 +7,7 @@
     model.compile(optimizer=opt, loss=..., metrics=[...])
     model.fit(ds, callbacks=hk.callbacks(topo), verbose=hk.verbose(topo))
     metrics = hk.evaluate(model, eval_ds_shard, topo)  # exact, from all-reduced sums
+    outputs = hk.predict(model, x_or_dataset, topo)  # model outputs for every input, in input order
 
 All communication goes through hvdtrain.dist, like the rest of the framework.
 """
@@ -63,3 +64,10 @@ def evaluate(model, dataset, topo: dist.Topology) -> dict:
     """Exact loss/accuracy over all ranks' shards of `dataset` (sums are all-reduced, never per-rank means averaged)."""
     from hvdtrain.predict import exact_metrics
     return exact_metrics(model, dataset, topo, name="hvdtrain.keras.evaluate")
+
+
+def predict(model, dataset_or_array, topo: dist.Topology, batch_size: int = 256):
+    """Data-parallel model.predict: each rank scores 1/size of the inputs (pass all of them, unsharded);
+    the outputs come back in input order, every input exactly once, on every rank (rank 0 included)."""
+    from hvdtrain.predict import predict_ordered
+    return predict_ordered(model, dataset_or_array, topo, batch_size)

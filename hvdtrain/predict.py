@@ -89,14 +89,18 @@ def tfrecord_share(files: list[str], data_cfg, topo, batch: int) -> Share:
     return Share(records.map(lambda r: parse(r)[0]).batch(batch), count)
 
 
-def _scores(model, share: Share):
-    """(probabilities, predicted class) per batch; the class is the argmax of the logits, as in exact_metrics."""
-    # One trace for every batch size (the last batch of a share is usually smaller).
+def _scorer(model):
+    """A tf.function x -> (probabilities, predicted class); the class is the argmax of the logits, as in exact_metrics.
+    Its input signature fits every batch size (a share's last batch is usually smaller), so it traces once."""
     @tf.function(input_signature=[tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)])
     def step(x):
         logits = model(x, training=False)
         return tf.nn.softmax(logits), tf.argmax(logits, axis=-1)
+    step.get_concrete_function()  # trace now, so the throughput measured is the steady state
+    return step
 
+
+def _scores(step, share: Share):
     try:
         for x in share.batches:
             probs, classes = step(x)
@@ -185,7 +189,7 @@ class OrderedOutput:
     def __init__(self, path, fields, topo, token: str):
         self.path, self.topo, self.asked = Path(path), topo, tuple(fields)
         self.fields = tuple(f for f in FIELDS if f in fields)  # a fixed column order, whatever order was asked
-        self._file, self.format, self.first = None, None, 0
+        self._file, self.format, self.first, self._created = None, None, 0, False
         # Parts carry a job token, so a stale part left by a killed job can never pass for this job's.
         self._part_name = f"{checkpoint.TMP_PREFIX}{self.path.name}.{token}.part-"
 
@@ -203,12 +207,13 @@ class OrderedOutput:
         self.format = FORMATS[self.path.suffix](self.fields)
         try:
             self._file = open(self.part(self.topo.rank), "wb")
+            self._created = True
         except OSError as exc:
             raise UserError(f"cannot write --output {self.path} ({exc.strerror}); choose a writable path") from None
 
     def check_shared(self) -> None:
         """Rank 0 must see every rank's part, or it could not merge them."""
-        missing = [r for r in range(self.topo.size) if self.topo.is_chief and not self.part(r).exists()]
+        missing = [r for r in range(self.topo.size) if not self.part(r).exists()] if self.topo.is_chief else []
         if missing:
             raise UserError(f"rank 0 cannot see rank {missing[0]}'s part file in {self.path.parent}: the output "
                             "directory must be on a file system shared by all ranks")
@@ -246,7 +251,8 @@ class OrderedOutput:
     def discard(self) -> None:
         """Every rank, always: remove this rank's part (after the merge, or after a failure)."""
         self.close()
-        self.part(self.topo.rank).unlink(missing_ok=True)
+        if self._created:
+            self.part(self.topo.rank).unlink(missing_ok=True)
 
 
 def _umask() -> int:
@@ -257,27 +263,30 @@ def _umask() -> int:
 
 def predict_to_file(model, share: Share, topo, out: OrderedOutput, num_classes: int) -> dict:
     """Score this rank's share into `out` (already opened), then merge on rank 0. Returns the throughput report."""
+    step = _scorer(model)
     counts = dist.allgather_object(share.count, "hvdtrain.predict.counts")
     out.first = sum(counts[: topo.rank])  # the global index of this rank's first row
 
     def score():
-        for probs, classes in _scores(model, share):
+        for probs, classes in _scores(step, share):
             out.write(probs, classes)
         out.close()
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     dist.agree_on_errors(score, "hvdtrain.predict.score")
-    seconds = dist.allgather_object(time.perf_counter() - started, "hvdtrain.predict.seconds")
+    times = dist.allgather_object((time.perf_counter() - started, time.process_time() - cpu_started), "hvdtrain.predict.seconds")
     dist.agree_on_errors(lambda: out.merge(sum(counts), num_classes) if topo.is_chief else None, "hvdtrain.predict.merge")
-    return throughput(counts, seconds)
+    return throughput(counts, times)
 
 
-def throughput(counts: list[int], seconds: list[float]) -> dict:
-    """Per rank and total samples/s; the total counts the wall time of the slowest rank."""
-    total, wall = sum(counts), max(seconds)
+def throughput(counts: list[int], times: list[tuple[float, float]]) -> dict:
+    """Per rank and total samples/s; the total counts the wall time of the slowest rank. CPU seconds (all threads
+    of a rank) tell a busy machine apart from real overhead: equal CPU per sample at any N means none was added."""
+    total, wall = sum(counts), max(t for t, _ in times)
     return {"examples": total, "ranks": len(counts), "seconds": wall, "samples_per_sec": total / wall if wall else 0.0,
-            "per_rank": [{"rank": r, "examples": n, "seconds": s, "samples_per_sec": n / s if s else 0.0}
-                         for r, (n, s) in enumerate(zip(counts, seconds))]}
+            "cpu_seconds": sum(c for _, c in times),
+            "per_rank": [{"rank": r, "examples": n, "seconds": t, "cpu_seconds": c, "samples_per_sec": n / t if t else 0.0}
+                         for r, (n, (t, c)) in enumerate(zip(counts, times))]}
 
 
 # ---------------------------------------------------------------- the Keras-API helper

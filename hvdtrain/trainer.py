@@ -28,7 +28,7 @@ class Trainer:
 
         shape = self._together(lambda: data.input_shape(cfg.data), "hvdtrain.input_shape")
         model = models.build_model(cfg.model, shape, cfg.data.num_classes)
-        steps = self._together(lambda: self._steps_per_epoch(topo), "hvdtrain.steps")
+        steps = self.steps = self._steps_per_epoch(topo)
         base_optimizer = optim.build_optimizer(cfg.optim, topo.size, steps, cfg.trainer.epochs)
         model.compile(optimizer=dist.wrap_optimizer(base_optimizer, cfg.optim),
                       loss=_loss(), metrics=["accuracy"])
@@ -99,11 +99,20 @@ class Trainer:
     # ------------------------------------------------------------------ steps
 
     def _steps_per_epoch(self, topo) -> int:
-        return self._train_stream(topo, 0, 0, 0).steps_per_epoch
+        """The same number on every rank: the MIN of what each shard can feed (uneven counts make Horovod hang).
+        Counting (which may fail on bad data) runs inside the error agreement; the reduction runs after it."""
+        local = self._together(lambda: data.local_steps(self.cfg.data, topo, self.cfg.trainer.global_batch_size),
+                               "hvdtrain.steps")
+        steps = local if topo.size == 1 or self.elastic else int(dist.allreduce_min([local], "hvdtrain.agreed_steps")[0])
+        if steps == 0:
+            raise _agreed(UserError(f"a rank's TFRecord shard has fewer than one per-rank batch of examples "
+                                    f"({self.cfg.trainer.global_batch_size} // {topo.size}); lower "
+                                    "trainer.global_batch_size or add data"))
+        return steps
 
     def _train_stream(self, topo, first_epoch, skip, epochs):
-        reduce_min = (lambda n: int(dist.allreduce_min([n], "hvdtrain.agreed_steps")[0])) if topo.size > 1 else (lambda n: n)
-        return data.train_data(self.cfg.data, topo, self.cfg.trainer.global_batch_size, first_epoch, epochs, skip, reduce_min)
+        return data.train_data(self.cfg.data, topo, self.cfg.trainer.global_batch_size, first_epoch, epochs, skip,
+                               steps=self.steps)
 
     def _resume(self, run_dir: Path, model) -> Position:
         mode = self.cfg.trainer.resume
@@ -152,9 +161,7 @@ class Trainer:
     def _finish(self, run_dir: Path, model, position: Position, started: float, log) -> dict:
         cfg, topo = self.cfg, self.topo
         if position.stop_reason == "nonfinite":
-            failure = NonFiniteLoss(position.failure)
-            failure.agreed = True  # decided by an all-rank reduction: the same message on every rank
-            raise failure
+            raise _agreed(NonFiniteLoss(position.failure))
         if position.global_step != self._resumed_step:
             self._save()
         digests = dist.allgather_object(dist.weights_digest(model), "hvdtrain.digest") if topo.size > 1 else [dist.weights_digest(model)]
@@ -186,6 +193,12 @@ class Trainer:
                 log.info(f"test accuracy {test['accuracy']:.4f}  test loss {test['loss']:.4f}  "
                          f"({test['examples']} held-out examples, {topo.size} ranks, {summary['samples_per_sec']:,.0f} samples/s)")
         return summary
+
+
+def _agreed(error: UserError) -> UserError:
+    """Mark an error that every rank raises identically (decided by a reduction): rank 0 alone prints it."""
+    error.agreed = True
+    return error
 
 
 def _first_line(exc: BaseException) -> str:

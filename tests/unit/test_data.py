@@ -105,7 +105,7 @@ def test_tfrecord_sharding_by_file_or_element_with_agreed_steps(tmp_path, n, fil
     agreed = min(c // (batch // size) for c in counts)
     seen = []
     for r in range(size):
-        td = data.train_data(cfg, topo(r, size), batch, 0, 1, reduce_min=lambda _: agreed)
+        td = data.train_data(cfg, topo(r, size), batch, 0, 1, steps=agreed)
         batches = [x.numpy()[:, 0].astype(int) // 2 for x, _ in td.dataset]
         assert td.steps_per_epoch == agreed and len(batches) == agreed
         seen += [i for b in batches for i in b]

@@ -15,6 +15,7 @@ cfg = load_config(None, sys.argv[3:] + [f"--trainer.global_batch_size={global_ba
 topo = dist.init(cfg.runtime)
 trainer = Trainer(cfg)
 trainer.topo = topo
+trainer.steps = trainer._steps_per_epoch(topo)
 stream = trainer._train_stream(topo, 0, 0, 1)
 batches = [[int(v) for v in x.numpy().reshape(len(x), -1)[:, 0]] for x, _ in stream.dataset]
 (out / f"rank{topo.rank}.json").write_text(json.dumps({"steps": stream.steps_per_epoch, "batches": batches}))

@@ -1,0 +1,116 @@
+"""The evidence behind hvdtrain's communication defaults: the benchmarks again, one setting changed at a time.
+
+    hvdtrain bench tune --np 2 --output docs/bench/tuning.json
+
+Each variant runs `hvdtrain bench train --impls hvdtrain` (both models) and, where the setting matters for
+the collective itself, `hvdtrain bench allreduce --controllers mpi` (4 KB to 16 MB). Variants take turns,
+round after round, and each keeps its best round: the machine is shared, and a burst of load then hits every
+variant alike. `default` is hvdtrain's defaults; the others differ from it in one respect only.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hvdtrain.bench import report
+from hvdtrain.errors import UserError
+
+HELP = "tuning sweep: training and all-reduce speed with one communication setting changed at a time"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    what: str
+    env: dict = field(default_factory=dict)
+    overrides: tuple = ()
+    train_args: tuple = ()
+    allreduce: bool = False     # also time the collective (settings that change its latency or bandwidth)
+
+
+VARIANTS = (
+    Variant("default", "hvdtrain defaults", allreduce=True),
+    Variant("no-yield", "OpenMPI spins while waiting (mpi_yield_when_idle off)",
+            overrides=("--runtime.mpi_yield_when_idle=false",), allreduce=True),
+    Variant("cycle-0.01", "HOROVOD_CYCLE_TIME 0.01 ms", overrides=("--runtime.cycle_time_ms=0.01",), allreduce=True),
+    Variant("cycle-0.5", "HOROVOD_CYCLE_TIME 0.5 ms", overrides=("--runtime.cycle_time_ms=0.5",), allreduce=True),
+    Variant("cycle-5", "HOROVOD_CYCLE_TIME 5 ms", overrides=("--runtime.cycle_time_ms=5",), allreduce=True),
+    Variant("fusion-off", "no tensor fusion (HOROVOD_FUSION_THRESHOLD 0)", overrides=("--runtime.fusion_threshold_mb=0",)),
+    Variant("fusion-4mb", "fusion buffer 4 MB", overrides=("--runtime.fusion_threshold_mb=4",)),
+    Variant("gloo", "Gloo controller and operations (horovodrun --gloo)", train_args=("--controller", "gloo")),
+    Variant("fp16", "fp16 gradient compression", overrides=("--optim.fp16_compression=true",)),
+    Variant("bpps-2", "backward_passes_per_step 2 (one all-reduce per 2 batches)",
+            overrides=("--optim.backward_passes_per_step=2",)),
+    Variant("threads-2", "2 intra-op threads per rank (4 on 2 cores)", train_args=("--threads", "2")),
+    Variant("autotune", "Horovod autotune (HOROVOD_AUTOTUNE=1)", env={"HOROVOD_AUTOTUNE": "1"}),
+)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--output", default="bench/tuning.json", metavar="FILE.json")
+    p.add_argument("--np", type=int, default=2)
+    p.add_argument("--variants", default=",".join(v.name for v in VARIANTS), help="comma list (default: all)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds over all variants; each keeps its best (default 2)")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps per model (default 20)")
+
+
+def run(args) -> int:
+    import os
+    chosen = [v for v in VARIANTS if v.name in args.variants.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="hvdtrain-bench-tune-"))
+    best: dict[str, dict] = {}
+    for round_ in range(args.rounds):
+        for v in chosen:
+            print(f"[bench] tune: {v.name} (round {round_ + 1}/{args.rounds}) ...", flush=True)
+            saved = dict(os.environ)
+            os.environ.update(v.env)   # the benchmark's ranks inherit it; HOROVOD_* in the environment win
+            try:
+                row = _measure(args, v, work / f"{v.name}-{round_}")
+            except UserError as exc:   # one broken setting must not cost the whole sweep; the table says so
+                row = {"variant": v.name, "what": v.what, "failed": str(exc).splitlines()[0]}
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
+            best[v.name] = _better(best.get(v.name), row)
+    doc = report.new_document("tuning", args.np, {})
+    doc["description"] = (f"Each row changes one thing from `default` (best of {args.rounds} alternating rounds, "
+                          f"{args.np} ranks, `hvdtrain bench train --impls hvdtrain` and, for settings of the "
+                          "collective, `hvdtrain bench allreduce --controllers mpi`). Lower step_ms is better.")
+    doc["rows"] = [best[v.name] for v in chosen]
+    report.write_json(args.output, doc)
+    print(report.text_table(doc["rows"], report.scalar_columns(doc["rows"])))
+    return 0
+
+
+def _measure(args, v: Variant, base: Path) -> dict:
+    train_json = base.parent / f"{base.name}.train.json"   # not with_suffix: names like cycle-0.05 hold dots
+    cmd = report.hvdtrain_cmd("bench", "train", "--np", str(args.np), "--impls", "hvdtrain", "--steps", str(args.steps),
+                              "--warmup", "5", "--output", str(train_json), *v.train_args, *v.overrides)
+    _run(cmd)
+    row = {"variant": v.name, "what": v.what, "loadavg": report.loadavg()[0]}
+    for r in report.read_json(train_json)["rows"]:
+        row[f"{r['model']}_step_ms"] = r["step_ms"]
+        row[f"{r['model']}_comm_share"] = r.get("comm_share")
+    if v.allreduce:
+        ar_json = base.parent / f"{base.name}.allreduce.json"
+        _run(report.hvdtrain_cmd("bench", "allreduce", "--np", str(args.np), "--controllers", "mpi", "--max-size", "16MB",
+                                 "--budget-mb", "256", "--repeats", "2", "--output", str(ar_json), *v.overrides))
+        summary = report.read_json(ar_json)["summary"]["hvdtrain-mpi"]
+        row.update(latency_4kb_us=summary["latency_4kb_us"], busbw_vs_mpi_1_16mb=summary["busbw_vs_mpi_1_16mb_mean"])
+    return row
+
+
+def _run(cmd: list[str]) -> None:
+    import subprocess
+    report.check(subprocess.run(cmd, env=report.rank_env(), capture_output=True, text=True, timeout=3600), cmd)
+
+
+def _better(old: dict | None, new: dict) -> dict:
+    """Keep the faster round, judged by the sum of the models' step times (lower is better)."""
+    if old is None or "failed" in old:
+        return new
+    if "failed" in new:
+        return old
+    score = lambda r: sum(v for k, v in r.items() if k.endswith("_step_ms"))  # noqa: E731
+    return new if score(new) < score(old) else old

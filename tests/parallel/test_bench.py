@@ -1,0 +1,86 @@
+"""`hvdtrain bench allreduce` and `hvdtrain bench train` end to end, tiny sizes: correct sums, promised fields, plots.
+
+These check correctness only; speed is for `make bench`, never for tests.
+"""
+import json
+
+import pytest
+
+from conftest import REPO, hvdtrain, output
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def allreduce_doc(tmp_path_factory):
+    """One driver run: it launches horovodrun --mpi, then --gloo, and merges both into one file."""
+    out = tmp_path_factory.mktemp("allreduce") / "ar.json"
+    proc = hvdtrain(["bench", "allreduce", "--np", "2", "--max-size", "1MB", "--budget-mb", "1", "--repeats", "1",
+                     "--eager", "--output", str(out)], timeout=600)
+    assert proc.returncode == 0, output(proc)
+    return out, json.loads(out.read_text()), proc
+
+
+def test_allreduce_every_implementation_returns_the_exact_sum(allreduce_doc):
+    _, doc, _ = allreduce_doc
+    impls = {r["impl"] for r in doc["rows"]}
+    assert impls == {"mpi4py", "mpi4py-hvdtrain-env", "hvdtrain-mpi", "hvdtrain-mpi-eager", "hvdtrain-gloo",
+                     "hvdtrain-gloo-eager"}
+    for impl in impls:
+        sizes = sorted(r["size_bytes"] for r in doc["rows"] if r["impl"] == impl)
+        assert sizes == [4096, 16384, 65536, 262144, 1048576], impl
+    for row in doc["rows"]:
+        assert row["correct"] is True and row["max_abs_error"] == 0.0, row
+
+
+def test_allreduce_json_has_the_promised_fields(allreduce_doc):
+    _, doc, _ = allreduce_doc
+    assert doc["benchmark"] == "allreduce" and doc["np"] == 2
+    for row in doc["rows"]:
+        assert {"impl", "size_bytes", "time_us", "algbw_gbps", "busbw_gbps", "iters"} <= set(row)
+        assert row["time_us"] > 0 and row["iters"] >= 3
+        # nccl-tests definitions: algbw = S/t, busbw = algbw * 2(n-1)/n (= algbw at n=2).
+        assert row["algbw_gbps"] == pytest.approx(row["size_bytes"] / (row["time_us"] * 1e-6) / 1e9)
+        assert row["busbw_gbps"] == pytest.approx(row["algbw_gbps"] * 2 * (2 - 1) / 2)
+    assert {"tensorflow-cpu", "horovod", "mpi4py", "python"} <= set(doc["versions"])
+    assert doc["machine"]["cpus"] >= 1 and len(doc["machine"]["loadavg"]) == 3
+    assert sorted(run["launch"] for run in doc["runs"]) == ["gloo", "mpi", "mpi-raw"]
+    assert all(len(run["loadavg_before"]) == 3 for run in doc["runs"])
+    # hvdtrain's configured settings reached both Horovod launches; auto picks MPI operations under mpirun.
+    # The raw baseline ran with OpenMPI's defaults (hvdtrain's yield-while-waiting would only slow it down).
+    assert doc["settings"]["mpi"]["HOROVOD_CPU_OPERATIONS"] == "MPI"
+    assert doc["settings"]["mpi"]["OMPI_MCA_mpi_yield_when_idle"] == "1"
+    assert "HOROVOD_CYCLE_TIME" in doc["settings"]["gloo"]
+    assert doc["settings"]["mpi-raw"] == {"OpenMPI": "defaults"}
+    # Only 1 MB of the 1-16 MB target range is measured here, so the summary ratio is that one size's ratio,
+    # against the faster of the two raw MPI measurements.
+    busbw = {(r["impl"], r["size_bytes"]): r["busbw_gbps"] for r in doc["rows"]}
+    raw = max(busbw[("mpi4py", 1 << 20)], busbw[("mpi4py-hvdtrain-env", 1 << 20)])
+    assert doc["summary"]["hvdtrain-mpi"]["busbw_vs_mpi_1_16mb_min"] == pytest.approx(busbw[("hvdtrain-mpi", 1 << 20)] / raw)
+
+
+def test_allreduce_writes_a_plot_and_prints_a_table(allreduce_doc):
+    out, _, proc = allreduce_doc
+    assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+    assert "busbw_gbps" in proc.stdout and "hvdtrain-mpi: 4 KB latency" in proc.stdout
+
+
+def test_train_bench_compares_single_hvdtrain_and_mwms(tmp_path):
+    out = tmp_path / "train.json"
+    proc = hvdtrain(["bench", "train", "--np", "2", "--steps", "2", "--warmup", "2", "--batch", "8",
+                     "--output", str(out)], timeout=600)
+    assert proc.returncode == 0, output(proc)
+    doc = json.loads(out.read_text())
+    got = {(r["model"], r["impl"], r["np"]) for r in doc["rows"]}
+    assert got == {(m, i, n) for m in ("mlp", "cnn") for i, n in (("single", 1), ("hvdtrain", 2), ("mwms", 2))}
+    for row in doc["rows"]:
+        assert row["samples_per_sec"] > 0 and row["global_batch"] == 8 * row["np"]
+        if row["np"] == 2:
+            assert row["efficiency"] > 0
+        if row["impl"] == "hvdtrain":
+            assert 0.0 <= row["comm_share"] < 1.0 and row["pipeline_ratio"] > 0
+    mlp = next(r for r in doc["rows"] if r["model"] == "mlp")
+    assert 6_000_000 < mlp["params"] < 6_500_000   # the communication-heavy model really is ~6M parameters
+    assert set(doc["summary"]) == {"mlp", "cnn"} and doc["summary"]["mlp"]["hvdtrain_vs_mwms"] > 0
+    assert doc["settings"]["hvdtrain"]["intra_op_threads"] == 1
+    assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
