@@ -25,7 +25,7 @@ test: $(INSTALLED)
 BENCH_DIR ?= docs/bench
 bench: $(INSTALLED)
 	$(VENV)/bin/hvdtrain bench allreduce --np $(NP) --output $(BENCH_DIR)/allreduce.json
-	$(VENV)/bin/hvdtrain bench train --np $(NP) --rounds 2 --output $(BENCH_DIR)/train.json
+	$(VENV)/bin/hvdtrain bench train --np $(NP) --rounds 3 --output $(BENCH_DIR)/train.json
 	$(VENV)/bin/hvdtrain bench train --np $(NP) --impls hvdtrain --timeline --output $(BENCH_DIR)/train-timeline.json
 	$(VENV)/bin/hvdtrain bench predict --output $(BENCH_DIR)/predict.json
 	$(VENV)/bin/hvdtrain bench report --dir $(BENCH_DIR) --output docs/benchmarks.md

@@ -1,6 +1,7 @@
 """Everything that must happen before TensorFlow does real work: version guard, threads, seeds, determinism."""
 from __future__ import annotations
 
+import logging
 import os
 
 from hvdtrain.errors import UserError
@@ -9,8 +10,14 @@ SUPPORTED_TF = "2.15"
 
 
 def quiet_tensorflow() -> None:
-    """Hide TensorFlow's C++ info banners (oneDNN, CPU features) unless the user asked for them."""
+    """Hide TensorFlow's C++ info banners (oneDNN, CPU features) unless the user asked for them, and Keras's
+    "callback is slow" warning, which Horovod's initial broadcast at the end of batch 0 always triggers."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.getLogger("tensorflow").addFilter(_drop_slow_callback_warning)
+
+
+def _drop_slow_callback_warning(record: logging.LogRecord) -> bool:
+    return "is slow compared to the batch time" not in record.getMessage()
 
 
 def check_versions() -> None:

@@ -29,6 +29,7 @@ COLUMNS = ["impl", "size", "iters", "time_us", "algbw_gbps", "busbw_gbps", "max_
 BASELINE = "mpi4py"
 RATIO_SIZES = (1 * MB, 4 * MB, 16 * MB)   # where the bandwidth target applies
 LATENCY_SIZE = 4 * KB
+RAW_ROUNDS = 4
 
 
 def add_arguments(p) -> None:
@@ -125,7 +126,10 @@ def _measure_this_launch(args) -> int:
         impls = [impl for impl in (raw, _horovod_impl(topo.controller, dist),
                                    _horovod_eager_impl(topo.controller, dist) if args.eager else None) if impl]
         (rank, n), launch, settings = (topo.rank, topo.size), topo.controller, dist.active_comm_settings()
-    rows = _measure(impls, args, rank, n)
+    # The baseline sweeps all sizes RAW_ROUNDS times, seconds apart, keeping each size's best: a burst of load
+    # from other processes must not make the transport look slow (it is cheap: no TensorFlow in the way).
+    rounds = RAW_ROUNDS if args.raw_only else 1
+    rows = _fastest([row for _ in range(rounds) for row in _measure(impls, args, rank, n)])
     if rank == 0:
         run_info = {"launch": launch, "impls": [impl.name for impl in impls], "loadavg_before": before,
                     "loadavg_after": report.loadavg(), "settings": settings}
@@ -171,6 +175,18 @@ def _measure(impls: list[Impl], args, rank: int, n: int) -> list[dict]:
                          "iters": iters, "time_us": t * 1e6, "algbw_gbps": report.algbw_gbps(size, t),
                          "busbw_gbps": report.busbw_gbps(size, t, n), "max_abs_error": error, "correct": error == 0.0})
     return rows
+
+
+def _fastest(rows: list[dict]) -> list[dict]:
+    """One row per (impl, size): the fastest; a wrong result anywhere stays visible."""
+    best: dict = {}
+    for row in rows:
+        key = (row["impl"], row["size_bytes"])
+        seen = best.get(key, row)
+        error = max(row["max_abs_error"], seen["max_abs_error"])
+        fastest = row if row["time_us"] <= seen["time_us"] else seen
+        best[key] = {**fastest, "max_abs_error": error, "correct": error == 0.0}
+    return list(best.values())
 
 
 def _timed(impl: Impl, x, iters: int) -> float:

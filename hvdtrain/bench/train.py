@@ -73,7 +73,20 @@ def run(args) -> int:
 # ---------------------------------------------------------------- driver
 
 def _drive(args) -> int:
-    parts = Path(tempfile.mkdtemp(prefix="hvdtrain-bench-train-"))
+    with tempfile.TemporaryDirectory(prefix="hvdtrain-bench-train-") as parts:
+        runs, rows = _run_all(args, Path(parts))
+    doc = report.new_document("train", args.np, {r["impl"]: r["settings"] for r in runs})
+    doc["runs"], doc["rows"] = runs, _best(rows)
+    doc["summary"] = summarize(doc["rows"], args.np)
+    report.write_json(args.output, doc)
+    plot(doc, report.png_path(args.output))
+    print(render(doc))
+    print(f"[bench] wrote {args.output} and {report.png_path(args.output)}")
+    return 0
+
+
+def _run_all(args, parts: Path) -> tuple[list, list]:
+    """Every implementation once per round, in turn; each launch writes its rows to a part file."""
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]
     runs, rows = [], []
     for round_ in range(args.rounds):
@@ -87,15 +100,7 @@ def _drive(args) -> int:
             runs.append({"impl": impl, "round": round_, "loadavg_before": before, "loadavg_after": report.loadavg(),
                          "settings": got["settings"]})
             rows += got["rows"]
-    doc = report.new_document("train", args.np, runs[0]["settings"] if runs else {})
-    doc["settings"] = {r["impl"]: r["settings"] for r in runs}
-    doc["runs"], doc["rows"] = runs, _best(rows)
-    doc["summary"] = summarize(doc["rows"], args.np)
-    report.write_json(args.output, doc)
-    plot(doc, report.png_path(args.output))
-    print(render(doc))
-    print(f"[bench] wrote {args.output} and {report.png_path(args.output)}")
-    return 0
+    return runs, rows
 
 
 def _worker_args(args, role: str, part: Path) -> list[str]:

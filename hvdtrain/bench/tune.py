@@ -9,6 +9,7 @@ variant alike. `default` is hvdtrain's defaults; the others differ from it in on
 """
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,7 @@ def run(args) -> int:
                 os.environ.clear()
                 os.environ.update(saved)
             best[v.name] = _better(best.get(v.name), row)
+    shutil.rmtree(work, ignore_errors=True)
     doc = report.new_document("tuning", args.np, {})
     doc["description"] = (f"Each row changes one thing from `default` (best of {args.rounds} alternating rounds, "
                           f"{args.np} ranks, `hvdtrain bench train --impls hvdtrain` and, for settings of the "

@@ -87,3 +87,13 @@ def test_timeline_breakdown_merges_overlapping_tensors_inside_the_window(tmp_pat
     path.write_text("[\n" + ",\n".join(json.dumps(e) for e in events) + ",")   # still being written: no "]"
     got = timeline.breakdown(path, (1000 + 0, 1000 + 1000), steps=2)
     assert got == {"allreduce_ms": pytest.approx(0.300 / 2), "mpi_allreduce_ms": pytest.approx(0.280 / 2)}
+
+
+def test_fastest_keeps_the_best_time_but_never_hides_a_wrong_result():
+    rows = [{"impl": "a", "size_bytes": 4, "time_us": 5.0, "max_abs_error": 0.0, "correct": True},
+            {"impl": "a", "size_bytes": 4, "time_us": 3.0, "max_abs_error": 0.0, "correct": True},
+            {"impl": "b", "size_bytes": 4, "time_us": 9.0, "max_abs_error": 2.0, "correct": False},
+            {"impl": "b", "size_bytes": 4, "time_us": 1.0, "max_abs_error": 0.0, "correct": True}]
+    got = {r["impl"]: r for r in allreduce._fastest(rows)}
+    assert got["a"]["time_us"] == 3.0 and got["a"]["correct"]
+    assert got["b"]["time_us"] == 1.0 and not got["b"]["correct"] and got["b"]["max_abs_error"] == 2.0

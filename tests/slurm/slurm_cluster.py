@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -15,6 +16,11 @@ VIRTUAL = REPO / "scripts" / "virtual-cluster"
 # Hang guard only: a job that is not done by then is stuck; no test asserts on how long anything takes.
 JOB_DEADLINE_S = 600
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+# The job of the preemption tests, uninterrupted and preempted alike (deterministic ops make the two comparable).
+EPOCHS, STEPS_PER_EPOCH, CHECK_EVERY = 6, 1437 // 64, 10
+JOB = [f"--trainer.epochs={EPOCHS}", "--runtime.deterministic=true", "--trainer.keep_checkpoints=100",
+       f"--trainer.check_every_steps={CHECK_EVERY}", "--trainer.progress=epoch"]
 
 # Weight digests of saved models (the algorithm of hvdtrain.dist.weights_digest) and their largest difference.
 COMPARE = """
@@ -60,8 +66,10 @@ class Cluster:
         return subprocess.run([str(self.script), action, str(self.dir)], env=self.env, capture_output=True, text=True,
                               timeout=120)
 
-    def run(self, argv, cwd=None, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(argv, env=self.env, cwd=cwd, capture_output=True, text=True, timeout=120, **kw)
+    def run(self, argv, cwd=None, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+        """Run a command against this cluster (SLURM_CONF set, the virtualenv first on PATH); env adds variables."""
+        return subprocess.run(argv, env={**self.env, **(env or {})}, cwd=cwd, capture_output=True, text=True,
+                              timeout=120, **kw)
 
     def job(self, job_id: str) -> dict:
         """scontrol's view of a job as a dict (JobState, Restarts, ExitCode, ...)."""
@@ -103,3 +111,51 @@ def compare_models(*paths) -> dict:
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def job_id_from(text: str) -> str:
+    """The job id in sbatch's or `hvdtrain slurm submit`'s output."""
+    found = re.search(r"(?:Submitted batch job|submitted job) (\d+)", text)
+    assert found, text
+    return found.group(1)
+
+
+def preempt_and_check_resume(cluster: Cluster, job_id: str, log_path: Path, run: Path, reference_run: Path,
+                             ranks: int) -> str:
+    """Preempt a running training job of the JOB config as Slurm would, and check the whole cycle: one agreed stop
+    step, a checkpoint there, a requeue by the batch script, a second run resuming from that checkpoint, and a final
+    model equal to the uninterrupted one in reference_run. Returns the job log."""
+    # Signal as Slurm's --signal=B:USR1@... would, once rank 0 has logged its start: that line comes after collectives
+    # all ranks must join, so every rank has its stop handler installed, and the stop request stays latched until the
+    # next agreement step. The run is thus always mid-training when it stops, whatever the machine's speed.
+    cluster.wait_while_running(job_id, "training to start",
+                               lambda: log_path.exists() and f"[hvdtrain] {ranks} rank(s)" in log_path.read_text(),
+                               log_path)
+    signalled = cluster.run(["scancel", "--signal=USR1", "--batch", job_id])
+    assert signalled.returncode == 0, signalled.stderr
+    info = cluster.wait_done(job_id, log_path)
+    log = log_path.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
+    assert info["Restarts"] == "1", log   # requeued exactly once, by the batch script
+
+    # First run: all ranks stopped at one agreed step and rank 0 wrote a checkpoint there.
+    stopped = re.findall(r"stopped at epoch (\d+), step (\d+) on request \(SIGUSR1\)", log)
+    assert len(stopped) == 1, log
+    epoch, step = int(stopped[0][0]), int(stopped[0][1])
+    global_step = (epoch - 1) * STEPS_PER_EPOCH + step
+    assert 0 < global_step < EPOCHS * STEPS_PER_EPOCH
+    assert step % CHECK_EVERY == 0 or step == STEPS_PER_EPOCH   # agreement happens every CHECK_EVERY steps
+    meta = json.loads((run / "checkpoints" / f"ckpt-{global_step:08d}" / "meta.json").read_text())
+    assert (meta["epoch"] * STEPS_PER_EPOCH + meta["step_in_epoch"], meta["global_step"]) == (global_step, global_step)
+    assert "[slurm] job step ended with exit code 0" in log and f"requeueing job {job_id}" in log
+
+    # Requeued run: resumed from that checkpoint (not from zero), finished, same model as without interruption.
+    second = log.split(f"[slurm] job {job_id} run 2", 1)
+    assert len(second) == 2, log
+    assert f"resuming from {run}/checkpoints/ckpt-{global_step:08d}" in second[1]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["global_step"] == EPOCHS * STEPS_PER_EPOCH
+    assert summary["num_ranks"] == ranks
+    compared = compare_models(reference_run / "model.keras", run / "model.keras")
+    assert compared["max_abs_diff"][0] <= 1e-5, compared
+    return log

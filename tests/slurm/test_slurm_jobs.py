@@ -6,18 +6,14 @@ The jobs are the repository's own slurm/*.sbatch files, submitted through `hvdtr
 from __future__ import annotations
 
 import json
-import re
 import shutil
 
 import pytest
 
-from slurm_cluster import REPO, VENV_BIN, Cluster, compare_models
+from slurm_cluster import (EPOCHS, JOB, REPO, STEPS_PER_EPOCH, VENV_BIN, Cluster, compare_models, job_id_from,
+                           preempt_and_check_resume)
 
 HVDTRAIN = str(VENV_BIN / "hvdtrain")
-EPOCHS, STEPS_PER_EPOCH, CHECK_EVERY = 6, 1437 // 64, 10
-# The same job for the uninterrupted and the preempted run; deterministic ops make them comparable.
-JOB = [f"--trainer.epochs={EPOCHS}", "--runtime.deterministic=true", "--trainer.keep_checkpoints=100",
-       f"--trainer.check_every_steps={CHECK_EVERY}", "--trainer.progress=epoch"]
 # A config directory whose name would run commands if any layer let a shell re-read it.
 WEIRD_DIR = "cfg dir $(touch INJECTED) `touch INJECTED2` $HOME"
 
@@ -50,12 +46,6 @@ def submit_args(work, name: str) -> list[str]:
     """Options of `hvdtrain slurm render|submit` for one 2-task job writing into work/<name>."""
     return ["--tasks-per-node", "2", "--time", "30", "--job-name", name, "--output", str(work / f"{name} $x-%j.out"),
             "--config", config_path(work), f"--trainer.run_dir={work / name} $y", *JOB]
-
-
-def job_id_from(text: str) -> str:
-    found = re.search(r"(?:Submitted batch job|submitted job) (\d+)", text)
-    assert found, text
-    return found.group(1)
 
 
 def read_log(work, name: str, job_id: str) -> str:
@@ -101,37 +91,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_model(cluste
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     job_id = job_id_from(submitted.stdout)
     run, log_path = work / f"{name} $y", work / f"{name} $x-{job_id}.out"
-    # Signal as Slurm's --signal=B:USR1@... would, once rank 0 has logged its start: that line comes after collectives
-    # all ranks must join, so every rank has its stop handler installed, and the stop request stays latched until the
-    # next agreement step. The run is thus always mid-training when it stops, whatever the machine's speed.
-    cluster.wait_while_running(job_id, "training to start",
-                               lambda: log_path.exists() and "[hvdtrain] 2 rank(s)" in log_path.read_text(), log_path)
-    signalled = cluster.run(["scancel", "--signal=USR1", "--batch", job_id])
-    assert signalled.returncode == 0, signalled.stderr
-    info = cluster.wait_done(job_id, log_path)
-    log = log_path.read_text()
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
-    assert info["Restarts"] == "1", log   # requeued exactly once, by the batch script
-
-    # First run: all ranks stopped at one agreed step and rank 0 wrote a checkpoint there.
-    stopped = re.findall(r"stopped at epoch (\d+), step (\d+) on request \(SIGUSR1\)", log)
-    assert len(stopped) == 1, log
-    epoch, step = int(stopped[0][0]), int(stopped[0][1])
-    global_step = (epoch - 1) * STEPS_PER_EPOCH + step
-    assert 0 < global_step < EPOCHS * STEPS_PER_EPOCH
-    assert step % CHECK_EVERY == 0 or step == STEPS_PER_EPOCH   # agreement happens every CHECK_EVERY steps
-    meta = json.loads((run / "checkpoints" / f"ckpt-{global_step:08d}" / "meta.json").read_text())
-    assert (meta["epoch"] * STEPS_PER_EPOCH + meta["step_in_epoch"], meta["global_step"]) == (global_step, global_step)
-    assert "[slurm] job step ended with exit code 0" in log and f"requeueing job {job_id}" in log
-
-    # Requeued run: resumed from that checkpoint (not from zero), finished, same model as without interruption.
-    second = log.split(f"[slurm] job {job_id} run 2", 1)
-    assert len(second) == 2, log
-    assert f"resuming from {run}/checkpoints/ckpt-{global_step:08d}" in second[1]
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["global_step"] == EPOCHS * STEPS_PER_EPOCH
-    compared = compare_models(reference["run"] / "model.keras", run / "model.keras")
-    assert compared["max_abs_diff"][0] <= 1e-5, compared
+    preempt_and_check_resume(cluster, job_id, log_path, run, reference["run"], ranks=2)
 
 
 def test_mpirun_launcher_for_sites_without_pmix(cluster, work):

@@ -1,0 +1,33 @@
+"""`hvdtrain` as the Slurm jobs run it, plus a record of where each rank landed.
+
+The tests put a `hvdtrain` wrapper first on PATH that runs this file: it records, for every rank, Horovod's view
+of the topology (rank, local_rank, local_size, cross_rank, cross_size) next to Slurm's (SLURM_PROCID, SLURM_LOCALID,
+SLURM_NODEID) and the host name, in $HVDTRAIN_TOPOLOGY_DIR/rank-<rank>.json, then goes on exactly as `hvdtrain`
+would. The training itself is untouched: the record is written right after hvdtrain's own dist.init().
+"""
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+from hvdtrain import cli, dist
+
+_init = dist.init
+
+
+def _recording_init(*args, **kwargs):
+    topo = _init(*args, **kwargs)
+    out = Path(os.environ["HVDTRAIN_TOPOLOGY_DIR"])
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"host": socket.gethostname(), "rank": topo.rank, "size": topo.size, "local_rank": topo.local_rank,
+              "local_size": topo.local_size, "cross_rank": topo.cross_rank, "cross_size": topo.cross_size,
+              **{k.lower(): int(os.environ[k]) for k in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID")}}
+    (out / f"rank-{topo.rank}.json").write_text(json.dumps(record))
+    return topo
+
+
+dist.init = _recording_init
+
+if __name__ == "__main__":
+    sys.exit(cli.main())
