@@ -87,4 +87,5 @@ $check
 fix: scripts/install.sh --rebuild-horovod (needs libopenmpi-dev for MPI)"
 done
 .venv/bin/hvdtrain doctor >/dev/null || fail "hvdtrain doctor reports a problem; run .venv/bin/hvdtrain doctor"
+touch .venv/.hvdtrain-installed  # the Makefile's stamp: `make train`/`make test` skip the install from now on
 say "ready: TensorFlow $TF_VERSION, Horovod $HOROVOD_VERSION (TensorFlow, MPI, Gloo)"
