@@ -3,9 +3,11 @@
     scripts/launch.sh 2 python examples/keras_digits.py --epochs 20
 
 Five lines differ from a single-process script: init, shard, scale_lr + distribute, callbacks, verbose.
+(examples/keras_resumable.py adds checkpoints, resume, preemption and the rest of `hvdtrain train`'s safety.)
 """
 import argparse
 
+import keras
 import numpy as np
 import tensorflow as tf
 from sklearn.datasets import load_digits
@@ -20,27 +22,27 @@ def main():
     parser.add_argument("--global-batch", type=int, default=64)
     args = parser.parse_args()
 
-    topo = hk.init()                                                    # 1. start Horovod, pin GPU, tuned settings
+    world = hk.init()                                                   # 1. start Horovod, pin GPU, tuned settings
     digits = load_digits()
     x = (digits.images / 16.0).reshape(-1, 64).astype(np.float32)
     x_train, x_test, y_train, y_test = train_test_split(x, digits.target, test_size=0.2, random_state=0,
                                                         stratify=digits.target)
-    per_rank = args.global_batch // topo.size
-    train = hk.shard(tf.data.Dataset.from_tensor_slices((x_train, y_train)), topo)   # 2. this rank's share
-    train = train.shuffle(2048, seed=topo.rank).batch(per_rank, drop_remainder=True).repeat()
+    per_rank = args.global_batch // world.size
+    train = hk.shard(tf.data.Dataset.from_tensor_slices((x_train, y_train)), world)   # 2. this rank's share
+    train = train.shuffle(2048, seed=world.rank).batch(per_rank, drop_remainder=True).repeat()
     steps = len(x_train) // args.global_batch                           # the same on every rank
 
-    model = tf.keras.Sequential([tf.keras.layers.Dense(128, activation="relu", input_shape=(64,)),
-                                 tf.keras.layers.Dense(10)])
-    optimizer = hk.distribute(tf.keras.optimizers.SGD(hk.scale_lr(0.05, topo, "none"), momentum=0.9))  # 3.
-    model.compile(optimizer, tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(128, activation="relu"), keras.layers.Dense(10)])
+    optimizer = hk.distribute(keras.optimizers.SGD(hk.scale_lr(0.05, world, "none"), momentum=0.9))  # 3.
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"],
+                  jit_compile=False)
     model.fit(train, epochs=args.epochs, steps_per_epoch=steps,
-              callbacks=hk.callbacks(topo), verbose=hk.verbose(topo))  # 4. broadcast + averaging, 5. rank-0 output
+              callbacks=hk.callbacks(world), verbose=hk.verbose(world))  # 4. broadcast + averaging, 5. rank-0 output
 
-    test = hk.shard(tf.data.Dataset.from_tensor_slices((x_test, y_test)), topo).batch(128)
-    metrics = hk.evaluate(model, test, topo)                            # exact over all ranks' shards
-    if topo.is_chief:
-        print(f"test accuracy {metrics['accuracy']:.4f} on {metrics['examples']} examples from {topo.size} ranks")
+    test = hk.shard(tf.data.Dataset.from_tensor_slices((x_test, y_test)), world).batch(128)
+    metrics = hk.evaluate(model, test, world)                           # exact over all ranks' shards
+    if world.is_chief:
+        print(f"test accuracy {metrics['accuracy']:.4f} on {metrics['examples']} examples from {world.size} ranks")
 
 
 if __name__ == "__main__":

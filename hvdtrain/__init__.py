@@ -1,12 +1,13 @@
 """hvdtrain: data-parallel Keras training on Horovod, from one process to many nodes.
 
-Public API: `load_config`, `Config`, `train(cfg)`, `register_model`, and `hvdtrain.keras` for your own scripts.
+Public API: `load_config`, `Config`, `train(cfg)`, `register_model`, `UserError`, and `hvdtrain.keras` for your own
+scripts. The module map is in docs/architecture.md.
 """
 from hvdtrain.config import Config, load_config
 from hvdtrain.errors import UserError
 from hvdtrain.models import register_model
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def train(cfg: Config) -> dict:

@@ -1,8 +1,11 @@
-"""Keras callbacks, and the one place that defines their order.
+"""Keras callbacks shared by `hvdtrain train` and the Keras API (through session.Session), and their one order.
 
-Order matters: broadcast first (replicas start identical), then position tracking and the agreed
-stop/NaN check, then metric averaging and exact evaluation (anything that reads metrics comes after),
-then checkpoints, and rank-0 writers last. Collectives run on every rank; only writers are rank 0.
+Order matters (see `ordered`): the watchdog first; then the start check (distributed optimizer, no XLA) and the
+broadcast of rank 0's state; position tracking; the agreed stop (non-finite loss or weights, stop requests, a
+peer's data error, the last step), which runs before anything writes a checkpoint; checkpoints; metric averaging
+and exact evaluation (anything that reads metrics comes after); rank-0 writers last. Collectives run on every
+rank, in the same order; only the writers are rank 0's. Everything keys on the true position (global step), so it
+stays right when a resumed run's Keras epochs start mid-epoch.
 """
 from __future__ import annotations
 
@@ -14,48 +17,41 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import keras
 import numpy as np
-import tensorflow as tf
 
 from hvdtrain import dist
-from hvdtrain.errors import UserError
+from hvdtrain.checkpoint import Position
+from hvdtrain.errors import DataError, UserError
 
 
 @dataclass
-class Position:
-    """Where training is: epoch (0-based) and completed steps in it; shared by callbacks and checkpoints."""
-    epoch: int = 0
-    step_in_epoch: int = 0
-    global_step: int = 0
-    stop_reason: str = ""   # "", "nonfinite" or "stop_requested", agreed by all ranks
+class Progress:
+    """State shared by the callbacks of one fit: where training is, why it stopped, what each epoch gave."""
+    steps_per_epoch: int
+    epochs: int
+    position: Position = field(default_factory=Position)
+    stop_reason: str = ""        # "", "nonfinite", "stop_requested" or "data_error": agreed by all ranks
     failure: str = ""
     history: list = field(default_factory=list)
+    last_eval: tuple = (-1, None)   # (global step, metrics) of the latest exact evaluation
 
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
 
-class TrackPosition(tf.keras.callbacks.Callback):
-    def __init__(self, position: Position, steps_per_epoch: int):
-        super().__init__()
-        self.position, self.steps = position, steps_per_epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if self.position.epoch != epoch:
-            self.position.epoch, self.position.step_in_epoch = epoch, 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.position.step_in_epoch += 1
-        self.position.global_step += 1
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.position.step_in_epoch >= self.steps:
-            self.position.epoch, self.position.step_in_epoch = epoch + 1, 0
+    def advance(self) -> None:
+        self.position = Position.at(self.position.global_step + 1, self.steps_per_epoch)
 
 
 class StopRequest:
-    """Set by a signal handler (e.g. Slurm's USR1 before preemption or the time limit); read by AgreedStop."""
+    """Set by SIGUSR1/SIGTERM (Slurm's notice before preemption or the time limit), or by a file `stop_file`
+    appearing (hvdtrain sweep prunes trials this way); read by AgreedStop at its agreement steps."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, stop_file=None):
         self.signal_name = ""
+        self.stop_file = stop_file
+        self._requested = False
 
     def install(self, signals=(signal.SIGUSR1, signal.SIGTERM)) -> "StopRequest":
         for sig in signals:
@@ -63,55 +59,19 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        self.requested, self.signal_name = True, signal.Signals(signum).name
+        self._requested, self.signal_name = True, signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        if not self._requested and self.stop_file and os.path.exists(self.stop_file):
+            self._requested, self.signal_name = True, f"stop file {self.stop_file}"
+        return self._requested
+
+    def request(self, reason: str = "request") -> None:
+        self._requested, self.signal_name = True, reason
 
 
-class NonFiniteLoss(UserError):
-    exit_code = 3
-
-
-class AgreedStop(tf.keras.callbacks.Callback):
-    """Every `every` steps all ranks exchange (loss finite?, stop requested?) and stop together at that step."""
-
-    def __init__(self, topo, position: Position, stop: StopRequest, every: int):
-        super().__init__()
-        self.topo, self.position, self.stop, self.every = topo, position, stop, every
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self.position.step_in_epoch % self.every == 0:
-            self._check(logs or {})
-
-    def on_epoch_end(self, epoch, logs=None):
-        if not self.model.stop_training:
-            self._check(logs or {})
-
-    def _weights_finite(self) -> bool:
-        if not hasattr(self, "_finite_fn"):
-            variables = self.model.trainable_variables
-            self._finite_fn = tf.function(lambda: tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in variables]))
-        return bool(self._finite_fn())
-
-    def _check(self, logs):
-        # Weights too: a NaN gradient can leave the loss finite (e.g. ReLU maps NaN to 0) while the model is dead.
-        healthy = math.isfinite(float(logs.get("loss", 0.0))) and self._weights_finite()
-        flags = np.zeros(self.topo.size + 1)
-        flags[self.topo.rank] = 0.0 if healthy else 1.0
-        flags[-1] = 1.0 if self.stop.requested else 0.0
-        total = dist.allreduce_sum(flags, name="hvdtrain.agreed_stop")
-        bad = [r for r in range(self.topo.size) if total[r] > 0]
-        if bad:
-            self.position.failure = (
-                f"non-finite loss or weights at epoch {self.position.epoch + 1}, step {self.position.step_in_epoch} "
-                f"(global step {self.position.global_step}) on rank(s) {', '.join(map(str, bad))}; all ranks stopped, "
-                "the last good checkpoint is kept; lower optim.lr or check the data")
-            self.position.stop_reason = "nonfinite"
-            self.model.stop_training = True
-        elif total[-1] > 0:
-            self.position.stop_reason = "stop_requested"
-            self.model.stop_training = True
-
-
-class Watchdog(tf.keras.callbacks.Callback):
+class Watchdog(keras.callbacks.Callback):
     """Ends this rank if training makes no progress for `timeout` seconds.
 
     A rank blocked in a collective whose peer died, stalled or lost its network would otherwise wait forever
@@ -134,6 +94,7 @@ class Watchdog(tf.keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.done.clear()
+        self.beat()
         threading.Thread(target=self._watch, name="hvdtrain-watchdog", daemon=True).start()
 
     def on_train_batch_end(self, batch, logs=None):
@@ -154,27 +115,6 @@ class Watchdog(tf.keras.callbacks.Callback):
                 os._exit(self.EXIT_CODE)
 
 
-class ElasticCommit(tf.keras.callbacks.Callback):
-    """Copies the position into Horovod's elastic state and commits it every `every` steps and at epoch ends.
-    A commit is also where Horovod interrupts training when hosts were added or removed (on every rank at once)."""
-
-    def __init__(self, state, position: Position, every: int):
-        super().__init__()
-        self.state, self.position, self.every = state, position, every
-
-    def _commit(self):
-        self.state.epoch, self.state.step_in_epoch = self.position.epoch, self.position.step_in_epoch
-        self.state.global_step = self.position.global_step
-        self.state.commit()
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self.position.step_in_epoch % self.every == 0:
-            self._commit()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._commit()
-
-
 def stop_watchdogs(callbacks) -> None:
     """Keras skips on_train_end when fit raises: stop watchdogs explicitly (e.g. before an elastic reset)."""
     for callback in callbacks:
@@ -182,15 +122,181 @@ def stop_watchdogs(callbacks) -> None:
             callback.done.set()
 
 
-class Throughput(tf.keras.callbacks.Callback):
-    """Samples/s per epoch, global and per rank, written into the epoch logs."""
+class StartCheck(keras.callbacks.Callback):
+    """Before the first step: refuse what would silently train unsynchronised replicas or crash later (an optimizer
+    that is not distributed, an XLA-compiled train step), then make every rank start from rank 0's state."""
 
-    def __init__(self, global_batch: int, size: int):
+    def __init__(self, world):
         super().__init__()
-        self.global_batch, self.size = global_batch, size
+        self.world = world
+
+    def on_train_begin(self, logs=None):
+        model = self.model
+        if (self.world.size > 1 or dist.launched_elastic()) and not dist.is_distributed(model.optimizer):
+            raise UserError(f"model.optimizer ({type(model.optimizer).__name__}) does not average gradients over the "
+                            f"{self.world.size} ranks, so the replicas would drift apart: compile with "
+                            "hvdtrain.keras.distribute(optimizer)", agreed=True)
+        if dist.uses_xla(model):
+            raise UserError("the model was compiled with jit_compile=True (Keras 3 does so by default on GPUs): "
+                            "Horovod's all-reduce has no XLA kernel; compile with jit_compile=False", agreed=True)
+        optimizer = model.optimizer
+        if not (getattr(optimizer, "built", False) or getattr(optimizer, "_built", False)):
+            optimizer.build(model.trainable_variables)
+        dist.broadcast_variables(list(model.variables) + list(optimizer.variables), name="hvdtrain.start")
+
+
+class TrackPosition(keras.callbacks.Callback):
+    def __init__(self, progress: Progress):
+        super().__init__()
+        self.progress = progress
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.progress.advance()
+
+
+class AgreedStop(keras.callbacks.Callback):
+    """At every `every`-th step of an epoch, at each epoch end and at the last step, all ranks exchange one vector:
+    per rank 'loss or weights not finite', 'a stop was requested', and 'I am here'. A rank that hit a data error has
+    left with Horovod's join (its share of the vector reads zero), so the others see it, stop at the same step and
+    report that rank's error, agreed. Every rank reaches the same verdict at the same step."""
+
+    def __init__(self, world, progress: Progress, stop: StopRequest, every: int):
+        super().__init__()
+        self.world, self.progress, self.stop, self.every = world, progress, stop, every
+
+    def on_train_batch_end(self, batch, logs=None):
+        p = self.progress.position
+        if p.step_in_epoch % self.every == 0 or p.global_step >= self.progress.total_steps:
+            self._check(logs or {})
+        if p.global_step >= self.progress.total_steps:
+            self.model.stop_training = True   # a resumed run's last Keras epoch may run past the end otherwise
+
+    def _weights_finite(self) -> bool:
+        if not hasattr(self, "_finite_fn"):
+            import tensorflow as tf
+            variables = self.model.trainable_variables
+            self._finite_fn = tf.function(lambda: tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in variables]))
+        return bool(self._finite_fn())
+
+    def _check(self, logs):
+        size = self.world.size
+        # Weights too: a NaN gradient can leave the loss finite (e.g. ReLU maps NaN to 0) while the model is dead.
+        healthy = math.isfinite(float(logs.get("loss", 0.0))) and self._weights_finite()
+        flags = np.zeros(size + 2)
+        flags[self.world.rank] = 0.0 if healthy else 1.0
+        flags[size] = 1.0 if self.stop.requested else 0.0
+        flags[size + 1] = 1.0
+        total = dist.allreduce_sum(flags, name="hvdtrain.agreed_stop") if size > 1 else flags
+        p = self.progress.position
+        if total[size + 1] < size:   # a peer left after a data error: join it, then report its error
+            self.progress.stop_reason = "data_error"
+            dist.join()
+            dist.raise_first(dist.allgather_object(None, "hvdtrain.data_error"))
+        bad = [r for r in range(size) if total[r] > 0]
+        if bad:
+            self.progress.failure = (
+                f"non-finite loss or weights at epoch {p.epoch + 1}, step {p.step_in_epoch} (global step "
+                f"{p.global_step}) on rank(s) {', '.join(map(str, bad))}; all ranks stopped, the last good checkpoint "
+                "is kept; lower optim.lr or check the data")
+            self.progress.stop_reason = "nonfinite"
+            self.model.stop_training = True
+        elif total[size] > 0:
+            self.progress.stop_reason = "stop_requested"
+            self.model.stop_training = True
+
+
+def data_error_during_fit(exc: BaseException, progress: Progress, world) -> None:
+    """On the rank whose input pipeline failed mid-step: leave with Horovod's join (the peers notice at their next
+    agreement step and join too), then raise this rank's error, agreed by all. Re-raises anything else."""
+    if not is_input_error(exc):
+        return
+    import tensorflow as tf
+    p = progress.position
+    kind = "corrupt" if isinstance(exc, tf.errors.DataLossError) else "unreadable or malformed"
+    message = (f"{kind} input data at epoch {p.epoch + 1}, step {p.step_in_epoch} on rank {world.rank} "
+               f"({_short(exc)}); the inputs were valid at the start, so a file changed or vanished since: fix it and "
+               "rerun the same command to resume")
+    if world.size == 1:
+        raise DataError(message, agreed=True) from None
+    dist.join()
+    dist.raise_first(dist.allgather_object(("hvdtrain.errors", "DataError", message), "hvdtrain.data_error"))
+
+
+def is_input_error(exc: BaseException) -> bool:
+    """An error raised by the input pipeline (tf.data's IteratorGetNext), not by the model or a collective."""
+    import tensorflow as tf
+    return isinstance(exc, tf.errors.OpError) and "IteratorGetNext" in str(exc) and \
+        not any(mark in str(exc) for mark in dist.HOROVOD_MARKS)
+
+
+def _short(exc) -> str:
+    from hvdtrain.errors import first_line
+    return first_line(exc)
+
+
+class StepCheckpoint(keras.callbacks.Callback):
+    """Rank 0 writes a checkpoint every `every` global steps (0: never) and at every `every_epochs`-th true epoch end,
+    always after the agreed check of that step (AgreedStop comes first), so non-finite weights are never saved."""
+
+    def __init__(self, progress: Progress, checkpointer, world, every_steps: int, every_epochs: int):
+        super().__init__()
+        self.progress, self.checkpointer, self.world = progress, checkpointer, world
+        self.every_steps, self.every_epochs = every_steps, every_epochs
+
+    def on_train_batch_end(self, batch, logs=None):
+        p = self.progress.position
+        if self.progress.stop_reason in ("nonfinite", "data_error"):
+            return
+        epoch_end = p.step_in_epoch == 0 and p.epoch % self.every_epochs == 0
+        if epoch_end or (self.every_steps and p.global_step % self.every_steps == 0) \
+                or p.global_step >= self.progress.total_steps:
+            self.checkpointer.save(self.model, p, self.world.size)
+
+    def on_train_end(self, logs=None):
+        """A stop request (preemption): the checkpoint at the agreed stop step, where every rank stopped."""
+        if self.progress.stop_reason == "stop_requested":
+            self.checkpointer.save(self.model, self.progress.position, self.world.size)
+
+
+class MetricAverage(keras.callbacks.Callback):
+    """Epoch metrics averaged over ranks, keys in sorted order on every rank (one all-reduce)."""
+
+    def __init__(self, world):
+        super().__init__()
+        self.world = world
+        self._keys = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or self.world.size == 1:
+            return
+        keys = sorted(k for k, v in logs.items() if _is_number(v))
+        if self._keys is None:   # once: every rank must average the same metrics, or the all-reduce would hang
+            every = dist.allgather_object(keys, "hvdtrain.metric_keys")
+            if any(k != every[0] for k in every):
+                raise UserError(f"ranks log different metrics {every}; compile the same metrics on every rank", agreed=True)
+            self._keys = keys
+        values = dist.allreduce_sum([float(logs[k]) for k in self._keys], "hvdtrain.metric_average") / self.world.size
+        logs.update(zip(self._keys, (float(v) for v in values)))
+
+
+def _is_number(value) -> bool:
+    try:
+        float(value)
+        return np.ndim(value) == 0
+    except (TypeError, ValueError):
+        return False
+
+
+class Throughput(keras.callbacks.Callback):
+    """Samples/s per Keras epoch, global and per rank, and which steps the epoch covered (partial epochs marked)."""
+
+    def __init__(self, progress: Progress, global_batch: int, size: int):
+        super().__init__()
+        self.progress, self.global_batch, self.size = progress, global_batch, size
 
     def on_epoch_begin(self, epoch, logs=None):
         self.start, self.batches = time.perf_counter(), 0
+        self.first = self.progress.position
 
     def on_train_batch_end(self, batch, logs=None):
         self.batches += 1
@@ -200,76 +306,69 @@ class Throughput(tf.keras.callbacks.Callback):
         logs["samples_per_sec"] = self.batches * self.global_batch / seconds
         logs["samples_per_sec_per_rank"] = logs["samples_per_sec"] / self.size
         logs["epoch_seconds"] = seconds
+        logs["global_step"] = self.progress.position.global_step
+        # Partial: fewer steps than an epoch (stopped mid-epoch), or not starting at an epoch's first step (resumed).
+        logs["partial"] = int(self.batches < self.progress.steps_per_epoch or self.first.step_in_epoch != 0)
 
 
-class ExactEvaluation(tf.keras.callbacks.Callback):
-    """Held-out metrics from all-reduced sums at the end of each epoch (exact whatever the shard sizes);
-    `evaluate_fn` returns None when the data source has no held-out split."""
+class ExactEvaluation(keras.callbacks.Callback):
+    """Held-out metrics from all-reduced sums at each epoch end (exact whatever the shard sizes); `evaluate` returns
+    None when there is no held-out split. The result is kept, keyed by global step, for the summary."""
 
-    def __init__(self, evaluate_fn, prefix: str = "val_"):
+    def __init__(self, evaluate, progress: Progress, prefix: str = "val_"):
         super().__init__()
-        self.evaluate_fn, self.prefix = evaluate_fn, prefix
+        self.evaluate, self.progress, self.prefix = evaluate, progress, prefix
 
     def on_epoch_end(self, epoch, logs=None):
-        metrics = self.evaluate_fn(self.model)
-        for key in ("loss", "accuracy") if metrics else ():
-            logs[self.prefix + key] = metrics[key]
+        metrics = self.evaluate(self.model)
+        self.progress.last_eval = (self.progress.position.global_step, metrics)
+        for key, value in (metrics or {}).items():
+            if key != "examples" and isinstance(value, float):
+                logs[self.prefix + key] = value
 
 
-
-class EpochCheckpoint(tf.keras.callbacks.Callback):
-    """Rank 0 writes a checkpoint every `every` completed epochs (the save itself holds no collective)."""
-
-    def __init__(self, save_fn, position: Position, every: int):
+class EpochHistory(keras.callbacks.Callback):
+    def __init__(self, progress: Progress):
         super().__init__()
-        self.save_fn, self.position, self.every = save_fn, position, every
+        self.progress = progress
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.position.step_in_epoch == 0 and (epoch + 1) % self.every == 0 and not self.position.stop_reason:
-            self.save_fn()
+        self.progress.history.append({"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items() if _is_number(v)}})
 
 
-class EpochHistory(tf.keras.callbacks.Callback):
-    def __init__(self, position: Position):
-        super().__init__()
-        self.position = position
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.position.history.append({"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}})
-
-
-class ProgressLogger(tf.keras.callbacks.Callback):
+class ProgressLogger(keras.callbacks.Callback):
     """Rank 0's display, after averaging. `bar`: a live bar on a terminal. `epoch`: one line per epoch, plus a
-    progress line every `interval` seconds inside long epochs (launchers prefix and buffer lines, so no \r there)."""
+    progress line every `interval` seconds inside long epochs (launchers prefix and buffer lines, so no \\r there)."""
 
-    SHOWN = ("loss", "accuracy", "val_loss", "val_accuracy")
+    SHOWN = ("loss", "accuracy", "mae", "val_loss", "val_accuracy", "val_mae")
 
-    def __init__(self, mode: str, epochs: int, steps: int, stream=None, interval: float = 30.0):
+    def __init__(self, mode: str, progress: Progress, stream=None, interval: float = 30.0):
         super().__init__()
         self.stream = stream or sys.stdout
         if mode == "auto":
             mode = "bar" if self.stream.isatty() and not dist.under_launcher() else "epoch"
-        self.mode, self.epochs, self.steps, self.interval = mode, epochs, steps, interval
+        self.mode, self.progress, self.interval = mode, progress, interval
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
         self.epoch_start = self.last_line = time.perf_counter()
         self.done = 0
         if self.mode == "bar":
-            print(f"Epoch {epoch + 1}/{self.epochs}", file=self.stream)
-            self.bar = tf.keras.utils.Progbar(self.steps, stateful_metrics=list(self.SHOWN))
+            self._line(f"Epoch {epoch + 1}/{self.progress.epochs}")
+            self.bar = keras.utils.Progbar(self.progress.steps_per_epoch, stateful_metrics=list(self.SHOWN))
 
     def on_train_batch_end(self, batch, logs=None):
         self.done += 1
-        shown = [(k, v) for k, v in (logs or {}).items() if k in self.SHOWN]
+        shown = [(k, float(v)) for k, v in (logs or {}).items() if k in self.SHOWN]
+        steps = self.progress.steps_per_epoch
         if self.mode == "bar":
-            self.bar.update(min(self.done, self.steps), shown)
+            self.bar.update(min(self.done, steps), shown)
         elif self.mode == "epoch" and time.perf_counter() - self.last_line > self.interval:
             self.last_line = time.perf_counter()
             rate = self.done / (self.last_line - self.epoch_start)
-            eta = (self.steps - self.done) / max(rate, 1e-9)
-            print(f"  epoch {self.epoch + 1} step {self.done}/{self.steps}  "
-                  + "  ".join(f"{k} {v:.4f}" for k, v in shown) + f"  eta {eta:.0f}s", file=self.stream, flush=True)
+            eta = (steps - self.done) / max(rate, 1e-9)
+            self._line(f"  epoch {self.epoch + 1} step {self.done}/{steps}  "
+                       + "  ".join(f"{k} {v:.4f}" for k, v in shown) + f"  eta {eta:.0f}s")
 
     def on_epoch_end(self, epoch, logs=None):
         if self.mode == "none":
@@ -278,29 +377,75 @@ class ProgressLogger(tf.keras.callbacks.Callback):
         parts = [f"{k} {logs[k]:.4f}" for k in self.SHOWN if k in logs]
         parts.append(f"{logs.get('samples_per_sec', 0):,.0f} samples/s")
         parts.append(f"{time.perf_counter() - self.epoch_start:.1f}s")
-        print(f"epoch {epoch + 1}/{self.epochs}  " + "  ".join(parts), file=self.stream, flush=True)
+        if logs.get("partial"):
+            end = self.progress.position
+            parts.append(f"(partial epoch: {self.done} of {self.progress.steps_per_epoch} steps, up to global step "
+                         f"{end.global_step})")
+        self._line(f"epoch {epoch + 1}/{self.progress.epochs}  " + "  ".join(parts))
+
+    def _line(self, text: str) -> None:
+        """One write per line: launchers tag output per write, so a line written in pieces gets split."""
+        self.stream.write(text + "\n")
+        self.stream.flush()
 
 
-def build_callbacks(cfg, topo, run_dir, *, position, stop, steps_per_epoch, evaluate_fn, save_fn, elastic_state=None):
-    """The full list in its one correct order. Rank-0 writers are simply absent on other ranks.
-    The elastic commit comes last, so an interruption it raises never skips an epoch's writers."""
+class ElasticCommit(keras.callbacks.Callback):
+    """Copies the position into Horovod's elastic state and commits it every `every` steps and at epoch ends.
+    A commit is also where Horovod interrupts training when hosts were added or removed (on every rank at once)."""
+
+    def __init__(self, state, progress: Progress, every: int):
+        super().__init__()
+        self.state, self.progress, self.every = state, progress, every
+
+    def _commit(self):
+        p = self.progress.position
+        self.state.epoch, self.state.step_in_epoch, self.state.global_step = p.epoch, p.step_in_epoch, p.global_step
+        self.state.commit()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.progress.position.global_step % self.every == 0:
+            self._commit()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._commit()
+
+
+@dataclass(frozen=True)
+class Options:
+    """How a session behaves (the CLI fills it from trainer.* and runtime.*; the Keras API from keyword arguments)."""
+    check_every_steps: int = 10
+    checkpoint_every_epochs: int = 1
+    checkpoint_every_steps: int = 0
+    keep_checkpoints: int = 3
+    stall_timeout_s: float = 60.0
+    progress: str = "auto"
+    csv: bool = True
+    tensorboard: bool = True
+
+
+def ordered(world, progress: Progress, run_dir, options: Options, *, stop: StopRequest, checkpointer, global_batch: int,
+            evaluate=None, elastic_state=None) -> list:
+    """The full list in its one correct order. Rank-0 writers are simply absent on other ranks. The elastic commit
+    comes last, so an interruption it raises never skips an epoch's writers."""
     callbacks = [
-        Watchdog(cfg.runtime.stall_timeout_s, topo.rank, run_dir),
-        dist.broadcast_callback(),
-        TrackPosition(position, steps_per_epoch),
-        AgreedStop(topo, position, stop, cfg.trainer.check_every_steps),
-        dist.metric_average_callback(),
-        Throughput(cfg.trainer.global_batch_size, topo.size),
+        Watchdog(options.stall_timeout_s, world.rank, run_dir),
+        StartCheck(world),
+        TrackPosition(progress),
+        AgreedStop(world, progress, stop, options.check_every_steps),
+        StepCheckpoint(progress, checkpointer, world, options.checkpoint_every_steps, options.checkpoint_every_epochs),
+        MetricAverage(world),
+        Throughput(progress, global_batch, world.size),
     ]
-    if evaluate_fn is not None:
-        callbacks.append(ExactEvaluation(evaluate_fn))
-    callbacks += [EpochCheckpoint(save_fn, position, cfg.trainer.checkpoint_every_epochs), EpochHistory(position)]
-    if topo.is_chief:
-        callbacks.append(ProgressLogger(cfg.trainer.progress, cfg.trainer.epochs, steps_per_epoch))
-        callbacks.append(tf.keras.callbacks.CSVLogger(str(run_dir / "metrics.csv"), append=True))
-        if cfg.trainer.tensorboard:
-            callbacks.append(tf.keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False,
-                                                            profile_batch=0))
+    if evaluate is not None:
+        callbacks.append(ExactEvaluation(evaluate, progress))
+    callbacks.append(EpochHistory(progress))
+    if world.is_chief:
+        callbacks.append(ProgressLogger(options.progress, progress))
+        if options.csv:
+            callbacks.append(keras.callbacks.CSVLogger(str(run_dir / "metrics.csv"), append=True))
+        if options.tensorboard:
+            callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False,
+                                                         profile_batch=0))
     if elastic_state is not None:
-        callbacks.append(ElasticCommit(elastic_state, position, cfg.trainer.check_every_steps))
+        callbacks.append(ElasticCommit(elastic_state, progress, options.check_every_steps))
     return callbacks

@@ -1,112 +1,94 @@
-"""Run directory and checkpoints.
+"""Checkpoints: written by rank 0, atomically; found, checked and restored by every rank alike.
 
 A checkpoint is a directory `checkpoints/ckpt-<global step>` holding the TensorFlow checkpoint of model and
-optimizer (weights, slots, step counter, hence the LR schedule position) and `meta.json` (epoch, step in epoch,
-data seed, model signature, config). It is written under a temporary name and renamed into place, so a kill
-at any moment leaves the previous checkpoint loadable; readers ignore temporary directories.
+optimizer (weights, slots, step counter and hence the LR schedule position, gradient accumulators, loss scale) and
+`meta.json` (epoch, step in epoch, global step, data seed, model signature, config). It is written under a temporary
+name and renamed into place, so a kill at any moment leaves the previous checkpoint loadable; readers ignore
+temporary directories. The same format serves `hvdtrain train`, the Keras API and predict/evaluate.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from hvdtrain import dist
 from hvdtrain.errors import UserError
+from hvdtrain.rundir import RunDir, file_mode, make_temp_dir, write_json
 
-CKPT_PREFIX = "ckpt-"
-TMP_PREFIX = ".tmp-"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a small file so that readers see the old or the new content, never half of it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX + path.name)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+PREFIX = "ckpt-"
 
 
-def write_json(path: Path, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+@dataclass
+class Position:
+    """Where training is. global_step counts optimizer batches since the start; epoch/step_in_epoch follow from it."""
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+
+    @classmethod
+    def at(cls, global_step: int, steps_per_epoch: int) -> "Position":
+        epoch, step = divmod(global_step, steps_per_epoch)
+        return cls(epoch, step, global_step)
+
+    def meta(self) -> dict:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step}
 
 
-def prepare_run_dir(run_dir: str) -> Path:
-    """Create the run directory and prove it is writable (every rank checks, so all fail together)."""
-    path = Path(run_dir)
-    try:
-        (path / "checkpoints").mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=TMP_PREFIX + "probe", delete=True)
-        probe.close()
-    except OSError as exc:
-        raise UserError(f"run directory {path} is not writable ({exc.strerror}); choose another with --trainer.run_dir=PATH") from None
-    return path
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
+def list_checkpoints(run_dir) -> list[Path]:
     """Complete checkpoints, oldest first."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.name.startswith(CKPT_PREFIX) and (p / "meta.json").is_file()]
-    return sorted(done, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+    done = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "meta.json").is_file()]
+    return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def latest(run_dir: Path) -> Path | None:
+def latest(run_dir) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 
 
-def read_meta(ckpt: Path) -> dict:
+def read_meta(ckpt) -> dict:
     try:
         return json.loads((Path(ckpt) / "meta.json").read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"checkpoint {ckpt} has no readable meta.json ({exc}); point at a directory written by hvdtrain") from None
 
 
-def save(run_dir: Path, model, optimizer, meta: dict, keep: int) -> Path:
-    """Rank 0 only. Write into a temporary directory, fsync, rename into place, then prune old ones."""
-    import tensorflow as tf
-    root = Path(run_dir) / "checkpoints"
-    final = root / f"{CKPT_PREFIX}{meta['global_step']:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=TMP_PREFIX))
-    try:
-        tf.train.Checkpoint(model=model, optimizer=optimizer).write(str(tmp / "state"))
-        write_json(tmp / "meta.json", meta)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
 def signature(model, input_shape, num_classes: int, model_name: str) -> dict:
-    """What must match for a checkpoint to be loaded into a model."""
+    """What must match for a checkpoint to be loaded into a model: names and shapes of every weight."""
     return {"model": model_name, "input_shape": list(input_shape), "num_classes": int(num_classes),
-            "weight_shapes": [list(w.shape) for w in model.weights]}
+            "weights": [[_weight_name(w), list(w.shape)] for w in model.weights]}
 
 
-def check_compatible(ckpt: Path, meta: dict, expected: dict) -> None:
+def _weight_name(w) -> str:
+    return getattr(w, "path", None) or w.name.removesuffix(":0")
+
+
+def check_compatible(ckpt, meta: dict, expected: dict) -> None:
     found = meta.get("signature", {})
-    for key in ("model", "input_shape", "num_classes", "weight_shapes"):
+    for key in ("model", "input_shape", "num_classes"):
         if found.get(key) != expected[key]:
-            what = "weight shapes differ" if key == "weight_shapes" else f"{key} is {found.get(key)!r}, this run has {expected[key]!r}"
-            raise UserError(f"checkpoint {ckpt} belongs to another model ({what}); "
-                            "use a fresh --trainer.run_dir or the config that wrote it")
+            raise UserError(f"checkpoint {ckpt} belongs to another model ({key} is {found.get(key)!r}, this run has "
+                            f"{expected[key]!r}); use a fresh --trainer.run_dir or the config that wrote it")
+    theirs, ours = found.get("weights", []), expected["weights"]
+    for i, ((their_name, their_shape), (our_name, our_shape)) in enumerate(zip(theirs, ours)):
+        if their_shape != our_shape:
+            raise UserError(f"checkpoint {ckpt} belongs to another model (weight {i}, {our_name}: shape {our_shape} "
+                            f"here, {their_shape} in the checkpoint as {their_name}); use a fresh --trainer.run_dir or "
+                            "the config that wrote it")
+    if len(theirs) != len(ours):
+        raise UserError(f"checkpoint {ckpt} belongs to another model ({len(theirs)} weights in the checkpoint, "
+                        f"{len(ours)} here); use a fresh --trainer.run_dir or the config that wrote it")
 
 
-def restore(ckpt: Path, model, optimizer=None) -> None:
+def restore(ckpt, model, optimizer=None) -> None:
     import tensorflow as tf
     parts = {"model": model} if optimizer is None else {"model": model, "optimizer": optimizer}
     try:
@@ -114,3 +96,83 @@ def restore(ckpt: Path, model, optimizer=None) -> None:
         status.assert_existing_objects_matched() if optimizer is not None else status.expect_partial()
     except (ValueError, AssertionError, tf.errors.OpError) as exc:
         raise UserError(f"cannot restore checkpoint {ckpt}: {str(exc).splitlines()[0]}") from None
+
+
+def weights_digest(model) -> str:
+    """A hash of every weight's bytes: equal digests mean bit-identical replicas."""
+    h = hashlib.sha256()
+    for w in model.get_weights():
+        h.update(np.ascontiguousarray(w).tobytes())
+    return h.hexdigest()
+
+
+def agreed_digest(model, world) -> str:
+    """Every rank's weight digest, compared (a collective): replicas that differ are a bug, never a silent result."""
+    digests = dist.allgather_object(weights_digest(model), "hvdtrain.digest") if world.size > 1 else [weights_digest(model)]
+    if len(set(digests)) != 1:
+        raise UserError(f"replicas diverged: weight digests differ across ranks {digests}; this is a bug, please report it",
+                        agreed=True)
+    return digests[0]
+
+
+class Checkpointer:
+    """Saves model + optimizer + position into a run directory: rank 0 writes, other ranks get `NullCheckpointer`
+    (call sites never test the rank). `meta` holds what is stored with every checkpoint (signature, config, ...)."""
+
+    def __init__(self, run: RunDir, meta: dict, keep: int):
+        self.run, self.meta, self.keep = run, meta, keep
+        self.last_step = -1
+
+    @classmethod
+    def for_rank(cls, world, run: RunDir, meta: dict, keep: int) -> "Checkpointer":
+        return cls(run, meta, keep) if world.is_chief else NullCheckpointer(run, meta, keep)
+
+    def save(self, model, position: Position, world_size: int) -> Path | None:
+        """Write a checkpoint at `position` (once per global step), then prune old ones."""
+        if position.global_step == self.last_step:
+            return None
+        import tensorflow as tf
+        root = self.run.ensure_checkpoints()
+        final = root / f"{PREFIX}{position.global_step:08d}"
+        tmp = make_temp_dir(root)
+        try:
+            tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(str(tmp / "state"))
+            for path in tmp.iterdir():
+                os.chmod(path, file_mode())
+            write_json(tmp / "meta.json", {**self.meta, **position.meta(), "num_ranks": world_size})
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for old in list_checkpoints(self.run.path)[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        self.last_step = position.global_step
+        return final
+
+
+class NullCheckpointer(Checkpointer):
+    def save(self, model, position, world_size):
+        self.last_step = position.global_step
+        return None
+
+
+def resume(run: RunDir, model, world, mode: str, expected_signature: dict,
+           agree: bool = True) -> tuple[Position, Path | None]:
+    """Restore the run's latest checkpoint into model and optimizer, on every rank alike (rank 0's choice decides:
+    ranks without the shared file system cannot disagree silently). mode: auto | never | always."""
+    found = str(latest(run.path) or "")
+    if agree and world.size > 1:
+        found = dist.broadcast_object(found, "hvdtrain.latest")
+    if not found:
+        if mode == "always":
+            raise UserError(f"trainer.resume=always but {run} holds no checkpoint; train first or use resume=auto")
+        return Position(), None
+    if mode == "never":
+        raise UserError(f"{run} already holds checkpoint {Path(found).name} and trainer.resume=never; "
+                        "use a fresh --trainer.run_dir or --resume")
+    meta = read_meta(Path(found))
+    check_compatible(Path(found), meta, expected_signature)
+    restore(Path(found), model, model.optimizer)
+    return Position(meta["epoch"], meta["step_in_epoch"], meta["global_step"]), Path(found)

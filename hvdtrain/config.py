@@ -26,32 +26,67 @@ def _f(default, doc, **kw):
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = _f("digits", "digits | synthetic | tfrecord | npz", choices=("digits", "synthetic", "tfrecord", "npz"))
-    path: str = _f("", "training data: a .npz file, or TFRecord files (a directory, a glob or one file)")
-    test_path: str = _f("", "held-out data in the same format as `path` (empty: no test set for npz/tfrecord)")
+    source: str = _f("digits", "digits | synthetic | npz | tfrecord | images | image_tfrecord | tfds",
+                     choices=("digits", "synthetic", "npz", "tfrecord", "images", "image_tfrecord", "tfds"))
+    path: str = _f("", "training data: a .npz file; TFRecord files (a directory, a glob or one file); images: a "
+                       "directory with one sub-directory of JPEG/PNG files per class; tfds: the data_dir")
+    test_path: str = _f("", "held-out data in the same format as `path` (empty: none; tfds: the same data_dir)")
+    task: str = _f("classification", "classification (one int label) | multilabel (num_classes 0/1 targets) | "
+                                     "regression (num_classes real targets)",
+                   choices=("classification", "multilabel", "regression"))
     input_shape: tuple = _f((), "shape of one example, e.g. [8, 8, 1]; required for synthetic and tfrecord")
-    num_classes: int = _f(10, "number of classes; labels must lie in [0, num_classes)")
+    num_classes: int = _f(10, "classes (classification, multilabel) or outputs (regression); "
+                              "classification labels must lie in [0, num_classes)")
     synthetic_samples: int = _f(4096, "number of synthetic training examples (test set: a quarter of it)")
     test_fraction: float = _f(0.2, "digits: share of the 1,797 images held out for testing (fixed seeded split)")
-    shuffle_buffer: int = _f(10000, "tfrecord: shuffle buffer in examples (in-memory sources shuffle fully)")
+    shuffle_buffer: int = _f(10000, "tfrecord/images/tfds: shuffle buffer in examples (in-memory sources shuffle fully)")
     seed: int = _f(1234, "seed of the data order; epoch e shuffles with (seed, e) so order is reproducible")
+    image_size: tuple = _f((224, 224), "images/image_tfrecord/tfds: [height, width] every image is resized to")
+    channels: int = _f(3, "images/image_tfrecord: colour channels to decode to (1 grey, 3 RGB)")
+    augment: bool = _f(True, "images: random crop (pad 1/8, crop back) and horizontal flip, training split only")
+    normalize: str = _f("unit", "images: pixel scaling: unit ([0,1]) | symmetric ([-1,1]) | imagenet (mean/std per channel)",
+                        choices=("unit", "symmetric", "imagenet"))
+    bad_files: str = _f("fail", "images: a corrupt or unreadable image file stops the run (fail) or is left out and "
+                                "counted (skip)", choices=("fail", "skip"))
+    image_key: str = _f("image/encoded", "image_tfrecord: feature holding the encoded JPEG/PNG bytes")
+    label_key: str = _f("image/class/label", "image_tfrecord: int64 feature holding the class label")
+    label_offset: int = _f(0, "image_tfrecord: subtracted from stored labels (1 for the classic 1-based ImageNet converters)")
+    tfds_name: str = _f("", "tfds: dataset name, e.g. cifar10 or my_set:1.0.0, already prepared in data.path (never downloaded)")
+    train_split: str = _f("train", "tfds: split to train on")
+    test_split: str = _f("test", "tfds: held-out split (empty: none)")
 
     def __post_init__(self):
-        _require(self.num_classes >= 2, "data.num_classes must be >= 2")
+        _require(self.num_classes >= (2 if self.task == "classification" else 1),
+                 "data.num_classes must be >= 2 for classification and >= 1 otherwise")
         _require(self.synthetic_samples >= 1, "data.synthetic_samples must be >= 1")
         _require(0.0 < self.test_fraction < 1.0, "data.test_fraction must lie strictly between 0 and 1")
         _require(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1")
         _require(all(isinstance(d, int) and d > 0 for d in self.input_shape),
                  f"data.input_shape must be positive integers, got {list(self.input_shape)}")
-        if self.source in ("npz", "tfrecord"):
+        _require(len(self.image_size) == 2 and all(isinstance(d, int) and d > 0 for d in self.image_size),
+                 f"data.image_size must be [height, width] in pixels, got {list(self.image_size)}")
+        _require(self.channels in (1, 3), f"data.channels must be 1 or 3, got {self.channels}")
+        if self.source in ("npz", "tfrecord", "images", "image_tfrecord", "tfds"):
             _require(bool(self.path), f"data.path is required when data.source={self.source}")
         if self.source in ("synthetic", "tfrecord"):
-            _require(bool(self.input_shape), f"data.input_shape is required when data.source={self.source}, e.g. --data.input_shape=[32,32,3]")
+            _require(bool(self.input_shape), f"data.input_shape is required when data.source={self.source}, "
+                                             "e.g. --data.input_shape=[32,32,3]")
+        if self.source == "tfds":
+            _require(bool(self.tfds_name), "data.tfds_name is required when data.source=tfds, e.g. --data.tfds_name=cifar10")
+        if self.source in ("digits", "images", "image_tfrecord", "tfds"):
+            _require(self.task == "classification", f"data.source={self.source} has class labels: use data.task=classification")
+
+    @property
+    def image_source(self) -> bool:
+        return self.source in ("images", "image_tfrecord", "tfds")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = _f("mlp", "registered model name: mlp | cnn | resnet | any name added with hvdtrain.register_model")
+    name: str = _f("mlp", "mlp | cnn | resnet | a keras.applications name (ResNet50, MobileNetV2, EfficientNetB0, ...) | "
+                          "a name added with hvdtrain.register_model | a builder by import path, package.module:function")
+    weights: str = _f("", "keras.applications: a local weights file to start from (empty: random initialisation; "
+                          "nothing is ever downloaded)")
     hidden: tuple = _f((256, 128), "mlp: widths of the hidden layers")
     width: int = _f(32, "cnn/resnet: filters of the first convolution")
     blocks: int = _f(2, "resnet: residual blocks per stage (two stages)")
@@ -60,6 +95,7 @@ class ModelConfig:
     def __post_init__(self):
         _require(all(isinstance(h, int) and h > 0 for h in self.hidden), "model.hidden must be positive integers")
         _require(self.width > 0 and self.blocks > 0, "model.width and model.blocks must be > 0")
+        _require(not self.weights or Path(self.weights).is_file(), f"model.weights file not found: {self.weights}")
 
 
 @dataclass(frozen=True)
@@ -90,6 +126,9 @@ class TrainerConfig:
     run_dir: str = _f("runs/digits", "where config.yaml, checkpoints, metrics.csv, TensorBoard logs and summary.json go")
     keep_checkpoints: int = _f(3, "how many recent checkpoints to keep")
     checkpoint_every_epochs: int = _f(1, "write a checkpoint every this many epochs (and at the end)")
+    checkpoint_every_steps: int = _f(0, "also write one every this many steps inside an epoch (0: off); "
+                                        "rounded up to a multiple of check_every_steps")
+    top_k: int = _f(5, "classification: also report top-k accuracy for this k (0: off; only when num_classes > k)")
     resume: str = _f("auto", "auto: resume if run_dir holds a checkpoint | never: refuse a used run_dir | always: require one",
                      choices=("auto", "never", "always"))
     check_every_steps: int = _f(10, "how often (in steps) ranks agree on non-finite loss and stop requests (and elastic commits)")
@@ -106,6 +145,8 @@ class TrainerConfig:
         _require(self.keep_checkpoints >= 1, "trainer.keep_checkpoints must be >= 1")
         _require(self.checkpoint_every_epochs >= 1, "trainer.checkpoint_every_epochs must be >= 1")
         _require(self.check_every_steps >= 1, "trainer.check_every_steps must be >= 1")
+        _require(self.checkpoint_every_steps >= 0 and self.top_k >= 0,
+                 "trainer.checkpoint_every_steps and trainer.top_k must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -125,6 +166,8 @@ class RuntimeConfig:
                                    "(Horovod's background thread polls MPI every cycle; spinning steals the cores training needs)")
     stall_timeout_s: float = _f(60.0, "a collective that some ranks never join shuts the job down after this many seconds")
     expected_ranks: int = _f(0, "refuse to start unless exactly this many ranks are running (0: any number)")
+    precision: str = _f("float32", "float32 | mixed_float16 (loss scaling agreed by all ranks) | mixed_bfloat16",
+                        choices=("float32", "mixed_float16", "mixed_bfloat16"))
 
     def __post_init__(self):
         _require(self.intra_op_threads >= 0 and self.inter_op_threads >= 0, "runtime thread counts must be >= 0")
@@ -156,9 +199,16 @@ class Config:
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "trainer": TrainerConfig, "runtime": RuntimeConfig}
 
 
+class ConfigError(UserError):
+    """A bad config. Every rank reads the same file and arguments, so every rank raises it: rank 0 alone prints."""
+
+    def __init__(self, message: str):
+        super().__init__(message, agreed=True)
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
-        raise UserError(message)
+        raise ConfigError(message)
 
 
 def _plain(value):
@@ -191,10 +241,10 @@ def _coerce(where: str, value, annotation: str, meta: dict):
         or (kind is float and isinstance(value, int) and not isinstance(value, bool)) \
         or (kind is tuple and isinstance(value, list))
     if not ok:
-        raise UserError(f"{where} must be {_TYPE_NAMES[annotation]}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{where} must be {_TYPE_NAMES[annotation]}, got {value!r} ({type(value).__name__})")
     value = tuple(value) if kind is tuple else float(value) if kind is float else value
     if "choices" in meta and value not in meta["choices"]:
-        raise UserError(f"{where} must be one of {' | '.join(meta['choices'])}, got {value!r}{_did_you_mean(str(value), meta['choices'])}")
+        raise ConfigError(f"{where} must be one of {' | '.join(meta['choices'])}, got {value!r}{_did_you_mean(str(value), meta['choices'])}")
     return value
 
 
@@ -211,21 +261,21 @@ _TYPE_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "boo
 
 def from_dict(raw: dict) -> Config:
     if not isinstance(raw, dict):
-        raise UserError(f"the config must be a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}")
+        raise ConfigError(f"the config must be a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}")
     sections = {}
     for name, values in raw.items():
         if name not in SECTIONS:
-            raise UserError(f"unknown config section '{name}'{_did_you_mean(name, SECTIONS)}; sections are {', '.join(SECTIONS)}")
+            raise ConfigError(f"unknown config section '{name}'{_did_you_mean(name, SECTIONS)}; sections are {', '.join(SECTIONS)}")
         if values is None:
             values = {}
         if not isinstance(values, dict):
-            raise UserError(f"config section '{name}' must be a mapping of keys, got {values!r}")
+            raise ConfigError(f"config section '{name}' must be a mapping of keys, got {values!r}")
         cls = SECTIONS[name]
         fields = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {}
         for key, value in values.items():
             if key not in fields:
-                raise UserError(f"unknown config key '{name}.{key}'{_did_you_mean(key, fields)}")
+                raise ConfigError(f"unknown config key '{name}.{key}'{_did_you_mean(key, fields)}")
             kwargs[key] = _coerce(f"{name}.{key}", value, fields[key].type, dict(fields[key].metadata))
         sections[name] = cls(**kwargs)
     return Config(**sections)
@@ -235,7 +285,7 @@ def parse_override(text: str) -> tuple[str, str, object]:
     """`--trainer.epochs=5` or `trainer.epochs=5` -> ("trainer", "epochs", 5); values are read as YAML scalars/lists."""
     body = text[2:] if text.startswith("--") else text
     if "=" not in body or "." not in body.split("=", 1)[0]:
-        raise UserError(f"cannot read override '{text}': write it as --section.key=value, e.g. --trainer.epochs=5")
+        raise ConfigError(f"cannot read override '{text}': write it as --section.key=value, e.g. --trainer.epochs=5")
     dotted, raw = body.split("=", 1)
     section, key = dotted.split(".", 1)
     try:
@@ -250,15 +300,20 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     if path:
         path = Path(path)
         if not path.is_file():
-            raise UserError(f"config file not found: {path} (pass an existing YAML file, e.g. configs/digits.yaml)")
+            raise ConfigError(f"config file not found: {path} (pass an existing YAML file, e.g. configs/digits.yaml)")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise UserError(f"config file {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+            raise ConfigError(f"config file {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
         if not isinstance(raw, dict):
-            raise UserError(f"config file {path} must hold a mapping of sections ({', '.join(SECTIONS)})")
+            raise ConfigError(f"config file {path} must hold a mapping of sections ({', '.join(SECTIONS)})")
+    return with_overrides(raw, overrides)
+
+
+def with_overrides(raw: dict, overrides: typing.Sequence[str] = ()) -> Config:
+    """A config from a plain dict (a YAML file's, or the one stored in a checkpoint) and `--section.key=value`s."""
     for text in overrides:
         section, key, value = parse_override(text)
         raw = _merge(raw, {section: {key: value}})
@@ -271,9 +326,9 @@ def check_world(cfg: Config, size: int) -> None:
     if batch % size:
         lower, upper = (batch // size) * size, -(-batch // size) * size
         hint = f"{lower} or {upper}" if lower else f"{upper}"
-        raise UserError(f"trainer.global_batch_size={batch} is not divisible by the {size} ranks; use a multiple of {size}, e.g. {hint}")
+        raise ConfigError(f"trainer.global_batch_size={batch} is not divisible by the {size} ranks; use a multiple of {size}, e.g. {hint}")
     if cfg.runtime.expected_ranks and cfg.runtime.expected_ranks != size:
-        raise UserError(f"the config expects {cfg.runtime.expected_ranks} ranks (runtime.expected_ranks) but {size} are running; "
+        raise ConfigError(f"the config expects {cfg.runtime.expected_ranks} ranks (runtime.expected_ranks) but {size} are running; "
                         f"launch with `horovodrun -np {cfg.runtime.expected_ranks} hvdtrain train ...` (or srun)")
 
 

@@ -1,73 +1,175 @@
-"""The Keras API for people who keep their own training script.
+"""The Keras API: your own training script gets what `hvdtrain train` has, from the same code (hvdtrain.session).
 
     import hvdtrain.keras as hk
-    topo = hk.init()                                   # Horovod started, GPU pinned, tuned comm settings
-    ds = hk.shard(dataset, topo)                       # this rank's share, before shuffle/batch
-    opt = hk.distribute(tf.keras.optimizers.SGD(hk.scale_lr(0.01, topo, "linear")))
-    model.compile(optimizer=opt, loss=..., metrics=[...])
-    model.fit(ds, callbacks=hk.callbacks(topo), verbose=hk.verbose(topo))
-    metrics = hk.evaluate(model, eval_ds_shard, topo)  # exact, from all-reduced sums
-    outputs = hk.predict(model, x_or_dataset, topo)  # model outputs for every input, in input order
+    world = hk.init(seed=1)                                   # Horovod started, GPU pinned, tuned comm settings
+    run = hk.Run("runs/mine", world, epochs=10, steps_per_epoch=steps, global_batch_size=64)
+    model.compile(hk.distribute(keras.optimizers.SGD(0.05)), loss, metrics, jit_compile=False)
+    start = run.resume(model)                                 # the latest checkpoint, if any: where to continue
+    model.fit(run.stream(epoch_batches), initial_epoch=start.epoch, epochs=10, steps_per_epoch=steps,
+              callbacks=run.callbacks(evaluate=test_batches), verbose=0)
+    summary = run.finish(model)                               # summary.json with weights_sha256
 
-All communication goes through hvdtrain.dist, like the rest of the framework.
+`run.callbacks()` gives the broadcast, metric averaging, atomic checkpoints, the agreed stop on SIGUSR1/SIGTERM
+(then a checkpoint; exit 0 and the batch script requeues), the agreed non-finite stop, the stall watchdog, exact
+evaluation, rank-0 progress, CSV and TensorBoard. Without a run directory, `hk.callbacks(world)` gives just the
+broadcast and metric averaging. Data: `hk.shard`, `hk.shard_files`, `hk.agreed_steps`.
 """
 from __future__ import annotations
 
-from hvdtrain import dist, runtime
-from hvdtrain.config import OptimConfig, RuntimeConfig
+from hvdtrain import callbacks as cb
+from hvdtrain import checkpoint, dist
+from hvdtrain import world as worlds
+from hvdtrain.checkpoint import Position
+from hvdtrain.config import RuntimeConfig
 from hvdtrain.optim import scaled_lr
+from hvdtrain.rundir import RunDir
+from hvdtrain.session import Session
+from hvdtrain.tasks import Task
+from hvdtrain.world import World
 
-Topology = dist.Topology
+__all__ = ["Position", "Run", "World", "agreed_steps", "callbacks", "distribute", "evaluate", "init", "predict",
+           "scale_lr", "shard", "shard_files", "verbose"]
 
 
-def init(runtime_cfg: RuntimeConfig | None = None) -> dist.Topology:
-    runtime.quiet_tensorflow()
-    runtime.check_versions()
-    cfg = runtime_cfg or RuntimeConfig()
-    topo = dist.init(cfg)
-    runtime.configure(cfg, topo.local_size)
-    return topo
+def init(**runtime) -> World:
+    """Start this rank (see hvdtrain.world.start). Keyword arguments are runtime.* settings: seed, deterministic,
+    precision, intra_op_threads, cycle_time_ms, stall_timeout_s, ..."""
+    return worlds.start(RuntimeConfig(**runtime))
 
 
 def distribute(optimizer, *, fp16_compression: bool = False, backward_passes_per_step: int = 1,
                sparse_as_dense: bool = False):
-    """Wrap a Keras optimizer so gradients are averaged over all ranks with a ring all-reduce."""
-    return dist.wrap_optimizer(optimizer, OptimConfig(fp16_compression=fp16_compression,
-                                                      backward_passes_per_step=backward_passes_per_step,
-                                                      sparse_as_dense=sparse_as_dense))
+    """The optimizer, averaging gradients over all ranks with a fused ring all-reduce; use the returned object.
+    Under the mixed_float16 policy it is also loss-scaled, with the skip-a-step decision agreed by all ranks."""
+    import keras
+    optimizer = dist.distributed_optimizer(optimizer, fp16_compression=fp16_compression,
+                                           backward_passes_per_step=backward_passes_per_step,
+                                           sparse_as_dense=sparse_as_dense)
+    if keras.mixed_precision.global_policy().name == "mixed_float16" and \
+            not isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer):
+        optimizer = dist.loss_scale(optimizer)
+    return optimizer
 
 
-def scale_lr(lr: float, topo: dist.Topology, rule: str = "linear") -> float:
+def scale_lr(lr: float, world: World, rule: str = "linear") -> float:
     """lr scaled by the number of ranks: none, linear (lr*n) or sqrt (lr*sqrt(n))."""
-    return scaled_lr(lr, rule, topo.size)
+    return scaled_lr(lr, rule, world.size)
 
 
-def shard(dataset, topo: dist.Topology):
+def shard(dataset, world: World):
     """This rank's share of a tf.data.Dataset (element i goes to rank i % size). Shard before shuffling."""
-    return dataset.shard(topo.size, topo.rank)
+    return dataset.shard(world.size, world.rank)
 
 
-def callbacks(topo: dist.Topology, average_metrics: bool = True) -> list:
-    """Broadcast of rank 0's initial state, then metric averaging; put your own callbacks after these."""
-    out = [dist.broadcast_callback()]
+def shard_files(files, world: World, reader=None):
+    """This rank's records of a file-based dataset: whole files (round robin over the sorted list) when there are at
+    least as many files as ranks, so each rank reads only its own; else every rank reads all and keeps every size-th
+    record. `reader` turns a list of files into a dataset (default tf.data.TFRecordDataset)."""
+    import tensorflow as tf
+    from hvdtrain.data import shard_files as by_file
+    files = sorted(str(f) for f in files)
+    reader = reader or tf.data.TFRecordDataset
+    own = by_file(files, world.rank, world.size)
+    return reader(own) if own is not None else reader(files).shard(world.size, world.rank)
+
+
+def agreed_steps(dataset, world: World, batch_size: int | None = None) -> int:
+    """Steps per epoch every rank can run: the MIN over ranks of the batches in this rank's finite dataset (or of
+    its elements // batch_size). Uneven shards would otherwise leave a rank waiting in an all-reduce forever."""
+    import tensorflow as tf
+    count = int(dataset.cardinality())
+    if count < 0:   # unknown or infinite: count by reading once
+        count = int(dataset.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
+    local = count // batch_size if batch_size else count
+    return int(dist.allreduce_min([local], "hvdtrain.keras.agreed_steps")[0]) if world.size > 1 else local
+
+
+def callbacks(world: World, average_metrics: bool = True) -> list:
+    """Without a run directory: the start check and broadcast of rank 0's state, then metric averaging."""
+    out = [cb.StartCheck(world)]
     if average_metrics:
-        out.append(dist.metric_average_callback())
+        out.append(cb.MetricAverage(world))
     return out
 
 
-def verbose(topo: dist.Topology) -> int:
+def verbose(world: World) -> int:
     """Keras `verbose` value: progress on rank 0 only."""
-    return 2 if topo.is_chief else 0
+    return 2 if world.is_chief else 0
 
 
-def evaluate(model, dataset, topo: dist.Topology) -> dict:
-    """Exact loss/accuracy over all ranks' shards of `dataset` (sums are all-reduced, never per-rank means averaged)."""
-    from hvdtrain.predict import exact_metrics
-    return exact_metrics(model, dataset, topo, name="hvdtrain.keras.evaluate")
+def evaluate(model, dataset, world: World, task: str = "classification") -> dict:
+    """Exact metrics over all ranks' shares of `dataset` (sums are all-reduced, never per-rank means averaged).
+    The model outputs logits (classification, multilabel) or values (regression)."""
+    from hvdtrain.inference import exact_metrics
+    return exact_metrics(model, dataset, world, Task(task, int(model.output_shape[-1])), "hvdtrain.keras.evaluate")
 
 
-def predict(model, dataset_or_array, topo: dist.Topology, batch_size: int = 256):
-    """Data-parallel model.predict: each rank scores 1/size of the inputs (pass all of them, unsharded);
-    the outputs come back in input order, every input exactly once, on every rank (rank 0 included)."""
-    from hvdtrain.predict import predict_ordered
-    return predict_ordered(model, dataset_or_array, topo, batch_size)
+def predict(model, dataset_or_array, world: World, batch_size: int = 256):
+    """Data-parallel model.predict: each rank scores 1/size of the inputs (pass all of them, unsharded); the
+    outputs come back in input order, every input exactly once, on every rank (rank 0 included)."""
+    from hvdtrain.inference import predict_ordered
+    return predict_ordered(model, dataset_or_array, world, batch_size)
+
+
+class Run:
+    """Your script's training run in a run directory: resume, the reliability callbacks, the finish. Collectives
+    happen in `__init__`, `resume`, `finish` and inside fit: call them on every rank, in the same order."""
+
+    def __init__(self, run_dir, world: World, *, epochs: int, steps_per_epoch: int, global_batch_size: int,
+                 check_every_steps: int = 10, checkpoint_every_epochs: int = 1, checkpoint_every_steps: int = 0,
+                 keep_checkpoints: int = 3, stall_timeout_s: float = 60.0, progress: str = "auto",
+                 tensorboard: bool = False, handle_signals: bool = True):
+        self.world, self.epochs, self.steps_per_epoch = world, epochs, steps_per_epoch
+        self.run = RunDir(run_dir)
+        dist.agree_on_errors(self.run.check, "hvdtrain.keras.run_dir") if world.size > 1 else self.run.check()
+        stop = cb.StopRequest(stop_file=self.run / "STOP")
+        if handle_signals:
+            stop.install()
+        opts = cb.Options(check_every_steps=check_every_steps, checkpoint_every_epochs=checkpoint_every_epochs,
+                          checkpoint_every_steps=checkpoint_every_steps, keep_checkpoints=keep_checkpoints,
+                          stall_timeout_s=stall_timeout_s, progress=progress, tensorboard=tensorboard)
+        self.session = Session(world, self.run, steps_per_epoch=steps_per_epoch, epochs=epochs,
+                               global_batch=global_batch_size, options=opts, stop=stop, meta={})
+
+    def resume(self, model, mode: str = "auto") -> Position:
+        """Restore the latest checkpoint (weights, optimizer, position) if there is one; every rank the same one."""
+        sig = checkpoint.signature(model, tuple(model.input_shape[1:]), int(model.output_shape[-1]), model.name)
+        call = (lambda: self.session.resume(model, sig, mode))
+        return dist.agree_on_errors(call, "hvdtrain.keras.resume") if self.world.size > 1 else call()
+
+    def stream(self, epoch_batches):
+        """The per-rank batches from the resume position to the end: epoch_batches(epoch) gives epoch `epoch`'s
+        batches (the same ones whenever it is asked: seed its shuffle with the epoch), and the interrupted epoch is
+        entered at its step. Pass it to model.fit with initial_epoch=start.epoch."""
+        start = self.session.progress.position
+        stream = epoch_batches(start.epoch).take(self.steps_per_epoch).skip(start.step_in_epoch)
+        for epoch in range(start.epoch + 1, self.epochs):
+            stream = stream.concatenate(epoch_batches(epoch).take(self.steps_per_epoch))
+        return stream
+
+    def callbacks(self, evaluate=None, task: str = "classification") -> list:
+        """All of them, in their order; `evaluate` is this rank's contiguous share of a labelled held-out dataset,
+        batched (exact metrics at every epoch end, `val_*` in the logs)."""
+        self._evaluate = None
+        if evaluate is not None:
+            from hvdtrain.inference import exact_metrics
+            self._evaluate = lambda model: exact_metrics(model, evaluate, self.world,
+                                                         Task(task, int(model.output_shape[-1])),
+                                                         "hvdtrain.keras.val", "held-out data")
+        self._callbacks = self.session.callbacks(evaluate=self._evaluate)
+        return self._callbacks
+
+    def guard(self):
+        """`with run.guard(): model.fit(...)`: a data error on one rank stops every rank with its message."""
+        return self.session.guard(getattr(self, "_callbacks", []))
+
+    @property
+    def stopped(self) -> bool:
+        return self.session.status == "stopped"
+
+    def finish(self, model, export: bool = True) -> dict:
+        """Checkpoint, replica check, summary.json (rank 0), model.keras when complete; returns the summary."""
+        summary = self.session.finish(model, getattr(self, "_evaluate", None))
+        if export and self.world.is_chief and summary["status"] == "completed":
+            self.run.export_model(model)
+        return summary

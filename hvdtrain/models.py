@@ -1,9 +1,14 @@
-"""Model registry: name -> builder(input_shape, num_classes, model_cfg) returning an uncompiled Keras model.
+"""Models by name: builder(input_shape, num_classes, model_cfg) -> an uncompiled Keras model. Builders know nothing
+about ranks. Models output raw scores (logits, or values for regression); the task turns them into losses.
 
-Builders know nothing about ranks. Models output logits; losses use from_logits=True.
+A name is looked up as: a registered builder (mlp, cnn, resnet, or your own via register_model), then a
+keras.applications architecture (ResNet50, MobileNetV2, EfficientNetB0, ...; random weights, or a local no-top
+weights file in model.weights, never a download), then an import path `package.module:function`.
 """
 from __future__ import annotations
 
+import difflib
+import importlib
 from typing import Callable
 
 from hvdtrain.errors import UserError
@@ -12,7 +17,7 @@ _REGISTRY: dict[str, Callable] = {}
 
 
 def register_model(name: str):
-    """Decorator: @register_model("mine") def build(input_shape, num_classes, model_cfg) -> tf.keras.Model."""
+    """Decorator: @register_model("mine") def build(input_shape, num_classes, model_cfg) -> keras.Model."""
     def add(builder: Callable) -> Callable:
         _REGISTRY[name] = builder
         return builder
@@ -23,59 +28,122 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def applications() -> list[str]:
+    import keras
+    return sorted(n for n in dir(keras.applications) if n[:1].isupper() and callable(getattr(keras.applications, n)))
+
+
 def build_model(model_cfg, input_shape: tuple, num_classes: int):
-    if model_cfg.name not in _REGISTRY:
-        import difflib
-        close = difflib.get_close_matches(model_cfg.name, _REGISTRY, n=1)
+    name, shape = model_cfg.name, tuple(input_shape)
+    if name in _REGISTRY:
+        model = _REGISTRY[name](shape, num_classes, model_cfg)
+    elif ":" in name:
+        model = _imported(name)(shape, num_classes, model_cfg)
+    elif name in applications():
+        model = _application(name, shape, num_classes, model_cfg.weights)
+    else:
+        close = difflib.get_close_matches(name, available() + applications(), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise UserError(f"unknown model '{model_cfg.name}'{hint}; registered models: {', '.join(available())}")
-    return _REGISTRY[model_cfg.name](tuple(input_shape), num_classes, model_cfg)
+        raise UserError(f"unknown model '{name}'{hint}; use {', '.join(available())}, a keras.applications name such as "
+                        "ResNet50, or a builder by import path (package.module:function)", agreed=True)
+    return _float32_outputs(_checked(model, name, num_classes))
+
+
+def _imported(path: str) -> Callable:
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(f"model.name={path}: cannot import module {module_name!r} ({exc}); put it on PYTHONPATH "
+                        "(every rank must be able to import it)", agreed=True) from None
+    builder = getattr(module, attr, None)
+    if not callable(builder):
+        raise UserError(f"model.name={path}: {module_name} has no function {attr!r}", agreed=True)
+    return builder
+
+
+def _application(name: str, shape: tuple, num_classes: int, weights: str):
+    """A keras.applications body (no top) with global average pooling and a new dense head of num_classes."""
+    import keras
+    try:
+        body = getattr(keras.applications, name)(include_top=False, weights=weights or None, input_shape=shape,
+                                                 pooling="avg")
+    except ValueError as exc:   # e.g. inputs smaller than the architecture allows, or a weights file that does not fit
+        raise UserError(f"model.name={name} with inputs {list(shape)}: {str(exc).splitlines()[0]}", agreed=True) from None
+    return keras.Model(_inputs(body), keras.layers.Dense(num_classes, name="head")(body.outputs[0]), name=name)
+
+
+def _checked(model, name: str, num_classes: int):
+    import keras
+    if not isinstance(model, keras.Model):
+        raise UserError(f"model builder {name!r} returned {type(model).__name__}, not a keras.Model", agreed=True)
+    if not model.built or not model.outputs:
+        raise UserError(f"model builder {name!r} must give its model a known input shape (start with keras.Input)",
+                        agreed=True)
+    if tuple(model.outputs[0].shape)[-1] != num_classes:
+        raise UserError(f"model {name!r} outputs {tuple(model.outputs[0].shape)[-1]} values per example but the data "
+                        f"has {num_classes} classes/outputs (data.num_classes)", agreed=True)
+    return model
+
+
+def _float32_outputs(model):
+    """Under mixed precision the last layer computes in float16/bfloat16; losses need float32 outputs."""
+    import keras
+    dtype = model.outputs[0].dtype
+    if getattr(dtype, "name", dtype) == "float32":
+        return model
+    return keras.Model(_inputs(model), keras.layers.Activation("linear", dtype="float32", name="float32_output")(
+        model.outputs[0]), name=model.name)
+
+
+def _inputs(model):
+    """A single input as itself, not a one-element list (a list makes Keras expect list inputs)."""
+    return model.inputs[0] if len(model.inputs) == 1 else model.inputs
 
 
 @register_model("mlp")
 def mlp(input_shape, num_classes, model_cfg):
-    import tensorflow as tf
-    layers = [tf.keras.layers.Flatten(input_shape=input_shape)]
-    layers += [tf.keras.layers.Dense(width, activation="relu") for width in model_cfg.hidden]
-    layers += [tf.keras.layers.Dense(num_classes)]
-    return tf.keras.Sequential(layers, name="mlp")
+    import keras
+    layers = [keras.Input(input_shape), keras.layers.Flatten()]
+    layers += [keras.layers.Dense(width, activation="relu") for width in model_cfg.hidden]
+    layers += [keras.layers.Dense(num_classes)]
+    return keras.Sequential(layers, name="mlp")
 
 
 @register_model("cnn")
 def cnn(input_shape, num_classes, model_cfg):
-    import tensorflow as tf
+    import keras
     w = model_cfg.width
-    return tf.keras.Sequential([
-        tf.keras.layers.Conv2D(w, 3, padding="same", activation="relu", input_shape=input_shape),
-        tf.keras.layers.Conv2D(2 * w, 3, padding="same", activation="relu"),
-        tf.keras.layers.MaxPooling2D(2, padding="same"),
-        tf.keras.layers.Flatten(),
-        tf.keras.layers.Dense(4 * w, activation="relu"),
-        tf.keras.layers.Dense(num_classes),
+    return keras.Sequential([
+        keras.Input(input_shape),
+        keras.layers.Conv2D(w, 3, padding="same", activation="relu"),
+        keras.layers.Conv2D(2 * w, 3, padding="same", activation="relu"),
+        keras.layers.MaxPooling2D(2, padding="same"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(4 * w, activation="relu"),
+        keras.layers.Dense(num_classes),
     ], name="cnn")
 
 
 @register_model("resnet")
 def resnet(input_shape, num_classes, model_cfg):
     """A small ResNet: a stem, two stages of residual blocks (the second at half resolution), global pooling."""
-    import tensorflow as tf
-    L = tf.keras.layers
+    import keras
+    L = keras.layers
 
     def block(x, filters, stride):
         shortcut = x
         y = L.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False)(x)
-        y = L.BatchNormalization()(y)
-        y = L.ReLU()(y)
-        y = L.Conv2D(filters, 3, padding="same", use_bias=False)(y)
-        y = L.BatchNormalization()(y)
+        y = L.ReLU()(L.BatchNormalization()(y))
+        y = L.BatchNormalization()(L.Conv2D(filters, 3, padding="same", use_bias=False)(y))
         if stride != 1 or shortcut.shape[-1] != filters:
             shortcut = L.Conv2D(filters, 1, strides=stride, use_bias=False)(shortcut)
         return L.ReLU()(L.Add()([y, shortcut]))
 
-    inputs = tf.keras.Input(input_shape)
+    inputs = keras.Input(input_shape)
     x = L.ReLU()(L.BatchNormalization()(L.Conv2D(model_cfg.width, 3, padding="same", use_bias=False)(inputs)))
     for stage, filters in enumerate((model_cfg.width, 2 * model_cfg.width)):
         for i in range(model_cfg.blocks):
             x = block(x, filters, 2 if (stage > 0 and i == 0) else 1)
     x = L.GlobalAveragePooling2D()(x)
-    return tf.keras.Model(inputs, L.Dense(num_classes)(x), name="resnet")
+    return keras.Model(inputs, L.Dense(num_classes)(x), name="resnet")

@@ -1,22 +1,25 @@
-"""Optimizer and learning-rate schedule from config, then wrapped for data parallelism by dist.
+"""Optimizer and learning-rate schedule from config; `distributed_optimizer` then makes it data-parallel.
 
-The LR schedule is a function of the optimizer's step counter, so a resumed run continues its schedule
-exactly, and warmup needs no callback (Horovod's LearningRateWarmupCallback crashes with Keras 2.11+
-optimizers when momentum correction is on).
+The LR schedule is a function of the optimizer's step counter, so a resumed run continues its schedule exactly,
+and warmup needs no callback (Horovod's LearningRateWarmupCallback crashes with Keras 2.11+ optimizers when
+momentum correction is on, and its callbacks do not run on Keras 3 at all).
 """
 from __future__ import annotations
 
 import math
 
+import keras
 import tensorflow as tf
+
+from hvdtrain import dist
 
 
 def scaled_lr(base_lr: float, rule: str, size: int) -> float:
     return base_lr * {"none": 1.0, "linear": float(size), "sqrt": math.sqrt(size)}[rule]
 
 
-@tf.keras.utils.register_keras_serializable("hvdtrain")
-class WarmupSchedule(tf.keras.optimizers.schedules.LearningRateSchedule):
+@keras.saving.register_keras_serializable("hvdtrain")
+class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warmup from `start_lr` to `peak_lr` over `warmup_steps`, then constant or cosine to 0 at `total_steps`."""
 
     def __init__(self, start_lr: float, peak_lr: float, warmup_steps: int, total_steps: int, decay: str = "constant"):
@@ -51,7 +54,17 @@ def build_optimizer(optim_cfg, size: int, steps_per_epoch: int, epochs: int):
     """The plain Keras optimizer (not yet distributed)."""
     lr = lr_schedule(optim_cfg, size, steps_per_epoch, epochs)
     if optim_cfg.name == "sgd":
-        return tf.keras.optimizers.SGD(lr, momentum=optim_cfg.momentum)
+        return keras.optimizers.SGD(lr, momentum=optim_cfg.momentum)
     if optim_cfg.name == "adam":
-        return tf.keras.optimizers.Adam(lr)
-    return tf.keras.optimizers.RMSprop(lr, momentum=optim_cfg.momentum)
+        return keras.optimizers.Adam(lr)
+    return keras.optimizers.RMSprop(lr, momentum=optim_cfg.momentum)
+
+
+def distributed_optimizer(optim_cfg, size: int, steps_per_epoch: int, epochs: int, precision: str = "float32"):
+    """The configured optimizer, averaging gradients over all ranks (and loss-scaled for mixed_float16, with the
+    skip-this-step decision agreed by all ranks)."""
+    optimizer = dist.distributed_optimizer(build_optimizer(optim_cfg, size, steps_per_epoch, epochs),
+                                           fp16_compression=optim_cfg.fp16_compression,
+                                           backward_passes_per_step=optim_cfg.backward_passes_per_step,
+                                           sparse_as_dense=optim_cfg.sparse_as_dense)
+    return dist.loss_scale(optimizer) if precision == "mixed_float16" else optimizer

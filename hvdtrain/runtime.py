@@ -1,40 +1,103 @@
-"""Everything that must happen before TensorFlow does real work: version guard, threads, seeds, determinism."""
+"""Everything about this process that must be settled before TensorFlow does real work: a quiet import, the
+supported stack, the GPU this rank uses, threads, seeds, determinism and numeric precision. No Horovod here."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
+import tempfile
 
 from hvdtrain.errors import UserError
 
-SUPPORTED_TF = "2.15"
+# The two stacks hvdtrain supports: (TensorFlow major.minor, Keras major, which Horovod Keras layer).
+STACKS = {"tf2.21": ("2.21", 3, "hvdtrain's own Keras 3 layer"), "tf2.15": ("2.15", 2, "Horovod's Keras 2 layer")}
+
+# TensorFlow's start-up banners: printed by C++ at import, before any log level applies (TF 2.21 uses absl logging).
+_IMPORT_NOISE = ("All log messages before absl::InitializeLog() is called", "oneDNN custom operations are on",
+                 "This TensorFlow binary is optimized to use available CPU instructions",
+                 "To enable the following instructions", "Unable to register cuDNN factory",
+                 "Unable to register cuFFT factory", "Unable to register cuBLAS factory", "TF-TRT Warning",
+                 "computation placer already registered", "could not open file to read NUMA node")
 
 
-def quiet_tensorflow() -> None:
-    """Hide TensorFlow's C++ info banners (oneDNN, CPU features) unless the user asked for them, and Keras's
-    "callback is slow" warning, which Horovod's initial broadcast at the end of batch 0 always triggers."""
+def import_tensorflow():
+    """Import TensorFlow without its banners (unless TF_CPP_MIN_LOG_LEVEL=0 asks for them); other lines pass."""
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.getLogger("tensorflow").addFilter(_drop_slow_callback_warning)
+    if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0":
+        import tensorflow
+        return tensorflow
+    with _filtered_stderr(_IMPORT_NOISE):
+        import tensorflow
+    return tensorflow
+
+
+@contextlib.contextmanager
+def _filtered_stderr(noise):
+    """Capture file descriptor 2 (C++ writes there directly) and replay every line that is not noise."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().decode(errors="replace").splitlines(keepends=True)
+                    if not any(mark in line for mark in noise)]
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
 
 
 def _drop_slow_callback_warning(record: logging.LogRecord) -> bool:
+    """Keras's "callback is slow compared to the batch time": the agreement steps always trigger it."""
     return "is slow compared to the batch time" not in record.getMessage()
 
 
-def check_versions() -> None:
-    """Horovod 0.28.1's Keras integration needs Keras 2, i.e. TensorFlow 2.15 or older."""
-    import tensorflow as tf
-    major_minor = tuple(int(p) for p in tf.__version__.split(".")[:2])
-    if major_minor >= (2, 16):
-        raise UserError(f"TensorFlow {tf.__version__} ships Keras 3, which Horovod 0.28.1 does not support; "
-                        f"install tensorflow-cpu=={SUPPORTED_TF}.1 (scripts/install.sh does) and rebuild Horovod")
+def stack() -> str:
+    """The stack this process runs on ('tf2.21' or 'tf2.15'), or a UserError saying what to install."""
+    tf = import_tensorflow()
     import keras
-    if not keras.__version__.startswith("2."):
-        raise UserError(f"Keras {keras.__version__} is installed; hvdtrain needs Keras 2: pip install 'keras<3' "
-                        f"(tensorflow-cpu=={SUPPORTED_TF}.1 brings keras 2.15)")
+    tf_version, keras_version = tf.__version__, keras.__version__
+    major_minor = tuple(int(p) for p in tf_version.split(".")[:2])
+    keras_major = int(keras_version.split(".")[0])
+    if os.environ.get("TF_USE_LEGACY_KERAS") in ("1", "true", "True") and major_minor >= (2, 16):
+        raise UserError("TF_USE_LEGACY_KERAS=1 selects tf-keras (Keras 2), whose Horovod layer does not work on "
+                        f"TensorFlow {tf_version} (horovod issue 4290); unset TF_USE_LEGACY_KERAS: hvdtrain brings its "
+                        "own Horovod layer for Keras 3")
+    if major_minor >= (2, 16) and keras_major >= 3:
+        return "tf2.21"
+    if major_minor == (2, 15) and keras_major == 2:
+        return "tf2.15"
+    if major_minor == (2, 15):
+        raise UserError(f"TensorFlow 2.15 needs Keras 2.15 but Keras {keras_version} is installed: "
+                        "pip install 'keras>=2.15,<2.16' (or scripts/install.sh --stack tf2.15)")
+    raise UserError(f"TensorFlow {tf_version} with Keras {keras_version} is not supported; install one of the two "
+                    "stacks: scripts/install.sh (TensorFlow 2.21, Keras 3) or scripts/install.sh --stack tf2.15")
+
+
+def pin_device(local_rank: int, local_size: int) -> None:
+    """One GPU per rank: the GPU of this local rank, or the only visible one when the launcher already bound one GPU
+    per task (srun --gpus-per-task, CUDA_VISIBLE_DEVICES per rank). CPU-only machines are left alone."""
+    import tensorflow as tf
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return
+    if len(gpus) > 1 and local_size > len(gpus):
+        raise UserError(f"{local_size} ranks on this node but only {len(gpus)} GPUs visible; launch one rank per GPU")
+    gpu = gpus[0] if len(gpus) == 1 else gpus[local_rank]
+    tf.config.experimental.set_memory_growth(gpu, True)
+    tf.config.set_visible_devices(gpu, "GPU")
 
 
 def configure(runtime, local_size: int) -> None:
-    """Threads per rank, seeds and determinism; call once per process, before building models."""
+    """Threads per rank, seeds, determinism and precision; call once per process, before building models."""
+    import keras
     import tensorflow as tf
     cores = os.cpu_count() or 1
     intra = runtime.intra_op_threads or max(1, cores // max(1, local_size))
@@ -44,12 +107,12 @@ def configure(runtime, local_size: int) -> None:
         tf.config.threading.set_inter_op_parallelism_threads(inter)
     except RuntimeError:
         pass  # already initialised in this process (e.g. a second Trainer in one test): keep the first setting
-    seed_everything(runtime.seed)
+    keras.utils.set_random_seed(runtime.seed)   # the same on every rank: replicas start identical
     if runtime.deterministic:
         tf.config.experimental.enable_op_determinism()
+    keras.mixed_precision.set_global_policy(runtime.precision)
 
 
-def seed_everything(seed: int) -> None:
-    """The same seed on every rank: replicas start identical even before the broadcast confirms it."""
-    import tensorflow as tf
-    tf.keras.utils.set_random_seed(seed)
+def threads(runtime, local_size: int) -> tuple[int, int]:
+    """(intra-op, inter-op) threads per rank that `configure` uses (for doctor)."""
+    return runtime.intra_op_threads or max(1, (os.cpu_count() or 1) // max(1, local_size)), runtime.inter_op_threads or 2

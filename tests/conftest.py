@@ -19,6 +19,20 @@ LAUNCHERS = {
 }
 
 
+TIERS = ("unit", "parallel", "integration", "slurm")
+
+
+def pytest_collection_modifyitems(config, items):
+    """One marker per tier, from the test's directory (tests/<tier>/...; tests/bench counts as unit), and the tiers
+    in order: unit tests first, so a broken basic fails within seconds, not after the slow tiers."""
+    def tier(item) -> str:
+        part = Path(str(item.fspath)).relative_to(REPO / "tests").parts[0]
+        return part if part in TIERS else "unit"
+    for item in items:
+        item.add_marker(getattr(pytest.mark, tier(item)))
+    items.sort(key=lambda item: TIERS.index(tier(item)))
+
+
 def env() -> dict:
     out = dict(os.environ)
     out.update(PATH=f"{BIN}:{out.get('PATH', '')}", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",

@@ -36,9 +36,9 @@ CASES = {
     "label out of range": (lambda p: ["--data.source=npz", f"--data.path={p['labels']}"],
                            "label 12 is outside [0, 10)"),
     "corrupt TFRecord": (lambda p: ["--data.source=tfrecord", f"--data.path={p['records']}", "--data.input_shape=[4]"],
-                         "corrupt TFRecord data in"),
+                         "corrupt TFRecord file "),
     "TFRecord shape mismatch": (lambda p: ["--data.source=tfrecord", f"--data.path={p['records']}",
-                                           "--data.input_shape=[5]"], "do not match data.input_shape=[5]"),
+                                           "--data.input_shape=[5]"], "expected features 'x': 5 floats (data.input_shape=[5])"),
     "unwritable run directory": (lambda p: [f"--trainer.run_dir={p['a_file']}/run"], "is not writable"),
 }
 
@@ -57,7 +57,7 @@ def test_bad_input_stops_every_rank_with_one_line(tmp_path, case):
     assert message in errors[0]
     assert "<stderr>:Traceback" not in text
     assert "exit code" in text.lower() or "exited" in text.lower()   # the launcher saw the ranks fail
-    assert not (run / "summary.json").exists() and not list(run.glob("checkpoints/ckpt-*"))
+    assert not run.exists(), sorted(p.name for p in run.rglob("*"))   # nothing written, not even an empty directory
 
 
 def test_checkpoint_of_another_model_is_refused_on_every_rank(tmp_path):

@@ -114,7 +114,7 @@ def test_keras_predict_returns_model_outputs_in_order(runs, ranks):
 
 BAD_INPUT = {
     "missing run": "run directory {inputs}/nope does not exist; pass the trainer.run_dir of a `hvdtrain train` run",
-    "other model": "belongs to another model (weight shapes differ)",
+    "other model": "kernel: shape [64, 16] here, [64, 32] in the checkpoint",
     "wrong shape": "{inputs}/flat.npz: examples have shape [64] but the model expects [8, 8, 1]",
     "unwritable output": "cannot write --output {inputs}/file.txt/p.npy (Not a directory); choose a writable path",
     "evaluate, wrong shape": "{inputs}/flat-labelled.npz: examples have shape [64] but the model expects [8, 8, 1]",

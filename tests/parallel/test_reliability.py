@@ -130,15 +130,16 @@ def test_stop_signal_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path)
 
 
 SAVE_LOOP = """
-import sys, numpy as np, tensorflow as tf
+import sys, keras
 from hvdtrain import checkpoint
-run = checkpoint.prepare_run_dir(sys.argv[1])
-model = tf.keras.Sequential([tf.keras.layers.Dense(2048, input_shape=(2048,)), tf.keras.layers.Dense(10)])
-opt = tf.keras.optimizers.Adam()
-opt.build(model.trainable_variables)
-sig = checkpoint.signature(model, (2048,), 10, "big")
+from hvdtrain.rundir import RunDir
+run = RunDir(sys.argv[1]).check()
+model = keras.Sequential([keras.Input((2048,)), keras.layers.Dense(2048), keras.layers.Dense(10)])
+model.compile(keras.optimizers.Adam(), "mse")
+model.optimizer.build(model.trainable_variables)
+saver = checkpoint.Checkpointer(run, {"signature": checkpoint.signature(model, (2048,), 10, "big")}, keep=2)
 for step in range(1, 10**6):
-    checkpoint.save(run, model, opt, {"epoch": step, "step_in_epoch": 0, "global_step": step, "signature": sig}, keep=2)
+    saver.save(model, checkpoint.Position(step, 0, step), 1)
     print(step, flush=True)
 """
 

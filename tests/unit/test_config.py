@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import yaml
 
@@ -26,7 +28,7 @@ def test_file_then_overrides_win_in_that_order(tmp_path):
 
 
 def test_shipped_configs_load():
-    for name in ("digits", "synthetic"):
+    for name in ("digits", "synthetic", "images", "resnet50-synthetic"):
         load_config(f"configs/{name}.yaml")
 
 
@@ -40,6 +42,11 @@ def test_shipped_configs_load():
     ("optim:\n  lr: -1\n", "optim.lr must be > 0"),
     ("data:\n  source: tfrecord\n", "data.path is required when data.source=tfrecord"),
     ("data:\n  source: synthetic\n", "data.input_shape is required when data.source=synthetic"),
+    ("data:\n  source: tfds\n  path: /d\n", "data.tfds_name is required when data.source=tfds"),
+    ("data:\n  source: images\n  path: /d\n  task: regression\n", "data.source=images has class labels"),
+    ("data:\n  image_size: [32]\n", "data.image_size must be [height, width]"),
+    ("runtime:\n  precision: float16\n", "runtime.precision must be one of float32 | mixed_float16 | mixed_bfloat16"),
+    ("model:\n  weights: /no/such.h5\n", "model.weights file not found: /no/such.h5"),
     ("- just\n- a list\n", "must hold a mapping of sections"),
     ("trainer: 5\n", "config section 'trainer' must be a mapping"),
 ])
@@ -48,6 +55,7 @@ def test_each_bad_config_gives_one_clear_line(tmp_path, text, message):
         load_config(write(tmp_path, text))
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+    assert err.value.agreed   # every rank reads the same config: rank 0 alone prints it
 
 
 def test_malformed_yaml_names_the_line(tmp_path):
@@ -82,7 +90,7 @@ def test_expected_ranks_refuses_a_run_without_the_launcher():
 
 def test_frozen_and_replace():
     cfg = Config()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.trainer.epochs = 3
     assert cfg.replace(trainer={"epochs": 3}).trainer.epochs == 3 and cfg.trainer.epochs == 30
 

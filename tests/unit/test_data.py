@@ -1,17 +1,17 @@
-"""Sharding: disjoint and complete across ranks, equal step counts, reproducible per-epoch order, exact resume."""
+"""Sharding: disjoint and complete across ranks, equal step counts, reproducible per-epoch order, exact resume;
+inputs checked up front with errors that name the file, the record, what was found and what was expected."""
 import numpy as np
 import pytest
-import tensorflow as tf
 from hypothesis import given, settings, strategies as st
 
 from hvdtrain import data
 from hvdtrain.config import DataConfig
-from hvdtrain.dist import Topology
-from hvdtrain.errors import UserError
+from hvdtrain.errors import DataError
+from hvdtrain.world import World
 
 
 def topo(rank, size):
-    return Topology(rank=rank, size=size)
+    return World(rank=rank, size=size)
 
 
 def ids_npz(tmp_path, n, name="ids.npz"):
@@ -22,21 +22,21 @@ def ids_npz(tmp_path, n, name="ids.npz"):
 
 
 def rank_stream(cfg, rank, size, batch, epochs, first=0, skip=0):
-    td = data.train_data(cfg, topo(rank, size), batch, first, epochs, skip)
-    return td, [x.numpy().ravel().astype(int) for x, _ in td.dataset]
+    source = data.open_source(cfg)
+    steps = source.local_steps(topo(rank, size), batch)
+    return steps, [x.numpy().ravel().astype(int) for x, _ in source.train_batches(topo(rank, size), batch, steps,
+                                                                                  first, epochs, skip)]
 
 
 @pytest.mark.parametrize("n, size, batch", [(100, 2, 10), (101, 3, 12), (37, 4, 8), (64, 1, 64), (9, 3, 3)])
 def test_each_global_batch_is_split_disjointly_across_ranks(tmp_path, n, size, batch):
     cfg = ids_npz(tmp_path, n)
     streams = [rank_stream(cfg, r, size, batch, epochs=2) for r in range(size)]
-    steps = {td.steps_per_epoch for td, _ in streams}
-    assert steps == {n // batch}, "every rank must run the same number of steps"
+    assert {steps for steps, _ in streams} == {n // batch}, "every rank must run the same number of steps"
     for step in range(2 * (n // batch)):
         parts = [s[step] for _, s in streams]
         assert all(len(p) == batch // size for p in parts)
-        union = np.concatenate(parts)
-        assert len(set(union)) == batch, "ranks' shares of a global batch overlap"
+        assert len(set(np.concatenate(parts))) == batch, "ranks' shares of a global batch overlap"
     for epoch in range(2):
         seen = np.concatenate([np.concatenate(s[epoch * (n // batch):(epoch + 1) * (n // batch)]) for _, s in streams])
         assert len(set(seen)) == len(seen) == (n // batch) * batch, "an example repeats within an epoch"
@@ -84,7 +84,7 @@ def test_file_sharding_is_disjoint_complete_or_refused(files, size):
 
 
 def test_fewer_examples_than_a_global_batch_is_refused():
-    with pytest.raises(UserError, match="has 5 examples, fewer than one global batch of 8"):
+    with pytest.raises(DataError, match="has 5 examples, fewer than one global batch of 8"):
         data.steps_per_epoch(5, 8)
 
 
@@ -96,50 +96,86 @@ def write_records(tmp_path, n, files, shape=(2,)):
     return DataConfig(source="tfrecord", path=str(tmp_path), input_shape=shape, num_classes=4, shuffle_buffer=64)
 
 
+def validated(cfg, size, split="train"):
+    """Every rank validates its part, then every rank adopts all parts (what the trainer does under its agreement)."""
+    sources = [data.open_source(cfg) for _ in range(size)]
+    parts = [s.validate(topo(r, size), split) for r, s in enumerate(sources)]
+    for s in sources:
+        s.adopt(split, parts)
+    return sources
+
+
 @pytest.mark.parametrize("n, files, size", [(60, 4, 2), (61, 3, 2), (50, 1, 2), (40, 2, 3)])
 def test_tfrecord_sharding_by_file_or_element_with_agreed_steps(tmp_path, n, files, size):
     cfg = write_records(tmp_path, n, files)
     batch = 2 * size
-    counts = [data.scan_tfrecords(data.list_files(cfg.path), r, size, cfg) for r in range(size)]
+    sources = validated(cfg, size)
+    counts = [s.local_train_examples(topo(r, size)) for r, s in enumerate(sources)]
     assert sum(counts) == n
     agreed = min(c // (batch // size) for c in counts)
+    assert agreed == min(s.local_steps(topo(r, size), batch) for r, s in enumerate(sources))
     seen = []
-    for r in range(size):
-        td = data.train_data(cfg, topo(r, size), batch, 0, 1, steps=agreed)
-        batches = [x.numpy()[:, 0].astype(int) // 2 for x, _ in td.dataset]
-        assert td.steps_per_epoch == agreed and len(batches) == agreed
+    for r, source in enumerate(sources):
+        batches = [x.numpy()[:, 0].astype(int) // 2 for x, _ in source.train_batches(topo(r, size), batch, agreed, 0, 1)]
+        assert len(batches) == agreed
         seen += [i for b in batches for i in b]
     assert len(seen) == len(set(seen)), "two ranks read the same record"
 
 
-def test_tfrecord_eval_shards_cover_every_record_once(tmp_path):
+def test_tfrecord_eval_shards_cover_every_record_once_in_order(tmp_path):
     cfg = write_records(tmp_path, 23, 2)
     cfg = DataConfig(**{**cfg.__dict__, "test_path": cfg.path})
     seen = []
-    for r in range(3):
-        ds, count = data.eval_data(cfg, topo(r, 3), "test", 4)
-        ids = [int(v) // 2 for x, _ in ds for v in x.numpy()[:, 0]]
-        assert len(ids) == count
+    for r, source in enumerate(validated(cfg, 3, "test")):
+        share = source.eval_share(topo(r, 3), "test", 4)
+        ids = [int(v) // 2 for x, _ in share.dataset for v in x.numpy()[:, 0]]
+        assert len(ids) == share.count
         seen += ids
-    assert sorted(seen) == list(range(23))
+    assert seen == [i for f in range(2) for i in range(f, 23, 2)]   # input order: file by file, record by record
 
 
-def test_corrupt_tfrecord_is_a_clear_error(tmp_path):
+def test_a_split_is_scanned_once(tmp_path, monkeypatch):
+    """Counts are kept after validation: evaluating every epoch must not re-read the files to count them."""
+    cfg = write_records(tmp_path, 20, 2)
+    cfg = DataConfig(**{**cfg.__dict__, "test_path": cfg.path})
+    source = validated(cfg, 1, "test")[0]
+    monkeypatch.setattr(source, "scan", lambda *a: pytest.fail("re-scanned"))
+    for _ in range(3):
+        assert source.eval_share(topo(0, 1), "test", 4).count == 20
+
+
+def test_corrupt_tfrecord_names_the_file_and_the_record(tmp_path):
     cfg = write_records(tmp_path, 20, 2)
     path = tmp_path / "part-1.tfrecord"
     blob = bytearray(path.read_bytes())
     blob[30:60] = b"\xff" * 30
     path.write_bytes(bytes(blob))
-    with pytest.raises(UserError, match="corrupt TFRecord data in .*part-1.tfrecord"):
-        data.train_data(cfg, topo(1, 2), 4, 0, 1)
+    with pytest.raises(DataError) as err:
+        data.open_source(cfg).validate(topo(1, 2), "train")
+    assert str(err.value).startswith(f"corrupt TFRecord file {path}: unreadable after record 0, at byte 12 ")
+    truncated = tmp_path / "part-0.tfrecord"
+    truncated.write_bytes(truncated.read_bytes()[:-37])   # the last record cut short
+    with pytest.raises(DataError, match=r"part-0.tfrecord: unreadable after record 9, at byte 441 \(truncated"):
+        data.open_source(cfg).validate(topo(0, 2), "train")
 
 
-def test_tfrecord_shape_mismatch_and_missing_files(tmp_path):
+def test_tfrecord_shape_mismatch_names_record_found_and_expected(tmp_path):
     cfg = write_records(tmp_path, 8, 1, shape=(3,))
-    with pytest.raises(UserError, match=r"do not match data.input_shape=\[2\]"):
-        data.train_data(DataConfig(**{**cfg.__dict__, "input_shape": (2,)}), topo(0, 1), 2, 0, 1)
-    with pytest.raises(UserError, match="no TFRecord files match"):
+    with pytest.raises(DataError) as err:
+        data.open_source(DataConfig(**{**cfg.__dict__, "input_shape": (2,)})).validate(topo(0, 1), "train")
+    message = str(err.value)
+    assert "part-0.tfrecord, record 0: " in message and "expected features 'x': 2 floats (data.input_shape=[2])" in message
+    assert "function_node" not in message and "IteratorGetNext" not in message and "\n" not in message
+    with pytest.raises(DataError, match="no TFRecord files match"):
         data.list_files(str(tmp_path / "missing" / "*.tfrecord"))
+
+
+def test_write_tfrecords_takes_one_path_or_refuses_clearly(tmp_path):
+    data.write_tfrecords(np.zeros((3, 2), np.float32), np.arange(3), str(tmp_path / "one.tfrecord"))
+    one = DataConfig(source="tfrecord", path=str(tmp_path / "one.tfrecord"), input_shape=(2,))
+    assert data.open_source(one).validate(topo(0, 1), "train") == {0: 3}
+    with pytest.raises(DataError, match="needs a file path or a list of file paths"):
+        data.write_tfrecords(np.zeros((3, 2), np.float32), np.arange(3), [1, 2])
 
 
 @pytest.mark.parametrize("arrays, message", [
@@ -151,38 +187,42 @@ def test_tfrecord_shape_mismatch_and_missing_files(tmp_path):
 def test_bad_npz_inputs(tmp_path, arrays, message):
     path = tmp_path / "bad.npz"
     np.savez(path, **arrays)
-    with pytest.raises(UserError) as err:
-        data.load_arrays(DataConfig(source="npz", path=str(path), num_classes=3), "train")
+    with pytest.raises(DataError) as err:
+        data.open_source(DataConfig(source="npz", path=str(path), num_classes=3)).arrays("train")
     assert message in str(err.value)
 
 
 def test_missing_npz_and_shape_mismatch(tmp_path):
-    with pytest.raises(UserError, match="data file not found"):
-        data.load_arrays(DataConfig(source="npz", path=str(tmp_path / "no.npz")), "train")
+    with pytest.raises(DataError, match="data file not found"):
+        data.open_source(DataConfig(source="npz", path=str(tmp_path / "no.npz"))).arrays("train")
     path = tmp_path / "ok.npz"
     np.savez(path, x=np.zeros((4, 2), np.float32), y=np.zeros(4))
-    with pytest.raises(UserError, match=r"examples have shape \[2\] but data.input_shape is \[3\]"):
-        data.load_arrays(DataConfig(source="npz", path=str(path), input_shape=(3,)), "train")
+    with pytest.raises(DataError, match=r"examples have shape \[2\] but data.input_shape is \[3\]"):
+        data.open_source(DataConfig(source="npz", path=str(path), input_shape=(3,))).arrays("train")
 
 
 def test_digits_split_is_fixed_real_data():
     cfg = DataConfig()
-    train, test = data.load_arrays(cfg, "train"), data.load_arrays(cfg, "test")
+    train, test = data.open_source(cfg).arrays("train"), data.open_source(cfg).arrays("test")
     assert len(train.y) + len(test.y) == 1797 and train.x.shape[1:] == (8, 8, 1)
-    again = data.load_arrays(DataConfig(seed=99), "test")
+    again = data.open_source(DataConfig(seed=99)).arrays("test")
     assert (again.y == test.y).all(), "the digits test split must not depend on the data seed"
 
 
-def test_synthetic_is_any_shape_and_learnable_labels():
+def test_synthetic_is_any_shape_any_task_and_learnable():
     cfg = DataConfig(source="synthetic", input_shape=(4, 4, 3), num_classes=5, synthetic_samples=400)
-    arrays = data.load_arrays(cfg, "train")
+    arrays = data.open_source(cfg).arrays("train")
     assert arrays.x.shape == (400, 4, 4, 3) and set(np.unique(arrays.y)) <= set(range(5))
     assert len(np.unique(arrays.y)) >= 3
+    reg = data.open_source(DataConfig(**{**cfg.__dict__, "task": "regression", "num_classes": 2})).arrays("train")
+    assert reg.y.shape == (400, 2) and reg.y.dtype == np.float32 and reg.y.std() > 0.1
+    multi = data.open_source(DataConfig(**{**cfg.__dict__, "task": "multilabel"})).arrays("train")
+    assert multi.y.shape == (400, 5) and set(np.unique(multi.y)) == {0.0, 1.0}
 
 
 def test_non_finite_features_are_refused_up_front(tmp_path):
     x = np.ones((6, 2), np.float32)
     x[4, 1] = np.nan
     np.savez(tmp_path / "nan.npz", x=x, y=np.zeros(6))
-    with pytest.raises(UserError, match="example 4 has a non-finite feature"):
-        data.load_arrays(DataConfig(source="npz", path=str(tmp_path / "nan.npz")), "train")
+    with pytest.raises(DataError, match="example 4 has a non-finite feature"):
+        data.open_source(DataConfig(source="npz", path=str(tmp_path / "nan.npz"))).arrays("train")

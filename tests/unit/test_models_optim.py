@@ -1,33 +1,95 @@
 import numpy as np
 import pytest
-import tensorflow as tf
 
+from conftest import REPO
 from hvdtrain import models
-from hvdtrain.config import Config, ModelConfig, OptimConfig
+from hvdtrain.config import Config, DataConfig, ModelConfig, OptimConfig
 from hvdtrain.errors import UserError
 from hvdtrain.optim import build_optimizer, lr_schedule, scaled_lr
+from hvdtrain.tasks import Task
 
 
-@pytest.mark.parametrize("name, shape", [("mlp", (8, 8, 1)), ("cnn", (8, 8, 1)), ("resnet", (16, 16, 3))])
-def test_builtin_models_output_logits_per_class(name, shape):
+@pytest.mark.parametrize("name, shape", [("mlp", (8, 8, 1)), ("cnn", (8, 8, 1)), ("resnet", (16, 16, 3)),
+                                         ("MobileNetV2", (32, 32, 3)), ("ResNet50", (32, 32, 3))])
+def test_models_output_raw_scores_per_class(name, shape):
     model = models.build_model(ModelConfig(name=name, width=8, blocks=1), shape, 7)
     out = model(np.zeros((3, *shape), np.float32))
     assert out.shape == (3, 7)
+    assert model.name.lower().startswith(name.lower()[:6])
 
 
-def test_users_can_register_their_own_builder():
+def test_users_can_register_their_own_builder_or_name_it_by_import_path(monkeypatch):
+    import keras
+
     @models.register_model("tiny-test")
     def tiny(input_shape, num_classes, cfg):
-        return tf.keras.Sequential([tf.keras.layers.Flatten(input_shape=input_shape),
-                                    tf.keras.layers.Dense(num_classes * cfg.options["k"])])
-    model = models.build_model(ModelConfig(name="tiny-test", options={"k": 2}), (4,), 3)
-    assert model.output_shape == (None, 6)
+        return keras.Sequential([keras.Input(input_shape), keras.layers.Flatten(),
+                                 keras.layers.Dense(num_classes * cfg.options["k"])])
+    with pytest.raises(UserError, match="outputs 6 values per example but the data has 3 classes"):
+        models.build_model(ModelConfig(name="tiny-test", options={"k": 2}), (4,), 3)
+    assert models.build_model(ModelConfig(name="tiny-test", options={"k": 1}), (4,), 3).output_shape == (None, 3)
     assert "tiny-test" in models.available()
+    monkeypatch.syspath_prepend(str(REPO / "tests" / "fixtures"))
+    by_path = models.build_model(ModelConfig(name="user_models:tiny_regressor", options={"units": 5}), (4, 2), 2)
+    assert by_path.name == "tiny_regressor" and by_path.output_shape == (None, 2)
 
 
-def test_unknown_model_suggests_a_name():
-    with pytest.raises(UserError, match="unknown model 'resnt' \\(did you mean 'resnet'\\?\\)"):
-        models.build_model(ModelConfig(name="resnt"), (4,), 3)
+@pytest.mark.parametrize("name, message", [
+    ("resnt", "unknown model 'resnt' (did you mean 'resnet'?)"),
+    ("ResNet5O", "did you mean 'ResNet50'?"),
+    ("no_such_module:build", "cannot import module 'no_such_module'"),
+    ("user_models:missing", "user_models has no function 'missing'"),
+    ("user_models:not_a_model", "returned str, not a keras.Model"),
+])
+def test_unknown_or_broken_models_say_what_to_use(monkeypatch, name, message):
+    monkeypatch.syspath_prepend(str(REPO / "tests" / "fixtures"))
+    with pytest.raises(UserError) as err:
+        models.build_model(ModelConfig(name=name), (32, 32, 3), 3)
+    assert message in str(err.value) and err.value.agreed
+
+
+def test_application_refuses_too_small_inputs_with_one_line():
+    with pytest.raises(UserError, match=r"model.name=ResNet50 with inputs \[8, 8, 3\]: "):
+        models.build_model(ModelConfig(name="ResNet50"), (8, 8, 3), 3)
+
+
+def test_mixed_precision_models_still_output_float32():
+    import keras
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = models.build_model(ModelConfig(name="cnn", width=4), (8, 8, 1), 3)
+        assert model(np.zeros((2, 8, 8, 1), np.float32)).dtype.name == "float32"
+        assert any("bfloat16" in str(layer.compute_dtype) for layer in model.layers)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_task_sums_give_exact_metrics():
+    import tensorflow as tf
+    scores = tf.constant([[2.0, 0.0, 1.0], [0.0, 3.0, 1.0], [1.0, 0.5, 0.0]])
+    cls = Task("classification", 3, top_k=2)
+    sums = np.asarray(cls.batch_sums(scores, tf.constant([0, 2, 1])))
+    metrics = cls.metrics_from_sums(sums)
+    assert metrics["accuracy"] == pytest.approx(1 / 3) and metrics["top2_accuracy"] == pytest.approx(1.0)
+    reference = float(tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=[0, 2, 1], logits=scores)))
+    assert metrics["loss"] == pytest.approx(reference, rel=1e-6)
+    reg = Task("regression", 3)
+    r = reg.metrics_from_sums(np.asarray(reg.batch_sums(scores, tf.zeros((3, 3)))))
+    assert r["mae"] == pytest.approx(float(np.abs(scores.numpy()).mean())) and r["examples"] == 3
+    multi = Task("multilabel", 3)
+    m = multi.metrics_from_sums(np.asarray(multi.batch_sums(scores, tf.constant([[1, 0, 1], [0, 1, 1], [1, 1, 0]]))))
+    assert m["accuracy"] == pytest.approx(8 / 9)   # logits > 0 predict 1; one of the nine labels is wrong
+
+
+@pytest.mark.parametrize("task, y, message", [
+    ("classification", np.array([[1, 2]]), "labels have shape [2] per example but classification needs one"),
+    ("multilabel", np.array([[0, 2, 1]], np.float32), "multilabel target other than 0/1"),
+    ("regression", np.array([[0.0, np.nan, 1.0]], np.float32), "non-finite label"),
+    ("regression", np.zeros((2, 4), np.float32), "labels have 4 values per example but data.num_classes is 3"),
+])
+def test_labels_a_task_cannot_learn_from_are_refused(task, y, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        Task(task, 3).check_labels(y, "f.npz")
 
 
 def test_lr_scaling_rules():
@@ -57,3 +119,4 @@ def test_constant_schedule_without_warmup_and_serialisation():
 def test_optimizers_from_config(name):
     opt = build_optimizer(Config().optim.__class__(name=name), 1, 10, 1)
     assert opt.__class__.__name__.lower() == name
+    assert DataConfig().task == "classification"

@@ -13,8 +13,8 @@ import numpy as np
 import tensorflow as tf
 
 import hvdtrain.keras as hk
-from hvdtrain import inference
 from hvdtrain.cli import main
+from hvdtrain.inference import load, locate
 
 run, inputs, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 SIZES = (0, 1, 2, 7, 1001)
@@ -30,7 +30,7 @@ PREDICT.update({
 })
 EVALUATE = {"eval-test.json": [], "eval-train.json": ["--split", "train", "--batch-size", "64"],
             "eval-tfrecord.json": ["--input", str(inputs / "three")],
-            "eval-checkpoint.json": ["--checkpoint", inference.locate(run, None)]}   # with --run too: its config
+            "eval-checkpoint.json": ["--checkpoint", locate(run, None)]}   # with --run too: its config
 
 # Bad input: every rank must return 2; the test reads what each rank printed. Outputs would go to out/bad.
 BAD = {"missing run": ["predict", "--run", str(inputs / "nope"), "--output", str(out / "bad" / "p.npy")],
@@ -45,7 +45,7 @@ for name, args in PREDICT.items():
     codes[name] = main(["predict", "--run", run, "--output", str(out / name), *args])
 for name, args in EVALUATE.items():
     codes[name] = main(["evaluate", "--run", run, "--report", str(out / name), *args])
-codes["eval-checkpoint-alone.json"] = main(["evaluate", "--checkpoint", inference.locate(run, None),  # its stored config
+codes["eval-checkpoint-alone.json"] = main(["evaluate", "--checkpoint", locate(run, None),  # its stored config
                                             "--report", str(out / "eval-checkpoint-alone.json")])
 failures = {}
 for name, args in BAD.items():
@@ -54,7 +54,7 @@ for name, args in BAD.items():
 
 # The Keras helper: arrays, and datasets batched or not, with or without labels.
 topo = hk.init()
-model = inference.load(run, inference.locate(run, None), []).model
+model = load(run, locate(run, None), []).model
 x = np.load(inputs / "n1001.npz")["x"]
 helper = {"keras-array": hk.predict(model, x, topo, batch_size=64),
           "keras-batched": hk.predict(model, tf.data.Dataset.from_tensor_slices((x, np.zeros(len(x)))).batch(50), topo),

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-from hvdtrain.cli import main  # noqa: F401  (same import path as the console script)
 from hvdtrain.config import load_config
 from hvdtrain.trainer import Trainer
 
@@ -18,7 +17,7 @@ config_file = args[args.index("--config") + 1] if "--config" in args else None
 overrides = [a for a in args if a.startswith("--") and "=" in a]
 trainer = Trainer(load_config(config_file, overrides))
 summary = trainer.fit()
-rank = trainer.topo.rank
+rank = trainer.world.rank
 np.savez(out / f"weights-rank{rank}.npz", *trainer.model.get_weights())
 (out / f"rank{rank}.json").write_text(json.dumps({
-    "topology": trainer.topo.__dict__, "history": trainer.position.history, "summary": summary}))
+    "topology": trainer.world.__dict__, "history": trainer.session.progress.history, "summary": summary}))

@@ -24,7 +24,7 @@ from hvdtrain.errors import UserError
 
 HELP = "submit training to Slurm (or print the sbatch command): nodes, GPUs per node, time, partition, config"
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "slurm"
+TEMPLATES = Path(__file__).resolve().parents[2] / "slurm"
 JOB_SCRIPT = "train.sbatch"
 # Slurm names (partition, account, QOS, job name): letters, digits and a few separators.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")

@@ -17,17 +17,17 @@ import importlib
 HELP = "benchmarks: all-reduce, training throughput and scaling, inference (JSON + PNG + table)"
 
 # Sub-command name -> module in this package with HELP, add_arguments(parser) and run(args) -> int.
-# A module that is not there (yet) is simply not offered. (report.py is the helpers they share.)
-SUBCOMMANDS = {"allreduce": "allreduce", "train": "train", "predict": "predict", "tune": "tune", "report": "markdown"}
+# A module that is not there (yet) is simply not offered. (harness.py is what they share.)
+SUBCOMMANDS = {"allreduce": "allreduce", "train": "train", "predict": "predict", "tune": "tune", "report": "report"}
 
 
 def _modules() -> dict:
     found = {}
     for name, module in SUBCOMMANDS.items():
         try:
-            found[name] = importlib.import_module(f"hvdtrain.bench.{module}")
+            found[name] = importlib.import_module(f"benchmarks.{module}")
         except ModuleNotFoundError as exc:
-            if exc.name != f"hvdtrain.bench.{module}":
+            if exc.name != f"benchmarks.{module}":
                 raise  # the module exists but something it imports is missing: that is a real error
     return found
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from hvdtrain.bench import report
+from benchmarks import harness as report
 
 HELP = "write the Markdown benchmark report (tables, plots, targets, machine, versions) from the JSON files"
 KB, MB = 1024, 1024 * 1024

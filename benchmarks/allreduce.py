@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from hvdtrain.bench import report
+from benchmarks import harness as report
 
 HELP = "all-reduce latency and bus bandwidth: hvdtrain (Horovod over MPI and Gloo) vs raw MPI_Allreduce"
 KB, MB = 1024, 1024 * 1024
@@ -122,7 +122,8 @@ def _measure_this_launch(args) -> int:
         # Raw MPI again, in these processes and with these settings, taking turns with Horovod (MPI is initialised
         # first; Horovod then shares it).
         raw = _mpi4py_impl(f"{BASELINE}-hvdtrain-env") if dist.launched_by_mpi() else None
-        topo = dist.init(cfg.runtime)
+        from hvdtrain import world
+        topo = world.start(cfg.runtime, configure=False)
         impls = [impl for impl in (raw, _horovod_impl(topo.controller, dist),
                                    _horovod_eager_impl(topo.controller, dist) if args.eager else None) if impl]
         (rank, n), launch, settings = (topo.rank, topo.size), topo.controller, dist.active_comm_settings()
@@ -218,10 +219,27 @@ def _horovod_impl(controller: str, dist) -> Impl:
     def reduce(x, iters):
         key = int(x.shape[0])
         if key not in loops:   # one name per size: Horovod caches the negotiation of a name it has seen
-            loops[key] = dist.allreduce_loop(f"hvdtrain.bench.allreduce.{key}")
+            loops[key] = _allreduce_loop(dist, f"hvdtrain.bench.allreduce.{key}")
         return loops[key](x, tf.constant(iters))
     return Impl(f"hvdtrain-{controller}", tf.constant, reduce, lambda t: t.numpy(), dist.barrier,
                 lambda v: max(dist.allgather_object(v, "hvdtrain.bench.slowest")))
+
+
+def _allreduce_loop(dist, name: str):
+    """A tf.function (x, iters) -> the all-reduce of x over ranks, run `iters` times back to back in one graph.
+
+    Each collective waits for the previous one (a control dependency), so the loop measures Horovod's own latency
+    and bandwidth with no Python between collectives, the way a training step issues them.
+    """
+    import tensorflow as tf
+
+    @tf.function
+    def loop(x, iters):
+        def body(i, previous):
+            with tf.control_dependencies([previous]):
+                return i + 1, dist.allreduce(x, "sum", name)
+        return tf.while_loop(lambda i, _: i < iters, body, (tf.constant(0), tf.zeros_like(x)), parallel_iterations=1)[1]
+    return loop
 
 
 def _horovod_eager_impl(controller: str, dist) -> Impl:
@@ -230,7 +248,7 @@ def _horovod_eager_impl(controller: str, dist) -> Impl:
 
     def reduce(x, iters):
         for _ in range(iters):
-            out = dist.allreduce_eager(x, f"hvdtrain.bench.eager.{int(x.shape[0])}")
+            out = dist.allreduce(x, "sum", f"hvdtrain.bench.eager.{int(x.shape[0])}")
         return out
     return Impl(f"hvdtrain-{controller}-eager", tf.constant, reduce, lambda t: t.numpy(), dist.barrier,
                 lambda v: max(dist.allgather_object(v, "hvdtrain.bench.slowest")))

@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from hvdtrain.bench import report
+from benchmarks import harness as report
 
 HELP = "inference throughput of `hvdtrain predict` at 1 and 2 ranks and the speed-up (JSON + PNG + table)"
 COLUMNS = ["impl", "np", "model", "samples", "batch", "threads", "seconds", "samples_per_sec",

@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hvdtrain.bench import report
+from benchmarks import harness as report
 from hvdtrain.errors import UserError
 
 HELP = "tuning sweep: training and all-reduce speed with one communication setting changed at a time"

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hvdtrain.bench import report
+from benchmarks import harness as report
 
 HELP = "training throughput and weak-scaling efficiency: 1 vs N ranks, hvdtrain vs MultiWorkerMirroredStrategy"
 COLUMNS = ["model", "impl", "np", "global_batch", "step_ms", "samples_per_sec", "efficiency", "comm_share",
@@ -120,7 +120,7 @@ def _launch_hvdtrain(args, part: Path) -> None:
     report.horovodrun(args.np, args.controller, report.hvdtrain_cmd(*_worker_args(args, "hvdtrain", part)),
                       timeout=1800, env=env)
     if args.timeline:   # add the breakdown of the timed steps to the rows the ranks wrote
-        from hvdtrain.bench import timeline
+        from benchmarks import timeline
         doc = report.read_json(part)
         for row in doc["rows"]:
             row.update({f"timeline_{k}": v for k, v in
@@ -218,7 +218,8 @@ class StepTimer:
         def mark(batch, logs):
             self.ends.append(time.perf_counter())
             self.epoch_ends.append(time.time())
-        return tf.keras.callbacks.LambdaCallback(on_train_batch_end=mark)
+        import keras
+        return keras.callbacks.LambdaCallback(on_train_batch_end=mark)
 
     def step_seconds(self) -> float:
         timed = self.ends[self.warmup - 1:]
@@ -256,17 +257,23 @@ class _HorovodSession:
 
     def __init__(self, role: str, dist, runtime_cfg):
         self.role, self.dist = role, dist
-        self.topo = dist.init(runtime_cfg) if role == "hvdtrain" else dist.Topology()
+        from hvdtrain import world
+        self.topo = world.start(runtime_cfg, configure=False) if role == "hvdtrain" else world.World()
 
     def scope(self):
         import contextlib
         return contextlib.nullcontext()
 
     def distribute(self, optimizer, optim_cfg):
-        return self.dist.wrap_optimizer(optimizer, optim_cfg) if self.role == "hvdtrain" else optimizer
+        if self.role != "hvdtrain":
+            return optimizer
+        return self.dist.distributed_optimizer(optimizer, fp16_compression=optim_cfg.fp16_compression,
+                                               backward_passes_per_step=optim_cfg.backward_passes_per_step,
+                                               sparse_as_dense=optim_cfg.sparse_as_dense)
 
     def callbacks(self) -> list:
-        return [self.dist.broadcast_callback()] if self.role == "hvdtrain" else []
+        from hvdtrain.callbacks import StartCheck
+        return [StartCheck(self.topo)] if self.role == "hvdtrain" else []
 
     def slowest(self, value: float) -> float:
         return max(self.dist.allgather_object(value, "hvdtrain.bench.slowest")) if self.topo.size > 1 else value
@@ -284,7 +291,7 @@ class _MwmsSession:
 
     def __init__(self, threads: int):
         import tensorflow as tf
-        from hvdtrain.dist import Topology
+        from hvdtrain.world import World as Topology
         tf.config.threading.set_intra_op_parallelism_threads(threads)   # before the strategy starts the runtime
         self.strategy = tf.distribute.MultiWorkerMirroredStrategy()
         resolver = self.strategy.cluster_resolver
@@ -308,13 +315,13 @@ class _MwmsSession:
     def dataset(self, make):
         """Each worker builds its own shard, batched per replica (what DatasetCreator asks for)."""
         import tensorflow as tf
-        from hvdtrain.dist import Topology
+        from hvdtrain.world import World as Topology
         return tf.keras.utils.experimental.DatasetCreator(
             lambda ctx: make(Topology(rank=ctx.input_pipeline_id, size=ctx.num_input_pipelines)))
 
 
 def _measure_model(args, cfg, name: str, work: Workload, session) -> dict:
-    import tensorflow as tf
+    import keras
     from hvdtrain import data, models, optim
     from hvdtrain.config import DataConfig, ModelConfig
     topo = session.topo
@@ -323,7 +330,9 @@ def _measure_model(args, cfg, name: str, work: Workload, session) -> dict:
     data_cfg = DataConfig(source="synthetic", input_shape=work.input_shape, synthetic_samples=max(work.samples, global_batch))
     steps_total = args.warmup + args.steps
     epochs = 2 + steps_total * global_batch // data_cfg.synthetic_samples
-    make = lambda t: data.train_data(data_cfg, t, global_batch, 0, epochs).dataset  # noqa: E731
+    source = data.open_source(data_cfg)
+    steps = source.local_steps(topo, global_batch)
+    make = lambda t: source.train_batches(t, global_batch, steps, 0, epochs)  # noqa: E731
 
     def compiled(distributed: bool):
         with session.scope():
@@ -331,7 +340,8 @@ def _measure_model(args, cfg, name: str, work: Workload, session) -> dict:
             optimizer = optim.build_optimizer(cfg.optim, topo.size, 100, epochs)
             if distributed:
                 optimizer = session.distribute(optimizer, cfg.optim)
-            model.compile(optimizer=optimizer, loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                          jit_compile=False)
         return model
 
     def timed_fit(model, callbacks) -> StepTimer:

@@ -1,0 +1,13 @@
+"""Every `hvdtrain` subcommand, one module each: HELP, add_arguments(parser), run(args, overrides) -> exit code.
+
+Modules import TensorFlow and Horovod lazily (inside run), so `hvdtrain --help` stays fast.
+"""
+COMMANDS = {
+    "train": "hvdtrain.commands.train",
+    "evaluate": "hvdtrain.commands.evaluate",
+    "predict": "hvdtrain.commands.predict",
+    "slurm": "hvdtrain.commands.slurm",
+    "config": "hvdtrain.commands.config",
+    "doctor": "hvdtrain.commands.doctor",
+    "bench": "hvdtrain.commands.bench",
+}

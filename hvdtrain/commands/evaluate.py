@@ -1,0 +1,52 @@
+"""Exact metrics of a trained model over a whole labelled set, on any number of ranks.
+
+Each rank scores a contiguous share of the set; the task's sums (loss, correct, absolute error, counts) are
+all-reduced and divided once, so the result equals a single-process evaluation of the same checkpoint and data.
+Every input file is read and checked first (a corrupt one is named, on every rank, before any scoring).
+
+Examples:
+  scripts/launch.sh 2 hvdtrain evaluate --run runs/digits                       # the test split of the run's data
+  hvdtrain evaluate --run runs/digits --split train --report train-metrics.json
+  scripts/launch.sh 4 hvdtrain evaluate --run runs/big --input 'held_out/*.tfrecord'
+"""
+from __future__ import annotations
+
+from hvdtrain.commands.common import add_run_arguments
+
+HELP = "exact metrics of a trained run over a whole split (all-reduced sums, any number of ranks)"
+
+
+def add_arguments(parser) -> None:
+    add_run_arguments(parser)
+
+
+def run(args, overrides) -> int:
+    import time
+
+    from hvdtrain import dist
+    from hvdtrain.commands.common import check_shape, inputs_source, start, write_report
+    from hvdtrain.data.inputs import BUILT_IN
+    from hvdtrain.inference import exact_metrics, load_agreed
+
+    world, log = start(overrides)
+    trained = load_agreed(args.run, args.checkpoint, overrides, world)
+    source = dist.agree_on_errors(lambda: inputs_source(trained, args.input), "hvdtrain.evaluate.source")
+    split = "test" if args.input and args.input not in BUILT_IN else args.split
+    source.adopt(split, dist.gather_agreed(lambda: source.validate(world, split), "hvdtrain.evaluate.validate"))
+
+    def share():
+        s = source.eval_share(world, split, args.batch_size)
+        check_shape(s.dataset.element_spec[0].shape[1:], trained.input_shape, args.input or source.cfg.source)
+        return s
+    dataset = dist.agree_on_errors(share, "hvdtrain.evaluate.inputs").dataset
+    started = time.perf_counter()
+    metrics = exact_metrics(trained.model, dataset, world, trained.task, "hvdtrain.evaluate", f"{split} data")
+    seconds = time.perf_counter() - started
+    name = args.input if args.input and args.input not in BUILT_IN else args.split
+    shown = "  ".join(f"{name} {k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+    correct = f", {metrics['correct']} correct" if "correct" in metrics else ""
+    log.info(f"{shown}  ({metrics['examples']} examples{correct}, {world.size} rank(s), "
+             f"{metrics['examples'] / max(seconds, 1e-9):,.0f} samples/s)")
+    write_report(args.report, {**metrics, "split": args.split, "input": args.input, "ranks": world.size,
+                               "checkpoint": str(trained.ckpt)}, world)
+    return 0

@@ -1,0 +1,34 @@
+"""Train on every rank. The run directory (trainer.run_dir) receives config.yaml, checkpoints/, metrics.csv,
+tensorboard/, model.keras and summary.json (and classes.json for image classes). A run directory that already
+holds a checkpoint is resumed (see --resume/--no-resume). Stop it gracefully with SIGUSR1/SIGTERM or by creating
+RUN_DIR/STOP: all ranks stop at one agreed step and a checkpoint is written there."""
+from __future__ import annotations
+
+HELP = "train a model (run under horovodrun, mpirun or srun)"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults, the digits job)")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--resume", dest="resume", action="store_const", const="always",
+                        help="require a checkpoint in the run directory and continue from it")
+    resume.add_argument("--no-resume", dest="resume", action="store_const", const="never",
+                        help="refuse to start if the run directory already holds a checkpoint")
+    parser.add_argument("--elastic", action="store_true",
+                        help="Horovod Elastic (same as --trainer.elastic=true): launch with horovodrun --gloo --min-np 1 "
+                             "--max-np N --host-discovery-script scripts/discover-hosts.sh")
+
+
+def run(args, overrides) -> int:
+    from pathlib import Path
+
+    from hvdtrain.callbacks import StopRequest
+    from hvdtrain.config import load_config
+    from hvdtrain.trainer import Trainer
+    if args.resume:
+        overrides = [*overrides, f"--trainer.resume={args.resume}"]
+    if args.elastic:
+        overrides = [*overrides, "--trainer.elastic=true"]
+    cfg = load_config(args.config, overrides)
+    Trainer(cfg, stop=StopRequest(stop_file=Path(cfg.trainer.run_dir) / "STOP").install()).fit()
+    return 0

@@ -1,0 +1,72 @@
+"""Which data `hvdtrain predict` and `hvdtrain evaluate` read: the run's own data (`--split`), a built-in source
+(digits, synthetic), a .npz file, a directory of images, or TFRecord files. Each becomes a Source validated like
+training data (every file parsed, every image decoded, before any scoring), or, for unlabelled .npz inputs and
+image directories, a contiguous share of the inputs."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from hvdtrain.data import images
+from hvdtrain.data.arrays import array_share, read_npz
+from hvdtrain.data.base import Share
+from hvdtrain.data.sharding import eval_range
+from hvdtrain.errors import DataError
+
+BUILT_IN = ("digits", "synthetic")
+
+
+def input_config(data_cfg, source: str | None, shape: tuple):
+    """The data config that reads `source` as the held-out ('test') split, in the format of the run's data."""
+    if source is None:
+        return data_cfg
+    if source in BUILT_IN:
+        return dataclasses.replace(data_cfg, source=source, path="", test_path="",
+                                   input_shape=shape if source == "synthetic" else ())
+    if source.endswith(".npz"):
+        return dataclasses.replace(data_cfg, source="npz", path=source, test_path=source, input_shape=())
+    if os.path.isdir(source) and data_cfg.source in ("images", "image_tfrecord", "tfds") and \
+            not any(name.endswith(".tfrecord") or ".tfrecord-" in name for name in os.listdir(source)):
+        return dataclasses.replace(data_cfg, source="images", path=source, test_path=source)
+    kind = "image_tfrecord" if data_cfg.image_source else "tfrecord"
+    return dataclasses.replace(data_cfg, source=kind, path=source, test_path=source, input_shape=shape)
+
+
+def is_unlabelled(source: str | None) -> bool:
+    """Inputs that carry no labels: a .npz with only `x`, or a flat directory of images (predict only)."""
+    return bool(source) and (source.endswith(".npz") or (os.path.isdir(source) and not _has_class_folders(source)
+                                                         and not _has_tfrecords(source)))
+
+
+def unlabelled_share(source: str, data_cfg, world, batch: int) -> Share:
+    """A contiguous share of unlabelled inputs: rows of a .npz `x`, or images of a directory (sorted, decoded in
+    parallel), in input order."""
+    if source.endswith(".npz"):
+        return array_share(read_npz(source, labels=False).x, world, batch)
+    import tensorflow as tf
+    files = images.list_images(source)
+    start, stop = eval_range(len(files), world.rank, world.size)
+    cfg = data_cfg
+    ds = tf.data.Dataset.from_tensor_slices(files[start:stop] or tf.zeros((0,), tf.string))
+    ds = ds.map(lambda p: images.decode(tf.io.read_file(p), cfg), num_parallel_calls=tf.data.AUTOTUNE)
+    return Share(ds.batch(batch).prefetch(tf.data.AUTOTUNE), stop - start, start)
+
+
+def check_images(source: str, world, data_cfg) -> None:
+    """Decode this rank's share of an image directory once (a corrupt image is named before any output is written)."""
+    import tensorflow as tf
+    files = images.list_images(source)
+    start, stop = eval_range(len(files), world.rank, world.size)
+    for path in files[start:stop]:
+        try:
+            tf.io.decode_image(tf.io.read_file(path), channels=data_cfg.channels, expand_animations=False)
+        except tf.errors.OpError:
+            raise DataError(f"corrupt or unreadable image {path}; fix or remove it") from None
+
+
+def _has_class_folders(path: str) -> bool:
+    return any(entry.is_dir() for entry in os.scandir(path))
+
+
+def _has_tfrecords(path: str) -> bool:
+    return any(".tfrecord" in name for name in os.listdir(path))

@@ -1,0 +1,221 @@
+"""TFRecord sources: flat feature vectors (`x` float list, `y` label) and encoded images in the ImageNet layout
+(`image/encoded` JPEG/PNG bytes, `image/class/label` int64; names and label offset configurable)."""
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+
+from hvdtrain.data import images
+from hvdtrain.data.base import FileSource
+from hvdtrain.errors import DataError, first_line
+from hvdtrain.tasks import Task
+
+
+def list_files(pattern: str) -> list[str]:
+    """A directory, a glob or a single file, always in sorted order so every rank sees the same list."""
+    if os.path.isdir(pattern):
+        files = sorted(glob.glob(os.path.join(pattern, "*.tfrecord*")))
+    else:
+        files = sorted(glob.glob(pattern))
+    if not files:
+        raise DataError(f"no TFRecord files match {pattern!r}; set the path to a directory of *.tfrecord files or a glob")
+    return files
+
+
+def write_tfrecords(x: np.ndarray, y: np.ndarray, paths) -> None:
+    """Write examples round robin into the given files: `x` a flat float list; `y` an int64 class, or a float list
+    (multilabel and regression targets). One path may be given as a string."""
+    import tensorflow as tf
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not paths or not all(isinstance(p, (str, os.PathLike)) for p in paths):
+        raise DataError("write_tfrecords needs a file path or a list of file paths")
+    if len(x) != len(y):
+        raise DataError(f"write_tfrecords: x has {len(x)} rows but y has {len(y)}")
+    integer_labels = np.asarray(y).ndim == 1 and np.issubdtype(np.asarray(y).dtype, np.integer)
+    writers = [tf.io.TFRecordWriter(str(p)) for p in paths]
+    for i, (xi, yi) in enumerate(zip(x, y)):
+        label = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(yi)])) if integer_labels else \
+            tf.train.Feature(float_list=tf.train.FloatList(value=np.ravel(yi).astype(np.float32).tolist()))
+        feature = {"x": tf.train.Feature(float_list=tf.train.FloatList(value=np.ravel(xi).tolist())), "y": label}
+        writers[i % len(paths)].write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    for w in writers:
+        w.close()
+
+
+def write_image_tfrecords(encoded: list[bytes], labels, paths, image_key: str = "image/encoded",
+                          label_key: str = "image/class/label") -> None:
+    """Write encoded images and int labels round robin into files, in the ImageNet layout (for tests and examples)."""
+    import tensorflow as tf
+    writers = [tf.io.TFRecordWriter(str(p)) for p in paths]
+    for i, (blob, label) in enumerate(zip(encoded, labels)):
+        feature = {image_key: tf.train.Feature(bytes_list=tf.train.BytesList(value=[blob])),
+                   label_key: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)]))}
+        writers[i % len(paths)].write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    for w in writers:
+        w.close()
+
+
+class _RecordFiles(FileSource):
+    """Units are TFRecord files; validation parses every record of a file and reports the file and record."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.task = Task.from_config(cfg)
+        self._files: dict[str, list[str]] = {}
+
+    def path(self, split: str) -> str:
+        return self.cfg.path if split == "train" else self.cfg.test_path
+
+    def has_split(self, split: str) -> bool:
+        return bool(self.path(split))
+
+    def units(self, split: str) -> list[str]:
+        if split not in self._files:
+            self._files[split] = list_files(self.path(split))
+        return self._files[split]
+
+    def records(self, units):
+        import tensorflow as tf
+        return tf.data.TFRecordDataset(list(units))
+
+    def records_by_index(self, own, order):
+        import tensorflow as tf
+        return tf.data.TFRecordDataset(tf.gather(tf.constant(own), order))
+
+    def scan(self, units, split):
+        """Parse every record of every unit; raise a DataError naming file, record and what was wrong."""
+        import tensorflow as tf
+        counts = []
+        for path in units:
+            count = 0
+            try:
+                batches = tf.data.TFRecordDataset(path).map(self.parse_checked, num_parallel_calls=tf.data.AUTOTUNE)
+                for x, y in batches.batch(1024):
+                    self.check_batch(x.numpy(), y.numpy(), f"{path}, records {count}-{count + len(y) - 1}")
+                    count += len(y)
+            except tf.errors.DataLossError as exc:
+                good, where = _readable_records(path), _byte_offset(exc)
+                raise DataError(f"corrupt TFRecord file {path}: unreadable after record {good}{where} (truncated or "
+                                "overwritten); rewrite or remove the file") from None
+            except tf.errors.InvalidArgumentError as exc:
+                raise DataError(f"{path}, record {self._first_bad(path, count)}: {self.what_is_wrong(exc)}") from None
+            counts.append(count)
+        return counts
+
+    def _first_bad(self, path: str, start: int) -> int:
+        """The index of the first record that does not parse (the batch that failed started at `start`)."""
+        import tensorflow as tf
+        for i, record in enumerate(tf.data.TFRecordDataset(path).skip(start)):
+            try:
+                self.parse_checked(record)
+            except tf.errors.InvalidArgumentError:
+                return start + i
+        return start
+
+    def check_batch(self, x, y, where: str) -> None:
+        pass
+
+    def parse_checked(self, record):
+        return self.parse(record)
+
+
+class FlatRecords(_RecordFiles):
+    """Features `x` (flat float list of prod(data.input_shape) values) and `y` (the label)."""
+
+    def example_shape(self) -> tuple:
+        return tuple(self.cfg.input_shape)
+
+    def _spec(self):
+        import tensorflow as tf
+        y = tf.io.FixedLenFeature([], tf.int64) if self.task.kind == "classification" else \
+            tf.io.FixedLenFeature([self.task.outputs], tf.float32)
+        return {"x": tf.io.FixedLenFeature([int(np.prod(self.cfg.input_shape))], tf.float32), "y": y}
+
+    def parse(self, record):
+        import tensorflow as tf
+        ex = tf.io.parse_single_example(record, self._spec())
+        return tf.reshape(ex["x"], self.cfg.input_shape), ex["y"]
+
+    def check_batch(self, x, y, where):
+        from hvdtrain.data.arrays import check_finite
+        check_finite(x, where)
+        self.task.check_labels(y, where)
+
+    def what_is_wrong(self, exc) -> str:
+        expected = (f"'x': {int(np.prod(self.cfg.input_shape))} floats (data.input_shape="
+                    f"{list(self.cfg.input_shape)}), 'y': " + ("one int64 class" if self.task.kind == "classification"
+                                                               else f"{self.task.outputs} floats"))
+        return f"{_found(exc)}; expected features {expected}; fix data.input_shape/data.num_classes or the data"
+
+
+class ImageRecords(_RecordFiles):
+    """Encoded images with int labels, e.g. the classic ImageNet TFRecords (1-based labels: data.label_offset=1)."""
+
+    def example_shape(self) -> tuple:
+        return images.shape(self.cfg)
+
+    def _raw(self, record):
+        import tensorflow as tf
+        spec = {self.cfg.image_key: tf.io.FixedLenFeature([], tf.string),
+                self.cfg.label_key: tf.io.FixedLenFeature([], tf.int64)}
+        ex = tf.io.parse_single_example(record, spec)
+        return ex[self.cfg.image_key], ex[self.cfg.label_key] - self.cfg.label_offset
+
+    def parse(self, record):
+        encoded, label = self._raw(record)
+        return images.decode(encoded, self.cfg), label
+
+    def parse_checked(self, record):
+        """For validation: decode fully, but keep only the shape (cheap to batch) and the label."""
+        import tensorflow as tf
+        encoded, label = self._raw(record)
+        image = tf.io.decode_image(encoded, channels=self.cfg.channels, expand_animations=False)
+        return tf.shape(image), label
+
+    def check_batch(self, x, y, where):
+        self.task.check_labels(y, where + f" (after subtracting data.label_offset={self.cfg.label_offset})")
+
+    def augment(self, parsed, epoch, world):
+        return _augmented(parsed, self.cfg, epoch, world)
+
+    def what_is_wrong(self, exc) -> str:
+        return (f"{_found(exc)}; expected an encoded JPEG/PNG in '{self.cfg.image_key}' and an int64 label in "
+                f"'{self.cfg.label_key}' (data.image_key / data.label_key)")
+
+
+def _readable_records(path: str) -> int:
+    """How many records of a damaged file can be read before the damage."""
+    import tensorflow as tf
+    count = 0
+    try:
+        for _ in tf.data.TFRecordDataset(path):
+            count += 1
+    except tf.errors.DataLossError:
+        pass
+    return count
+
+
+def _byte_offset(exc) -> str:
+    import re
+    found = re.search(r"(?:corrupted|truncated) record at (\d+)", str(exc))
+    return f", at byte {found.group(1)}" if found else ""
+
+
+def _found(exc) -> str:
+    return first_line(exc).replace("Key: ", "feature ")
+
+
+def _augmented(parsed, cfg, epoch, world):
+    """Random crop + flip for training, seeded per (data.seed, epoch, rank, position): a resume repeats them."""
+    import tensorflow as tf
+    if not cfg.augment:
+        return parsed
+
+    def one(i, example):
+        x, y = example
+        seed = tf.stack([tf.cast(cfg.seed, tf.int64) * 7919 + tf.cast(epoch, tf.int64),
+                         tf.cast(i, tf.int64) * world.size + world.rank])
+        return images.augment(x, seed), y
+    return parsed.enumerate().map(one, num_parallel_calls=tf.data.AUTOTUNE)

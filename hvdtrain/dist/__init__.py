@@ -1,0 +1,112 @@
+"""Horovod behind one door: the only package that imports it (in `_horovod.py`, lazily).
+
+Everything else receives a plain `World` value and calls the functions here, so config, data and model code run and
+are unit-tested without MPI. Three parts:
+
+  environment  launcher detection and the HOROVOD_*/OMPI_* settings (no Horovod import at all)
+  collectives  init, topology and the framework-neutral collectives (the same on Keras 2 and Keras 3)
+  keras3 / keras2  the one seam between Keras versions: distributed optimizer, loss scaling, XLA check.
+               Keras 3 (TensorFlow >= 2.16) gets hvdtrain's own layer; Keras 2 (TensorFlow 2.15) Horovod's own.
+               The choice is made once, on first use, from the installed Keras.
+"""
+from __future__ import annotations
+
+import functools
+
+from hvdtrain.dist.collectives import (HOROVOD_MARKS, agree_on_errors, all_agree, allgather_object, allreduce, allreduce_min,
+                                       allreduce_sum, barrier, broadcast_object, broadcast_variables, build_info,
+                                       collective_failure, gather_agreed, init, join, raise_first, topology)
+from hvdtrain.dist.environment import (active_comm_settings, apply_comm_environment, comm_environment,
+                                       launched_by_mpi, launched_elastic, launcher_name, rank_hint, under_launcher)
+
+
+@functools.lru_cache(maxsize=1)
+def _keras_layer():
+    import keras
+    if int(keras.__version__.split(".")[0]) >= 3:
+        from hvdtrain.dist import keras3 as layer
+    else:
+        from hvdtrain.dist import keras2 as layer
+    return layer
+
+
+def distributed_optimizer(optimizer, *, fp16_compression: bool = False, backward_passes_per_step: int = 1,
+                          sparse_as_dense: bool = False):
+    """`optimizer`, made to average gradients over all ranks with a fused ring all-reduce (use the returned object).
+
+    fp16_compression halves the bytes sent; backward_passes_per_step accumulates gradients locally and all-reduces
+    once per optimizer step; sparse_as_dense all-reduces embedding gradients densely instead of gathering them.
+    A LossScaleOptimizer (mixed_float16) is rebuilt around a distributed inner optimizer with an agreed finiteness
+    check, so all ranks skip the same steps.
+    """
+    return _keras_layer().distributed_optimizer(optimizer, fp16_compression=fp16_compression,
+                                                backward_passes_per_step=backward_passes_per_step,
+                                                sparse_as_dense=sparse_as_dense)
+
+
+def is_distributed(optimizer) -> bool:
+    return _keras_layer().is_distributed(optimizer)
+
+
+def loss_scale(optimizer):
+    """Wrap a (distributed) optimizer for mixed_float16 loss scaling, with the finiteness decision agreed."""
+    return _keras_layer().loss_scale(optimizer)
+
+
+def uses_xla(model) -> bool:
+    return _keras_layer().uses_xla(model)
+
+
+def integration() -> str:
+    """Which Keras layer is in use, for doctor and benchmark reports."""
+    return ("hvdtrain's own Keras 3 layer over horovod.tensorflow" if _keras_layer().KERAS_MAJOR >= 3
+            else "Horovod's Keras 2 layer (horovod.tensorflow.keras)")
+
+
+def elastic_state(variables_fn, **counters):
+    """Horovod Elastic state: the given variables plus progress counters (e.g. epoch=0), committed and synced.
+
+    Horovod's own Keras state calls `optimizer.variables()` (a list property on Keras 2.11+ and Keras 3) and its
+    TensorFlowState does not re-broadcast variables in eager mode; this one does both correctly, on both stacks.
+    """
+    from hvdtrain.dist._horovod import hvd, hvd_elastic
+    _, ObjectState = hvd_elastic()
+    h = hvd()
+
+    class VariablesState(ObjectState):
+        def __init__(self):
+            super().__init__(bcast_object=h.broadcast_object, get_rank=h.rank, **counters)
+            self._save_variables()
+
+        def _save_variables(self):
+            self._saved = [v.numpy() for v in variables_fn()]
+
+        def save(self):
+            self._save_variables()
+            super().save()
+
+        def restore(self):
+            for variable, value in zip(variables_fn(), self._saved):
+                variable.assign(value)
+            super().restore()
+
+        def sync(self):  # a joining worker receives rank 0's variables and counters here
+            broadcast_variables(variables_fn(), name="hvdtrain.elastic.sync")
+            self._save_variables()
+            super().sync()
+
+    return VariablesState()
+
+
+def elastic_run(fn):
+    """hvd.elastic.run: re-run fn(state) after each membership change, from the last committed state."""
+    from hvdtrain.dist._horovod import hvd_elastic
+    elastic, _ = hvd_elastic()
+    return elastic.run(fn)
+
+
+__all__ = ["HOROVOD_MARKS", "active_comm_settings", "agree_on_errors", "all_agree", "allgather_object", "allreduce", "allreduce_min",
+           "allreduce_sum", "apply_comm_environment", "barrier", "broadcast_object", "broadcast_variables",
+           "build_info", "collective_failure", "comm_environment", "distributed_optimizer", "elastic_run",
+           "elastic_state", "gather_agreed", "init", "integration", "is_distributed", "join", "launched_by_mpi", "launched_elastic",
+           "launcher_name", "loss_scale", "raise_first", "rank_hint", "topology", "under_launcher", "uses_xla"]

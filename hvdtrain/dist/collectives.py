@@ -1,0 +1,158 @@
+"""Starting Horovod and the collectives hvdtrain uses, framework-neutral (the same on Keras 2 and Keras 3).
+
+Every function here is a collective unless it says otherwise: all ranks must call it, in the same order.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from hvdtrain.dist._horovod import hvd
+from hvdtrain.errors import UserError
+
+_REDUCE_OPS = ("sum", "average", "min", "max")
+
+
+def init() -> dict:
+    """Start Horovod (MPI or Gloo, as launched) and return the topology (see `topology`). Not a collective."""
+    hvd().init()
+    return topology()
+
+
+def topology() -> dict:
+    """rank, size, local/cross rank and size, controller: the world as Horovod sees it now (an elastic reset
+    changes it). Not a collective."""
+    h = hvd()
+    return {"rank": h.rank(), "size": h.size(), "local_rank": h.local_rank(), "local_size": h.local_size(),
+            "cross_rank": h.cross_rank(), "cross_size": h.cross_size(),
+            "controller": "mpi" if h.mpi_enabled() else "gloo"}
+
+
+def allreduce(tensor, op: str = "sum", name: str | None = None):
+    """A TensorFlow all-reduce of one tensor; usable inside tf.function (the benchmarks build loops of it)."""
+    h = hvd()
+    reduce_op = {"sum": h.Sum, "average": h.Average, "min": h.Min, "max": h.Max}[op]
+    return h.allreduce(tensor, op=reduce_op, name=name)
+
+
+def allreduce_sum(values, name: str) -> np.ndarray:
+    """Sum a float64 vector over all ranks (exact counts and sums for evaluation and agreement)."""
+    import tensorflow as tf
+    return allreduce(tf.constant(np.asarray(values, dtype=np.float64)), "sum", name).numpy()
+
+
+def allreduce_min(values, name: str) -> np.ndarray:
+    import tensorflow as tf
+    return allreduce(tf.constant(np.asarray(values, dtype=np.int64)), "min", name).numpy()
+
+
+def all_agree(flag: bool, name: str) -> bool:
+    """True only if every rank says True (a MIN-reduce); all ranks get the same answer."""
+    return bool(allreduce_min([1 if flag else 0], name)[0])
+
+
+def allgather_object(obj, name: str) -> list:
+    return hvd().allgather_object(obj, name=name)
+
+
+def broadcast_object(obj, name: str):
+    return hvd().broadcast_object(obj, root_rank=0, name=name)
+
+
+def barrier() -> None:
+    allreduce_sum([0.0], name="hvdtrain.barrier")
+
+
+def join() -> None:
+    """Horovod's join: this rank stops contributing; other ranks' all-reduces go on with zeros from it until every
+    rank has joined. Used when one rank hit a data error mid-step (see callbacks.AgreedStop)."""
+    hvd().join()
+
+
+def size() -> int:
+    """Ranks right now (not a collective)."""
+    return hvd().size()
+
+
+def agree_on_errors(fn, name: str):
+    """Run fn on every rank; if any rank raised a UserError, every rank raises it (all stop together, rank 0 prints).
+
+    The first failing rank's message is used, with its rank appended when there are several ranks, and the same
+    error type (a DataError stays a DataError, so its exit code is kept).
+    """
+    try:
+        result, failure = fn(), None
+    except UserError as exc:
+        result, failure = None, (type(exc).__module__, type(exc).__qualname__, str(exc))
+    failures = allgather_object(failure, name=name) if size() > 1 else [failure]
+    raise_first(failures)
+    return result
+
+
+def raise_first(failures: list) -> None:
+    """Raise the first rank's failure (module, class name, message) as an agreed error; None entries mean success."""
+    failed = [(rank, f) for rank, f in enumerate(failures) if f]
+    if not failed:
+        return
+    rank, (module, qualname, message) = failed[0]
+    import importlib
+    cls = getattr(importlib.import_module(module), qualname, UserError)
+    raise cls(message if len(failures) == 1 else f"{message} (on rank {rank})", agreed=True)
+
+
+def broadcast_variables(variables, name: str = "hvdtrain.broadcast") -> None:
+    """Make every rank's variables equal to rank 0's (model weights, optimizer slots).
+
+    One traced function assigns every variable from a broadcast of rank 0's value. The variables are captured,
+    not passed in: a Keras 3 variable passed into a tf.function arrives as a tensor without `assign`, which is why
+    Horovod's own broadcast_variables fails on Keras 3.
+    """
+    import tensorflow as tf
+    h = hvd()
+    variables = list(variables)
+    if not variables or h.size() == 1:
+        return
+
+    @tf.function
+    def assign_from_rank_0():
+        for i, variable in enumerate(variables):
+            variable.assign(h.broadcast(tf.convert_to_tensor(variable), 0, name=f"{name}.{i}"))
+    assign_from_rank_0()
+
+
+def build_info() -> dict:
+    """What Horovod was built with, for `hvdtrain doctor`. Not a collective."""
+    from hvdtrain.dist._horovod import version
+    h = hvd()
+    return {
+        "horovod": version(),
+        "controllers": {"mpi": h.mpi_built(), "gloo": h.gloo_built()},
+        "tensor_operations": {"nccl": h.nccl_built(), "mpi": h.mpi_built(), "gloo": h.gloo_built(),
+                              "ddl": h.ddl_built(), "ccl": h.ccl_built()},
+    }
+
+
+HOROVOD_MARKS = ("Horovod", "gloo", "Gloo", "HorovodAllreduce", "HorovodBroadcast", "HorovodAllgather")
+
+
+def collective_failure(exc: BaseException, where: str, run_dir) -> UserError | None:
+    """A CollectiveFailure naming `where` if exc came out of a failed collective (a peer died, stalled or lost its
+    network), else None. Horovod reports these only as text, so this is where that text is recognised."""
+    from hvdtrain.errors import CollectiveFailure, first_line
+    if isinstance(exc, UserError) or not any(mark in str(exc) for mark in HOROVOD_MARKS):
+        return None
+    return CollectiveFailure(
+        f"rank {hvd().rank()}: a collective failed at {where} ({first_line(exc, HOROVOD_MARKS)}): a peer rank died, "
+        f"stalled or lost its network. The checkpoints in {run_dir}/checkpoints are intact: rerun the same command "
+        "to resume.")
+
+
+def gather_agreed(fn, name: str) -> list:
+    """Run fn on every rank and gather every rank's (small, picklable) result in one collective; if any rank raised a
+    UserError, every rank raises it instead (see agree_on_errors)."""
+    try:
+        result, failure = fn(), None
+    except UserError as exc:
+        result, failure = None, (type(exc).__module__, type(exc).__qualname__, str(exc))
+    pairs = allgather_object((failure, result), name=name) if size() > 1 else [(failure, result)]
+    raise_first([f for f, _ in pairs])
+    return [r for _, r in pairs]

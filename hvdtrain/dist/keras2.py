@@ -1,0 +1,39 @@
+"""The 2023 stack (TensorFlow 2.15, Keras 2): Horovod's own Keras layer, horovod.tensorflow.keras.
+
+Its DistributedOptimizer hooks Keras 2's `_compute_gradients`/`_aggregate_gradients`; its fused all-reduce and
+backward_passes_per_step are what hvdtrain's Keras 3 layer (dist/keras3.py) reproduces on Keras 3.
+"""
+from __future__ import annotations
+
+import keras
+
+from hvdtrain.dist._horovod import hvd_keras
+
+
+def distributed_optimizer(optimizer, *, fp16_compression: bool = False, backward_passes_per_step: int = 1,
+                          sparse_as_dense: bool = False):
+    if is_distributed(optimizer):
+        return optimizer
+    h = hvd_keras()
+    return h.DistributedOptimizer(optimizer, compression=h.Compression.fp16 if fp16_compression else h.Compression.none,
+                                  backward_passes_per_step=backward_passes_per_step,
+                                  average_aggregated_gradients=True, sparse_as_dense=sparse_as_dense)
+
+
+def is_distributed(optimizer) -> bool:
+    if isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer):
+        # Keras 2's loss scaler all-reduces nothing itself, but Horovod's DistributedOptimizer inside it averages the
+        # gradients before the finiteness check (in _aggregate_gradients), so every rank sees the same verdict.
+        return is_distributed(optimizer.inner_optimizer)
+    return hasattr(optimizer, "_allreduce_grads")
+
+
+def loss_scale(optimizer):
+    return keras.mixed_precision.LossScaleOptimizer(optimizer)
+
+
+def uses_xla(model) -> bool:
+    return bool(getattr(model, "_jit_compile", False))
+
+
+KERAS_MAJOR = 2

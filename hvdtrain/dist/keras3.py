@@ -1,0 +1,125 @@
+"""hvdtrain's own Horovod integration for Keras 3 (TensorFlow >= 2.16), where horovod.tensorflow.keras breaks.
+
+Horovod's Keras layer hooks `get_gradients`/`_compute_gradients`/`_aggregate_gradients`, which Keras 3 never calls,
+and its callbacks use `K.get_value`, `optimizer.lr` and `variable.ref()`, which Keras 3 does not have (horovod
+issue 4290). Keras 3's train step calls `optimizer.apply(grads)`; `apply` unscales, then `_backend_apply_gradients`
+accumulates gradients locally (gradient_accumulation_steps) and, on an update step, calls `_clip_gradients` right
+before the update. That is where the average over ranks goes: after local accumulation (one all-reduce per
+optimizer step, as backward_passes_per_step promises) and before clipping (which must see the averaged gradient).
+
+Loss scaling (mixed_float16): a LossScaleOptimizer decides locally whether the gradients are finite and only then
+calls the inner optimizer; two ranks deciding differently would leave one waiting in the all-reduce forever. The
+LossScaleOptimizer made here agrees on finiteness over all ranks (a MIN-reduce), so every rank skips the same steps.
+"""
+from __future__ import annotations
+
+import os
+
+import keras
+from keras.optimizers import LossScaleOptimizer
+
+from hvdtrain.dist._horovod import hvd
+from hvdtrain.errors import UserError
+
+_MARK = "_hvdtrain_distributed"
+
+
+def distributed_optimizer(optimizer, *, fp16_compression: bool = False, backward_passes_per_step: int = 1,
+                          sparse_as_dense: bool = False):
+    """A copy of `optimizer` (rebuilt from its config, not yet built) that averages gradients over all ranks."""
+    if is_distributed(optimizer):
+        return optimizer
+    if isinstance(optimizer, LossScaleOptimizer):
+        inner = distributed_optimizer(optimizer.inner_optimizer, fp16_compression=fp16_compression,
+                                      backward_passes_per_step=backward_passes_per_step, sparse_as_dense=sparse_as_dense)
+        return _AgreedLossScaleOptimizer(inner, initial_scale=optimizer.initial_scale,
+                                         dynamic_growth_steps=optimizer.dynamic_growth_steps, name=optimizer.name)
+    config = optimizer.get_config()
+    if backward_passes_per_step > 1:
+        if config.get("gradient_accumulation_steps"):
+            raise UserError(f"the optimizer already accumulates gradients (gradient_accumulation_steps="
+                            f"{config['gradient_accumulation_steps']}); set that or backward_passes_per_step, not both")
+        config["gradient_accumulation_steps"] = backward_passes_per_step
+    cls = _distributed_class(type(optimizer))
+    try:
+        distributed = cls.from_config(config)
+    except Exception as exc:  # e.g. a learning-rate schedule that is not registered as serializable
+        raise UserError(f"cannot rebuild {type(optimizer).__name__} from its config to distribute it ({exc}); register "
+                        "custom schedules with keras.saving.register_keras_serializable()") from None
+    distributed._hvdtrain_average = _averager(fp16_compression, sparse_as_dense)
+    return distributed
+
+
+def is_distributed(optimizer) -> bool:
+    """True for an optimizer made by distributed_optimizer (a LossScaleOptimizer counts only if it agrees on
+    finiteness and wraps a distributed optimizer)."""
+    if isinstance(optimizer, LossScaleOptimizer):
+        return isinstance(optimizer, _AgreedLossScaleOptimizer) and is_distributed(optimizer.inner_optimizer)
+    return bool(getattr(type(optimizer), _MARK, False))
+
+
+def loss_scale(optimizer):
+    """The mixed_float16 wrapper: a LossScaleOptimizer whose finiteness check is agreed by all ranks."""
+    return _AgreedLossScaleOptimizer(optimizer)
+
+
+def _distributed_class(base: type) -> type:
+    def _clip_gradients(self, grads):
+        return base._clip_gradients(self, self._hvdtrain_average(grads))
+
+    # Same name and module as the base class: a model saved with this optimizer loads as a plain Keras one.
+    return type(base.__name__, (base,), {"_clip_gradients": _clip_gradients, _MARK: True,
+                                         "__module__": base.__module__, "__doc__": base.__doc__})
+
+
+def _averager(fp16_compression: bool, sparse_as_dense: bool):
+    """grads -> their average over ranks: dense ones in one grouped (fused) all-reduce, sparse ones (IndexedSlices
+    from embeddings) gathered, or densified first with sparse_as_dense."""
+    import tensorflow as tf
+    h = hvd()
+    compression = h.Compression.fp16 if fp16_compression else h.Compression.none
+
+    def average(grads):
+        grads = list(grads)
+        # Like Horovod: one rank without elasticity needs no communication (elastic jobs may grow later).
+        if h.size() == 1 and os.environ.get("HOROVOD_ELASTIC") != "1":
+            return grads
+        if sparse_as_dense:
+            grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
+        dense = [i for i, g in enumerate(grads) if g is not None and not isinstance(g, tf.IndexedSlices)]
+        out = list(grads)
+        if dense:
+            reduced = h.grouped_allreduce([grads[i] for i in dense], op=h.Average, compression=compression)
+            for i, g in zip(dense, reduced):
+                out[i] = g
+        for i, g in enumerate(grads):
+            if isinstance(g, tf.IndexedSlices):
+                out[i] = h.allreduce(g, op=h.Average, compression=compression)
+        return out
+    return average
+
+
+class _AgreedLossScaleOptimizer(LossScaleOptimizer):
+    """LossScaleOptimizer whose 'are the gradients finite?' is the AND over all ranks."""
+
+    def check_finite(self, grads):
+        import tensorflow as tf
+        local = super().check_finite(grads)
+        h = hvd()
+        if h.size() == 1 and os.environ.get("HOROVOD_ELASTIC") != "1":
+            return local
+        return h.allreduce(tf.cast(local, tf.int32), op=h.Min, name="hvdtrain.loss_scale.finite") > 0
+
+
+# Saved models name the base class, so the agreed loss scaler also saves (and loads) as a plain LossScaleOptimizer.
+_AgreedLossScaleOptimizer.__name__ = _AgreedLossScaleOptimizer.__qualname__ = "LossScaleOptimizer"
+_AgreedLossScaleOptimizer.__module__ = LossScaleOptimizer.__module__
+
+
+def uses_xla(model) -> bool:
+    """Keras 3 compiles the train step with XLA by default on GPUs (jit_compile='auto'); Horovod's ops have no XLA
+    kernels (hvdtrain builds Horovod without its XLA ops)."""
+    return bool(getattr(model, "jit_compile", False))
+
+
+KERAS_MAJOR = int(keras.__version__.split(".")[0])

@@ -1,0 +1,14 @@
+"""Evaluation and prediction with a trained model, on any number of ranks, equal to one process.
+
+  evaluate.py  exact metrics from all-reduced sums (also the trainer's per-epoch held-out evaluation)
+  predict.py   scoring contiguous shares, written once in input order (files), or gathered (the Keras API)
+  formats.py   .npy / .csv / .jsonl
+  run.py       loading a trained run: config, model, checkpoint
+The commands that use them are hvdtrain/commands/predict.py and evaluate.py; which inputs they read, data/inputs.py.
+"""
+from hvdtrain.inference.evaluate import Evaluator, exact_metrics
+from hvdtrain.inference.predict import OrderedOutput, predict_ordered, predict_to_file
+from hvdtrain.inference.run import TrainedRun, load, load_agreed, locate
+
+__all__ = ["Evaluator", "OrderedOutput", "TrainedRun", "exact_metrics", "load", "load_agreed", "locate",
+           "predict_ordered", "predict_to_file"]
