@@ -33,6 +33,7 @@ class Progress:
     position: Position = field(default_factory=Position)
     stop_reason: str = ""        # "", "nonfinite", "stop_requested" or "data_error": agreed by all ranks
     failure: str = ""
+    requested_by: str = ""       # who asked for the stop, e.g. "SIGUSR1" or "SIGUSR1 on rank 1"
     history: list = field(default_factory=list)
     last_eval: tuple = (-1, None)   # (global step, metrics) of the latest exact evaluation
 
@@ -202,20 +203,31 @@ class AgreedStop(keras.callbacks.Callback):
             self.model.stop_training = True
         elif total[size] > 0:
             self.progress.stop_reason = "stop_requested"
+            self.progress.requested_by = self._who_asked()
             self.model.stop_training = True
 
+    def _who_asked(self) -> str:
+        names = dist.allgather_object(self.stop.signal_name if self.stop.requested else "", "hvdtrain.stop_reason") \
+            if self.world.size > 1 else [self.stop.signal_name]
+        asked = {rank: name for rank, name in enumerate(names) if name}
+        if len(asked) == len(names) and len(set(asked.values())) == 1:
+            return names[0]
+        return ", ".join(f"{name} on rank {rank}" for rank, name in asked.items())
 
-def data_error_during_fit(exc: BaseException, progress: Progress, world) -> None:
+
+def data_error_during_fit(exc: BaseException, progress: Progress, world, diagnose=None) -> None:
     """On the rank whose input pipeline failed mid-step: leave with Horovod's join (the peers notice at their next
-    agreement step and join too), then raise this rank's error, agreed by all. Re-raises anything else."""
+    agreement step and join too), then raise this rank's error, agreed by all. Returns for anything else.
+    `diagnose()` re-checks this rank's inputs and names the bad file and record, if it can."""
     if not is_input_error(exc):
         return
     import tensorflow as tf
     p = progress.position
     kind = "corrupt" if isinstance(exc, tf.errors.DataLossError) else "unreadable or malformed"
-    message = (f"{kind} input data at epoch {p.epoch + 1}, step {p.step_in_epoch} on rank {world.rank} "
-               f"({_short(exc)}); the inputs were valid at the start, so a file changed or vanished since: fix it and "
-               "rerun the same command to resume")
+    found = diagnose() if diagnose else None
+    message = (f"{found or f'{kind} input data ({_short(exc)})'}; found at epoch {p.epoch + 1}, step {p.step_in_epoch} "
+               f"on rank {world.rank}: the inputs were valid at the start, so a file changed or vanished since; fix it "
+               "and rerun the same command to resume")
     if world.size == 1:
         raise DataError(message, agreed=True) from None
     dist.join()

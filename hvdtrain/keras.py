@@ -16,18 +16,22 @@ broadcast and metric averaging. Data: `hk.shard`, `hk.shard_files`, `hk.agreed_s
 """
 from __future__ import annotations
 
-from hvdtrain import callbacks as cb
-from hvdtrain import checkpoint, dist
-from hvdtrain import world as worlds
-from hvdtrain.checkpoint import Position
-from hvdtrain.config import RuntimeConfig
-from hvdtrain.optim import scaled_lr
-from hvdtrain.rundir import RunDir
-from hvdtrain.session import Session
-from hvdtrain.tasks import Task
-from hvdtrain.world import World
+from hvdtrain import runtime
 
-__all__ = ["Position", "Run", "World", "agreed_steps", "callbacks", "distribute", "evaluate", "init", "predict",
+runtime.import_tensorflow()   # first, so TensorFlow's start-up banners stay hidden in your script's output too
+
+from hvdtrain import callbacks as cb  # noqa: E402
+from hvdtrain import checkpoint, dist  # noqa: E402
+from hvdtrain import world as worlds  # noqa: E402
+from hvdtrain.checkpoint import Position  # noqa: E402
+from hvdtrain.config import RuntimeConfig  # noqa: E402
+from hvdtrain.optim import scaled_lr  # noqa: E402
+from hvdtrain.rundir import RunDir  # noqa: E402
+from hvdtrain.session import Session  # noqa: E402
+from hvdtrain.tasks import Task  # noqa: E402
+from hvdtrain.world import World  # noqa: E402
+
+__all__ = ["Position", "Run", "World", "agreed_steps", "barrier", "callbacks", "distribute", "evaluate", "init", "predict",
            "scale_lr", "shard", "shard_files", "verbose"]
 
 
@@ -82,6 +86,12 @@ def agreed_steps(dataset, world: World, batch_size: int | None = None) -> int:
         count = int(dataset.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
     local = count // batch_size if batch_size else count
     return int(dist.allreduce_min([local], "hvdtrain.keras.agreed_steps")[0]) if world.size > 1 else local
+
+
+def barrier(world: World) -> None:
+    """Wait until every rank gets here (e.g. after rank 0 prepared files the others read)."""
+    if world.size > 1:
+        dist.barrier()
 
 
 def callbacks(world: World, average_metrics: bool = True) -> list:

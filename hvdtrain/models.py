@@ -39,8 +39,8 @@ def build_model(model_cfg, input_shape: tuple, num_classes: int):
         model = _REGISTRY[name](shape, num_classes, model_cfg)
     elif ":" in name:
         model = _imported(name)(shape, num_classes, model_cfg)
-    elif name in applications():
-        model = _application(name, shape, num_classes, model_cfg.weights)
+    elif _application_name(name):
+        model = _application(_application_name(name), shape, num_classes, model_cfg)
     else:
         close = difflib.get_close_matches(name, available() + applications(), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -62,14 +62,28 @@ def _imported(path: str) -> Callable:
     return builder
 
 
-def _application(name: str, shape: tuple, num_classes: int, weights: str):
-    """A keras.applications body (no top) with global average pooling and a new dense head of num_classes."""
+def _application_name(name: str) -> str | None:
+    """The keras.applications architecture a name means: exact (ResNet50), or unambiguous in any case (resnet50)."""
+    names = applications()
+    if name in names:
+        return name
+    matches = [n for n in names if n.lower() == name.lower()]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _application(name: str, shape: tuple, num_classes: int, model_cfg):
+    """A keras.applications body (no top) with global average pooling and a new dense head of num_classes.
+    model.weights: a local weights file of the same body without its top (never a download); model.options: more
+    keyword arguments of the architecture (e.g. alpha for MobileNetV2)."""
     import keras
     try:
-        body = getattr(keras.applications, name)(include_top=False, weights=weights or None, input_shape=shape,
-                                                 pooling="avg")
-    except ValueError as exc:   # e.g. inputs smaller than the architecture allows, or a weights file that does not fit
-        raise UserError(f"model.name={name} with inputs {list(shape)}: {str(exc).splitlines()[0]}", agreed=True) from None
+        body = getattr(keras.applications, name)(include_top=False, weights=model_cfg.weights or None,
+                                                 input_shape=shape, pooling="avg", **dict(model_cfg.options))
+    except (ValueError, TypeError) as exc:   # inputs too small for the architecture, a weights file that does not
+        # fit it (Keras says why in its first line), an unknown option
+        raise UserError(f"model.name={name} with inputs {list(shape)}"
+                        f"{', weights ' + model_cfg.weights if model_cfg.weights else ''}: "
+                        f"{str(exc).splitlines()[0]}", agreed=True) from None
     return keras.Model(_inputs(body), keras.layers.Dense(num_classes, name="head")(body.outputs[0]), name=name)
 
 

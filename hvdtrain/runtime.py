@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import tempfile
+import warnings
 
 from hvdtrain.errors import UserError
 
@@ -23,10 +24,12 @@ _IMPORT_NOISE = ("All log messages before absl::InitializeLog() is called", "one
 
 def import_tensorflow():
     """Import TensorFlow without its banners (unless TF_CPP_MIN_LOG_LEVEL=0 asks for them); other lines pass."""
+    logging.getLogger("tensorflow").addFilter(_drop_slow_callback_warning)
+    # Keras 3 warns on every fit over a tf.data.Dataset that its default shuffle=True is ignored: noise, not news.
+    warnings.filterwarnings("ignore", message="`shuffle=True` was passed, but will be ignored")
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.getLogger("tensorflow").addFilter(_drop_slow_callback_warning)
     if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0":
         import tensorflow
         return tensorflow

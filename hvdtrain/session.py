@@ -58,13 +58,13 @@ class Session:
                           elastic_state=elastic_state)
 
     @contextlib.contextmanager
-    def guard(self, callbacks):
+    def guard(self, callbacks, diagnose=None):
         """Around model.fit: a data error in this rank's input pipeline is agreed with the peers (never a hang, never
         reported as a lost peer), a failed collective becomes a one-line CollectiveFailure, watchdogs stop."""
         try:
             yield
         except Exception as exc:
-            cb.data_error_during_fit(exc, self.progress, self.world)
+            cb.data_error_during_fit(exc, self.progress, self.world, diagnose)
             p = self.progress.position
             failure = dist.collective_failure(exc, f"epoch {p.epoch + 1}, step {p.step_in_epoch}", self.run.path)
             if failure is not None:
@@ -110,16 +110,16 @@ class Session:
             self.run.write_summary(summary)
         if summary["status"] == "stopped":
             self.log.info(f"stopped at epoch {p.position.epoch + 1}, step {p.position.step_in_epoch} on request "
-                          f"({self.stop.signal_name or 'stop flag'}); checkpoint written, rerun the same command to resume")
+                          f"({p.requested_by or 'stop request'}); checkpoint written, rerun the same command to resume")
         return summary
 
 
-def fit_segments(model, batches_from, session: Session, callbacks, verbose: int = 0) -> None:
+def fit_segments(model, batches_from, session: Session, callbacks, verbose: int = 0, diagnose=None) -> None:
     """model.fit from the session's start to the end, in whole epochs: first the rest of a partly trained epoch (a
     resume after a mid-epoch stop), then the remaining epochs. `batches_from(first_epoch, epochs, skip)` gives the
     per-rank stream."""
     p, steps, epochs = session.progress, session.progress.steps_per_epoch, session.progress.epochs
-    with session.guard(callbacks):
+    with session.guard(callbacks, diagnose):
         start = p.position
         if start.step_in_epoch and start.epoch < epochs:
             model.fit(batches_from(start.epoch, start.epoch + 1, start.step_in_epoch), epochs=start.epoch + 1,

@@ -120,7 +120,8 @@ class StaticLoop:
 
     def run(self, trainer: Trainer) -> None:
         callbacks = trainer.session.callbacks(evaluate=trainer.evaluate)
-        fit_segments(trainer.model, trainer.batches_from, trainer.session, callbacks)
+        fit_segments(trainer.model, trainer.batches_from, trainer.session, callbacks,
+                     diagnose=lambda: trainer.source.diagnose(trainer.world, "train"))
 
 
 class ElasticLoop:

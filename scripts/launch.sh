@@ -13,4 +13,6 @@ if [ "$(id -u)" = 0 ]; then  # OpenMPI refuses root unless told; containers and 
 fi
 controller="${HVDTRAIN_CONTROLLER:-mpi}"
 case "$controller" in mpi|gloo) ;; *) echo "launch.sh: HVDTRAIN_CONTROLLER must be mpi or gloo" >&2; exit 2;; esac
-exec horovodrun -np "$np" "--$controller" "$@"
+# horovodrun's own process imports TensorFlow, whose C++ start-up banners ignore every log level: drop those two lines.
+exec horovodrun -np "$np" "--$controller" "$@" \
+  2> >(grep --line-buffered -v -e "All log messages before absl::InitializeLog" -e "oneDNN custom operations are on" >&2)

@@ -52,6 +52,15 @@ class Source:
     def adopt(self, split: str, gathered: list) -> None:
         """Take every rank's `validate` result (the same list on every rank)."""
 
+    def diagnose(self, world, split: str) -> str | None:
+        """After a read error: this rank's part of the split checked again, so the error can name the file and record
+        (a file changed or vanished since the start). None when the part reads fine now."""
+        try:
+            self.validate(world, split)
+        except DataError as exc:
+            return str(exc)
+        return None
+
     def local_steps(self, world, global_batch: int) -> int:
         """Training steps per epoch this rank's shard can feed (the trainer agrees on the MIN over ranks)."""
         raise NotImplementedError
@@ -67,6 +76,10 @@ class Source:
         share = self.eval_share(world, split, batch)
         share.dataset = share.dataset.map(lambda x, y: x)
         return share
+
+
+def _name(unit) -> str:
+    return unit[0] if isinstance(unit, tuple) else str(unit)
 
 
 def epoch_order(num: int, seed: int, epoch, salt: int = 0):
@@ -128,6 +141,18 @@ class FileSource(Source):
     def after_adopt(self, split: str) -> None:
         """Hook: e.g. image folders drop the files found corrupt (data.bad_files=skip)."""
 
+    def diagnose(self, world, split: str) -> str | None:
+        """Re-check this rank's units: a DataError's message, or the first unit whose record count changed."""
+        found = super().diagnose(world, split)
+        if found or split not in self._counts:
+            return found
+        units = self.units(split)
+        mine = self._validated_units(world, split)
+        for i, count in zip(mine, self.scan([units[i] for i in mine], split)):
+            if count != self._counts[split].get(i, count):
+                return f"{_name(units[i])} held {self._counts[split][i]} records at the start and holds {count} now"
+        return None
+
     def counts(self, split: str) -> list[int]:
         if split not in self._counts:   # not validated under the agreement (e.g. a single-process helper)
             units = self.units(split)
@@ -165,7 +190,10 @@ class FileSource(Source):
                 records = records.shuffle(buffer, seed=seed * 1_000_003 + e, reshuffle_each_iteration=False)
             parsed = records.map(self.parse, num_parallel_calls=tf.data.AUTOTUNE)
             parsed = self.augment(parsed, e, world)
-            return parsed.batch(per_rank, drop_remainder=True).take(steps)
+            # Exactly `steps` batches, or an input error: a file that shrank since validation must not leave this
+            # rank short of batches while its peers wait in an all-reduce.
+            return parsed.batch(per_rank, drop_remainder=True).take(steps) \
+                .apply(tf.data.experimental.assert_cardinality(steps))
 
         stream = tf.data.Dataset.range(first_epoch, epochs).flat_map(one_epoch).skip(skip_steps)
         return stream.prefetch(tf.data.AUTOTUNE)

@@ -66,6 +66,10 @@ class ImageFolders(FileSource):
     def augment(self, parsed, epoch, world):
         return _augmented(parsed, self.cfg, epoch, world)
 
+    def validate(self, world, split: str) -> dict:
+        self._rank = world.rank   # after_adopt reports what was left out, from rank 0 only
+        return super().validate(world, split)
+
     def scan(self, units, split):
         """Decode every image (in parallel); 1 per good file, 0 per bad one (bad_files=skip) or a DataError."""
         import tensorflow as tf
@@ -96,5 +100,5 @@ class ImageFolders(FileSource):
         self._listing[split] = (classes, kept)
         self._counts[split] = {i: 1 for i in range(len(kept))}
         self.skipped[split] = bad
-        get_logger().info(f"{split}: left out {len(bad)} unreadable image(s) of {len(files)} (data.bad_files=skip), "
-                             f"e.g. {bad[0]}")
+        get_logger(getattr(self, "_rank", 0)).info(
+            f"{split}: left out {len(bad)} unreadable image(s) of {len(files)} (data.bad_files=skip), e.g. {bad[0]}")

@@ -25,8 +25,7 @@ def input_config(data_cfg, source: str | None, shape: tuple):
                                    input_shape=shape if source == "synthetic" else ())
     if source.endswith(".npz"):
         return dataclasses.replace(data_cfg, source="npz", path=source, test_path=source, input_shape=())
-    if os.path.isdir(source) and data_cfg.source in ("images", "image_tfrecord", "tfds") and \
-            not any(name.endswith(".tfrecord") or ".tfrecord-" in name for name in os.listdir(source)):
+    if os.path.isdir(source) and data_cfg.source in ("images", "image_tfrecord", "tfds") and not _has_tfrecords(source):
         return dataclasses.replace(data_cfg, source="images", path=source, test_path=source)
     kind = "image_tfrecord" if data_cfg.image_source else "tfrecord"
     return dataclasses.replace(data_cfg, source=kind, path=source, test_path=source, input_shape=shape)
@@ -69,4 +68,5 @@ def _has_class_folders(path: str) -> bool:
 
 
 def _has_tfrecords(path: str) -> bool:
-    return any(".tfrecord" in name for name in os.listdir(path))
+    from hvdtrain.data.tfrecord import is_record_file
+    return any(is_record_file(name) for name in os.listdir(path))

@@ -83,13 +83,16 @@ class TfdsSource(Source):
         by_file = shard_files(files, world.rank, world.size) is not None
         context = tf.distribute.InputContext(num_input_pipelines=world.size, input_pipeline_id=world.rank)
         cfg = self.cfg
+        # Built once, outside the per-epoch function: TFDS deals this rank's files to it (round robin, in a fixed
+        # order), or every rank reads all files and keeps every size-th example when there are fewer files than ranks
+        # (TFDS refuses an input context then).
+        read = tfds.ReadConfig(input_context=context if by_file else None)
+        examples = self.builder().as_dataset(split=self._split("train"), shuffle_files=False, read_config=read)
+        if not by_file:
+            examples = examples.shard(world.size, world.rank)
 
         def one_epoch(e):
-            read = tfds.ReadConfig(input_context=context if by_file else None, shuffle_seed=cfg.seed)
-            ds = self.builder().as_dataset(split=self._split("train"), shuffle_files=False, read_config=read)
-            if not by_file:
-                ds = ds.shard(world.size, world.rank)
-            ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed * 1_000_003 + e, reshuffle_each_iteration=False)
+            ds = examples.shuffle(cfg.shuffle_buffer, seed=cfg.seed * 1_000_003 + e, reshuffle_each_iteration=False)
             parsed = _augmented(ds.map(self._parse, num_parallel_calls=tf.data.AUTOTUNE), cfg, e, world)
             return parsed.batch(per_rank, drop_remainder=True).take(steps)
 

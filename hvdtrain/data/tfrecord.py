@@ -13,14 +13,29 @@ from hvdtrain.errors import DataError, first_line
 from hvdtrain.tasks import Task
 
 
+# TFRecord file names in a directory: *.tfrecord (also TFDS's name.tfrecord-00000-of-00004) and the sharded names of
+# the classic ImageNet converters (train-00000-of-01024, validation-00000-of-00128), which have no extension.
+_SHARD = "-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]"
+RECORD_NAMES = ("*.tfrecord*", "*" + _SHARD)
+
+
+def is_record_file(name: str) -> bool:
+    """Whether a file name in a directory is taken for a TFRecord file (see RECORD_NAMES)."""
+    import fnmatch
+    return not name.startswith(".") and any(fnmatch.fnmatchcase(name, p) for p in RECORD_NAMES)
+
+
 def list_files(pattern: str) -> list[str]:
-    """A directory, a glob or a single file, always in sorted order so every rank sees the same list."""
+    """A directory (its TFRecord files, see RECORD_NAMES), a glob or a single file, always in sorted order so every
+    rank sees the same list."""
     if os.path.isdir(pattern):
-        files = sorted(glob.glob(os.path.join(pattern, "*.tfrecord*")))
+        files = sorted(os.path.join(pattern, name) for name in os.listdir(pattern)
+                       if is_record_file(name) and os.path.isfile(os.path.join(pattern, name)))
     else:
         files = sorted(glob.glob(pattern))
     if not files:
-        raise DataError(f"no TFRecord files match {pattern!r}; set the path to a directory of *.tfrecord files or a glob")
+        raise DataError(f"no TFRecord files match {pattern!r}; set the path to a directory of *.tfrecord files (or "
+                        "ImageNet-style train-00000-of-01024 shards) or a glob")
     return files
 
 

@@ -23,8 +23,9 @@ def _sum_step(model, task):
     return cache[task]
 
 
-def local_sums(model, dataset, task, where: str = "held-out data") -> np.ndarray:
-    """The task's sums over this rank's share; a read error becomes a DataError naming what was being read."""
+def local_sums(model, dataset, task, where: str = "held-out data", diagnose=None, expected: int | None = None) -> np.ndarray:
+    """The task's sums over this rank's share; a read error becomes a DataError naming the file when `diagnose()`
+    (a re-check of this rank's inputs) can find it, else what was being read."""
     import tensorflow as tf
     step = _sum_step(model, task)
     sums = np.zeros(len(task.sum_names()))
@@ -33,14 +34,23 @@ def local_sums(model, dataset, task, where: str = "held-out data") -> np.ndarray
             sums += step(x, y).numpy()
     except tf.errors.OpError as exc:
         kind = "corrupt" if isinstance(exc, tf.errors.DataLossError) else "unreadable or malformed"
-        raise DataError(f"{kind} {where} while evaluating ({first_line(exc)})") from None
+        found = diagnose() if diagnose else None
+        raise DataError(f"{found or f'{kind} {where} ({first_line(exc)})'}; found while evaluating") from None
+    examples = int(sums[task.sum_names().index("examples")])
+    if expected is not None and examples != expected:   # a file shrank or grew since validation: never a silent result
+        found = diagnose() if diagnose else None
+        raise DataError(f"{found or f'{where} changed since the start ({examples} examples now, {expected} then)'}; "
+                        "found while evaluating: rerun to check the inputs again")
     return sums
 
 
-def exact_metrics(model, dataset, world, task, name: str = "hvdtrain.evaluate", where: str = "held-out data") -> dict:
-    """The task's metrics over every rank's share of `dataset` together, identical on every rank (a collective)."""
-    local = dist.agree_on_errors(lambda: local_sums(model, dataset, task, where), f"{name}.read") if world.size > 1 \
-        else local_sums(model, dataset, task, where)
+def exact_metrics(model, dataset, world, task, name: str = "hvdtrain.evaluate", where: str = "held-out data",
+                  diagnose=None, expected: int | None = None) -> dict:
+    """The task's metrics over every rank's share of `dataset` together, identical on every rank (a collective).
+    `expected`: this rank's example count, checked after reading."""
+    def read():
+        return local_sums(model, dataset, task, where, diagnose, expected)
+    local = dist.agree_on_errors(read, f"{name}.read") if world.size > 1 else read()
     total = dist.allreduce_sum(local, name=name) if world.size > 1 else local
     return task.metrics_from_sums(total)
 
@@ -50,7 +60,7 @@ class Evaluator:
     built once and re-read at every call, so a split is never re-listed or re-scanned between epochs."""
 
     def __init__(self, source, world, task, split: str = "test", batch: int = 256):
-        self.world, self.task, self.split = world, task, split
+        self.source, self.world, self.task, self.split = source, world, task, split
         self.share = source.eval_share(world, split, batch) if source.has_split(split) else None
         self.where = f"{split} data"
 
@@ -58,4 +68,5 @@ class Evaluator:
         if self.share is None:
             return None
         return exact_metrics(model, self.share.dataset, self.world, self.task, f"hvdtrain.evaluate.{self.split}",
-                             self.where)
+                             self.where, diagnose=lambda: self.source.diagnose(self.world, self.split),
+                             expected=self.share.count)

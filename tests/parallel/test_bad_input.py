@@ -22,6 +22,13 @@ def make_inputs(tmp_path):
     blob[30:60] = b"\xff" * 30
     open(files[1], "wb").write(bytes(blob))
     paths["records"] = records
+    # The case: valid training files, a held-out directory whose second file lost its last 37 bytes.
+    good, held_out = tmp_path / "good", tmp_path / "held-out"
+    good.mkdir(), held_out.mkdir()
+    data.write_tfrecords(np.zeros((40, 4), np.float32), np.zeros(40, np.int64), [str(good / "a.tfrecord"), str(good / "b.tfrecord")])
+    data.write_tfrecords(np.zeros((20, 4), np.float32), np.zeros(20, np.int64), [str(held_out / "a.tfrecord"), str(held_out / "b.tfrecord")])
+    (held_out / "b.tfrecord").write_bytes((held_out / "b.tfrecord").read_bytes()[:-37])
+    paths.update(good=good, held_out=held_out)
     (tmp_path / "a_file").write_text("")
     return paths
 
@@ -37,6 +44,9 @@ CASES = {
                            "label 12 is outside [0, 10)"),
     "corrupt TFRecord": (lambda p: ["--data.source=tfrecord", f"--data.path={p['records']}", "--data.input_shape=[4]"],
                          "corrupt TFRecord file "),
+    "corrupt held-out TFRecord": (lambda p: ["--data.source=tfrecord", f"--data.path={p['good']}",
+                                             f"--data.test_path={p['held_out']}", "--data.input_shape=[4]"],
+                                  "held-out/b.tfrecord: unreadable after record 9, at byte "),
     "TFRecord shape mismatch": (lambda p: ["--data.source=tfrecord", f"--data.path={p['records']}",
                                            "--data.input_shape=[5]"], "expected features 'x': 5 floats (data.input_shape=[5])"),
     "unwritable run directory": (lambda p: [f"--trainer.run_dir={p['a_file']}/run"], "is not writable"),

@@ -129,6 +129,44 @@ def test_stop_signal_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path)
     assert final["test_accuracy"] == reference["test_accuracy"]
 
 
+def digits_records(folder, files: int):
+    """The digits training and test splits as TFRecord files (round robin): with file-level sharding rank r reads
+    files r, r + 2, ..."""
+    from hvdtrain.config import DataConfig
+    from hvdtrain.data import open_source, write_tfrecords
+    for split in ("train", "test"):
+        arrays = open_source(DataConfig()).arrays(split)
+        (folder / split).mkdir(parents=True)
+        write_tfrecords(arrays.x, arrays.y, [str(folder / split / f"part-{i}.tfrecord") for i in range(files)])
+    return ["--data.source=tfrecord", f"--data.path={folder / 'train'}", f"--data.test_path={folder / 'test'}",
+            "--data.input_shape=[8,8,1]", "--data.shuffle_buffer=64"]
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_data_that_goes_bad_mid_run_stops_every_rank_with_that_ranks_error(tmp_path, split):
+    """Valid at the start, then a file of rank 1's share is cut short while training runs: every rank stops with
+    rank 1's data error, naming the file (exit 2), never a hang and never 'a peer died'."""
+    run = tmp_path / "run"
+    job = start_horovodrun(2, [*HVDTRAIN, *digits_records(tmp_path / "records", 4), f"--trainer.run_dir={run}",
+                               "--trainer.epochs=500", "--trainer.global_batch_size=16", "--runtime.stall_timeout_s=60"])
+    try:
+        first_checkpoint(run)
+        victim = tmp_path / "records" / split / ("part-1.tfrecord" if split == "train" else "part-3.tfrecord")
+        victim.write_bytes(victim.read_bytes()[:len(victim.read_bytes()) // 2])   # rank 1 reads it (train: file 1;
+        out, _ = job.communicate(timeout=180)                                     # test: the second half's block)
+    finally:
+        kill_tree(job)
+    assert job.returncode != 0
+    errors = [line for line in out.splitlines() if "hvdtrain: error:" in line]
+    assert len(errors) == 1, out[-3000:]                       # agreed: printed once, by rank 0
+    assert f"corrupt TFRecord file {victim}: unreadable after record" in errors[0] \
+        or f"{victim} held " in errors[0], errors   # cut inside a record, or exactly between two
+    assert "(on rank 1)" in errors[0] or "on rank 1" in errors[0]
+    assert "a collective failed" not in out and "made no progress" not in out
+    assert "exit with status code 2" in out or "Exit code: 2" in out or "exit code 2" in out.lower(), out[-2000:]
+    assert_checkpoint_loads(run)
+
+
 SAVE_LOOP = """
 import sys, keras
 from hvdtrain import checkpoint

@@ -161,3 +161,51 @@ def submit_plain(cluster, work, script: str, args: list[str], nodes: int = 1) ->
                         f"slurm/{script}", *args], cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     return job_id_from(proc.stdout)
+
+
+# ---------------------------------------------------------------- your own Keras script (slurm/run.sbatch)
+
+@pytest.fixture(scope="module")
+def example_data(work):
+    """examples/keras_resumable.py's data: digits in 3 uneven TFRecord files and a held-out .npz."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from hvdtrain.data import write_tfrecords
+    folder = work / "example-data"
+    folder.mkdir()
+    d = load_digits()
+    x, y = (d.images / 16.0).reshape(-1, 64).astype(np.float32), d.target.astype(np.int64)
+    for i, (a, b) in enumerate(((0, 700), (700, 1000), (1000, 1437))):
+        write_tfrecords(x[a:b], y[a:b], [str(folder / f"part-{i}.tfrecord")])
+    np.savez(folder / "test.npz", x=x[1437:], y=y[1437:])
+    return folder
+
+
+def submit_example(cluster, work, name: str, data) -> tuple[str, object]:
+    """sbatch slurm/run.sbatch python examples/keras_resumable.py ..., 2 tasks, as the README shows."""
+    run = work / name
+    proc = cluster.run(["sbatch", "--ntasks-per-node=2", "--time=30", f"--job-name={name}",
+                        f"--output={work}/{name}-%j.out", "slurm/run.sbatch", str(VENV_BIN / "python"),
+                        "examples/keras_resumable.py", "--run-dir", str(run), "--data", str(data), "--epochs", "6",
+                        "--deterministic"], cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    return job_id_from(proc.stdout), run
+
+
+def test_own_keras_script_survives_preemption_on_slurm_bit_exactly(cluster, work, example_data):
+    ref_id, ref_run = submit_example(cluster, work, "example-reference", example_data)
+    job_id, run = submit_example(cluster, work, "example-preempted", example_data)
+    log_path = work / f"example-preempted-{job_id}.out"
+    cluster.wait_while_running(job_id, "the first checkpoint", lambda: any(run.glob("checkpoints/ckpt-*")), log_path)
+    signalled = cluster.run(["scancel", "--signal=USR1", "--batch", job_id])
+    assert signalled.returncode == 0, signalled.stderr
+    info = cluster.wait_done(job_id, log_path)
+    log = log_path.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log   # stopped, requeued once, finished
+    assert "[slurm] USR1" in log and "on request (SIGUSR1)" in log and f"requeueing job {job_id}" in log
+    assert "resuming from" in log.split(f"[slurm] job {job_id} run 2", 1)[1]
+    ref_info = cluster.wait_done(ref_id, work / f"example-reference-{ref_id}.out")
+    assert ref_info["JobState"] == "COMPLETED"
+    final, reference = (json.loads((r / "summary.json").read_text()) for r in (run, ref_run))
+    assert final["status"] == reference["status"] == "completed" and final["num_ranks"] == 2
+    assert final["weights_sha256"] == reference["weights_sha256"]            # bit for bit, across the requeue

@@ -77,7 +77,7 @@ def test_task_sums_give_exact_metrics():
     r = reg.metrics_from_sums(np.asarray(reg.batch_sums(scores, tf.zeros((3, 3)))))
     assert r["mae"] == pytest.approx(float(np.abs(scores.numpy()).mean())) and r["examples"] == 3
     multi = Task("multilabel", 3)
-    m = multi.metrics_from_sums(np.asarray(multi.batch_sums(scores, tf.constant([[1, 0, 1], [0, 1, 1], [1, 1, 0]]))))
+    m = multi.metrics_from_sums(np.asarray(multi.batch_sums(scores, tf.constant([[1, 0, 1], [0, 1, 1], [1, 1, 1]]))))
     assert m["accuracy"] == pytest.approx(8 / 9)   # logits > 0 predict 1; one of the nine labels is wrong
 
 

@@ -1,0 +1,239 @@
+"""`hvdtrain sweep` end to end on this machine: real trials under horovodrun -np 2, the files a sweep leaves, the best
+configuration reproduced by `hvdtrain train`, a driver killed mid-trial and rerun, pruning through RUN/STOP, and the
+bad space files that are refused before any trial runs."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+
+import psutil
+import pytest
+import yaml
+
+from conftest import BIN, REPO, env, output, wait_for
+
+HVDTRAIN = str(BIN / "hvdtrain")
+LAUNCH = str(REPO / "scripts/launch.sh")
+# Every trial: digits, deterministic ops (so a rerun of the best configuration gives the same numbers), no TensorBoard.
+BASE = ["--config", str(REPO / "configs/digits.yaml"), "--trainer.tensorboard=false", "--runtime.deterministic=true",
+        "--trainer.progress=epoch", "--trainer.global_batch_size=64"]
+LR_WARMUP = "optim.lr: {log_uniform: [0.01, 0.3]}\noptim.warmup_epochs: {uniform: [0, 1]}\n"
+# Hang guard only (the machine is shared and slow); nothing asserts on durations.
+SWEEP_TIMEOUT = 3600
+
+
+def sweep(args, timeout=SWEEP_TIMEOUT) -> subprocess.CompletedProcess:
+    return subprocess.run([HVDTRAIN, "sweep", *args], cwd=REPO, env=env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start_sweep(args, log) -> subprocess.Popen:
+    """The driver in the background, in a session of its own, its output in a file."""
+    return subprocess.Popen([HVDTRAIN, "sweep", *args], cwd=REPO, env=env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def rows(out) -> list[dict]:
+    return list(csv.DictReader((out / "trials.csv").open()))
+
+
+def summary(out, number: int) -> dict:
+    return json.loads((out / "trials" / f"{number:04d}" / "summary.json").read_text())
+
+
+def metric_rows(out, number: int) -> int:
+    path = out / "trials" / f"{number:04d}" / "metrics.csv"
+    return max(0, len(path.read_text().splitlines()) - 1) if path.exists() else 0
+
+
+def kill_session(sid: int) -> int:
+    """SIGKILL every process of one session (a trial's launcher and ranks), by process id."""
+    killed = 0
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid:
+                p.kill()
+                killed += 1
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            continue
+    return killed
+
+
+def test_four_trial_sweep_finds_a_best_config_that_train_reproduces(tmp_path):
+    space, out = tmp_path / "space.yaml", tmp_path / "sweep"
+    space.write_text(LR_WARMUP)
+    args = [*BASE, "--trainer.epochs=3", "--space", str(space), "--trials", "4", "--output", str(out),
+            "--ranks-per-trial", "2"]
+    proc = sweep(args)
+    assert proc.returncode == 0, output(proc)
+
+    table = rows(out)
+    assert [r["trial"] for r in table] == ["0", "1", "2", "3"]
+    assert [r["status"] for r in table] == ["completed"] * 4, table
+    assert len({(r["optim.lr"], r["optim.warmup_epochs"]) for r in table}) == 4   # four different trials
+    assert set(table[0]) >= {"test_accuracy", "optim.lr", "optim.warmup_epochs", "wall_seconds", "samples_per_sec"}
+    for r in table:
+        s = summary(out, int(r["trial"]))
+        assert s["status"] == "completed" and s["num_ranks"] == 2 and s["epochs"] == 3
+        assert float(r["test_accuracy"]) == s["test_accuracy"]
+        assert float(r["samples_per_sec"]) > 0 and float(r["wall_seconds"]) > 0
+        # the trial trained with exactly the sampled values
+        trained = yaml.safe_load((out / "trials" / f"{int(r['trial']):04d}" / "config.yaml").read_text())
+        assert trained["optim"]["lr"] == float(r["optim.lr"])
+        assert trained["optim"]["warmup_epochs"] == float(r["optim.warmup_epochs"])
+        assert trained["trainer"]["run_dir"] == str(out / "trials" / f"{int(r['trial']):04d}")
+    best = max(table, key=lambda r: (float(r["test_accuracy"]), -int(r["trial"])))
+    assert f"best: trial {best['trial']}, test_accuracy {float(best['test_accuracy']):.4f}" in proc.stdout
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    best_cfg = yaml.safe_load((out / "best.yaml").read_text())
+    assert best_cfg["optim"]["lr"] == float(best["optim.lr"])
+    assert best_cfg["optim"]["warmup_epochs"] == float(best["optim.warmup_epochs"])
+    assert best_cfg["trainer"]["run_dir"] == str(out / "best") and best_cfg["trainer"]["epochs"] == 3
+
+    # The same command again: the sweep is complete, nothing runs, the results are the same.
+    again = sweep(args, timeout=600)
+    assert again.returncode == 0, output(again)
+    assert "4 of 4 trials done" in again.stdout and " started " not in again.stdout
+    assert rows(out) == table
+
+    # best.yaml as it is: the same accuracy and the very same weights as the best trial.
+    train = subprocess.run([LAUNCH, "2", "hvdtrain", "train", "--config", str(out / "best.yaml")], cwd=REPO, env=env(),
+                           capture_output=True, text=True, timeout=1800)
+    assert train.returncode == 0, output(train)
+    reproduced, found = json.loads((out / "best" / "summary.json").read_text()), summary(out, int(best["trial"]))
+    assert reproduced["status"] == "completed" and reproduced["num_ranks"] == 2
+    assert reproduced["test_accuracy"] == found["test_accuracy"]
+    assert reproduced["weights_sha256"] == found["weights_sha256"]
+
+
+def test_killed_sweep_continues_without_losing_or_repeating_a_trial(tmp_path):
+    """Driver 1 is SIGKILLed while trial 0 trains (the trial keeps running); driver 2 follows it, starts trial 1 and is
+    SIGKILLed together with trial 1's processes (as in a crash of the machine); driver 3 relaunches trial 1, which
+    resumes from its checkpoint, then runs trial 2."""
+    space, out = tmp_path / "space.yaml", tmp_path / "sweep"
+    space.write_text(LR_WARMUP)
+    args = [*BASE, "--trainer.epochs=40", "--space", str(space), "--trials", "3", "--output", str(out),
+            "--ranks-per-trial", "2"]
+
+    with open(tmp_path / "driver1.log", "w") as log:
+        first = start_sweep(args, log)
+    wait_for(lambda: metric_rows(out, 0) >= 1 or first.poll() is not None, timeout=1800, what="trial 0 to train")
+    first.kill()
+    first.wait(timeout=60)
+    assert first.returncode == -signal.SIGKILL, (tmp_path / "driver1.log").read_text()
+    assert not (out / "trials/0000/summary.json").exists()   # killed mid-trial
+    assert not (out / "trials/0001").exists()
+
+    with open(tmp_path / "driver2.log", "w") as log:
+        second = start_sweep(args, log)
+    wait_for(lambda: metric_rows(out, 1) >= 1 or second.poll() is not None, timeout=1800, what="trial 1 to train")
+    second.kill()
+    second.wait(timeout=60)
+    log2 = (tmp_path / "driver2.log").read_text()
+    assert second.returncode == -signal.SIGKILL, log2
+    sid = int((out / "trials/0001/trial.pid").read_text())
+    assert kill_session(sid) >= 1, log2    # the trial was running: its launcher and ranks are gone now
+    assert not (out / "trials/0001/summary.json").exists()
+    assert "trial 0 is still running" in log2 and "following it" in log2, log2
+    assert "trial 0 completed" in log2 and "trial 1 started" in log2, log2
+
+    third = sweep(args)
+    assert third.returncode == 0, output(third)
+    assert "trial 1 relaunched (it resumes from its checkpoint)" in third.stdout, third.stdout
+    assert "trial 0 " not in third.stdout.split("trial  status")[0], third.stdout   # trial 0 was left alone
+    table = rows(out)
+    assert [r["trial"] for r in table] == ["0", "1", "2"]
+    assert [r["status"] for r in table] == ["completed"] * 3, table
+    assert len({(r["optim.lr"], r["optim.warmup_epochs"]) for r in table}) == 3
+    # Trial 0 trained once, under the first driver; trial 1 trained twice, the second time from its checkpoint.
+    log0 = (out / "trials/0000/train.log").read_text()
+    log1 = (out / "trials/0001/train.log").read_text()
+    assert log0.count("[hvdtrain] 2 rank(s)") == 1 and "resuming from" not in log0
+    assert log1.count("[hvdtrain] 2 rank(s)") == 2 and f"resuming from {out}/trials/0001/checkpoints/ckpt-" in log1
+    for number in range(3):
+        s = summary(out, number)
+        assert s["status"] == "completed" and s["global_step"] == 40 * (1437 // 64)
+        assert float(table[number]["test_accuracy"]) == s["test_accuracy"]
+
+
+def test_a_hopeless_trial_is_pruned_and_stopped_at_an_agreed_step(tmp_path):
+    """Trial 0 (lr 0.05) completes; trial 1 (lr 1e-5 learns nothing) falls below the median at epoch 1: the driver
+    creates its RUN/STOP, both ranks stop at one step, checkpoint, and the trial is PRUNED."""
+    space, out = tmp_path / "space.yaml", tmp_path / "sweep"
+    space.write_text("optim.lr: {log_uniform: [1.0e-5, 0.1]}\n"
+                     "pruning: {startup_trials: 1, warmup_epochs: 0}\n"
+                     "enqueue:\n  - {optim.lr: 0.05}\n  - {optim.lr: 1.0e-5}\n")
+    proc = sweep([*BASE, "--trainer.epochs=40", "--space", str(space), "--trials", "2", "--output", str(out),
+                  "--ranks-per-trial", "2"])
+    assert proc.returncode == 0, output(proc)
+    table = rows(out)
+    assert [(r["trial"], r["status"], r["optim.lr"]) for r in table] == [("0", "completed", "0.05"),
+                                                                         ("1", "pruned", "1e-05")], table
+    assert table[1]["note"] == "pruned at epoch 1" and table[1]["test_accuracy"] == ""
+    assert "trial 1 pruned at epoch 1 (val_accuracy" in proc.stdout
+    run = out / "trials/0001"
+    assert (run / "STOP").read_text().startswith("pruned by hvdtrain sweep: epoch 1:")
+    stopped = json.loads((run / "summary.json").read_text())
+    assert stopped["status"] == "stopped" and stopped["num_ranks"] == 2
+    assert stopped["global_step"] < 40 * (1437 // 64)
+    log = (run / "train.log").read_text()
+    assert "stopped at epoch" in log and f"on request (stop file {run}/STOP)" in log
+    assert (run / "checkpoints" / f"ckpt-{stopped['global_step']:08d}").is_dir()   # checkpoint at the agreed step
+    assert not (out / "trials/0000/STOP").exists() and summary(out, 0)["status"] == "completed"
+    # best.yaml is the completed trial's configuration
+    assert yaml.safe_load((out / "best.yaml").read_text())["optim"]["lr"] == 0.05
+
+
+@pytest.mark.parametrize("space, extra, message", [
+    ("optim.lrr: {log_uniform: [1.0e-3, 1.0]}", [],
+     "space.yaml: unknown config key 'optim.lrr' (did you mean 'lr'?)"),
+    ("optimm.lr: {log_uniform: [1.0e-3, 1.0]}", [],
+     "space.yaml: unknown config section 'optimm' (did you mean 'optim'?)"),
+    ("optim.lr: {log_uniform: [0, 1.0]}", [], "space.yaml: optim.lr: log_uniform needs 0 < low < high, got [0, 1]"),
+    ("optim.lr: {uniform: [0.5, 0.1]}", [], "space.yaml: optim.lr: uniform needs low < high, got [0.5, 0.1]"),
+    ("optim.lr: {loguniform: [1.0e-3, 1.0]}", [],
+     "space.yaml: optim.lr: unknown range kind 'loguniform' (did you mean 'log_uniform'?)"),
+    ("optim.name: {choice: []}", [], "space.yaml: optim.name: choice needs a non-empty list of values"),
+    ("optim.name: {choice: [sgd, adamw]}", [],
+     "space.yaml: optim.name {choice: [\"sgd\", \"adamw\"]}: optim.name must be one of sgd | adam | rmsprop, got 'adamw'"),
+    ("trainer.epochs: {uniform: [1, 5]}", [],
+     "space.yaml: trainer.epochs is an integer setting but uniform draws real numbers; use {int: [1, 5]} or a choice"),
+    ("trainer.global_batch_size: {choice: [63, 100]}", ["--ranks-per-trial", "3"],
+     "space.yaml: trainer.global_batch_size {choice: [63, 100]} includes 100: trainer.global_batch_size=100 is not "
+     "divisible by the 3 ranks; use a multiple of 3, e.g. 99 or 102"),
+    ("trainer.global_batch_size: {int: [64, 96], step: 2}", ["--ranks-per-trial", "4"],
+     "includes 66: trainer.global_batch_size=66 is not divisible by the 4 ranks; use a multiple of 4, e.g. 64 or 68"),
+    ("trainer.run_dir: {choice: [a, b]}", [], "space.yaml: trainer.run_dir cannot be swept"),
+    ("optim.lr: {log_uniform: [1.0e-3, 1.0]}\nobjective: {metric: test_acc}", [],
+     "space.yaml: objective metric 'test_acc' is not in a trial's summary.json (did you mean 'test_accuracy'?)"),
+    ("optim.lr: {log_uniform: [1.0e-3, 1.0]}\nobjective: {direction: up}", [],
+     "space.yaml: objective direction must be maximize or minimize, got 'up'"),
+    ("optim.lr: {log_uniform: [1.0e-3, 1.0]}\npruning: {metric: val_acc}", [],
+     "space.yaml: pruning metric 'val_acc' is not a column of metrics.csv (did you mean 'val_accuracy'?)"),
+    ("optim.lr: {log_uniform: [1.0e-3, 1.0]}\nenqueue: [{optim.lr: 5.0}]", [],
+     "space.yaml: enqueue[0]: optim.lr=5.0 lies outside its range {log_uniform: [0.001, 1]}"),
+    ("optim.lr: [1.0e-3, 1.0", [], "space.yaml is not valid YAML at line 2, column 1: expected ',' or ']'"),
+    ("optim.lr: {log_uniform: [1.0e-3, 1.0]}", ["--optim.lr=0.1"],
+     "optim.lr is both swept (space.yaml) and set on the command line; drop one of them"),
+    ("optim.lr: {log_uniform: [1.0e-3, 1.0]}", ["--ranks-per-trial", "2", "--parallel", "CORES"],
+     "--parallel CORES x 2 rank(s) per trial needs 2xCORES cores but this machine has CORES; lower --parallel"),
+], ids=["unknown-key", "unknown-section", "log-zero", "low-above-high", "unknown-kind", "empty-choice", "bad-choice",
+        "float-for-int", "batch-vs-ranks", "int-range-batch", "run-dir", "objective", "direction", "pruning-metric",
+        "enqueue-outside", "yaml", "swept-and-overridden", "too-many-ranks"])
+def test_bad_space_is_refused_with_one_line_before_any_trial(tmp_path, space, extra, message):
+    cores = len(os.sched_getaffinity(0))
+    extra = [str(cores) if a == "CORES" else a for a in extra]
+    message = message.replace("2xCORES", str(2 * cores)).replace("CORES", str(cores))
+    (tmp_path / "space.yaml").write_text(space + "\n")
+    out = tmp_path / "sweep"
+    proc = sweep(["--config", str(REPO / "configs/digits.yaml"), "--space", str(tmp_path / "space.yaml"),
+                  "--trials", "2", "--output", str(out), *extra], timeout=120)
+    assert proc.returncode == 2, output(proc)
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hvdtrain: error: ") and message in lines[0], proc.stderr
+    assert not out.exists()   # refused before anything was created, let alone run

@@ -1,0 +1,102 @@
+"""examples/keras_resumable.py, a plain Keras 3 script using hvdtrain.keras, under horovodrun -np 2: preemption with
+a bit-exact resume, a killed or stalled rank ending the job in bounded time with its checkpoint intact, and uneven
+file shards running the same number of steps on every rank. (The same script on Slurm: tests/slurm/.)"""
+import json
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from conftest import BIN, REPO, kill_tree, rank_pids, start_horovodrun, wait_for
+from hvdtrain import checkpoint
+from hvdtrain.data import write_tfrecords
+
+EXAMPLE = [str(BIN / "python"), str(REPO / "examples/keras_resumable.py")]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """The example's data: digits in 3 TFRecord files of 700, 300 and 437 examples (rank 1's shard is the short one)."""
+    from sklearn.datasets import load_digits
+    folder = tmp_path_factory.mktemp("digits-records")
+    d = load_digits()
+    x, y = (d.images / 16.0).reshape(-1, 64).astype(np.float32), d.target.astype(np.int64)
+    for i, (a, b) in enumerate(((0, 700), (700, 1000), (1000, 1437))):
+        write_tfrecords(x[a:b], y[a:b], [str(folder / f"part-{i}.tfrecord")])
+    np.savez(folder / "test.npz", x=x[1437:], y=y[1437:])
+    return folder
+
+
+def example(run, digits, *extra):
+    return [*EXAMPLE, "--run-dir", str(run), "--data", str(digits), "--deterministic", *extra]
+
+
+def finished(job, timeout):
+    out, _ = job.communicate(timeout=timeout)
+    return out
+
+
+def test_uneven_shards_run_the_same_steps_and_a_stop_resumes_bit_exactly(tmp_path, digits):
+    # Rank 0 reads files 0 and 2 (1,137 examples), rank 1 file 1 (300): 300 // 32 = 9 steps for both, not 35 and 9.
+    straight = start_horovodrun(2, example(tmp_path / "straight", digits, "--epochs", "6"))
+    try:
+        out = finished(straight, 600)
+    finally:
+        kill_tree(straight)
+    assert straight.returncode == 0, out[-3000:]
+    reference = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    assert reference["status"] == "completed" and reference["global_step"] == 6 * 9 == reference["optimizer_steps"]
+
+    run = tmp_path / "stopped"
+    job = start_horovodrun(2, example(run, digits, "--epochs", "6"))
+    try:
+        wait_for(lambda: checkpoint.latest(run), 300, "the first checkpoint")
+        subprocess.run(["kill", "-USR1", str(rank_pids(job, 2)[1])], check=True)   # one rank is told: all agree
+        out = finished(job, 300)
+    finally:
+        kill_tree(job)
+    assert job.returncode == 0, out[-3000:]
+    stopped = json.loads((run / "summary.json").read_text())
+    assert stopped["status"] == "stopped" and 0 < stopped["global_step"] < 6 * 9, out[-2000:]
+    assert "stopped at epoch" in out and "on request (SIGUSR1 on rank 1)" in out
+    meta = checkpoint.read_meta(checkpoint.latest(run))
+    assert meta["global_step"] == stopped["global_step"]
+
+    again = start_horovodrun(2, example(run, digits, "--epochs", "6"))
+    try:
+        out = finished(again, 600)
+    finally:
+        kill_tree(again)
+    assert again.returncode == 0, out[-3000:]
+    assert f"resuming from {run}/checkpoints/ckpt-{meta['global_step']:08d}" in out
+    final = json.loads((run / "summary.json").read_text())
+    assert final["status"] == "completed" and final["global_step"] == reference["global_step"]
+    assert final["weights_sha256"] == reference["weights_sha256"]          # bit for bit
+    assert final["test_accuracy"] == reference["test_accuracy"]
+
+
+@pytest.mark.parametrize("how", ["kill", "stall"])
+def test_a_killed_or_stalled_rank_ends_the_job_with_a_clear_line_and_a_loadable_checkpoint(tmp_path, digits, how):
+    run = tmp_path / "run"
+    job = start_horovodrun(2, example(run, digits, "--epochs", "500", "--stall-timeout", "10"))
+    try:
+        wait_for(lambda: checkpoint.latest(run), 300, "the first checkpoint")
+        victim = rank_pids(job, 2)[1]
+        subprocess.run(["kill", "-9" if how == "kill" else "-STOP", str(victim)], check=True)
+        hit = time.monotonic()
+        out = finished(job, 120)            # bounded: the job must end
+        ended_after = time.monotonic() - hit
+    finally:
+        kill_tree(job)
+    assert job.returncode != 0 and ended_after < 120
+    if how == "kill":
+        assert "Process name: 1" in out or "process rank 1" in out, out[-3000:]
+    else:
+        lines = [line for line in out.splitlines() if "hvdtrain: error:" in line]
+        assert lines and ("made no progress for" in lines[0] or "a collective failed" in lines[0]), out[-3000:]
+        assert "rerun the same command to resume" in lines[0]
+    import tensorflow as tf
+    latest = checkpoint.latest(run)
+    assert tf.train.load_checkpoint(str(latest / "state")).get_variable_to_shape_map()
+    assert checkpoint.read_meta(latest)["global_step"] > 0
