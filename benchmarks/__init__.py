@@ -1,44 +1,50 @@
-"""Benchmarks that print a table and write JSON + a PNG plot (docs/benchmarks.md is made from them by `make bench`).
+"""hvdtrain's benchmarks: each prints a table and writes JSON + a PNG plot; `make bench` turns them into
+docs/benchmarks.md. They live beside the package (hvdtrain/commands/bench.py only forwards to them).
 
-  hvdtrain bench allreduce --output bench/allreduce.json   all-reduce latency/bandwidth vs raw MPI_Allreduce
-  hvdtrain bench train     --output bench/train.json       throughput, weak scaling, vs MultiWorkerMirroredStrategy
-  hvdtrain bench predict   --output bench/predict.json     data-parallel inference throughput
-  hvdtrain bench tune      --output bench/tuning.json      the evidence behind the communication defaults
-  hvdtrain bench report    --dir bench --output docs/benchmarks.md   the Markdown report from those files
+  hvdtrain bench allreduce   all-reduce latency/bandwidth vs raw MPI_Allreduce        allreduce.py (+ allreduce_worker)
+  hvdtrain bench train       throughput and weak scaling, mlp/cnn/resnet50, vs MWMS   train.py (+ train_worker, mwms_worker)
+  hvdtrain bench stacks      TF 2.21 + hvdtrain's Keras 3 layer vs TF 2.15 + Horovod's  stacks.py
+  hvdtrain bench predict     data-parallel inference speed-up                         predict.py
+  hvdtrain bench tune        the evidence behind the communication defaults           tune.py
+  hvdtrain bench report      docs/benchmarks.md from those files                      report.py
 
-Started without a launcher, allreduce and train launch their own ranks (horovodrun, TF_CONFIG workers);
-config overrides (--runtime.cycle_time_ms=0.2 ...) and HOROVOD_* variables reach every rank.
+Drivers (the commands above) run without a launcher and start their own ranks: `python -m benchmarks.<x>_worker`
+under horovodrun. harness.py is what they all share. Config overrides (--runtime.cycle_time_ms=0.2 ...) and
+HOROVOD_* variables reach every rank. Under a launcher (e.g. slurm/bench.sbatch) only `bench allreduce` runs: it
+then measures that launch.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 
-HELP = "benchmarks: all-reduce, training throughput and scaling, inference (JSON + PNG + table)"
+HELP = "benchmarks: all-reduce, training throughput and scaling, stacks, inference (JSON + PNG + table)"
 
-# Sub-command name -> module in this package with HELP, add_arguments(parser) and run(args) -> int.
-# A module that is not there (yet) is simply not offered. (harness.py is what they share.)
-SUBCOMMANDS = {"allreduce": "allreduce", "train": "train", "predict": "predict", "tune": "tune", "report": "report"}
+# Sub-command -> module of this package with HELP, add_arguments(parser), run(args) -> int and, if it can also run
+# inside the ranks of a launch, run_in_rank(args) -> int.
+SUBCOMMANDS = ("allreduce", "train", "stacks", "predict", "tune", "report")
 
 
-def _modules() -> dict:
-    found = {}
-    for name, module in SUBCOMMANDS.items():
-        try:
-            found[name] = importlib.import_module(f"benchmarks.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"benchmarks.{module}":
-                raise  # the module exists but something it imports is missing: that is a real error
-    return found
+def _module(name: str):
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
-    for name, module in _modules().items():
+    for name in SUBCOMMANDS:
+        module = _module(name)
         module.add_arguments(sub.add_parser(name, help=module.HELP, description=module.__doc__,
                                             formatter_class=argparse.RawDescriptionHelpFormatter))
 
 
 def run(args, overrides) -> int:
-    args.overrides = list(overrides)   # sub-commands read config overrides from args
-    return _modules()[args.bench_command].run(args)
+    from hvdtrain import dist
+    from hvdtrain.errors import UserError
+    args.overrides = list(overrides)   # benchmarks pass config overrides on to their ranks
+    module = _module(args.bench_command)
+    if not dist.under_launcher():
+        return module.run(args)
+    if hasattr(module, "run_in_rank"):
+        return module.run_in_rank(args)
+    raise UserError(f"`hvdtrain bench {args.bench_command}` starts its own ranks: run it without a launcher "
+                    "(horovodrun, mpirun, srun)")

@@ -1,14 +1,19 @@
-"""What every `hvdtrain bench` command shares: machine and version facts, JSON files, tables, plots, launching ranks.
+"""What every benchmark shares: facts about the machine and the stack, shared arguments, running ranks and checking
+them, keeping the best round, JSON files, tables and plots.
 
 A benchmark file is one JSON document:
-    {"benchmark": "allreduce" | "train" | "predict", "created": ISO time, "np": ranks,
-     "machine": machine(), "versions": versions(), "settings": {...}, "runs": [{"loadavg": ..., ...}],
-     "rows": [{...}, ...], "summary": {...}}
-Rows are flat dicts of scalars, so any of them can be printed as a table without knowing the benchmark.
-Nothing here imports TensorFlow or Horovod: drivers stay light and start their ranks as subprocesses.
+    {"benchmark": "allreduce" | "train" | "predict" | "stacks" | "tuning", "created": ISO time, "np": ranks,
+     "machine": machine(), "versions": versions(), "stack": {name, tensorflow, keras, integration, source},
+     "settings": {...}, "runs": [{"loadavg_before": ..., ...}], "rows": [{...}, ...], "summary": {...}}
+Rows are flat dicts of scalars, so any of them can be printed as a table without knowing the benchmark. Summaries
+hold measured numbers and ratios only; the goals they are read against are stated in the report's prose.
+
+Drivers (the `hvdtrain bench ...` commands) never import TensorFlow or Horovod: they start ranks as subprocesses,
+`python -m benchmarks.<x>_worker ...` under horovodrun, and read back the file rank 0 wrote.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import functools
 import importlib.metadata
@@ -22,6 +27,7 @@ from pathlib import Path
 
 BIN = Path(sys.executable).parent
 PACKAGES = ("tensorflow-cpu", "tensorflow", "keras", "horovod", "mpi4py", "numpy", "matplotlib")
+TIMEOUT = 1800   # seconds for one launch of ranks
 
 
 # ---------------------------------------------------------------- facts
@@ -68,9 +74,141 @@ def _first_line(cmd: list[str]) -> str:
     return text.strip().splitlines()[0] if text.strip() else "unavailable"
 
 
-def new_document(benchmark: str, np_: int, settings: dict) -> dict:
+def stack_of(versions_: dict) -> dict:
+    """The stack named by package versions (what a driver knows without importing TensorFlow)."""
+    from hvdtrain.runtime import STACKS
+    tf = versions_.get("tensorflow-cpu") or versions_.get("tensorflow", "?")
+    keras = versions_.get("keras", "?")
+    name = "tf2.21" if keras.split(".")[0].isdigit() and int(keras.split(".")[0]) >= 3 else "tf2.15"
+    return {"name": name, "tensorflow": tf, "keras": keras, "integration": STACKS[name][2], "source": "package metadata"}
+
+
+def rank_stack() -> dict:
+    """The stack as a rank runs it: TensorFlow and Keras as imported, and the Horovod Keras layer hvdtrain chose."""
+    import keras
+    import tensorflow as tf
+
+    from hvdtrain import dist, runtime
+    return {"name": runtime.stack(), "tensorflow": tf.__version__, "keras": keras.__version__,
+            "integration": dist.integration(), "source": "rank"}
+
+
+def new_document(benchmark: str, np_: int, settings: dict, stack: dict | None = None) -> dict:
     return {"benchmark": benchmark, "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "np": np_, "machine": machine(), "versions": versions(), "settings": settings, "runs": [], "rows": []}
+            "np": np_, "machine": machine(), "versions": versions(), "stack": stack or stack_of(versions()),
+            "settings": settings, "runs": [], "rows": []}
+
+
+# ---------------------------------------------------------------- arguments
+
+def add_common(p, name: str, *, np_: bool = True, rounds: int = 0, threads: bool = False,
+               controller: bool = False) -> None:
+    """The flags benchmarks share: --output (a plot goes next to it), and where asked --np, --rounds, --threads,
+    --controller."""
+    p.add_argument("--output", default=f"bench/{name}.json", metavar="FILE.json",
+                   help="results (a plot is written next to it as FILE.png)")
+    if np_:
+        p.add_argument("--np", type=int, default=2, help="ranks of the distributed runs (default 2)")
+    if rounds:
+        p.add_argument("--rounds", type=int, default=rounds,
+                       help=f"repeat all runs, taking turns; each keeps its best round (default {rounds})")
+    if threads:
+        p.add_argument("--threads", type=int, default=1, help="TensorFlow intra-op threads per rank (default 1)")
+    if controller:
+        p.add_argument("--controller", default="mpi", choices=("mpi", "gloo"), help="horovodrun controller (default mpi)")
+
+
+def forward(args, names) -> list[str]:
+    """The command-line flags that give a worker the same values: forward(args, ["steps"]) -> ["--steps", "40"]."""
+    out = []
+    for name in names:
+        value, flag = getattr(args, name), "--" + name.replace("_", "-")
+        out += ([flag] if value else []) if isinstance(value, bool) else [flag, str(value)]
+    return out
+
+
+def split_overrides(rest: list[str]) -> tuple[list[str], list[str]]:
+    """(config overrides --section.key=value, anything else) from the arguments argparse did not know."""
+    overrides = [a for a in rest if a.startswith("--") and "=" in a and "." in a.split("=", 1)[0]]
+    return overrides, [a for a in rest if a not in overrides]
+
+
+def worker_main(doc: str, add_arguments, run, argv=None) -> int:
+    """The entry point of a rank-side worker module (`python -m benchmarks.<x>_worker ...`): its arguments plus
+    config overrides, TensorFlow imported quietly, and a UserError printed once (by rank 0 when all ranks agree)."""
+    from hvdtrain.dist import rank_hint
+    from hvdtrain.errors import UserError
+    from hvdtrain.runtime import import_tensorflow
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args, rest = parser.parse_known_args(argv)
+    args.overrides, unknown = split_overrides(rest)
+    if unknown:
+        parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+    import_tensorflow()
+    try:
+        return run(args)
+    except UserError as exc:
+        if rank_hint() == 0 or not exc.agreed:
+            print(f"benchmark worker: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+
+
+# ---------------------------------------------------------------- running ranks
+
+def rank_env(extra: dict | None = None) -> dict:
+    """The environment for benchmark subprocesses: the virtualenv first on PATH, OpenMPI allowed as root."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if os.geteuid() == 0:  # OpenMPI refuses root unless told (containers, CI)
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env.update(extra or {})
+    return env
+
+
+def hvdtrain_cmd(*args: str, bin_dir: Path = BIN) -> list[str]:
+    """The `hvdtrain` command of a virtualenv (this one unless told)."""
+    return [str(Path(bin_dir) / "hvdtrain"), *map(str, args)]
+
+
+def worker_cmd(module: str, *args: str) -> list[str]:
+    """A rank-side worker of this package, run by this virtualenv's Python: benchmarks.<module>."""
+    return [str(BIN / "python"), "-m", f"benchmarks.{module}", *map(str, args)]
+
+
+def run_checked(cmd: list[str], env: dict | None = None, timeout: float = TIMEOUT) -> str:
+    """Run a command to its end; fail loudly, with the tail of its output, if it failed. Returns its stdout."""
+    proc = subprocess.run(cmd, env=rank_env(env), capture_output=True, text=True, timeout=timeout)
+    check(proc, cmd)
+    return proc.stdout
+
+
+def horovodrun(np_: int, controller: str, command: list[str], env: dict | None = None) -> str:
+    """`horovodrun -np N --mpi|--gloo command`, checked (see run_checked)."""
+    return run_checked([str(BIN / "horovodrun"), "-np", str(np_), f"--{controller}", *command], env)
+
+
+def check(proc: subprocess.CompletedProcess, cmd) -> None:
+    from hvdtrain.errors import UserError
+    if proc.returncode != 0:
+        tail = "\n".join(((proc.stdout or "") + (proc.stderr or "")).strip().splitlines()[-30:])
+        raise UserError(f"benchmark step failed (exit {proc.returncode}): {' '.join(map(str, cmd))}\n{tail}")
+
+
+# ---------------------------------------------------------------- rounds
+
+def best_by(rows: list[dict], keys, score, *, higher: bool = True) -> list[dict]:
+    """One row per distinct value of the `keys` columns, the one with the best `score` (a column name or a function
+    of the row); first-seen order. Rounds take turns on a shared machine: the best round is the least disturbed."""
+    value = score if callable(score) else (lambda row: row[score])
+    best: dict = {}
+    for row in rows:
+        key = tuple(row.get(k) for k in keys)
+        if key not in best or (value(row) > value(best[key]) if higher else value(row) < value(best[key])):
+            best[key] = row
+    return list(best.values())
 
 
 # ---------------------------------------------------------------- files
@@ -94,9 +232,19 @@ def png_path(json_path) -> Path:
     return Path(json_path).with_suffix(".png")
 
 
+def finish(path, doc: dict, plot, render) -> int:
+    """The end of every driver: the JSON file, its plot next to it, the table on screen."""
+    write_json(path, doc)
+    plot(doc, png_path(path))
+    print(render(doc))
+    print(f"[bench] wrote {path} and {png_path(path)}", flush=True)
+    return 0
+
+
 def plot(path, series: dict, *, xlabel: str, ylabel: str, title: str, logx: bool = False,
-         bar: bool = False) -> Path:
-    """One line (or one bar group) per series: {label: ([x...], [y...])}. Agg backend: no display needed."""
+         bar: bool = False, reference: float | None = None) -> Path:
+    """One line (or one bar group) per series: {label: ([x...], [y...])}; `reference` draws a dashed level.
+    Agg backend: no display needed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -106,6 +254,8 @@ def plot(path, series: dict, *, xlabel: str, ylabel: str, title: str, logx: bool
     else:
         for label, (xs, ys) in series.items():
             ax.plot(xs, ys, marker="o", markersize=3, label=label)
+    if reference is not None:
+        ax.axhline(reference, color="grey", linestyle="--", linewidth=1)
     if logx:
         ax.set_xscale("log", base=2)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
@@ -120,7 +270,7 @@ def plot(path, series: dict, *, xlabel: str, ylabel: str, title: str, logx: bool
 
 
 def _bars(ax, series: dict) -> None:
-    groups = sorted({x for xs, _ in series.values() for x in xs}, key=str)
+    groups = list(dict.fromkeys(x for xs, _ in series.values() for x in xs))
     width = 0.8 / max(1, len(series))
     for i, (label, (xs, ys)) in enumerate(series.items()):
         where = dict(zip(xs, ys))
@@ -178,34 +328,3 @@ def scalar_columns(rows: list[dict]) -> list[str]:
             if not isinstance(value, (dict, list)):
                 seen.setdefault(key, None)
     return list(seen)
-
-
-# ---------------------------------------------------------------- launching ranks
-
-def rank_env(extra: dict | None = None) -> dict:
-    """The environment for benchmark subprocesses: the virtualenv first on PATH, OpenMPI allowed as root."""
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    if os.geteuid() == 0:  # OpenMPI refuses root unless told (containers, CI)
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    env.update(extra or {})
-    return env
-
-
-def hvdtrain_cmd(*args: str) -> list[str]:
-    return [str(BIN / "hvdtrain"), *args]
-
-
-def horovodrun(np_: int, controller: str, command: list[str], timeout: float, env: dict | None = None) -> None:
-    """Run `horovodrun -np N --mpi|--gloo command` and fail loudly (with its output) if a rank fails."""
-    cmd = [str(BIN / "horovodrun"), "-np", str(np_), f"--{controller}", *command]
-    check(subprocess.run(cmd, env=rank_env(env), capture_output=True, text=True, timeout=timeout), cmd)
-
-
-def check(proc: subprocess.CompletedProcess, cmd) -> None:
-    from hvdtrain.errors import UserError
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-30:])
-        raise UserError(f"benchmark step failed (exit {proc.returncode}): {' '.join(map(str, cmd))}\n{tail}")

@@ -80,9 +80,10 @@ def check_compatible(ckpt, meta: dict, expected: dict) -> None:
     theirs, ours = found.get("weights", []), expected["weights"]
     for i, ((their_name, their_shape), (our_name, our_shape)) in enumerate(zip(theirs, ours)):
         if their_shape != our_shape:
+            named = "" if their_name == our_name else f" as {their_name}"
             raise UserError(f"checkpoint {ckpt} belongs to another model (weight {i}, {our_name}: shape {our_shape} "
-                            f"here, {their_shape} in the checkpoint as {their_name}); use a fresh --trainer.run_dir or "
-                            "the config that wrote it")
+                            f"here, {their_shape} in the checkpoint{named}); use a fresh --trainer.run_dir or the "
+                            "config that wrote it")
     if len(theirs) != len(ours):
         raise UserError(f"checkpoint {ckpt} belongs to another model ({len(theirs)} weights in the checkpoint, "
                         f"{len(ours)} here); use a fresh --trainer.run_dir or the config that wrote it")

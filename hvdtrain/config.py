@@ -202,7 +202,7 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "tra
 class ConfigError(UserError):
     """A bad config. Every rank reads the same file and arguments, so every rank raises it: rank 0 alone prints."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, agreed: bool = True):
         super().__init__(message, agreed=True)
 
 

@@ -123,10 +123,11 @@ class RunDir:
 
     def export_model(self, model) -> None:
         """model.keras for users (architecture and weights, no optimizer: it loads without Horovod or hvdtrain)."""
-        import keras
         tmp = make_temp_dir(self.path)
         try:
-            plain = keras.models.clone_model(model)
+            # Rebuilt from its config, not cloned: Keras 3 compiles clones, and the optimizer (with hvdtrain's LR
+            # schedule) would then be needed to load the file.
+            plain = type(model).from_config(model.get_config())
             plain.set_weights(model.get_weights())
             plain.save(tmp / "model.keras")
             os.chmod(tmp / "model.keras", file_mode())

@@ -95,7 +95,7 @@ leftovers=(); [ "$stack" = tf2.21 ] && leftovers=(tensorflow-estimator tf-keras)
 for old in "${leftovers[@]}"; do
   if py -c "import importlib.metadata as m; m.version('$old')" 2>/dev/null; then "${pip[@]}" uninstall -y "$old"; fi
 done
-py -c "import keras, sys; sys.exit(int(keras.__version__.split('.')[0]) != $KERAS_MAJOR)" \
+py -c "import keras, sys; sys.exit(int(keras.__version__.split('.')[0]) != $KERAS_MAJOR)" 2>/dev/null \
   || fail "$venv has Keras $(py -c 'import keras; print(keras.__version__)') but TensorFlow $TF_VERSION needs Keras $KERAS_MAJOR"
 
 say "installing hvdtrain (editable) with its test and data extras"

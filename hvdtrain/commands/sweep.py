@@ -37,7 +37,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--parallel", type=positive, default=1, metavar="P",
                         help="trials at once (local: P x K ranks must fit the cores; default 1)")
     parser.add_argument("--slots", type=positive, metavar="N", help="local: cores the trials may use (default: this machine's)")
-    parser.add_argument("--retries", type=int, default=2, metavar="R",
+    parser.add_argument("--retries", type=_count, default=2, metavar="R",
                         help="relaunch a trial that crashed up to R times; it resumes from its checkpoint (default 2)")
     group = parser.add_argument_group("Slurm (with --slurm: every trial is a job of slurm/train.sbatch)")
     group.add_argument("--slurm", action="store_true", help="run the trials as Slurm jobs")
@@ -45,6 +45,16 @@ def add_arguments(parser) -> None:
     slurm.add_arguments(group)
 
 
+def _count(text: str) -> int:
+    import argparse
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return int(text)
+
+
 def run(args, overrides) -> int:
     from hvdtrain.sweep.driver import sweep
-    return sweep(args, overrides)
+    try:
+        return sweep(args, overrides)
+    except KeyboardInterrupt:   # before the driver's own handler is in place: nothing was started yet
+        return 130

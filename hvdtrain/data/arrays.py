@@ -155,5 +155,6 @@ def read_npz(path: str, task: Task | None = None, labels: bool = True) -> Arrays
 def check_finite(x: np.ndarray, where: str) -> None:
     finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1) if len(x) else np.ones(0, bool)
     if not finite.all():
+        bad = int((~finite).sum())
         raise DataError(f"{where}: example {int(np.argmin(finite))} has a non-finite feature (NaN or Inf); "
-                        f"{int((~finite).sum())} such examples in all; clean the data")
+                        f"{bad} such example{'s' if bad != 1 else ''} in all; clean the data")

@@ -115,19 +115,20 @@ class _RecordFiles(FileSource):
                 raise DataError(f"corrupt TFRecord file {path}: unreadable after record {good}{where} (truncated or "
                                 "overwritten); rewrite or remove the file") from None
             except tf.errors.InvalidArgumentError as exc:
-                raise DataError(f"{path}, record {self._first_bad(path, count)}: {self.what_is_wrong(exc)}") from None
+                index, record = self._first_bad(path, count)
+                raise DataError(f"{path}, record {index}: {self.what_is_wrong(exc, record)}") from None
             counts.append(count)
         return counts
 
-    def _first_bad(self, path: str, start: int) -> int:
-        """The index of the first record that does not parse (the batch that failed started at `start`)."""
+    def _first_bad(self, path: str, start: int) -> tuple[int, bytes | None]:
+        """The index and bytes of the first record that does not parse (the batch that failed started at `start`)."""
         import tensorflow as tf
         for i, record in enumerate(tf.data.TFRecordDataset(path).skip(start)):
             try:
                 self.parse_checked(record)
             except tf.errors.InvalidArgumentError:
-                return start + i
-        return start
+                return start + i, record.numpy()
+        return start, None
 
     def check_batch(self, x, y, where: str) -> None:
         pass
@@ -158,11 +159,10 @@ class FlatRecords(_RecordFiles):
         check_finite(x, where)
         self.task.check_labels(y, where)
 
-    def what_is_wrong(self, exc) -> str:
-        expected = (f"'x': {int(np.prod(self.cfg.input_shape))} floats (data.input_shape="
-                    f"{list(self.cfg.input_shape)}), 'y': " + ("one int64 class" if self.task.kind == "classification"
-                                                               else f"{self.task.outputs} floats"))
-        return f"{_found(exc)}; expected features {expected}; fix data.input_shape/data.num_classes or the data"
+    def what_is_wrong(self, exc, record) -> str:
+        expected = (f"x: {int(np.prod(self.cfg.input_shape))} floats (data.input_shape={list(self.cfg.input_shape)}), "
+                    + ("y: 1 int64 (a class)" if self.task.kind == "classification" else f"y: {self.task.outputs} floats"))
+        return f"found features {_found(exc, record)}, expected {expected}; fix data.input_shape/data.num_classes or the data"
 
 
 class ImageRecords(_RecordFiles):
@@ -195,9 +195,9 @@ class ImageRecords(_RecordFiles):
     def augment(self, parsed, epoch, world):
         return _augmented(parsed, self.cfg, epoch, world)
 
-    def what_is_wrong(self, exc) -> str:
-        return (f"{_found(exc)}; expected an encoded JPEG/PNG in '{self.cfg.image_key}' and an int64 label in "
-                f"'{self.cfg.label_key}' (data.image_key / data.label_key)")
+    def what_is_wrong(self, exc, record) -> str:
+        return (f"found features {_found(exc, record)}, expected an encoded JPEG/PNG in '{self.cfg.image_key}' and an "
+                f"int64 label in '{self.cfg.label_key}' (data.image_key / data.label_key), or an image that decodes")
 
 
 def _readable_records(path: str) -> int:
@@ -218,8 +218,20 @@ def _byte_offset(exc) -> str:
     return f", at byte {found.group(1)}" if found else ""
 
 
-def _found(exc) -> str:
-    return first_line(exc).replace("Key: ", "feature ")
+def _found(exc, record: bytes | None) -> str:
+    """What a record holds, e.g. "x: 4 floats, y: 1 int64", or TensorFlow's own complaint if it is no Example."""
+    import tensorflow as tf
+    try:
+        features = tf.train.Example.FromString(record).features.feature
+        kinds = {"float_list": "float", "int64_list": "int64", "bytes_list": "bytes"}
+        parts = []
+        for name in sorted(features):
+            kind = features[name].WhichOneof("kind")
+            n = len(getattr(features[name], kind).value) if kind else 0
+            parts.append(f"{name}: {n} {kinds.get(kind, 'empty')}{'s' if n != 1 and kind else ''}")
+        return ", ".join(parts) or "none"
+    except Exception:   # not an Example at all
+        return f"none that parse ({first_line(exc)})"
 
 
 def _augmented(parsed, cfg, epoch, world):

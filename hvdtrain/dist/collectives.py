@@ -96,7 +96,8 @@ def raise_first(failures: list) -> None:
     rank, (module, qualname, message) = failed[0]
     import importlib
     cls = getattr(importlib.import_module(module), qualname, UserError)
-    raise cls(message if len(failures) == 1 else f"{message} (on rank {rank})", agreed=True)
+    everywhere = len(failed) == len(failures) and all(f[2] == message for _, f in failed)
+    raise cls(message if everywhere else f"{message} (on rank {rank})", agreed=True)
 
 
 def broadcast_variables(variables, name: str = "hvdtrain.broadcast") -> None:

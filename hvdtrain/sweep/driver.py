@@ -25,7 +25,7 @@ from hvdtrain import config as configs
 from hvdtrain.errors import UserError
 from hvdtrain.rundir import write_atomic
 from hvdtrain.sweep import results
-from hvdtrain.sweep.local import EXITED, LOST, RUNNING, LocalRunner
+from hvdtrain.sweep.local import LOST, RUNNING, LocalRunner
 from hvdtrain.sweep.space import Space, first_values, load_space, override_text, with_values
 from hvdtrain.sweep.study import DriverLock, SweepStudy
 from hvdtrain.sweep.trial import PAUSED, PRUNED, MetricMissing, TrialDir
@@ -171,7 +171,7 @@ class Driver:
             if p else "no pruning"
         state = f"{done} of {self.n_trials} trials done" + (f", {running} running" if running else "")
         say(f"{self.out}: {state}; {self.runner.describe()}; objective {self.space.objective.metric} "
-            f"({self.space.objective.direction}); {pruning}")
+            f"({self.space.objective.direction}); {pruning}; trial logs in trials/NNNN/{self.runner.logs}")
 
     def _on_signal(self, signum, frame) -> None:
         self.interrupted += 1
@@ -197,7 +197,10 @@ class Driver:
             active.failures = int(frozen.user_attrs.get("failures", 0))
             if active.dir.stop_reason() == PRUNED:
                 active.prune_epoch = frozen.user_attrs.get("pruned_epoch") or max(active.reported, default=0)
+            recorded = dict(active.record)
             state, _ = self.runner.state(active.dir, active.record)
+            if active.record != recorded:   # found by the runner (a job submitted just before a driver died)
+                trial.set_user_attr("run", active.record)
             self.active.append(active)
             if state == RUNNING:
                 say(f"trial {active.number} is still running ({self.runner.where(active.record)}): following it")
@@ -310,7 +313,9 @@ class Driver:
             say(f"trial {number} completed: {metric} {float(value):.4f}")
             return True
         if code == 0:   # stopped at an agreed step: paused by an interrupted sweep, or signalled by someone
-            say(f"trial {number} stopped before its end ({summary.get('status', 'no summary.json')}): it continues")
+            why = "was paused" if d.stop_reason() == PAUSED else \
+                f"stopped before its end ({summary.get('status', 'no summary.json')})"
+            say(f"trial {number} {why}: it continues from its checkpoint")
             return self._again(active, count=summary.get("status") != "stopped")
         error = d.error_line()
         if code == EXIT_BAD_INPUT:

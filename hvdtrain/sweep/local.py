@@ -57,6 +57,7 @@ def session_alive(sid: int, needle: str) -> bool:
 
 class LocalRunner:
     kind = "local"
+    logs = "train.log"
 
     def __init__(self, ranks: int, slots: int, parallel: int, cwd: Path):
         self.ranks, self.slots, self.parallel, self.cwd = ranks, slots, parallel, cwd

@@ -152,7 +152,9 @@ def plot(out: Path, study, space: Space, imp: dict) -> Path:
     Right: the objective against the most important parameter."""
     import matplotlib
     matplotlib.use("Agg")
+    import matplotlib.colors
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     from optuna.trial import TrialState
     trials = sorted((t for t in study.trials() if t.state != TrialState.WAITING), key=lambda t: t.number)
     done = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -175,6 +177,7 @@ def plot(out: Path, study, space: Space, imp: dict) -> Path:
             xs.append(t.number)
             ys.append(best)
     left.step(xs, ys, where="post", color="tab:green", label="best so far")
+    left.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     left.set(xlabel="trial", ylabel=metric, title=f"{metric} per trial ({space.objective.direction})")
     left.grid(True, alpha=0.3)
     left.legend(fontsize=8)
@@ -186,7 +189,15 @@ def plot(out: Path, study, space: Space, imp: dict) -> Path:
         labels = [str(c) for c in param.choices]
         xs = [labels.index(str(x)) for x in xs]
         right.set_xticks(range(len(labels)), labels)
-    right.plot(xs, [t.value for t in done], "o", color="tab:blue")
+    others = [k for k in sorted(imp, key=lambda k: -imp[k]) if k != key and space.params[k].kind != "choice"]
+    if others:   # colour by the next most important numeric parameter
+        second = others[0]
+        colours = [space.config_values(t.params).get(second) for t in done]
+        points = right.scatter(xs, [t.value for t in done], c=colours, cmap="viridis",
+                               norm=matplotlib.colors.LogNorm() if space.params[second].kind == "log_uniform" else None)
+        fig.colorbar(points, ax=right, label=second)
+    else:
+        right.plot(xs, [t.value for t in done], "o", color="tab:blue")
     if param.kind == "log_uniform":
         right.set_xscale("log")
     right.set(xlabel=key, ylabel=metric, title=f"{metric} vs {key} (importance {imp[key]:.2f})")

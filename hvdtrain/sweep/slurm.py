@@ -58,6 +58,8 @@ class SlurmRunner:
         self.prefix = args.job_name or "sweep-" + (re.sub(r"[^A-Za-z0-9_.+-]", "-", out.name).strip("-") or "dir")
         self.ranks = ranks(args)
 
+    logs = "slurm-JOBID.out"
+
     def describe(self) -> str:
         return f"on Slurm, {self.ranks} rank(s) per trial ({self.args.nodes} node(s)), up to {self.parallel} job(s) at a time"
 
@@ -76,7 +78,7 @@ class SlurmRunner:
             action="submit", config=str(config), nodes=a.nodes, gpus_per_node=a.gpus_per_node,
             tasks_per_node=a.tasks_per_node, gpu_request=a.gpu_request, cpus_per_task=a.cpus_per_task, time=a.time,
             partition=a.partition, account=a.account, qos=a.qos, job_name=name, output=output,
-            stop_notice=a.stop_notice, launcher=a.launcher, sbatch=list(a.sbatch))
+            stop_notice=a.stop_notice, launcher=a.launcher, sbatch=[*a.sbatch, f"--chdir={self.cwd}"])
 
     def job_name(self, number: int) -> str:
         return f"{self.prefix}-t{number:04d}"

@@ -3,6 +3,7 @@ import csv
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -19,7 +20,11 @@ def launch(np_, args, timeout=300):
 def test_default_digits_job_on_two_ranks_reaches_the_accuracy_bar(tmp_path):
     """`make train` runs exactly this (scripts/launch.sh 2 hvdtrain train --config configs/digits.yaml)."""
     run = tmp_path / "run"
-    proc = launch(2, ["train", "--config", "configs/digits.yaml", f"--trainer.run_dir={run}"])
+    old = os.umask(0o022)   # the usual umask: everything the run writes must then be readable by others
+    try:
+        proc = launch(2, ["train", "--config", "configs/digits.yaml", f"--trainer.run_dir={run}"])
+    finally:
+        os.umask(old)
     assert proc.returncode == 0, output(proc)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["num_ranks"] == 2 and summary["epochs"] == 30
@@ -32,22 +37,27 @@ def test_default_digits_job_on_two_ranks_reaches_the_accuracy_bar(tmp_path):
     assert len(list((run / "checkpoints").glob("ckpt-*"))) == 3   # keep_checkpoints
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == list(range(30))
-    assert {"loss", "accuracy", "val_loss", "val_accuracy", "samples_per_sec"} <= set(rows[0])
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "val_top5_accuracy", "samples_per_sec"} <= set(rows[0])
+    assert [int(r["global_step"]) for r in rows] == [22 * (e + 1) for e in range(30)] and {r["partial"] for r in rows} == {"0"}
+    # Files colleagues can read on a shared file system (umask 022 here): not the 0600/0700 of temporary files.
+    assert oct((run / "config.yaml").stat().st_mode & 0o777) == oct((run / "summary.json").stat().st_mode & 0o777) == "0o644"
+    assert {oct(p.stat().st_mode & 0o777) for p in (run / "checkpoints").iterdir()} == {"0o755"}
     # Rank 0 alone reports: one line per epoch and one final line.
     lines = proc.stdout.splitlines()
     assert sum("epoch 30/30" in line for line in lines) == 1
     assert sum("test accuracy" in line for line in lines) == 1
+    assert "oneDNN" not in output(proc) and "absl::InitializeLog" not in output(proc)   # no start-up banners
 
 
 def test_model_keras_loads_and_predicts_like_the_summary(tmp_path, small_digits):
     proc = hvdtrain(["train", *small_digits])
     assert proc.returncode == 0, output(proc)
-    check = ("import json,sys,numpy as np,tensorflow as tf;from hvdtrain import data;from hvdtrain.config import DataConfig;"
-             "m=tf.keras.models.load_model(sys.argv[1]);t=data.load_arrays(DataConfig(),'test');"
+    check = ("import json,sys,numpy as np,keras;from hvdtrain import data;from hvdtrain.config import DataConfig;"
+             "m=keras.models.load_model(sys.argv[1]);t=data.open_source(DataConfig()).arrays('test');"
              "acc=float((np.argmax(m.predict(t.x,verbose=0),1)==t.y).mean());"
              "s=json.load(open(sys.argv[2]));assert abs(acc-s['test_accuracy'])<1e-9,(acc,s);print('ok')")
     run = tmp_path / "run"
-    res = subprocess.run([str(REPO / ".venv/bin/python"), "-c", check, str(run / "model.keras"), str(run / "summary.json")],
+    res = subprocess.run([sys.executable, "-c", check, str(run / "model.keras"), str(run / "summary.json")],
                          env=env(), capture_output=True, text=True, timeout=120)
     assert res.stdout.strip() == "ok", output(res)
 
@@ -95,11 +105,17 @@ def test_help_and_config_reference():
     assert "epochs: 2" in resolved
 
 
-def test_doctor_reports_the_build_and_ranks():
+def test_doctor_reports_the_stack_the_build_and_ranks():
+    import importlib.metadata
     proc = launch(2, ["doctor"])
     assert proc.returncode == 0, output(proc)
     text = proc.stdout
-    assert "horovod      0.28.1" in text and "tensorflow   2.15.1" in text
+    tf_version = importlib.metadata.version("tensorflow-cpu")
+    assert f"tensorflow   {tf_version} (keras {importlib.metadata.version('keras')})" in text
+    stack = "tf2.21: hvdtrain's own Keras 3 layer" if tf_version.startswith("2.21") else "tf2.15: Horovod's Keras 2 layer"
+    assert f"stack        {stack}" in text
+    assert "horovod      0.28.1 (built from source by scripts/install.sh" in text
     assert "controllers  mpi yes, gloo yes" in text
     assert "Open MPI" in text and "HOROVOD_CYCLE_TIME=" in text
-    assert "ranks        2 (mpi controller)" in text
+    assert "ranks        2 (mpi controller, launched by mpirun)" in text
+    assert "oneDNN" not in output(proc) and "absl::InitializeLog" not in output(proc)   # no start-up banners

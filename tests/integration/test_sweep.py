@@ -160,6 +160,43 @@ def test_killed_sweep_continues_without_losing_or_repeating_a_trial(tmp_path):
         assert float(table[number]["test_accuracy"]) == s["test_accuracy"]
 
 
+def test_side_by_side_trials_pause_on_ctrl_c_and_resume_when_rerun(tmp_path):
+    """--parallel 2 runs two 1-rank trials at once; Ctrl-C (SIGINT) stops both at an agreed step with a checkpoint
+    (RUN/STOP "paused") and the driver exits 130; the same command continues them from their checkpoints."""
+    space, out = tmp_path / "space.yaml", tmp_path / "sweep"
+    space.write_text(LR_WARMUP)
+    args = [*BASE, "--trainer.epochs=40", "--space", str(space), "--trials", "3", "--output", str(out),
+            "--ranks-per-trial", "1", "--parallel", "2", "--slots", "2"]
+    with open(tmp_path / "driver1.log", "w") as log:
+        first = start_sweep(args, log)
+    wait_for(lambda: (metric_rows(out, 0) >= 1 and metric_rows(out, 1) >= 1) or first.poll() is not None,
+             timeout=1800, what="trials 0 and 1 to train side by side")
+    first.send_signal(signal.SIGINT)
+    assert first.wait(timeout=900) == 130, (tmp_path / "driver1.log").read_text()
+    log1 = (tmp_path / "driver1.log").read_text()
+    assert "trial 0 started" in log1 and "trial 1 started" in log1 and "trial 2" not in log1, log1
+    assert "interrupted: rerun the same command to continue" in log1, log1
+    for number in (0, 1):
+        run = out / "trials" / f"{number:04d}"
+        assert (run / "STOP").read_text().startswith("paused by hvdtrain sweep")
+        assert summary(out, number)["status"] == "stopped"
+    assert [r["status"] for r in rows(out)] == ["running", "running"]
+
+    again = sweep(args)
+    assert again.returncode == 0, output(again)
+    assert "trial 0 relaunched (it resumes from its checkpoint)" in again.stdout, again.stdout
+    assert "trial 1 relaunched (it resumes from its checkpoint)" in again.stdout, again.stdout
+    assert "trial 2 started" in again.stdout
+    assert [r["status"] for r in rows(out)] == ["completed"] * 3
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)   # side by side, each trial gets its share of the cores
+    for number in range(3):
+        run = out / "trials" / f"{number:04d}"
+        assert summary(out, number)["status"] == "completed" and summary(out, number)["num_ranks"] == 1
+        assert yaml.safe_load((run / "config.yaml").read_text())["runtime"]["intra_op_threads"] == threads
+        assert not (run / "STOP").exists()
+        assert ("resuming from" in (run / "train.log").read_text()) == (number < 2)
+
+
 def test_a_hopeless_trial_is_pruned_and_stopped_at_an_agreed_step(tmp_path):
     """Trial 0 (lr 0.05) completes; trial 1 (lr 1e-5 learns nothing) falls below the median at epoch 1: the driver
     creates its RUN/STOP, both ranks stop at one step, checkpoint, and the trial is PRUNED."""

@@ -48,7 +48,7 @@ CASES = {
                                              f"--data.test_path={p['held_out']}", "--data.input_shape=[4]"],
                                   "held-out/b.tfrecord: unreadable after record 9, at byte "),
     "TFRecord shape mismatch": (lambda p: ["--data.source=tfrecord", f"--data.path={p['records']}",
-                                           "--data.input_shape=[5]"], "expected features 'x': 5 floats (data.input_shape=[5])"),
+                                           "--data.input_shape=[5]"], "found features x: 4 floats, y: 1 int64, expected x: 5 floats (data.input_shape=[5])"),
     "unwritable run directory": (lambda p: [f"--trainer.run_dir={p['a_file']}/run"], "is not writable"),
 }
 

@@ -10,10 +10,10 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, env, horovodrun, kill_tree, output, rank_pids, start_horovodrun, wait_for
+from conftest import BIN, REPO, env, horovodrun, kill_tree, output, rank_pids, start_horovodrun, wait_for
 from hvdtrain import checkpoint
 
-HVDTRAIN = [str(REPO / ".venv/bin/hvdtrain"), "train"]
+HVDTRAIN = [str(BIN / "hvdtrain"), "train"]   # the stack under test (.venv or .venv-tf2.15)
 DIGITS = ["--config", str(REPO / "configs/digits.yaml")]
 
 
@@ -127,6 +127,15 @@ def test_stop_signal_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path)
     assert final["status"] == "completed" and final["global_step"] == reference["global_step"]
     assert final["weights_sha256"] == reference["weights_sha256"]   # bit-for-bit equal weights
     assert final["test_accuracy"] == reference["test_accuracy"]
+    # The interrupted epoch is marked partial twice (its first part, stopped; its rest, resumed); no other row is.
+    import csv
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    partial = [(int(r["epoch"]), int(r["global_step"])) for r in rows if r["partial"] == "1"]
+    steps = 1437 // 16
+    assert partial == [(meta["epoch"], meta["global_step"]), (meta["epoch"], (meta["epoch"] + 1) * steps)], partial
+    assert len(rows) == 12 + 1 and all(int(r["global_step"]) % steps == 0 for r in rows if r["partial"] == "0")
+    assert f"(partial epoch: {meta['step_in_epoch']} of {steps} steps" in out
+    assert f"(partial epoch: {steps - meta['step_in_epoch']} of {steps} steps" in resumed.stdout
 
 
 def digits_records(folder, files: int):

@@ -164,7 +164,7 @@ def test_tfrecord_shape_mismatch_names_record_found_and_expected(tmp_path):
     with pytest.raises(DataError) as err:
         data.open_source(DataConfig(**{**cfg.__dict__, "input_shape": (2,)})).validate(topo(0, 1), "train")
     message = str(err.value)
-    assert "part-0.tfrecord, record 0: " in message and "expected features 'x': 2 floats (data.input_shape=[2])" in message
+    assert "part-0.tfrecord, record 0: found features x: 3 floats, y: 1 int64, expected x: 2 floats (data.input_shape=[2])" in message
     assert "function_node" not in message and "IteratorGetNext" not in message and "\n" not in message
     with pytest.raises(DataError, match="no TFRecord files match"):
         data.list_files(str(tmp_path / "missing" / "*.tfrecord"))

@@ -1,0 +1,90 @@
+"""The comparison peer of `hvdtrain bench train`: TensorFlow's own tf.distribute.MultiWorkerMirroredStrategy
+(collective all-reduce over gRPC), N workers on localhost told about each other through TF_CONFIG.
+
+    python -m benchmarks.mwms_worker --output part.json [--models mlp,cnn ...]   (one per worker, TF_CONFIG set)
+
+`launch` starts the workers (driver side); each worker then measures the same models as benchmarks/train_worker.py,
+with the strategy's scope and a dataset per input pipeline. Nothing else in hvdtrain uses tf.distribute.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+from benchmarks import harness
+
+
+def launch(np_: int, worker_args: list) -> None:
+    """np_ workers on localhost with their TF_CONFIG; fails (and stops the others) if one fails."""
+    workers = [f"localhost:{_free_port()}" for _ in range(np_)]
+    cmd, procs = harness.worker_cmd("mwms_worker", *worker_args), []
+    try:
+        for index in range(np_):
+            config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+            procs.append(subprocess.Popen(cmd, env=harness.rank_env({"TF_CONFIG": json.dumps(config)}),
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        for proc in procs:
+            out, _ = proc.communicate(timeout=harness.TIMEOUT)
+            harness.check(subprocess.CompletedProcess(cmd, proc.returncode, out, ""), cmd)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+class MwmsSession:
+    """The session interface of train_worker.measure, on MultiWorkerMirroredStrategy."""
+    parts = False   # no comm-free step or pipeline timing: those are hvdtrain's diagnostics
+
+    def __init__(self, threads: int):
+        import tensorflow as tf
+
+        from hvdtrain.world import World
+        tf.config.threading.set_intra_op_parallelism_threads(threads)   # before the strategy starts the runtime
+        self.strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        self.world = World(rank=self.strategy.cluster_resolver.task_id, size=self.strategy.num_replicas_in_sync)
+
+    def scope(self):
+        return self.strategy.scope()
+
+    def distribute(self, optimizer, optim_cfg):
+        return optimizer   # the strategy all-reduces gradients itself
+
+    def callbacks(self) -> list:
+        return []
+
+    def barrier(self) -> None:
+        pass
+
+    def dataset(self, make):
+        """Each worker builds its own shard, batched per replica (Keras 2 and Keras 3 both take this)."""
+        from hvdtrain.world import World
+        return self.strategy.distribute_datasets_from_function(
+            lambda ctx: make(World(rank=ctx.input_pipeline_id, size=ctx.num_input_pipelines)))
+
+    def settings(self) -> dict:
+        return {}
+
+
+def add_arguments(p) -> None:
+    from benchmarks import train
+    p.add_argument("--output", required=True, metavar="FILE.json")
+    train.add_workload_arguments(p)
+
+
+def run(args) -> int:
+    from benchmarks import train_worker
+    from hvdtrain.config import load_config
+    return train_worker.measure(args, load_config(None, args.overrides), MwmsSession(args.threads), "mwms")
+
+
+if __name__ == "__main__":
+    sys.exit(harness.worker_main(__doc__, add_arguments, run))

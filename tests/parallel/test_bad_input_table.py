@@ -1,0 +1,101 @@
+"""The README's bad-input table is true: every row's line is exactly what `hvdtrain` prints, under horovodrun -np 2
+(MPI, as `make train` launches), once (by rank 0), with exit code 2 on every rank and no traceback.
+
+All cases run in one launch (tests/parallel/workers/bad_input_worker.py), in a directory prepared here, with the
+relative paths a user would type. On a mismatch the test prints the table as it should read.
+"""
+import json
+import re
+
+import numpy as np
+import pytest
+
+from conftest import REPO, hvdtrain, horovodrun, output
+
+WORKER = str(REPO / "tests/parallel/workers/bad_input_worker.py")
+BEGIN, END = "<!-- bad-input-table", "<!-- /bad-input-table -->"
+
+
+def prepare(root):
+    import tensorflow as tf
+    from hvdtrain.data import write_tfrecords
+    (root / "bad.yaml").write_text("trainer:\n  epochs: 3\n   run_dir: x\n")
+    (root / "a-file").write_text("")
+    data = root / "data"
+    data.mkdir()
+    np.savez(data / "no-xy.npz", a=np.zeros(3))
+    np.savez(data / "rows.npz", x=np.zeros((4, 4), np.float32), y=np.zeros(3))
+    np.savez(data / "empty.npz", x=np.zeros((0, 4), np.float32), y=np.zeros(0))
+    np.savez(data / "labels.npz", x=np.zeros((100, 4), np.float32), y=np.full(100, 12))
+    nan = np.ones((100, 4), np.float32)
+    nan[5, 2] = np.nan
+    np.savez(data / "nan.npz", x=nan, y=np.zeros(100))
+    np.savez(data / "ok.npz", x=np.zeros((100, 4), np.float32), y=np.zeros(100))
+    np.savez(data / "tiny.npz", x=np.zeros((10, 4), np.float32), y=np.zeros(10))
+    records = root / "records"
+    for name in ("corrupt", "good", "held-out"):
+        (records / name).mkdir(parents=True)
+        n = 20 if name == "held-out" else 40
+        write_tfrecords(np.zeros((n, 4), np.float32), np.zeros(n, np.int64),
+                        [str(records / name / f"{part}.tfrecord") for part in ("a", "b")])
+    corrupt = records / "corrupt" / "b.tfrecord"
+    blob = bytearray(corrupt.read_bytes())
+    blob[30:60] = b"\xff" * 30
+    corrupt.write_bytes(bytes(blob))
+    cut = records / "held-out" / "b.tfrecord"
+    cut.write_bytes(cut.read_bytes()[:-37])            # its last 37 bytes cut off
+    png = tf.io.encode_png(tf.zeros((8, 8, 3), tf.uint8)).numpy()
+    for cls in ("cat", "dog"):
+        (root / "images" / "corrupt" / cls).mkdir(parents=True)
+        for i in range(3):
+            (root / "images" / "corrupt" / cls / f"{i}.png").write_bytes(png)
+    (root / "images" / "corrupt" / "dog" / "2.png").write_bytes(png[:40])   # a truncated PNG
+    (root / "images" / "flat").mkdir()
+    (root / "images" / "flat" / "0.png").write_bytes(png)
+    (root / "tfds").mkdir()
+    (root / "untrained").mkdir()
+    (root / "untrained" / "config.yaml").write_text("data:\n  source: digits\n")
+    (root / "out").mkdir()
+    trained = hvdtrain(["train", "--trainer.run_dir=trained", "--model.hidden=[16]", "--trainer.epochs=1",
+                        "--trainer.tensorboard=false"], cwd=root)
+    assert trained.returncode == 0, output(trained)
+
+
+def readme_table() -> dict:
+    text = (REPO / "README.md").read_text()
+    block = text[text.index(BEGIN):text.index(END)] if BEGIN in text and END in text else ""
+    rows = {}
+    for line in block.splitlines():
+        found = re.fullmatch(r"\| (.+?) \| ``(.+)`` \|", line.strip())
+        if found:
+            rows[found.group(1)] = found.group(2)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def printed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad-input")
+    prepare(root)
+    out = root / "results.json"
+    proc = horovodrun(2, ["python", WORKER, str(out)], "mpi", timeout=900, cwd=root)
+    assert proc.returncode == 0, output(proc)
+    return [json.loads(out.with_name(f"results.json.rank{r}").read_text()) for r in range(2)]
+
+
+def test_every_case_stops_every_rank_with_one_line(printed):
+    for case in printed[0]:
+        codes = [rank[case]["code"] for rank in printed]
+        lines = [line for rank in printed for line in rank[case]["stderr"].splitlines()]
+        assert codes == [2, 2], (case, codes)
+        assert len(lines) == 1 and lines[0].startswith("hvdtrain: error: "), (case, lines)   # printed once
+        assert "Traceback" not in printed[0][case]["stderr"] + printed[1][case]["stderr"]
+        assert "function_node" not in lines[0] and "\n" not in lines[0].strip()
+
+
+def test_the_readme_table_shows_exactly_those_lines(printed):
+    actual = {case: next(line for rank in printed for line in rank[case]["stderr"].splitlines())
+              .removeprefix("hvdtrain: error: ") for case in printed[0]}
+    table = readme_table()
+    expected = "\n".join(f"| {case} | ``{message}`` |" for case, message in actual.items())
+    assert len(table) >= 25
+    assert table == actual, f"the README's bad-input table should read:\n{expected}"
