@@ -24,11 +24,11 @@ MEASURE_ARGS = ("min_size", "max_size", "budget_mb", "repeats", "eager")
 
 def add_measure_arguments(p) -> None:
     """What to measure (shared with the driver, which forwards these to its ranks)."""
-    p.add_argument("--min-size", type=_size, default=4 * KB, help="smallest message, e.g. 4KB (default)")
-    p.add_argument("--max-size", type=_size, default=256 * MB, help="largest message, e.g. 256MB (default)")
+    p.add_argument("--min-size", type=_size, default=4 * KB, help="smallest message, e.g. 4KB (default %(default)s bytes)")
+    p.add_argument("--max-size", type=_size, default=256 * MB, help="largest message, e.g. 256MB (default %(default)s bytes)")
     p.add_argument("--budget-mb", type=float, default=1024.0,
-                   help="bytes reduced per size and repeat: iterations = budget / size, within [3, 1000]")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per size; the best one counts (default 3)")
+                   help="MB reduced per size and repeat: iterations = budget / size, within [3, 1000] (default %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per size; the best one counts (default %(default)s)")
     p.add_argument("--eager", action="store_true", help="also time eager hvd.allreduce (no tf.function)")
 
 

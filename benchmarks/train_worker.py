@@ -59,8 +59,8 @@ class HorovodSession:
         if self.world.size > 1:
             self.dist.barrier()
 
-    def dataset(self, make):
-        return make(self.world)
+    def fit(self, model, make, **kwargs):
+        model.fit(make(self.world), **kwargs)
 
     def settings(self) -> dict:
         return self.dist.active_comm_settings() if self.distributed else {}
@@ -133,8 +133,8 @@ def _measure_model(args, cfg, name: str, session, impl: str) -> dict:
     def timed_fit(model, callbacks) -> StepTimer:
         timer = StepTimer(args.warmup)
         session.barrier()
-        model.fit(session.dataset(make), epochs=1, steps_per_epoch=steps_total, verbose=0,
-                  callbacks=[*callbacks, timer.callback()])
+        session.fit(model, make, epochs=1, steps_per_epoch=steps_total, verbose=0,
+                    callbacks=[*callbacks, timer.callback()])
         return timer
 
     model = compiled(True)

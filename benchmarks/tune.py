@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks import harness as report
+from benchmarks import harness
 from hvdtrain.errors import UserError
 
 HELP = "tuning sweep: training and all-reduce speed with one communication setting changed at a time"
@@ -49,10 +49,8 @@ VARIANTS = (
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--output", default="bench/tuning.json", metavar="FILE.json")
-    p.add_argument("--np", type=int, default=2)
+    harness.add_common(p, "tuning", rounds=2)
     p.add_argument("--variants", default=",".join(v.name for v in VARIANTS), help="comma list (default: all)")
-    p.add_argument("--rounds", type=int, default=2, help="rounds over all variants; each keeps its best (default 2)")
     p.add_argument("--steps", type=int, default=20, help="timed training steps per model (default 20)")
 
 
@@ -60,59 +58,49 @@ def run(args) -> int:
     import os
     chosen = [v for v in VARIANTS if v.name in args.variants.split(",")]
     work = Path(tempfile.mkdtemp(prefix="hvdtrain-bench-tune-"))
-    best: dict[str, dict] = {}
+    rows = []
     for round_ in range(args.rounds):
         for v in chosen:
             print(f"[bench] tune: {v.name} (round {round_ + 1}/{args.rounds}) ...", flush=True)
             saved = dict(os.environ)
             os.environ.update(v.env)   # the benchmark's ranks inherit it; HOROVOD_* in the environment win
             try:
-                row = _measure(args, v, work / f"{v.name}-{round_}")
+                rows.append(_measure(args, v, work / f"{v.name}-{round_}"))
             except UserError as exc:   # one broken setting must not cost the whole sweep; the table says so
-                row = {"variant": v.name, "what": v.what, "failed": str(exc).splitlines()[0]}
+                rows.append({"variant": v.name, "what": v.what, "failed": str(exc).splitlines()[0]})
             finally:
                 os.environ.clear()
                 os.environ.update(saved)
-            best[v.name] = _better(best.get(v.name), row)
     shutil.rmtree(work, ignore_errors=True)
-    doc = report.new_document("tuning", args.np, {})
+    doc = harness.new_document("tuning", args.np, {})
     doc["description"] = (f"Each row changes one thing from `default` (best of {args.rounds} alternating rounds, "
                           f"{args.np} ranks, `hvdtrain bench train --impls hvdtrain` and, for settings of the "
                           "collective, `hvdtrain bench allreduce --controllers mpi`). Lower step_ms is better.")
-    doc["rows"] = [best[v.name] for v in chosen]
-    report.write_json(args.output, doc)
-    print(report.text_table(doc["rows"], report.scalar_columns(doc["rows"])))
+    doc["rows"] = harness.best_by(rows, ("variant",), _score, higher=False)
+    harness.write_json(args.output, doc)
+    print(harness.text_table(doc["rows"], harness.scalar_columns(doc["rows"])))
     return 0
+
+
+def _score(row: dict) -> float:
+    """The sum of the models' step times (lower is better); a failed round loses to any completed one."""
+    return float("inf") if "failed" in row else sum(v for k, v in row.items() if k.endswith("_step_ms"))
 
 
 def _measure(args, v: Variant, base: Path) -> dict:
     train_json = base.parent / f"{base.name}.train.json"   # not with_suffix: names like cycle-0.05 hold dots
-    cmd = report.hvdtrain_cmd("bench", "train", "--np", str(args.np), "--impls", "hvdtrain", "--steps", str(args.steps),
-                              "--warmup", "5", "--output", str(train_json), *v.train_args, *v.overrides)
-    _run(cmd)
-    row = {"variant": v.name, "what": v.what, "loadavg": report.loadavg()[0]}
-    for r in report.read_json(train_json)["rows"]:
+    harness.run_checked(harness.hvdtrain_cmd(
+        "bench", "train", "--np", args.np, "--impls", "hvdtrain", "--steps", args.steps, "--warmup", "5",
+        "--output", train_json, *v.train_args, *v.overrides), timeout=3600)
+    row = {"variant": v.name, "what": v.what, "loadavg": harness.loadavg()[0]}
+    for r in harness.read_json(train_json)["rows"]:
         row[f"{r['model']}_step_ms"] = r["step_ms"]
         row[f"{r['model']}_comm_share"] = r.get("comm_share")
     if v.allreduce:
         ar_json = base.parent / f"{base.name}.allreduce.json"
-        _run(report.hvdtrain_cmd("bench", "allreduce", "--np", str(args.np), "--controllers", "mpi", "--max-size", "16MB",
-                                 "--budget-mb", "256", "--repeats", "2", "--output", str(ar_json), *v.overrides))
-        summary = report.read_json(ar_json)["summary"]["hvdtrain-mpi"]
+        harness.run_checked(harness.hvdtrain_cmd(
+            "bench", "allreduce", "--np", args.np, "--controllers", "mpi", "--max-size", "16MB", "--budget-mb", "256",
+            "--repeats", "2", "--output", ar_json, *v.overrides), timeout=3600)
+        summary = harness.read_json(ar_json)["summary"]["hvdtrain-mpi"]
         row.update(latency_4kb_us=summary["latency_4kb_us"], busbw_vs_mpi_1_16mb=summary["busbw_vs_mpi_1_16mb_mean"])
     return row
-
-
-def _run(cmd: list[str]) -> None:
-    import subprocess
-    report.check(subprocess.run(cmd, env=report.rank_env(), capture_output=True, text=True, timeout=3600), cmd)
-
-
-def _better(old: dict | None, new: dict) -> dict:
-    """Keep the faster round, judged by the sum of the models' step times (lower is better)."""
-    if old is None or "failed" in old:
-        return new
-    if "failed" in new:
-        return old
-    score = lambda r: sum(v for k, v in r.items() if k.endswith("_step_ms"))  # noqa: E731
-    return new if score(new) < score(old) else old

@@ -1,4 +1,5 @@
 """Benchmarks (the `benchmarks/` package of the repository checkout): each prints a table and writes JSON + a PNG.
+This module only forwards to that package, so the installed hvdtrain carries no benchmark code.
 
   hvdtrain bench allreduce   all-reduce latency and bus bandwidth vs raw MPI_Allreduce (MPI and Gloo)
   hvdtrain bench train       training throughput and weak scaling (mlp, cnn, resnet50) vs MultiWorkerMirroredStrategy

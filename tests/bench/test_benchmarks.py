@@ -1,0 +1,211 @@
+"""The benchmarks without a launcher: the result check, sizes, best rounds, the stack comparison's ratios, the shared
+flags, the Markdown report, the CLI."""
+import argparse
+import json
+
+import pytest
+
+from benchmarks import allreduce_worker, harness, report, stacks, timeline, train
+from conftest import hvdtrain, output
+
+
+def fake_impl(factor):
+    """An 'all-reduce' on one rank that multiplies by `factor` (3 is the right sum for rank 0 of 2 ranks)."""
+    return allreduce_worker.Impl("fake", lambda a: a, lambda x, iters: x * factor, lambda out: out, lambda: None,
+                                 lambda v: v)
+
+
+def test_measure_flags_a_wrong_sum_and_accepts_the_right_one():
+    args = argparse.Namespace(min_size=4096, max_size=16384, budget_mb=0.01, repeats=1)
+    right = allreduce_worker._measure([fake_impl(3.0)], args, rank=0, n=2)
+    wrong = allreduce_worker._measure([fake_impl(2.0)], args, rank=0, n=2)
+    assert [r["size_bytes"] for r in right] == [4096, 16384]
+    assert all(r["correct"] and r["max_abs_error"] == 0 for r in right)
+    assert not any(r["correct"] for r in wrong) and all(r["max_abs_error"] > 0 for r in wrong)
+    with pytest.raises(Exception, match="wrong sums: fake at 4 KB"):
+        allreduce_worker._wrong(wrong)
+
+
+def test_sizes_and_iterations_cover_4kb_to_256mb_the_same_on_every_rank():
+    s = allreduce_worker.sizes(4 * 1024, 256 * 1024 * 1024)
+    assert s[0] == 4096 and s[-1] == 256 * 2**20 and len(s) == 9
+    assert allreduce_worker.iterations(4096, 1024) == 1000 and allreduce_worker.iterations(256 * 2**20, 1024) == 4
+    assert allreduce_worker._size("16MB") == 16 * 2**20 and allreduce_worker._size("4KB") == 4096
+    assert allreduce_worker._size("16777216") == 16 * 2**20   # what a driver forwards
+
+
+def test_bus_bandwidth_follows_nccl_tests():
+    assert harness.busbw_gbps(1e9, 1.0, 2) == pytest.approx(1.0)
+    assert harness.busbw_gbps(1e9, 1.0, 4) == pytest.approx(1.5)   # 2(n-1)/n
+
+
+def test_best_by_keeps_one_row_per_key_the_best_by_column_or_function():
+    rows = [{"m": "a", "v": 1.0}, {"m": "b", "v": 5.0}, {"m": "a", "v": 3.0}, {"m": "b", "v": 2.0}]
+    assert harness.best_by(rows, ("m",), "v") == [{"m": "a", "v": 3.0}, {"m": "b", "v": 5.0}]
+    assert harness.best_by(rows, ("m",), "v", higher=False) == [{"m": "a", "v": 1.0}, {"m": "b", "v": 2.0}]
+    assert harness.best_by(rows, (), lambda r: -abs(r["v"] - 2.9)) == [{"m": "a", "v": 3.0}]
+
+
+def test_fastest_keeps_the_best_time_but_never_hides_a_wrong_result():
+    rows = [{"impl": "a", "size_bytes": 4, "time_us": 5.0, "max_abs_error": 0.0, "correct": True},
+            {"impl": "a", "size_bytes": 4, "time_us": 3.0, "max_abs_error": 0.0, "correct": True},
+            {"impl": "b", "size_bytes": 4, "time_us": 9.0, "max_abs_error": 2.0, "correct": False},
+            {"impl": "b", "size_bytes": 4, "time_us": 1.0, "max_abs_error": 0.0, "correct": True}]
+    got = {r["impl"]: r for r in allreduce_worker._fastest(rows)}
+    assert got["a"]["time_us"] == 3.0 and got["a"]["correct"]
+    assert got["b"]["time_us"] == 1.0 and not got["b"]["correct"] and got["b"]["max_abs_error"] == 2.0
+
+
+def test_a_driver_forwards_its_workload_flags_to_a_worker_unchanged():
+    driver, worker = argparse.ArgumentParser(), argparse.ArgumentParser()
+    train.add_arguments(driver)
+    train.add_workload_arguments(worker)
+    args = driver.parse_args(["--models", "resnet50", "--steps", "3", "--batch", "4", "--image-size", "32"])
+    forwarded = harness.forward(args, train.WORKLOAD_ARGS)
+    assert forwarded[:2] == ["--models", "resnet50"] and "--image-size" in forwarded
+    got = worker.parse_args(forwarded)
+    assert all(getattr(got, name) == getattr(args, name) for name in train.WORKLOAD_ARGS)
+    assert train.input_shape(train.WORKLOADS["resnet50"], 32) == (32, 32, 3)
+    assert train.input_shape(train.WORKLOADS["cnn"], 32) == (32, 32, 3) == train.WORKLOADS["cnn"].input_shape
+    assert harness.forward(argparse.Namespace(eager=True, quiet=False), ["eager", "quiet"]) == ["--eager"]
+
+
+def test_the_stack_is_named_from_package_versions():
+    new = harness.stack_of({"tensorflow-cpu": "2.21.0", "keras": "3.15.1"})
+    old = harness.stack_of({"tensorflow-cpu": "2.15.1", "keras": "2.15.0"})
+    assert (new["name"], new["keras"], old["name"], old["tensorflow"]) == ("tf2.21", "3.15.1", "tf2.15", "2.15.1")
+    assert "Keras 3" in new["integration"] and "Horovod's Keras 2" in old["integration"]
+    assert new["source"] == old["source"] == "package metadata"
+
+
+def stack_rows(new_sps, old_sps, new_us, old_us):
+    """Two rounds of both stacks: a model (samples/s, steps without all-reduce) and one all-reduce size."""
+    rows = []
+    for round_, factor in ((0, 1.0), (1, 0.5)):
+        for stack, sps, us in (("new", new_sps, new_us), ("old", old_sps, old_us)):
+            rows.append({"benchmark": "train", "stack": stack, "round": round_, "model": "mlp",
+                         "samples_per_sec": sps * factor, "local_step_ms": 10.0 / factor})
+            rows += [{"benchmark": "allreduce", "stack": stack, "round": round_, "impl": impl, "size_bytes": 4096,
+                      "time_us": t / factor} for impl, t in (("hvdtrain-mpi", us), ("mpi4py", 4.0))]
+    return rows
+
+
+def test_stacks_summary_compares_each_sides_best_round_with_controls():
+    s = stacks.summarize(stack_rows(new_sps=900.0, old_sps=1000.0, new_us=100.0, old_us=200.0))
+    assert s["mlp"]["new"] == 900.0 and s["mlp"]["old"] == 1000.0
+    assert s["mlp"]["new_vs_old"] == pytest.approx(0.9) and s["mlp"]["per_round"] == pytest.approx([0.9, 0.9])
+    assert s["mlp"]["control_new_vs_old"] == pytest.approx(1.0)
+    # all-reduce: time, so new/old speed is old time / new time
+    assert s["allreduce 4 KB"]["new_vs_old"] == pytest.approx(2.0) and s["allreduce 4 KB"]["unit"] == "us"
+    assert s["allreduce 4 KB"]["control_new_vs_old"] == pytest.approx(1.0)
+    one_sided = [r for r in stack_rows(1, 1, 1, 1) if r["stack"] == "new"]
+    assert "new_vs_old" not in stacks.summarize(one_sided)["mlp"]
+
+
+def base_doc(benchmark, stack=None, **kw):
+    machine = {"cpus": 2, "cpu": "x", "memory_gb": 1, "platform": "p", "loadavg": [1.0, 1.0, 1.0]}
+    doc = {"benchmark": benchmark, "np": 2, "created": "2026-11-28T00:00:00", "machine": machine, "settings": {},
+           "runs": [{"round": 0}], "versions": {"tensorflow-cpu": "2.21.0", "keras": "3.15.1", "horovod": "0.28.1"}}
+    if stack:
+        doc["stack"] = stack
+    return {**doc, **kw}
+
+
+def test_report_states_ratios_goals_stacks_and_every_benchmark(tmp_path):
+    rank_stack = {"name": "tf2.21", "tensorflow": "2.21.0", "keras": "3.15.1", "source": "rank",
+                  "integration": "hvdtrain's own Keras 3 layer over horovod.tensorflow"}
+    rows = [{"impl": i, "size_bytes": 4096, "time_us": t, "busbw_gbps": 1.0} for i, t in (("mpi4py", 3.0), ("hvdtrain-mpi", 50.0))]
+    docs = {
+        "allreduce": base_doc("allreduce", rank_stack, rows=rows, settings={"mpi": {"HOROVOD_CYCLE_TIME": "0.1"}},
+                              summary={"hvdtrain-mpi": {"latency_4kb_us": 50.0, "busbw_vs_mpi_1_16mb_min": 0.4,
+                                                        "busbw_vs_mpi_1_16mb_mean": 0.9}}),
+        "train": base_doc("train", rank_stack, rows=[{"model": "mlp", "impl": "single", "np": 1, "samples_per_sec": 10.0}],
+                          summary={"mlp": {"efficiency_hvdtrain": 0.3, "hvdtrain_vs_mwms": 2.0, "pipeline_ratio": 5.0}}),
+        "train-resnet50": base_doc("train", rank_stack, summary={"resnet50": {"efficiency_hvdtrain": 0.7}}, rows=[
+            {"model": "resnet50", "impl": impl, "np": n, "input": "64x64x3", "classes": 1000, "params": 25_636_712,
+             "per_rank_batch": 16, "steps": 10, "step_ms": 500.0, "samples_per_sec": 32.0 * n,
+             "per_rank_samples_per_sec": 32.0, "efficiency": 0.7 if n == 2 else None}
+            for impl, n in (("single", 1), ("hvdtrain", 2))]),
+        "predict": base_doc("predict", rows=[{"mode": "batch", "samples_per_sec": 123.0}], summary={"speedup_np2": 1.5}),
+        "tuning": base_doc("tuning", rows=[{"variant": "default", "mlp_step_ms": 40.0}], description="one at a time",
+                           versions={"tensorflow-cpu": "2.15.1", "keras": "2.15.0"}),   # from before stacks were recorded
+    }
+    docs["stacks"] = base_doc("stacks", summary=stacks.summarize(stack_rows(900.0, 1000.0, 100.0, 200.0)),
+                              stacks={label: {"venv": f".venv-{label}", "versions": {"horovod": "0.28.1"},
+                                              "stack": {**rank_stack, "keras": keras}}
+                                      for label, keras in (("new", "3.15.1"), ("old", "2.15.0"))},
+                              runs=[{"round": 0}, {"round": 1}])
+    for name, doc in docs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(doc))
+    (tmp_path / "notes.md").write_text("## Notes\n\nhand-written analysis")
+    out = tmp_path / "docs" / "benchmarks.md"
+    assert report.run(argparse.Namespace(dir=str(tmp_path), output=str(out))) == 0
+    text = out.read_text()
+    assert "| all-reduce busbw / raw MPI_Allreduce, 1-16 MB, worst size | 0.4 | issue 4: >= 0.8 |" in text
+    assert "| all-reduce 4 KB latency (us) | 50 | issue 4: <= 100 |" in text
+    assert "| mlp: hvdtrain / MultiWorkerMirroredStrategy samples/s | 2 | issue 4: >= 1.3 |" in text
+    assert "| cnn: weak-scaling efficiency T(n)/(n T(1)) | not measured | issue 4: >= 0.9 |" in text
+    assert "| mlp: new stack / old stack samples/s (best rounds) | 0.9 | issue 10: >= 0.95 |" in text
+    assert "| resnet50: weak-scaling efficiency T(n)/(n T(1)) | 0.7 |  |" in text
+    assert "met" not in text.split("## All-reduce")[0].replace("metadata", "")   # ratios and goals, no verdicts
+    assert "train: TF 2.21.0, Keras 3.15.1, hvdtrain's own Keras 3 layer over horovod.tensorflow (rank)" in text
+    assert "tuning: TF 2.15.1, Keras 2.15.0, Horovod's Keras 2 layer (package metadata)" in text
+    assert "Measured on 2026-11-28 with TensorFlow 2.15.1 and Keras 2.15.0. one at a time" in text
+    assert "| hvdtrain | 2 | 64x64x3 | 16 | 500 | 32 | 64 | 0.7 |" in text          # images/s per rank and total
+    assert "--image-size 224" in text                                                  # what a GPU run needs
+    assert "| mlp | samples/s | 900 | 1,000 | 0.9 | 0.90, 0.90 | 1 |" in text          # the stack comparison
+    assert "| allreduce 4 KB | us | 100 | 200 | 2 | 2.00, 2.00 | 1 |" in text
+    assert "- old: `.venv-old`: TensorFlow 2.21.0, Keras 2.15.0" in text
+    assert "| batch | 123 |" in text                       # predict's rows, whatever their columns
+    assert "![all-reduce bus bandwidth](../allreduce.png)" in text and "hand-written analysis" in text
+    assert "HOROVOD_CYCLE_TIME=0.1" in text
+
+
+def test_report_says_what_was_not_run(tmp_path):
+    out = tmp_path / "b.md"
+    assert report.run(argparse.Namespace(dir=str(tmp_path), output=str(out))) == 0
+    text = out.read_text()
+    assert "## All-reduce\n\nNot run." in text and "Not run (`hvdtrain bench stacks`)." in text
+    assert "| inference speed-up at 2 ranks | not measured | issue 5: >= 1.8 |" in text
+
+
+def test_timeline_breakdown_merges_overlapping_tensors_inside_the_window(tmp_path):
+    """Two tensors whose all-reduces overlap count once; time outside the timed window does not count."""
+    events = [{"name": "process_name", "ph": "M", "pid": 0, "args": {"start_time_since_epoch_in_micros": 1000}}]
+    for pid, (a, b) in ((1, (100, 300)), (2, (200, 400)), (3, (5000, 6000))):
+        events += [{"ph": "B", "name": "ALLREDUCE", "ts": a, "pid": pid},
+                   {"ph": "B", "name": "MPI_ALLREDUCE", "ts": a + 10, "pid": pid},
+                   {"ph": "E", "ts": b - 10, "pid": pid}, {"ph": "E", "ts": b, "pid": pid}]
+    path = tmp_path / "timeline.json"
+    path.write_text("[\n" + ",\n".join(json.dumps(e) for e in events) + ",")   # still being written: no "]"
+    got = timeline.breakdown(path, (1000 + 0, 1000 + 1000), steps=2)
+    assert got == {"allreduce_ms": pytest.approx(0.300 / 2), "mpi_allreduce_ms": pytest.approx(0.280 / 2)}
+
+
+def test_bench_command_lists_its_benchmarks_and_leaves_the_ranks_to_the_drivers():
+    proc = hvdtrain(["bench", "--help"], timeout=120)
+    assert proc.returncode == 0, output(proc)
+    for name in ("allreduce", "train", "stacks", "predict", "tune", "report"):
+        assert name in proc.stdout
+    assert "--role" not in hvdtrain(["bench", "train", "--help"], timeout=120).stdout   # no hidden worker flags
+    bad = hvdtrain(["bench", "nosuch"], timeout=120)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_a_driver_under_a_launcher_refuses_and_says_why(monkeypatch):
+    import subprocess
+
+    from conftest import BIN, env
+    proc = subprocess.run([str(BIN / "hvdtrain"), "bench", "train", "--np", "2"], env={**env(), "PMIX_RANK": "0"},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "starts its own ranks: run it without a launcher" in proc.stderr, output(proc)
+
+
+def test_workers_are_entry_modules_with_their_own_help():
+    import subprocess
+
+    from conftest import BIN, env
+    for module, flag in (("train_worker", "--role"), ("mwms_worker", "--models"), ("allreduce_worker", "--raw-only")):
+        proc = subprocess.run([str(BIN / "python"), "-m", f"benchmarks.{module}", "--help"], env=env(),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and flag in proc.stdout, output(proc)
