@@ -127,12 +127,6 @@ def forward(args, names) -> list[str]:
     return out
 
 
-def split_overrides(rest: list[str]) -> tuple[list[str], list[str]]:
-    """(config overrides --section.key=value, anything else) from the arguments argparse did not know."""
-    overrides = [a for a in rest if a.startswith("--") and "=" in a and "." in a.split("=", 1)[0]]
-    return overrides, [a for a in rest if a not in overrides]
-
-
 def worker_main(doc: str, add_arguments, run, argv=None) -> int:
     """The entry point of a rank-side worker module (`python -m benchmarks.<x>_worker ...`): its arguments plus
     config overrides, TensorFlow imported quietly, and a UserError printed once (by rank 0 when all ranks agree)."""
@@ -142,7 +136,8 @@ def worker_main(doc: str, add_arguments, run, argv=None) -> int:
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args, rest = parser.parse_known_args(argv)
-    args.overrides, unknown = split_overrides(rest)
+    args.overrides = [a for a in rest if a.startswith("--") and "=" in a and "." in a.split("=", 1)[0]]
+    unknown = [a for a in rest if a not in args.overrides]
     if unknown:
         parser.error(f"unrecognised arguments: {' '.join(unknown)}")
     import_tensorflow()

@@ -64,6 +64,8 @@ class Session:
         try:
             yield
         except Exception as exc:
+            if dist.launched_elastic():
+                raise   # Horovod Elastic handles failed collectives itself: it resets and continues from the last commit
             cb.data_error_during_fit(exc, self.progress, self.world, diagnose)
             p = self.progress.position
             failure = dist.collective_failure(exc, f"epoch {p.epoch + 1}, step {p.step_in_epoch}", self.run.path)

@@ -12,6 +12,7 @@ import io
 import numpy as np
 
 _FLOAT = "%.9g"   # enough digits to read back the exact float32
+COLUMN = {"probs": "prob", "labels": "label", "value": "value"}   # CSV columns prob_0, prob_1, ...
 
 
 class Format:
@@ -58,7 +59,7 @@ class Csv(Format):
     def header(self, total):
         columns = ["index"]
         for f in self.fields:
-            columns += [f] if not self._shape(f) else [f"{f}_{i}" for i in range(self.widths[f])]
+            columns += [f] if not self._shape(f) else [f"{COLUMN[f]}_{i}" for i in range(self.widths[f])]
         return (",".join(columns) + "\n").encode()
 
     def rows(self, first, values):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -73,8 +74,12 @@ def best_trial(study, space: Space):
 
 
 def importances(study, space: Space) -> dict:
-    """Optuna's parameter importances (PED-ANOVA) over the completed trials; equal when there are too few."""
-    from optuna.importance import get_param_importances
+    """Optuna's parameter importances over the completed trials (equal when there are fewer than two).
+
+    fANOVA (a seeded random forest: the same numbers on every rerun), not Optuna 5's default PED-ANOVA: on the small
+    sweeps this command runs, PED-ANOVA compares the top 10 % of trials (one or two) with the rest and gave e.g.
+    0.50/0.50 to a learning rate that decided everything and a seed that decided nothing (docs/sweeps.md)."""
+    from optuna.importance import FanovaImportanceEvaluator, get_param_importances
     from optuna.trial import TrialState
     if len(space.params) == 1:
         return {next(iter(space.params)): 1.0}
@@ -82,7 +87,7 @@ def importances(study, space: Space) -> dict:
         return {k: 1.0 / len(space.params) for k in space.params}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        found = get_param_importances(study.study)
+        found = get_param_importances(study.study, evaluator=FanovaImportanceEvaluator(seed=0))
     return {k: float(found.get(k, 0.0)) for k in space.params}
 
 
@@ -100,7 +105,7 @@ def finish(out: Path, study, space: Space, base: configs.Config, ranks: int, cod
     best = best_trial(study, space)
     if best is None:
         print(f"hvdtrain: error: none of the {len(table)} trials completed; see {out / 'trials.csv'} and the trials' "
-              "train.log", flush=True)
+              "logs", file=sys.stderr, flush=True)
         return 1
     imp = importances(study, space)
     plot_path = plot(out, study, space, imp)

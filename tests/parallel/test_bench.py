@@ -1,14 +1,22 @@
-"""`hvdtrain bench allreduce` and `hvdtrain bench train` end to end, tiny sizes: correct sums, promised fields, plots.
-
-These check correctness only; speed is for `make bench`, never for tests.
-"""
+"""`hvdtrain bench allreduce | train | stacks` end to end, tiny sizes: correct sums, promised fields (the stack
+included), plots. These check correctness only; speed is for `make bench`, never for tests."""
+import importlib.metadata
 import json
 
 import pytest
 
-from conftest import REPO, hvdtrain, output
+from conftest import BIN, REPO, hvdtrain, output
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+KERAS_MAJOR = int(importlib.metadata.version("keras").split(".")[0])
+
+
+def assert_rank_stack(stack: dict) -> None:
+    """The stack as a rank saw it: this virtualenv's TensorFlow and Keras, and the Keras layer hvdtrain picked."""
+    tf_version = importlib.metadata.version("tensorflow-cpu")
+    assert (stack["source"], stack["tensorflow"], stack["keras"]) == ("rank", tf_version, importlib.metadata.version("keras"))
+    assert stack["name"] == ("tf2.21" if KERAS_MAJOR >= 3 else "tf2.15")
+    assert ("hvdtrain's own Keras 3 layer" if KERAS_MAJOR >= 3 else "Horovod's Keras 2 layer") in stack["integration"]
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +24,7 @@ def allreduce_doc(tmp_path_factory):
     """One driver run: it launches horovodrun --mpi, then --gloo, and merges both into one file."""
     out = tmp_path_factory.mktemp("allreduce") / "ar.json"
     proc = hvdtrain(["bench", "allreduce", "--np", "2", "--max-size", "1MB", "--budget-mb", "1", "--repeats", "1",
-                     "--eager", "--output", str(out)], timeout=600)
+                     "--eager", "--output", str(out)], timeout=900)
     assert proc.returncode == 0, output(proc)
     return out, json.loads(out.read_text()), proc
 
@@ -42,7 +50,8 @@ def test_allreduce_json_has_the_promised_fields(allreduce_doc):
         # nccl-tests definitions: algbw = S/t, busbw = algbw * 2(n-1)/n (= algbw at n=2).
         assert row["algbw_gbps"] == pytest.approx(row["size_bytes"] / (row["time_us"] * 1e-6) / 1e9)
         assert row["busbw_gbps"] == pytest.approx(row["algbw_gbps"] * 2 * (2 - 1) / 2)
-    assert {"tensorflow-cpu", "horovod", "mpi4py", "python"} <= set(doc["versions"])
+    assert {"tensorflow-cpu", "keras", "horovod", "mpi4py", "python"} <= set(doc["versions"])
+    assert_rank_stack(doc["stack"])
     assert doc["machine"]["cpus"] >= 1 and len(doc["machine"]["loadavg"]) == 3
     assert sorted(run["launch"] for run in doc["runs"]) == ["gloo", "mpi", "mpi-raw"]
     assert all(len(run["loadavg_before"]) == 3 for run in doc["runs"])
@@ -52,11 +61,12 @@ def test_allreduce_json_has_the_promised_fields(allreduce_doc):
     assert doc["settings"]["mpi"]["OMPI_MCA_mpi_yield_when_idle"] == "1"
     assert "HOROVOD_CYCLE_TIME" in doc["settings"]["gloo"]
     assert doc["settings"]["mpi-raw"] == {"OpenMPI": "defaults"}
-    # Only 1 MB of the 1-16 MB target range is measured here, so the summary ratio is that one size's ratio,
+    # Only 1 MB of the 1-16 MB range is measured here, so the summary ratio is that one size's ratio,
     # against the faster of the two raw MPI measurements.
     busbw = {(r["impl"], r["size_bytes"]): r["busbw_gbps"] for r in doc["rows"]}
     raw = max(busbw[("mpi4py", 1 << 20)], busbw[("mpi4py-hvdtrain-env", 1 << 20)])
     assert doc["summary"]["hvdtrain-mpi"]["busbw_vs_mpi_1_16mb_min"] == pytest.approx(busbw[("hvdtrain-mpi", 1 << 20)] / raw)
+    assert not any("target" in key for s in doc["summary"].values() for key in s)   # ratios, no verdicts
 
 
 def test_allreduce_writes_a_plot_and_prints_a_table(allreduce_doc):
@@ -68,13 +78,14 @@ def test_allreduce_writes_a_plot_and_prints_a_table(allreduce_doc):
 def test_train_bench_compares_single_hvdtrain_and_mwms(tmp_path):
     out = tmp_path / "train.json"
     proc = hvdtrain(["bench", "train", "--np", "2", "--steps", "2", "--warmup", "2", "--batch", "8",
-                     "--output", str(out)], timeout=600)
+                     "--output", str(out)], timeout=1200)
     assert proc.returncode == 0, output(proc)
     doc = json.loads(out.read_text())
     got = {(r["model"], r["impl"], r["np"]) for r in doc["rows"]}
     assert got == {(m, i, n) for m in ("mlp", "cnn") for i, n in (("single", 1), ("hvdtrain", 2), ("mwms", 2))}
     for row in doc["rows"]:
         assert row["samples_per_sec"] > 0 and row["global_batch"] == 8 * row["np"]
+        assert row["per_rank_samples_per_sec"] == pytest.approx(row["samples_per_sec"] / row["np"])
         if row["np"] == 2:
             assert row["efficiency"] > 0
         if row["impl"] == "hvdtrain":
@@ -83,4 +94,53 @@ def test_train_bench_compares_single_hvdtrain_and_mwms(tmp_path):
     assert 6_000_000 < mlp["params"] < 6_500_000   # the communication-heavy model really is ~6M parameters
     assert set(doc["summary"]) == {"mlp", "cnn"} and doc["summary"]["mlp"]["hvdtrain_vs_mwms"] > 0
     assert doc["settings"]["hvdtrain"]["intra_op_threads"] == 1
+    assert doc["settings"]["hvdtrain"]["HOROVOD_CPU_OPERATIONS"] == "MPI"
+    assert_rank_stack(doc["stack"])
     assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_train_bench_runs_resnet50_on_synthetic_images_and_reports_images_per_second(tmp_path):
+    out = tmp_path / "resnet50.json"
+    proc = hvdtrain(["bench", "train", "--np", "2", "--models", "resnet50", "--impls", "single,hvdtrain",
+                     "--image-size", "32", "--batch", "2", "--steps", "1", "--warmup", "1", "--output", str(out)],
+                    timeout=1200)
+    assert proc.returncode == 0, output(proc)
+    doc = json.loads(out.read_text())
+    rows = {r["impl"]: r for r in doc["rows"]}
+    assert set(rows) == {"single", "hvdtrain"}
+    for row in rows.values():
+        assert (row["model"], row["input"], row["classes"], row["per_rank_batch"]) == ("resnet50", "32x32x3", 1000, 2)
+        assert 25_000_000 < row["params"] < 26_000_000       # keras.applications ResNet50 with a 1000-class head
+        assert row["samples_per_sec"] == pytest.approx(row["per_rank_samples_per_sec"] * row["np"])
+    assert rows["hvdtrain"]["np"] == 2 and rows["hvdtrain"]["efficiency"] > 0
+    assert doc["summary"]["resnet50"]["efficiency_hvdtrain"] == rows["hvdtrain"]["efficiency"]
+    assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_stacks_bench_runs_each_virtualenv_side_by_side_and_records_both_stacks(tmp_path):
+    """This virtualenv against the other stack's (the same one twice where the other is not installed)."""
+    here = BIN.parent
+    other = next((v for v in (REPO / ".venv", REPO / ".venv-tf2.15") if v != here and (v / "bin/hvdtrain").is_file()), here)
+    out = tmp_path / "stacks.json"
+    proc = hvdtrain(["bench", "stacks", "--np", "2", "--new-venv", str(here), "--old-venv", str(other), "--rounds", "1",
+                     "--models", "mlp", "--steps", "2", "--warmup", "2", "--batch", "8", "--max-size", "16KB",
+                     "--budget-mb", "1", "--repeats", "1", "--output", str(out)], timeout=1800)
+    assert proc.returncode == 0, output(proc)
+    doc = json.loads(out.read_text())
+    assert doc["benchmark"] == "stacks" and set(doc["stacks"]) == {"new", "old"}
+    assert_rank_stack(doc["stacks"]["new"]["stack"])
+    for label, venv in (("new", here), ("old", other)):
+        s = doc["stacks"][label]
+        assert s["venv"] == str(venv) and s["stack"]["source"] == "rank" and s["versions"]["horovod"]
+        assert s["stack"]["keras"] == s["versions"]["keras"]     # what the rank imported is what is installed there
+    if other != here:
+        assert doc["stacks"]["new"]["stack"]["keras"] != doc["stacks"]["old"]["stack"]["keras"]
+    assert {(r["benchmark"], r["stack"]) for r in doc["rows"]} == {(b, s) for b in ("train", "allreduce")
+                                                                   for s in ("new", "old")}
+    assert all(r["correct"] for r in doc["rows"] if r["benchmark"] == "allreduce")
+    s = doc["summary"]
+    assert set(s) == {"mlp", "allreduce 4 KB", "allreduce 16 KB"}
+    assert s["mlp"]["new_vs_old"] == pytest.approx(s["mlp"]["new"] / s["mlp"]["old"]) and s["mlp"]["control_new_vs_old"] > 0
+    assert s["allreduce 4 KB"]["new_vs_old"] == pytest.approx(s["allreduce 4 KB"]["old"] / s["allreduce 4 KB"]["new"])
+    assert len(s["mlp"]["per_round"]) == 1
+    assert "new_vs_old" in proc.stdout and out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
