@@ -1,20 +1,18 @@
-"""A plain Keras 3 training script (its own model, its own tf.data input, model.fit), made data-parallel and safe on
-a cluster with hvdtrain.keras: checkpoints and exact resume, preemption (SIGUSR1/SIGTERM: an agreed stop, a
-checkpoint, exit 0, the batch script requeues), the agreed non-finite stop, the stall watchdog, agreed step counts
-on uneven file shards, exact evaluation, rank-0 progress and CSV, summary.json with weights_sha256.
+"""examples/keras_single_process.py, made data-parallel and safe on a cluster with hvdtrain.keras: checkpoints and
+exact resume, preemption (SIGUSR1/SIGTERM: an agreed stop, a checkpoint, exit 0, the batch script requeues), the
+agreed non-finite stop, the stall watchdog, agreed step counts on uneven file shards, exact evaluation, rank-0
+progress and CSV, summary.json with weights_sha256. The README shows the diff; a test keeps it true.
 
     scripts/launch.sh 2 python examples/keras_resumable.py --run-dir runs/mine --epochs 10
     sbatch --nodes=2 --ntasks-per-node=1 slurm/run.sbatch python examples/keras_resumable.py --run-dir $PWD/runs/mine
 
-Without --data it writes scikit-learn's digits into TFRecord files under RUN_DIR/data first (rank 0, then all ranks
-wait for it), so the sharding by file is real. Run it again after a stop and it continues where it stopped.
-The lines marked `# hvdtrain` are all that differ from a single-process script.
+Run it again after a stop and it continues where it stopped.
 """
 import argparse
 import glob
 import os
 
-import hvdtrain.keras as hk                                                    # hvdtrain
+import hvdtrain.keras as hk
 import keras
 import numpy as np
 import tensorflow as tf
@@ -33,19 +31,25 @@ def parse_args():
 
 
 def digits_tfrecords(folder: str, world) -> str:
-    """Digits as 3 TFRecord files of different sizes (so the ranks' shards are uneven), plus a held-out .npz."""
+    """Digits as 3 TFRecord files of different sizes, plus a held-out .npz (written by rank 0, then all go on)."""
     from sklearn.datasets import load_digits
-    from hvdtrain.data import write_tfrecords
     if world.is_chief and not os.path.exists(os.path.join(folder, "test.npz")):
         os.makedirs(folder, exist_ok=True)
         d = load_digits()
         x, y = (d.images / 16.0).reshape(-1, 64).astype(np.float32), d.target.astype(np.int64)
-        cuts = [0, 700, 1000, 1437]                  # 700, 300 and 437 examples
-        for i in range(3):
-            write_tfrecords(x[cuts[i]:cuts[i + 1]], y[cuts[i]:cuts[i + 1]], [os.path.join(folder, f"part-{i}.tfrecord")])
+        for i, (a, b) in enumerate(((0, 700), (700, 1000), (1000, 1437))):   # 700, 300 and 437 examples
+            with tf.io.TFRecordWriter(os.path.join(folder, f"part-{i}.tfrecord")) as writer:
+                for xi, yi in zip(x[a:b], y[a:b]):
+                    writer.write(example(xi, yi))
         np.savez(os.path.join(folder, "test.npz"), x=x[1437:], y=y[1437:])
-    hk.barrier(world)                                                          # hvdtrain
+    hk.barrier(world)
     return folder
+
+
+def example(x, y) -> bytes:
+    return tf.train.Example(features=tf.train.Features(feature={
+        "x": tf.train.Feature(float_list=tf.train.FloatList(value=x.tolist())),
+        "y": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(y)]))})).SerializeToString()
 
 
 def parse(record):
@@ -56,32 +60,32 @@ def parse(record):
 
 def main():
     args = parse_args()
-    world = hk.init(seed=42, deterministic=args.deterministic)                 # hvdtrain
+    world = hk.init(seed=42, deterministic=args.deterministic)
     data = args.data or digits_tfrecords(os.path.join(args.run_dir, "data"), world)
-    per_rank = args.global_batch // world.size
-    records = hk.shard_files(glob.glob(os.path.join(data, "*.tfrecord")), world)          # hvdtrain
-    steps = hk.agreed_steps(records, world, batch_size=per_rank)               # hvdtrain
+    batch = args.global_batch // world.size
+    records = hk.shard_files(glob.glob(os.path.join(data, "*.tfrecord")), world)
+    steps = hk.agreed_steps(records, world, batch_size=batch)
 
     def epoch_batches(epoch):   # epoch e's batches, the same whenever they are asked for (for an exact resume)
         return records.shuffle(2048, seed=1000 + epoch, reshuffle_each_iteration=False).map(parse) \
-            .batch(per_rank, drop_remainder=True)
+            .batch(batch, drop_remainder=True)
 
     held_out = np.load(os.path.join(data, "test.npz"))
-    test = hk.shard(tf.data.Dataset.from_tensor_slices((held_out["x"], held_out["y"])), world).batch(256)  # hvdtrain
+    test = hk.shard(tf.data.Dataset.from_tensor_slices((held_out["x"], held_out["y"])), world).batch(256)
 
     model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(128, activation="relu"),
                               keras.layers.Dense(64, activation="relu"), keras.layers.Dense(10)], name="digits_mlp")
-    optimizer = hk.distribute(keras.optimizers.SGD(args.lr, momentum=0.9))    # hvdtrain
+    optimizer = hk.distribute(keras.optimizers.SGD(args.lr, momentum=0.9))
     model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"],
                   jit_compile=False)
 
-    run = hk.Run(args.run_dir, world, epochs=args.epochs, steps_per_epoch=steps,              # hvdtrain
-                 global_batch_size=args.global_batch, stall_timeout_s=args.stall_timeout)
-    start = run.resume(model)                                                  # hvdtrain
-    with run.guard():                                                          # hvdtrain
+    run = hk.Run(args.run_dir, world, epochs=args.epochs, steps_per_epoch=steps, global_batch_size=args.global_batch,
+                 stall_timeout_s=args.stall_timeout)
+    start = run.resume(model)
+    with run.guard():
         model.fit(run.stream(epoch_batches), initial_epoch=start.epoch, epochs=args.epochs, steps_per_epoch=steps,
-                  callbacks=run.callbacks(evaluate=test), verbose=0)           # hvdtrain
-    summary = run.finish(model)                                                # hvdtrain
+                  callbacks=run.callbacks(evaluate=test), verbose=0)
+    summary = run.finish(model)
     if world.is_chief and summary["status"] == "completed":
         print(f"test accuracy {summary['test_accuracy']:.4f}, weights {summary['weights_sha256'][:12]}")
 

@@ -61,6 +61,21 @@ def small_digits(tmp_path):
     return ["--config", str(REPO / "configs/digits.yaml"), f"--trainer.run_dir={tmp_path / 'run'}", "--trainer.epochs=3"]
 
 
+def example_digits(folder):
+    """examples/keras_resumable.py's data: digits in 3 TFRecord files of 700, 300 and 437 examples (with 2 ranks,
+    rank 1's shard is the short one) and the held-out 360 in test.npz."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from hvdtrain.data import write_tfrecords
+    folder.mkdir(parents=True, exist_ok=True)
+    d = load_digits()
+    x, y = (d.images / 16.0).reshape(-1, 64).astype(np.float32), d.target.astype(np.int64)
+    for i, (a, b) in enumerate(((0, 700), (700, 1000), (1000, 1437))):
+        write_tfrecords(x[a:b], y[a:b], [str(folder / f"part-{i}.tfrecord")])
+    np.savez(folder / "test.npz", x=x[1437:], y=y[1437:])
+    return folder
+
+
 def start_horovodrun(np: int, args: list[str], launcher: str = "gloo", cwd=REPO) -> subprocess.Popen:
     """horovodrun in the background (its own session, so a test can clean up the whole tree by pid)."""
     cmd = [str(BIN / "horovodrun"), "-np", str(np), *LAUNCHERS[launcher], *args]

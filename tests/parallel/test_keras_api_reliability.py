@@ -5,27 +5,17 @@ import json
 import subprocess
 import time
 
-import numpy as np
 import pytest
 
-from conftest import BIN, REPO, kill_tree, rank_pids, start_horovodrun, wait_for
+from conftest import BIN, REPO, example_digits, kill_tree, rank_pids, start_horovodrun, wait_for
 from hvdtrain import checkpoint
-from hvdtrain.data import write_tfrecords
 
 EXAMPLE = [str(BIN / "python"), str(REPO / "examples/keras_resumable.py")]
 
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    """The example's data: digits in 3 TFRecord files of 700, 300 and 437 examples (rank 1's shard is the short one)."""
-    from sklearn.datasets import load_digits
-    folder = tmp_path_factory.mktemp("digits-records")
-    d = load_digits()
-    x, y = (d.images / 16.0).reshape(-1, 64).astype(np.float32), d.target.astype(np.int64)
-    for i, (a, b) in enumerate(((0, 700), (700, 1000), (1000, 1437))):
-        write_tfrecords(x[a:b], y[a:b], [str(folder / f"part-{i}.tfrecord")])
-    np.savez(folder / "test.npz", x=x[1437:], y=y[1437:])
-    return folder
+    return example_digits(tmp_path_factory.mktemp("digits-records"))
 
 
 def example(run, digits, *extra):

@@ -167,18 +167,8 @@ def submit_plain(cluster, work, script: str, args: list[str], nodes: int = 1) ->
 
 @pytest.fixture(scope="module")
 def example_data(work):
-    """examples/keras_resumable.py's data: digits in 3 uneven TFRecord files and a held-out .npz."""
-    import numpy as np
-    from sklearn.datasets import load_digits
-    from hvdtrain.data import write_tfrecords
-    folder = work / "example-data"
-    folder.mkdir()
-    d = load_digits()
-    x, y = (d.images / 16.0).reshape(-1, 64).astype(np.float32), d.target.astype(np.int64)
-    for i, (a, b) in enumerate(((0, 700), (700, 1000), (1000, 1437))):
-        write_tfrecords(x[a:b], y[a:b], [str(folder / f"part-{i}.tfrecord")])
-    np.savez(folder / "test.npz", x=x[1437:], y=y[1437:])
-    return folder
+    from conftest import example_digits
+    return example_digits(work / "example-data")
 
 
 def submit_example(cluster, work, name: str, data) -> tuple[str, object]:
