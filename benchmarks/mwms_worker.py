@@ -79,12 +79,14 @@ class MwmsSession:
 
 
 def _around_keras3_failures(model) -> None:
-    """Keras 3's fit fails twice with this strategy (keras issue 20585); both are worked around here, for this
-    benchmark only. (1) Before the first step it averages the first (x, y) batch over replicas to build variables
-    early, which the strategy cannot do for a nested batch ("Attempt to convert a value (PerReplica...)"): build
-    the optimizer here and tell Keras it has no strategy of its own; fit then runs inside the strategy's scope,
-    where Keras picks the strategy up again. (2) After every step it averages the logged scalars over axis 0,
-    which scalars do not have ("Invalid reduction dimension 0"): log them as 1-element vectors."""
+    """Keras 3 does not support this strategy (keras issue 20585): its fit fails twice, and both failures are
+    worked around here, for this benchmark only. (1) Before the first step it averages the first (x, y) batch over
+    replicas to build variables early, which the strategy cannot do for a nested batch ("Attempt to convert a
+    value (PerReplica...)"): build the optimizer here and tell Keras it has no strategy of its own; fit then runs
+    inside the strategy's scope, where Keras picks the strategy up again. (2) After every step it averages the
+    logged scalars over axis 0, which scalars do not have ("Invalid reduction dimension 0", tensorflow issue
+    72388): log them as 1-element vectors. The gradients are still all-reduced by the strategy inside the
+    optimizer, as on Keras 2."""
     import tensorflow as tf
     model.optimizer.build(model.trainable_variables)
     model._distribute_strategy = None

@@ -170,7 +170,7 @@ def _resnet50(doc, rel: Path) -> str:
         "(`hvdtrain` pins each rank to its local GPU) and `--threads` left at 1; it needs the CUDA builds of "
         "TensorFlow and Horovod with `HOROVOD_GPU_OPERATIONS=NCCL` (README, GPU notes), mixed precision "
         "(`--runtime.precision=mixed_float16`) to be comparable with published figures, and NCCL all-reduce over "
-        "NVLink or InfiniBand between nodes; the step is then ~100x the work of this 64x64 CPU run, so gradients "
+        "NVLink or InfiniBand between nodes; the step is then ~50x the work of this 64x64 CPU run (12x the pixels, 4x the batch), so gradients "
         "(25.6M parameters, 100 MB) are a far smaller share of it than here.", "",
         f"![resnet50 speed-up]({rel / 'train-resnet50.png'})"])
 
@@ -208,6 +208,12 @@ def _stacks(doc, rel: Path) -> str:
         "control is what neither Keras layer touches: for a model, the same steps without the all-reduce "
         "(`local_step_ms`: Keras and TensorFlow alone); for an all-reduce size, raw MPI_Allreduce. A control far "
         "from 1 means the machine, not the stack, moved between the two sides.", "",
+        "Two things behind the numbers. Keras 3 builds BatchNormalization from a dozen small ops where Keras 2 used "
+        "TensorFlow's fused kernel; that made the cnn (a small ResNet) about 1.4x slower per step on TF 2.21, so "
+        "hvdtrain gives Keras 3's layers the fused kernel back (`hvdtrain/fused_norm.py`, same variables and "
+        "results). The small all-reduce sizes are the latency of one Horovod op called from a tf.function, which "
+        "costs more on TF 2.21; training does not see it, because each step's gradients go out in one fused "
+        "all-reduce of the model's size.", "",
         harness.markdown_table(stacks.table(doc), stacks.COLUMNS), "",
         f"![new stack / old stack]({rel / 'stacks.png'})"])
 

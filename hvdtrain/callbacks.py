@@ -246,14 +246,35 @@ def _short(exc) -> str:
     return first_line(exc)
 
 
+class LocalState:
+    """What each rank updates from its own batches alone: batch-norm moving statistics (the model's non-trainable
+    float variables; training never reads them). Averaged over ranks whenever the model is read, before checkpoints,
+    evaluation and the final replica check, as MirroredStrategy averages them on read; so every rank saves and
+    evaluates the same model. Models without such variables (the MLP) never communicate here."""
+
+    def __init__(self, world):
+        self.world, self._average, self._step = world, None, None
+
+    def sync(self, model, step: int) -> None:
+        """A collective for models with local state: every rank calls it at the same step."""
+        if self.world.size == 1 or step == self._step:
+            return
+        if self._average is None:
+            local = [v for v in model.non_trainable_variables if "float" in str(getattr(v.dtype, "name", v.dtype))]
+            self._average = dist.variable_averager(local, "hvdtrain.local_state") if local else (lambda: None)
+        self._average()
+        self._step = step
+
+
 class StepCheckpoint(keras.callbacks.Callback):
     """Rank 0 writes a checkpoint every `every` global steps (0: never) and at every `every_epochs`-th true epoch end,
     always after the agreed check of that step (AgreedStop comes first), so non-finite weights are never saved."""
 
-    def __init__(self, progress: Progress, checkpointer, world, every_steps: int, every_epochs: int):
+    def __init__(self, progress: Progress, checkpointer, world, every_steps: int, every_epochs: int,
+                 local_state: LocalState):
         super().__init__()
         self.progress, self.checkpointer, self.world = progress, checkpointer, world
-        self.every_steps, self.every_epochs = every_steps, every_epochs
+        self.every_steps, self.every_epochs, self.local_state = every_steps, every_epochs, local_state
 
     def on_train_batch_end(self, batch, logs=None):
         p = self.progress.position
@@ -262,12 +283,16 @@ class StepCheckpoint(keras.callbacks.Callback):
         epoch_end = p.step_in_epoch == 0 and p.epoch % self.every_epochs == 0
         if epoch_end or (self.every_steps and p.global_step % self.every_steps == 0) \
                 or p.global_step >= self.progress.total_steps:
-            self.checkpointer.save(self.model, p, self.world.size)
+            self._save(p)
 
     def on_train_end(self, logs=None):
         """A stop request (preemption): the checkpoint at the agreed stop step, where every rank stopped."""
         if self.progress.stop_reason == "stop_requested":
-            self.checkpointer.save(self.model, self.progress.position, self.world.size)
+            self._save(self.progress.position)
+
+    def _save(self, position: Position) -> None:
+        self.local_state.sync(self.model, position.global_step)
+        self.checkpointer.save(self.model, position, self.world.size)
 
 
 class MetricAverage(keras.callbacks.Callback):
@@ -327,11 +352,12 @@ class ExactEvaluation(keras.callbacks.Callback):
     """Held-out metrics from all-reduced sums at each epoch end (exact whatever the shard sizes); `evaluate` returns
     None when there is no held-out split. The result is kept, keyed by global step, for the summary."""
 
-    def __init__(self, evaluate, progress: Progress, prefix: str = "val_"):
+    def __init__(self, evaluate, progress: Progress, local_state: LocalState, prefix: str = "val_"):
         super().__init__()
-        self.evaluate, self.progress, self.prefix = evaluate, progress, prefix
+        self.evaluate, self.progress, self.local_state, self.prefix = evaluate, progress, local_state, prefix
 
     def on_epoch_end(self, epoch, logs=None):
+        self.local_state.sync(self.model, self.progress.position.global_step)
         metrics = self.evaluate(self.model)
         self.progress.last_eval = (self.progress.position.global_step, metrics)
         for key, value in (metrics or {}).items():
@@ -436,7 +462,7 @@ class Options:
 
 
 def ordered(world, progress: Progress, run_dir, options: Options, *, stop: StopRequest, checkpointer, global_batch: int,
-            evaluate=None, elastic_state=None) -> list:
+            local_state: LocalState, evaluate=None, elastic_state=None) -> list:
     """The full list in its one correct order. Rank-0 writers are simply absent on other ranks. The elastic commit
     comes last, so an interruption it raises never skips an epoch's writers."""
     callbacks = [
@@ -444,12 +470,13 @@ def ordered(world, progress: Progress, run_dir, options: Options, *, stop: StopR
         StartCheck(world),
         TrackPosition(progress),
         AgreedStop(world, progress, stop, options.check_every_steps),
-        StepCheckpoint(progress, checkpointer, world, options.checkpoint_every_steps, options.checkpoint_every_epochs),
+        StepCheckpoint(progress, checkpointer, world, options.checkpoint_every_steps, options.checkpoint_every_epochs,
+                       local_state),
         MetricAverage(world),
         Throughput(progress, global_batch, world.size),
     ]
     if evaluate is not None:
-        callbacks.append(ExactEvaluation(evaluate, progress))
+        callbacks.append(ExactEvaluation(evaluate, progress, local_state))
     callbacks.append(EpochHistory(progress))
     if world.is_chief:
         callbacks.append(ProgressLogger(options.progress, progress))

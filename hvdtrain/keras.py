@@ -12,7 +12,8 @@
 `run.callbacks()` gives the broadcast, metric averaging, atomic checkpoints, the agreed stop on SIGUSR1/SIGTERM
 (then a checkpoint; exit 0 and the batch script requeues), the agreed non-finite stop, the stall watchdog, exact
 evaluation, rank-0 progress, CSV and TensorBoard. Without a run directory, `hk.callbacks(world)` gives just the
-broadcast and metric averaging. Data: `hk.shard`, `hk.shard_files`, `hk.agreed_steps`.
+broadcast and metric averaging. Data: `hk.shard`, `hk.shard_files`, `hk.agreed_steps`. Speed: on Keras 3,
+`hk.fuse_batch_norm(model)` trains BatchNormalization layers with TensorFlow's fused kernel, as Keras 2 did.
 """
 from __future__ import annotations
 
@@ -25,14 +26,15 @@ from hvdtrain import checkpoint, dist  # noqa: E402
 from hvdtrain import world as worlds  # noqa: E402
 from hvdtrain.checkpoint import Position  # noqa: E402
 from hvdtrain.config import RuntimeConfig  # noqa: E402
+from hvdtrain.fused_norm import fuse_batch_norm  # noqa: E402
 from hvdtrain.optim import scaled_lr  # noqa: E402
 from hvdtrain.rundir import RunDir  # noqa: E402
 from hvdtrain.session import Session  # noqa: E402
 from hvdtrain.tasks import Task  # noqa: E402
 from hvdtrain.world import World  # noqa: E402
 
-__all__ = ["Position", "Run", "World", "agreed_steps", "barrier", "callbacks", "distribute", "evaluate", "init", "predict",
-           "scale_lr", "shard", "shard_files", "verbose"]
+__all__ = ["Position", "Run", "World", "agreed_steps", "barrier", "callbacks", "distribute", "evaluate", "fuse_batch_norm",
+           "init", "predict", "scale_lr", "shard", "shard_files", "verbose"]
 
 
 def init(**runtime) -> World:

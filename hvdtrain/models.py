@@ -12,6 +12,7 @@ import importlib
 from typing import Callable
 
 from hvdtrain.errors import UserError
+from hvdtrain.fused_norm import fuse_batch_norm
 
 _REGISTRY: dict[str, Callable] = {}
 
@@ -46,7 +47,9 @@ def build_model(model_cfg, input_shape: tuple, num_classes: int):
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise UserError(f"unknown model '{name}'{hint}; use {', '.join(available())}, a keras.applications name such as "
                         "ResNet50, or a builder by import path (package.module:function)", agreed=True)
-    return _float32_outputs(_checked(model, name, num_classes))
+    model = _float32_outputs(_checked(model, name, num_classes))
+    fuse_batch_norm(model)   # Keras 3: TensorFlow's fused kernel for BatchNormalization, as Keras 2 had
+    return model
 
 
 def _imported(path: str) -> Callable:

@@ -22,6 +22,7 @@ class Session:
         self.global_batch = global_batch
         self.progress = cb.Progress(steps_per_epoch, epochs)
         self.checkpointer = Checkpointer.for_rank(world, run, meta, options.keep_checkpoints)
+        self.local_state = cb.LocalState(world)
         self.start = Position()
         self.resumed_from = None
         self.started = time.perf_counter()
@@ -49,13 +50,14 @@ class Session:
         self.world = world
         self.checkpointer = Checkpointer.for_rank(world, self.run, self.checkpointer.meta, self.options.keep_checkpoints)
         self.checkpointer.last_step = last
+        self.local_state = cb.LocalState(world)
         self.progress.position = position
         self.progress.stop_reason = ""
 
     def callbacks(self, evaluate=None, elastic_state=None) -> list:
         return cb.ordered(self.world, self.progress, self.run.path, self.options, stop=self.stop,
-                          checkpointer=self.checkpointer, global_batch=self.global_batch, evaluate=evaluate,
-                          elastic_state=elastic_state)
+                          checkpointer=self.checkpointer, global_batch=self.global_batch,
+                          local_state=self.local_state, evaluate=evaluate, elastic_state=elastic_state)
 
     @contextlib.contextmanager
     def guard(self, callbacks, diagnose=None):
@@ -89,6 +91,7 @@ class Session:
         p = self.progress
         if p.stop_reason == "nonfinite":
             raise NonFiniteLoss(p.failure, agreed=True)
+        self.local_state.sync(model, p.position.global_step)
         self.checkpointer.save(model, p.position, self.world.size)
         digest = checkpoint.agreed_digest(model, self.world)
         test = None

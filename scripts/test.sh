@@ -3,24 +3,57 @@
 # summary (exit 1 if any tier failed). `make test` and the make test-* targets call it.
 #
 #   scripts/test.sh .venv:unit .venv:parallel .venv:integration .venv:slurm .venv-tf2.15:unit .venv-tf2.15:parallel
+#   scripts/test.sh .venv:unit .venv:parallel + .venv:slurm .venv-tf2.15:unit      # two lanes at once
 #   PYTEST_ARGS="-x -k resume" scripts/test.sh .venv:parallel
 # Tiers are directories of tests/ (tests/bench runs with unit). pytest finding no tests counts as a failure.
+# `+` starts another lane: lanes run side by side, each its tiers in order (the Slurm tier mostly waits on Slurm, so
+# `make test` runs it next to the other stack's tiers). A lane's tier prints its whole output when it ends, so the
+# lanes' outputs do not interleave.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: scripts/test.sh VENV:TIER..." >&2; exit 2; }
-results=(); failed=0
-for spec in "$@"; do
+[ $# -gt 0 ] || { echo "usage: scripts/test.sh VENV:TIER... [+ VENV:TIER...]" >&2; exit 2; }
+work="$(mktemp -d)"; trap 'rm -rf "$work"' EXIT
+
+# One tier: its output to $work/<n>.out (or straight through with one lane), its summary line to $work/<n>.result.
+run_tier() {
+  local n="$1" spec="$2" out="$3" venv tier stack started rc
   venv="${spec%%:*}"; tier="${spec#*:}"
   [ -x "$venv/bin/python" ] || { echo "test.sh: $venv has no python; run make install first" >&2; exit 2; }
   stack="$(cut -d' ' -f1 "$venv/.hvdtrain-installed" 2>/dev/null || echo "stack=?")"
-  printf '\n\033[1m== %s tests, %s (%s), %s\033[0m\n' "$tier" "$venv" "${stack#stack=}" "$(date -u +%H:%M:%S)"
-  started=$SECONDS
-  # shellcheck disable=SC2086
-  PATH="$PWD/$venv/bin:$PATH" "$venv/bin/python" -m pytest -m "$tier" ${PYTEST_ARGS:-} ; rc=$?
-  [ "$rc" = 5 ] && { echo "test.sh: pytest collected no $tier tests; that is a failure" >&2; rc=1; }
-  results+=("$(printf '%-8s %-20s %-13s %4ds  %s' "$tier" "$venv" "${stack#stack=}" $((SECONDS - started)) \
-               "$([ "$rc" = 0 ] && echo passed || echo "FAILED (exit $rc)")")")
-  [ "$rc" = 0 ] || failed=1
+  {
+    printf '\n\033[1m== %s tests, %s (%s), %s\033[0m\n' "$tier" "$venv" "${stack#stack=}" "$(date -u +%H:%M:%S)"
+    started=$SECONDS
+    # shellcheck disable=SC2086
+    PATH="$PWD/$venv/bin:$PATH" "$venv/bin/python" -m pytest -m "$tier" ${PYTEST_ARGS:-} </dev/null; rc=$?
+    [ "$rc" = 5 ] && { echo "test.sh: pytest collected no $tier tests; that is a failure" >&2; rc=1; }
+    printf '%-11s %-13s %-7s %5ds  %s\n' "$tier" "$venv" "${stack#stack=}" $((SECONDS - started)) \
+      "$([ "$rc" = 0 ] && echo passed || echo "FAILED (exit $rc)")" >"$work/$n.result"
+  } >"$out" 2>&1
+}
+
+lane() {   # lane TIER_NUMBERS...: run them in order; with several lanes, print each tier's output when it ends
+  local n
+  for n in "$@"; do
+    if [ "$lanes" = 1 ]; then run_tier "$n" "${specs[$n]}" /dev/stdout
+    else run_tier "$n" "${specs[$n]}" "$work/$n.out"; flock "$work" cat "$work/$n.out"; fi
+  done
+}
+
+specs=(); lane_of=(); lanes=1
+for arg in "$@"; do
+  if [ "$arg" = + ]; then lanes=$((lanes + 1)); else specs+=("$arg"); lane_of+=("$lanes"); fi
 done
-printf '\n\033[1m== summary\033[0m\n'; printf '%s\n' "${results[@]}"
+pids=()
+for l in $(seq "$lanes"); do
+  numbers=(); for n in "${!specs[@]}"; do [ "${lane_of[$n]}" = "$l" ] && numbers+=("$n"); done
+  if [ "$lanes" = 1 ]; then lane "${numbers[@]}"; else lane "${numbers[@]}" & pids+=("$!"); fi
+done
+[ "${#pids[@]}" = 0 ] || wait "${pids[@]}"
+
+printf '\n\033[1m== summary\033[0m\n'
+failed=0
+for n in "${!specs[@]}"; do
+  if [ -f "$work/$n.result" ]; then cat "$work/$n.result"; else echo "${specs[$n]}: did not run"; fi
+  grep -q ' passed$' "$work/$n.result" 2>/dev/null || failed=1
+done
 exit "$failed"

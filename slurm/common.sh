@@ -78,6 +78,10 @@ step_command() {
 #  - TERM (scancel, preemption): Slurm sends it to every rank itself (forwarding it again would make srun kill the
 #    step at once); this shell only keeps waiting, so the ranks can checkpoint before Slurm's KillWait ends. No
 #    requeue here: Slurm requeues preempted jobs itself, and a cancelled job should stay cancelled.
+#  - A node failing (it stops answering): Slurm ends the job as NODE_FAIL, this script with it ("CANCELLED ... DUE TO
+#    NODE FAILURE"), and requeues it itself (--requeue); the next run resumes from the last checkpoint. A requeued run
+#    reuses the job id and step ids from 0, so it must not start on a node that still holds the old step: the site's
+#    requeue delay (AuthInfo cred_expire, Slurm's default 120 s) gives a node that is back the time to end it.
 # srun and mpirun both forward the signals they receive to all their tasks.
 run_step() {
   local status=0 pid=""

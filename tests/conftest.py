@@ -129,3 +129,29 @@ def wait_for(predicate, timeout: float = 120, what: str = "condition"):
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def agreed_sources(cfg, size: int, split: str = "train") -> list:
+    """One data source per rank of a `size`-rank world, each adopting what every rank's validation found (what the
+    trainer does under its agreement, dist.gather_agreed), in one process."""
+    from hvdtrain import data
+    from hvdtrain.world import World
+    sources = [data.open_source(cfg) for _ in range(size)]
+    parts = [s.validate(World(rank=r, size=size), split) for r, s in enumerate(sources)]
+    for s in sources:
+        s.adopt(split, parts)
+    return sources
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """The single-node Slurm cluster (scripts/slurm-local.sh) the tests in tests/slurm share: started once, stopped
+    by pid. (Here and not in tests/slurm/conftest.py: a second conftest module would shadow this one's helpers.)"""
+    sys.path.insert(0, str(REPO / "tests" / "slurm"))
+    from slurm_cluster import Cluster
+    c = Cluster(tmp_path_factory.mktemp("slurm"))
+    up = c.local("up")
+    assert up.returncode == 0, up.stdout + up.stderr
+    yield c
+    down = c.local("down")
+    assert down.returncode == 0, down.stdout + down.stderr

@@ -58,9 +58,12 @@ def write_report(path: str | None, report: dict, world) -> None:
 
 def inputs_source(trained, input_source: str | None):
     """The data source that reads --input (or the run's own data) for a trained run."""
-    from hvdtrain.data import open_source
+    from hvdtrain.data import ImageFolders, open_source
     from hvdtrain.data.inputs import input_config
-    return open_source(input_config(trained.cfg.data, input_source, trained.input_shape))
+    source = open_source(input_config(trained.cfg.data, input_source, trained.input_shape))
+    if isinstance(source, ImageFolders):   # class folders are labelled by the model's class names, not their order
+        source.use_classes(trained.class_names)
+    return source
 
 
 def check_shape(found, expected, where: str) -> None:

@@ -33,22 +33,27 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 def add_arguments(p) -> None:
     p.add_argument("action", choices=("submit", "render"), help="submit: run sbatch; render: print the command")
     p.add_argument("--config", metavar="FILE", help="YAML config for `hvdtrain train` (default: built-in defaults)")
-    p.add_argument("--nodes", type=_positive("--nodes"), default=1, metavar="N", help="nodes (default 1)")
-    p.add_argument("--gpus-per-node", type=_count("--gpus-per-node"), default=0, metavar="G",
+    add_job_arguments(p)
+    p.add_argument("--job-name", type=slurm_name("--job-name"), default="hvdtrain-train", metavar="NAME")
+    p.add_argument("--output", metavar="PATTERN", help="job log (default NAME-JOBID.out in this directory; %%j is "
+                                                         "the job id); a requeued run appends to it")
+
+
+def add_job_arguments(p) -> None:
+    """The options that shape one training job: also those of `hvdtrain sweep --slurm` for each trial's job."""
+    p.add_argument("--nodes", type=positive_int("--nodes"), default=1, metavar="N", help="nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=count_int("--gpus-per-node"), default=0, metavar="G",
                    help="GPUs per node = ranks per node (default 0: CPU nodes, see --tasks-per-node)")
-    p.add_argument("--tasks-per-node", type=_positive("--tasks-per-node"), metavar="T",
+    p.add_argument("--tasks-per-node", type=positive_int("--tasks-per-node"), metavar="T",
                    help="ranks per node on CPU nodes (default 1; with GPUs it equals --gpus-per-node)")
     p.add_argument("--gpu-request", choices=("gres", "gpus-per-task"), default="gres",
                    help="how GPUs are requested: --gres=gpu:G per node (default) or --gpus-per-task=1")
-    p.add_argument("--cpus-per-task", type=_positive("--cpus-per-task"), metavar="C", help="cores per rank")
+    p.add_argument("--cpus-per-task", type=positive_int("--cpus-per-task"), metavar="C", help="cores per rank")
     p.add_argument("--time", metavar="LIMIT", help="time limit: MINUTES, H:MM:SS or D-HH[:MM[:SS]]")
-    p.add_argument("--partition", type=_name("--partition"), metavar="P")
-    p.add_argument("--account", type=_name("--account"), metavar="A")
-    p.add_argument("--qos", type=_name("--qos"), metavar="Q")
-    p.add_argument("--job-name", type=_name("--job-name"), default="hvdtrain-train", metavar="NAME")
-    p.add_argument("--output", metavar="PATTERN", help="job log (default NAME-JOBID.out in this directory; %%j is "
-                                                         "the job id); a requeued run appends to it")
-    p.add_argument("--stop-notice", type=_count("--stop-notice"), default=180, metavar="SECONDS",
+    p.add_argument("--partition", type=slurm_name("--partition"), metavar="P")
+    p.add_argument("--account", type=slurm_name("--account"), metavar="A")
+    p.add_argument("--qos", type=slurm_name("--qos"), metavar="Q")
+    p.add_argument("--stop-notice", type=count_int("--stop-notice"), default=180, metavar="SECONDS",
                    help="USR1 this long before the time limit: stop, checkpoint, requeue (default 180)")
     p.add_argument("--launcher", choices=("srun", "mpirun"), default="srun",
                    help="srun --mpi=pmix (default) or mpirun with a host list (sites without PMIx)")
@@ -166,7 +171,7 @@ def check_partition(args) -> None:
 
 
 def _partition(name: str | None) -> dict[str, str]:
-    out = _slurm(["scontrol", "show", "partition", "--oneliner"])
+    out = client(["scontrol", "show", "partition", "--oneliner"])
     parts = [dict(tok.split("=", 1) for tok in line.split() if "=" in tok) for line in out.splitlines() if line.strip()]
     chosen = [p for p in parts if p.get("PartitionName") == name] if name else [p for p in parts if p.get("Default") == "YES"]
     if not chosen:
@@ -176,7 +181,7 @@ def _partition(name: str | None) -> dict[str, str]:
 
 
 def submit(command: list[str], env: dict[str, str], args) -> int:
-    out = _slurm([command[0], "--parsable", *command[1:]], env)
+    out = client([command[0], "--parsable", *command[1:]], env)
     job_id = out.strip().split(";")[0]
     log = (args.output or "%x-%j.out").replace("%j", job_id).replace("%x", args.job_name)
     print(f"submitted job {job_id}: {args.nodes} node(s); log {Path(log).resolve()}\n"
@@ -184,8 +189,8 @@ def submit(command: list[str], env: dict[str, str], args) -> int:
     return 0
 
 
-def _slurm(argv: list[str], extra_env: dict[str, str] | None = None) -> str:
-    """Run a Slurm client; its error becomes one line."""
+def client(argv: list[str], extra_env: dict[str, str] | None = None) -> str:
+    """Run a Slurm client (sbatch, scontrol, ...) and return its output; its error becomes one line."""
     if shutil.which(argv[0]) is None:
         raise UserError(f"{argv[0]} not found: run this on a Slurm login node (or start scripts/slurm-local.sh up)")
     proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **(extra_env or {})})
@@ -198,11 +203,11 @@ def _slurm(argv: list[str], extra_env: dict[str, str] | None = None) -> str:
 
 # ------------------------------------------------------------------ argument types
 
-def _positive(flag):
+def positive_int(flag):
     return lambda text: _int(flag, text, 1)
 
 
-def _count(flag):
+def count_int(flag):
     return lambda text: _int(flag, text, 0)
 
 
@@ -212,7 +217,7 @@ def _int(flag: str, text: str, minimum: int) -> int:
     return int(text)
 
 
-def _name(flag):
+def slurm_name(flag):
     def check(text: str) -> str:
         if not NAME.fullmatch(text):
             raise argparse.ArgumentTypeError(f"{flag} must be a Slurm name (letters, digits, _ . + -), got {text!r}")

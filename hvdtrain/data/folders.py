@@ -16,10 +16,17 @@ from hvdtrain.log import get_logger
 class ImageFolders(FileSource):
     shuffle_records = False   # one image per unit: the per-epoch unit order is already a full shuffle
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, classes: list[str] | None = None):
         super().__init__(cfg)
         self._listing: dict[str, tuple[list[str], list[tuple[str, int]]]] = {}
         self.skipped: dict[str, list[str]] = {}
+        self.classes = list(classes) if classes else None   # a trained model's classes: folders map to them by name
+
+    def use_classes(self, names: list[str] | None) -> "ImageFolders":
+        """Label folders by a trained model's class names (evaluate/predict on other folders, which may hold only
+        some of the classes), not by their own sorted order."""
+        self.classes, self._listing = (list(names) if names else None), {}
+        return self
 
     def path(self, split: str) -> str:
         return self.cfg.path if split == "train" else self.cfg.test_path
@@ -29,7 +36,16 @@ class ImageFolders(FileSource):
 
     def _listed(self, split: str):
         if split not in self._listing:
-            self._listing[split] = images.list_class_folders(self.path(split))
+            found, files = images.list_class_folders(self.path(split))
+            if self.classes is not None:
+                unknown = [name for name in found if name not in self.classes]
+                if unknown:
+                    raise DataError(f"{self.path(split)}: class folder(s) {', '.join(unknown[:3])} are not among the "
+                                    f"model's {len(self.classes)} classes ({', '.join(self.classes[:5])}"
+                                    f"{', ...' if len(self.classes) > 5 else ''}); name the folders after its classes")
+                files = [(path, self.classes.index(found[label])) for path, label in files]
+                found = self.classes
+            self._listing[split] = (found, files)
         return self._listing[split]
 
     def class_names(self) -> list[str]:

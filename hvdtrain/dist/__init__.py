@@ -15,7 +15,8 @@ import functools
 
 from hvdtrain.dist.collectives import (HOROVOD_MARKS, agree_on_errors, all_agree, allgather_object, allreduce, allreduce_min,
                                        allreduce_sum, barrier, broadcast_object, broadcast_variables, build_info,
-                                       collective_failure, gather_agreed, init, join, raise_first, topology)
+                                       collective_failure, gather_agreed, init, join, raise_first, topology,
+                                       variable_averager)
 from hvdtrain.dist.environment import (active_comm_settings, apply_comm_environment, comm_environment,
                                        launched_by_mpi, launched_elastic, launcher_name, rank_hint, under_launcher)
 

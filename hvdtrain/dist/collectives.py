@@ -120,6 +120,21 @@ def broadcast_variables(variables, name: str = "hvdtrain.broadcast") -> None:
     assign_from_rank_0()
 
 
+def variable_averager(variables, name: str):
+    """A function that sets every rank's `variables` to their average over ranks, in one grouped all-reduce (traced
+    once, the variables captured as in broadcast_variables). Calling it is the collective."""
+    import tensorflow as tf
+    h = hvd()
+    variables = list(variables)
+
+    @tf.function
+    def average():
+        averaged = h.grouped_allreduce([tf.convert_to_tensor(v) for v in variables], op=h.Average, name=name)
+        for variable, value in zip(variables, averaged):
+            variable.assign(value)
+    return average
+
+
 def build_info() -> dict:
     """What Horovod was built with, for `hvdtrain doctor`. Not a collective."""
     from hvdtrain.dist._horovod import version

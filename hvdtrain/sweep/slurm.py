@@ -25,25 +25,10 @@ CANCELLED = -1   # the exit "code" of a job cancelled with scancel: the trial fa
 
 
 def add_arguments(group) -> None:
-    """The options of `hvdtrain slurm submit` that shape one trial's job."""
-    group.add_argument("--nodes", type=slurm_cmd._positive("--nodes"), default=1, metavar="N", help="nodes per trial (default 1)")
-    group.add_argument("--gpus-per-node", type=slurm_cmd._count("--gpus-per-node"), default=0, metavar="G",
-                       help="GPUs per node = ranks per node (default 0: CPU nodes, see --tasks-per-node)")
-    group.add_argument("--tasks-per-node", type=slurm_cmd._positive("--tasks-per-node"), metavar="T",
-                       help="ranks per node on CPU nodes (default 1)")
-    group.add_argument("--gpu-request", choices=("gres", "gpus-per-task"), default="gres", help="--gres=gpu:G (default) or --gpus-per-task=1")
-    group.add_argument("--cpus-per-task", type=slurm_cmd._positive("--cpus-per-task"), metavar="C", help="cores per rank")
-    group.add_argument("--time", metavar="LIMIT", help="time limit per job: MINUTES, H:MM:SS or D-HH[:MM[:SS]]")
-    group.add_argument("--partition", type=slurm_cmd._name("--partition"), metavar="P")
-    group.add_argument("--account", type=slurm_cmd._name("--account"), metavar="A")
-    group.add_argument("--qos", type=slurm_cmd._name("--qos"), metavar="Q")
-    group.add_argument("--job-name", type=slurm_cmd._name("--job-name"), metavar="PREFIX",
+    """The options of `hvdtrain slurm submit` that shape one trial's job (the same ones), and the job-name prefix."""
+    slurm_cmd.add_job_arguments(group)
+    group.add_argument("--job-name", type=slurm_cmd.slurm_name("--job-name"), metavar="PREFIX",
                        help="job names are PREFIX-tNNNN (default: sweep-<name of DIR>)")
-    group.add_argument("--stop-notice", type=slurm_cmd._count("--stop-notice"), default=180, metavar="SECONDS",
-                       help="USR1 this long before the time limit: stop, checkpoint, requeue (default 180)")
-    group.add_argument("--launcher", choices=("srun", "mpirun"), default="srun", help="srun --mpi=pmix (default) or mpirun")
-    group.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
-                       help="any other sbatch option, e.g. --sbatch=--constraint=a100 (repeatable)")
 
 
 def ranks(args) -> int:
@@ -89,7 +74,7 @@ class SlurmRunner:
         config, overrides = train_args[1], train_args[2:]   # train_args = ["--config", BASE, overrides...]
         command, env = slurm_cmd.build_command(
             self._job_args(Path(config), self.job_name(trial.number), str(trial.path / "slurm-%j.out")), overrides)
-        out = slurm_cmd._slurm([command[0], "--parsable", *command[1:]], env)
+        out = slurm_cmd.client([command[0], "--parsable", *command[1:]], env)
         job_id = out.strip().split(";")[0]
         if not job_id.isdigit():
             raise UserError(f"sbatch printed no job id for trial {trial.number}: {out.strip()!r}")

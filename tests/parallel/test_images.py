@@ -125,7 +125,7 @@ def test_predict_writes_class_names_and_evaluate_agrees_with_training(image_run,
                           "--output", str(predictions)], "gloo", timeout=TIMEOUT)
     assert proc.returncode == 0, output(proc)[-3000:]
     rows = list(csv.reader(predictions.open()))
-    assert rows[0] == ["index", "name"] + [f"probs_{i}" for i in range(10)]
+    assert rows[0] == ["index", "name"] + [f"prob_{i}" for i in range(10)]
     truth = [CLASSES[label] for _, label in digits_png["files"]["test"]]
     names = [row[1] for row in rows[1:]]
     probs = np.array([[float(v) for v in row[2:]] for row in rows[1:]])
@@ -150,6 +150,16 @@ def test_predict_writes_class_names_and_evaluate_agrees_with_training(image_run,
     assert metrics["examples"] == 360 and metrics["ranks"] == 2
     assert metrics["accuracy"] == run_summary(run)["test_accuracy"]
     assert metrics["loss"] == pytest.approx(run_summary(run)["test_loss"], rel=1e-9)
+
+    # Other class folders, with only two of the ten classes: labelled by the model's class names, not their order.
+    subset = tmp_path / "subset"
+    for name in ("two", "seven"):
+        shutil.copytree(digits_png["test"] / name, subset / name)
+    some = horovodrun(2, ["python", WORKER, str(tmp_path), "evaluate", "--run", str(run), "--input", str(subset),
+                          "--report", str(tmp_path / "subset.json")], "gloo", timeout=TIMEOUT)
+    assert some.returncode == 0, output(some)[-3000:]
+    metrics = json.loads((tmp_path / "subset.json").read_text())
+    assert metrics["examples"] == len(list(subset.rglob("*.png"))) == 71 and metrics["accuracy"] >= 0.9, metrics
 
 
 def small_folder(digits_png, root: Path, per_class: int = 12) -> Path:

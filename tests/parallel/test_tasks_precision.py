@@ -166,12 +166,16 @@ def test_float16_loss_scaling_skips_the_same_steps_on_every_rank(tmp_path):
     huge = [set(r["huge_steps"]) for r in ranks]
     assert not huge[0] & huge[1] and len(huge[0] | huge[1]) == 3, "the example is in one rank's batch, once per epoch"
     total = 3 * (256 // 32)
-    skipped = [r["summary"]["global_step"] - r["scaler"]["applied_steps"] for r in ranks]
+    # Every skipped step halves the scale (it only grows after 2,000 good steps): 2**15 / scale = 2**skipped.
+    skipped = [int(np.log2(32768.0 / r["scaler"]["scale"])) for r in ranks]
     for r in ranks:
         assert r["compute_dtypes"] == ["float16"] and r["summary"]["global_step"] == total
-        assert r["scaler"]["class"] == "LossScaleOptimizer" and r["summary"]["optimizer_steps"] == r["scaler"]["applied_steps"]
+        assert r["scaler"]["class"].startswith("LossScaleOptimizer")
+        assert 32768.0 / r["scaler"]["scale"] == 2 ** skipped[0]
+        if r["keras"] >= 3:   # Keras 3 counts only the steps applied (Keras 2 counts skipped ones too)
+            assert r["summary"]["optimizer_steps"] == r["scaler"]["applied_steps"] == total - skipped[0]
     assert skipped[0] == skipped[1] >= 3, skipped          # at least the three overflowing steps, on both ranks
-    assert ranks[0]["scaler"]["scale"] == ranks[1]["scaler"]["scale"] == 32768.0 / 2 ** skipped[0]
+    assert ranks[0]["scaler"]["scale"] == ranks[1]["scaler"]["scale"]
     for a, b in zip(*weights):
         assert np.array_equal(a, b), "replicas diverged"
     assert all(np.isfinite(w).all() for w in weights[0])

@@ -10,23 +10,13 @@ import shutil
 
 import pytest
 
-from slurm_cluster import (EPOCHS, JOB, REPO, STEPS_PER_EPOCH, VENV_BIN, Cluster, compare_models, job_id_from,
+from slurm_cluster import (EPOCHS, JOB, REPO, STEPS_PER_EPOCH, VENV_BIN, compare_models, job_id_from,
                            preempt_and_check_resume)
 
 HVDTRAIN = str(VENV_BIN / "hvdtrain")
 # A config directory whose name would run commands if any layer let a shell re-read it.
 WEIRD_DIR = "cfg dir $(touch INJECTED) `touch INJECTED2` $HOME"
 
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("slurm"))
-    up = c.local("up")
-    assert up.returncode == 0, up.stdout + up.stderr
-    yield c
-    down = c.local("down")
-    assert down.returncode == 0, down.stdout + down.stderr
 
 
 @pytest.fixture(scope="module")

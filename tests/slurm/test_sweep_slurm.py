@@ -10,20 +10,10 @@ import subprocess
 
 import pytest
 
-from slurm_cluster import JOB_DEADLINE_S, REPO, VENV_BIN, Cluster
+from slurm_cluster import JOB_DEADLINE_S, REPO, VENV_BIN
 
 HVDTRAIN = str(VENV_BIN / "hvdtrain")
 EPOCHS = 6
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("slurm"))
-    up = c.local("up")
-    assert up.returncode == 0, up.stdout + up.stderr
-    yield c
-    down = c.local("down")
-    assert down.returncode == 0, down.stdout + down.stderr
 
 
 def job_log(out, number: int):

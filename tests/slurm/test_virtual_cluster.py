@@ -2,8 +2,9 @@
 namespaces, so a 2-node job runs its ranks on two hosts and Horovod's ring crosses TCP between them.
 
 One cluster serves the whole module. The jobs are the repository's own slurm/*.sbatch files: 1 and 2 tasks per
-node, preemption with requeue and resume across nodes, a node losing its network mid-training, and a slow link
-(token-bucket shaping with `tc`; this kernel has no netem) under training and the all-reduce benchmark.
+node, preemption with requeue and resume across nodes, a node losing its network mid-training (the job ends and is
+resubmitted, or Slurm ends it as NODE_FAIL and requeues it itself), and a slow link (token-bucket shaping with `tc`;
+this kernel has no netem) under training and the all-reduce benchmark.
 """
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ def vcluster():
     # Outside /tmp: every node has a private /tmp, the rest of the file system is shared like a cluster's.
     state = Path(tempfile.mkdtemp(prefix="hvdtrain-vc-test-", dir="/var/tmp"))
     # Own names, subnet and ports, so a user's `scripts/virtual-cluster up` (hv*, 10.77.0) is left alone.
-    # 2 CPUs per node for 2 tasks per node (the nodes share the machine's real cores).
-    c = Cluster(state, VIRTUAL, VC_NAME=NAME, VC_NET=NET, VC_NODES="2", VC_CPUS="2")
+    # 2 CPUs per node for 2 tasks per node (the nodes share the machine's real cores). Slurm's default requeue delay
+    # (cred_expire 120 s), as real sites have it: the node-failure requeue test relies on it, see there.
+    c = Cluster(state, VIRTUAL, VC_NAME=NAME, VC_NET=NET, VC_NODES="2", VC_CPUS="2", VC_CRED_EXPIRE="120")
     up = c.local("up")
     try:
         assert up.returncode == 0, up.stdout + up.stderr
@@ -61,10 +63,11 @@ def sbatch(cluster: Cluster, work: Path, script: str, name: str, options: list[s
     return job_id, work / f"{name}-{job_id}.out"
 
 
-def submit(cluster: Cluster, work: Path, name: str, args: list[str]) -> tuple[str, Path]:
-    """`hvdtrain slurm submit` of a 2-node training job, 1 task per node; returns the id and log path."""
+def submit(cluster: Cluster, work: Path, name: str, args: list[str], env: dict | None = None) -> tuple[str, Path]:
+    """`hvdtrain slurm submit` of a 2-node training job, 1 task per node; returns the id and log path. env: variables
+    for the job (sbatch passes the submitting environment on, and slurm/common.sh keeps a value already set)."""
     proc = cluster.run([HVDTRAIN, "slurm", "submit", "--nodes", "2", "--tasks-per-node", "1", "--time", "30",
-                        "--job-name", name, "--output", f"{work}/{name}-%j.out", *args], cwd=work)
+                        "--job-name", name, "--output", f"{work}/{name}-%j.out", *args], cwd=work, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job_id = job_id_from(proc.stdout)
     return job_id, work / f"{name}-{job_id}.out"
@@ -143,9 +146,9 @@ def link(state: str, veth: str = LOST_NODE_VETH):
 
 def test_lost_link_ends_the_job_with_the_watchdog_message_and_resubmitting_resumes(vcluster, work):
     run = work / "fault"
-    # --no-requeue: when srun reports the unreachable node first, Slurm fails the node and would requeue the job
-    # itself under the same id, whose step then collides with the old step still registered on the lost node.
-    # Without it, either way the job ends and the user resubmits, which is what this test checks.
+    # --no-requeue: whichever way the run ends (the watchdog's exit code, or NODE_FAIL when Slurm marks the node DOWN
+    # before srun gives up), the job stays ended and the user resubmits, which is what this test checks. Slurm's own
+    # requeue after NODE_FAIL (train.sbatch asks for --requeue) is the next test.
     args = ["--sbatch=--no-requeue", "--trainer.epochs=60", f"--trainer.run_dir={run}",
             f"--runtime.stall_timeout_s={STALL_S}", "--trainer.progress=epoch"]
     job_id, log_path = submit(vcluster, work, "fault", args)
@@ -183,6 +186,75 @@ def test_lost_link_ends_the_job_with_the_watchdog_message_and_resubmitting_resum
     info, resumed = finished(vcluster, job_id, log_path)
     assert info["JobState"] == "COMPLETED", resumed
     assert f"resuming from {latest}" in resumed and "epoch 60/60" in resumed, resumed
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["status"], summary["global_step"], summary["num_hosts"]) == ("completed", 60 * STEPS_PER_EPOCH, 2)
+
+
+def daemon_log(cluster: Cluster, name: str) -> str:
+    """A daemon's log in the cluster's state directory: slurmctld, or slurmd-<node>."""
+    path = cluster.dir / "log" / f"{name}.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def test_node_failure_requeued_by_slurm_resumes_once_the_returned_node_has_ended_the_old_step(vcluster, work):
+    """A node's link is cut mid-training and the job may be requeued (train.sbatch's --requeue). Slurm marks the node
+    DOWN, ends the run as NODE_FAIL and requeues the job itself. The link comes back and the node is put back in
+    service at once, while it still holds the old run's job step (its slurmstepd, unable to report while cut off,
+    retries only once a minute). The requeued run reuses the job id and step 0; it must start on that node only after
+    the node has ended the old step (Slurm's requeue delay, cred_expire, leaves the time), then resume from the last
+    checkpoint and complete: no `task 1 launch failed`, one requeue, state COMPLETED."""
+    run, lost = work / "nodefail", NODES[1]
+    # SLURM_KILL_BAD_EXIT=0: srun waits for the cut-off node's task, so Slurm (not srun giving up first, which ends the
+    # job FAILED) always ends the run. stall_timeout_s=30: the cut-off rank gives up by itself while its link is down,
+    # so its slurmstepd is left retrying its final report, the case that broke the requeued run.
+    args = ["--trainer.epochs=60", f"--trainer.run_dir={run}", "--runtime.stall_timeout_s=30",
+            "--trainer.progress=epoch"]
+    job_id, log_path = submit(vcluster, work, "nodefail", args, env={"SLURM_KILL_BAD_EXIT": "0"})
+    old_step_waits = f"[{job_id}.0] error: Rank 1 failed sending step completion message directly to slurmctld"
+    try:
+        vcluster.wait_while_running(job_id, "two epochs",
+                                    lambda: log_path.exists() and "epoch 2/60" in log_path.read_text(), log_path)
+        link("down")
+        try:
+            vcluster.wait_for("Slurm to requeue the job after the node failure",
+                              lambda: vcluster.job(job_id).get("Restarts") == "1", log_path)
+            # The old step on the cut-off node has failed to report and sleeps a minute before it retries: bringing
+            # the node back now returns it to service while that step is still there.
+            vcluster.wait_for("the cut-off node's step to fail to report",
+                              lambda: old_step_waits in daemon_log(vcluster, f"slurmd-{lost}"), log_path)
+            latest = max((run / "checkpoints").glob("ckpt-*"))   # nothing can run until the node is back
+            ctld_seen = len(daemon_log(vcluster, "slurmctld"))
+        finally:
+            link("up")
+            # Back in service at once, as an admin's resume does (with ReturnToService=2 the node's next registration,
+            # requested every ~20 pings, does the same later).
+            resumed = vcluster.run(["scontrol", "update", f"nodename={lost}", "state=resume"])
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        vcluster.wait_for("the node to respond again",
+                          lambda: f"Node {lost} now responding" in daemon_log(vcluster, "slurmctld")[ctld_seen:],
+                          log_path)
+        # The case at hand: the node is back while its slurmstepd of the old step still runs (the virtual nodes share
+        # the machine's process table; node 1's part of that step ended with the run).
+        old_step = subprocess.run(["pgrep", "-f", rf"^slurmstepd: \[{job_id}\.0\]$"], capture_output=True, text=True)
+        assert old_step.returncode == 0, daemon_log(vcluster, f"slurmd-{lost}")[-3000:]
+
+        info, log = finished(vcluster, job_id, log_path)
+    finally:
+        if vcluster.job(job_id).get("JobState") not in FINAL:
+            vcluster.run(["scancel", job_id])
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log)
+    assert info["Restarts"] == "1", (info, log)   # Slurm's requeue, and no other
+    assert f"srun: error: Node failure on {lost}" in log and "DUE TO NODE FAILURE" in log, log
+    assert "launch failed" not in log, log
+    # On the returned node the old step ended before the requeued run launched its step (same id, StepId=<job>.0).
+    node_log = daemon_log(vcluster, f"slurmd-{lost}").splitlines()
+    launches = [i for i, line in enumerate(node_log) if f"launch task StepId={job_id}.0 request" in line]
+    old_done = [i for i, line in enumerate(node_log) if f"[{job_id}.0] done with job" in line]
+    assert len(launches) == 2 and old_done and old_done[0] < launches[1], "\n".join(node_log[-60:])
+    # The requeued run resumed from the last checkpoint of the first and finished the training on both hosts.
+    requeued = log.split(f"[slurm] job {job_id} run 2 on {NAME}node[1-2]: 2 tasks (1 per node)", 1)
+    assert len(requeued) == 2, log
+    assert f"resuming from {latest}" in requeued[1] and "epoch 60/60" in requeued[1], log
     summary = json.loads((run / "summary.json").read_text())
     assert (summary["status"], summary["global_step"], summary["num_hosts"]) == ("completed", 60 * STEPS_PER_EPOCH, 2)
 

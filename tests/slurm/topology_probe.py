@@ -20,10 +20,10 @@ def _recording_init(*args, **kwargs):
     topo = _init(*args, **kwargs)
     out = Path(os.environ["HVDTRAIN_TOPOLOGY_DIR"])
     out.mkdir(parents=True, exist_ok=True)
-    record = {"host": socket.gethostname(), "rank": topo.rank, "size": topo.size, "local_rank": topo.local_rank,
-              "local_size": topo.local_size, "cross_rank": topo.cross_rank, "cross_size": topo.cross_size,
+    keys = ("rank", "size", "local_rank", "local_size", "cross_rank", "cross_size")
+    record = {"host": socket.gethostname(), **{k: topo[k] for k in keys},
               **{k.lower(): int(os.environ[k]) for k in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID")}}
-    (out / f"rank-{topo.rank}.json").write_text(json.dumps(record))
+    (out / f"rank-{topo['rank']}.json").write_text(json.dumps(record))
     return topo
 
 

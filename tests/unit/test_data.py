@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from conftest import agreed_sources as validated
 from hvdtrain import data
 from hvdtrain.config import DataConfig
 from hvdtrain.errors import DataError
@@ -94,15 +95,6 @@ def write_records(tmp_path, n, files, shape=(2,)):
     paths = [str(tmp_path / f"part-{i}.tfrecord") for i in range(files)]
     data.write_tfrecords(x, y, paths)
     return DataConfig(source="tfrecord", path=str(tmp_path), input_shape=shape, num_classes=4, shuffle_buffer=64)
-
-
-def validated(cfg, size, split="train"):
-    """Every rank validates its part, then every rank adopts all parts (what the trainer does under its agreement)."""
-    sources = [data.open_source(cfg) for _ in range(size)]
-    parts = [s.validate(topo(r, size), split) for r, s in enumerate(sources)]
-    for s in sources:
-        s.adopt(split, parts)
-    return sources
 
 
 @pytest.mark.parametrize("n, files, size", [(60, 4, 2), (61, 3, 2), (50, 1, 2), (40, 2, 3)])

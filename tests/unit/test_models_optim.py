@@ -120,3 +120,38 @@ def test_optimizers_from_config(name):
     opt = build_optimizer(Config().optim.__class__(name=name), 1, 10, 1)
     assert opt.__class__.__name__.lower() == name
     assert DataConfig().task == "classification"
+
+
+def test_batch_norm_trains_with_the_fused_kernel_on_keras3_with_keras3s_results():
+    """resnet and keras.applications models get TensorFlow's fused kernel on Keras 3 (Keras 2 already uses it); the
+    outputs, gradients and moving statistics are Keras 3's own up to float rounding; the config stays plain."""
+    import keras
+    import tensorflow as tf
+    keras3 = keras.__version__.startswith("3")
+    cfg = ModelConfig(name="resnet", width=4, blocks=1)
+    model = models.build_model(cfg, (8, 8, 3), 3)
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(norms) == 5
+    assert all(("call" in vars(layer)) == keras3 for layer in norms)   # switched per instance, only on Keras 3
+    assert "BatchNormalization" in str(model.get_config()) and "fused" not in str(model.get_config()).lower()
+
+    plain = type(model).from_config(model.get_config())   # as exported: Keras's own layers
+    plain.set_weights(model.get_weights())
+    assert not any("call" in vars(layer) for layer in plain.layers)
+    x = np.random.default_rng(0).normal(1.0, 3.0, (6, 8, 8, 3)).astype(np.float32)
+    results = []
+    for m in (model, plain):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(m(x, training=True) ** 2)
+        grads = tape.gradient(loss, m.trainable_variables)
+        stats = [v.numpy() for layer in m.layers if isinstance(layer, keras.layers.BatchNormalization)
+                 for v in (layer.moving_mean, layer.moving_variance)]
+        results.append((float(loss), [g.numpy() for g in grads], stats, m(x, training=False).numpy()))
+    (loss_f, grads_f, stats_f, infer_f), (loss_k, grads_k, stats_k, infer_k) = results
+    assert loss_f == pytest.approx(loss_k, rel=1e-5)
+    scale = max(np.abs(g).max() for g in grads_k)
+    for a, b in zip(grads_f, grads_k):
+        np.testing.assert_allclose(a, b, atol=1e-5 * scale)
+    for a, b in zip(stats_f, stats_k):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(infer_f, infer_k, rtol=1e-4, atol=1e-4)

@@ -20,13 +20,16 @@ model, rank = trainer.model, trainer.world.rank
 optimizer = model.optimizer
 scaler = {}
 if hasattr(optimizer, "inner_optimizer"):
-    scaler = {"class": type(optimizer).__name__, "scale": float(np.asarray(optimizer.dynamic_scale)),
+    scale = optimizer.dynamic_scale if hasattr(optimizer, "dynamic_scale") else optimizer.loss_scale   # Keras 3 / 2
+    scaler = {"class": type(optimizer).__name__, "scale": float(np.asarray(scale)),
               "applied_steps": int(np.asarray(optimizer.inner_optimizer.iterations))}
 huge_steps = [step for step, (_, y) in enumerate(trainer.batches_from(0, trainer.cfg.trainer.epochs, 0))
               if float(np.abs(np.asarray(y)).max()) > 1e5]
+import keras  # noqa: E402  (imported quietly by the trainer by now)
+
 np.savez(out / f"weights-rank{rank}.npz", *model.get_weights())
 (out / f"rank{rank}.json").write_text(json.dumps({
-    "summary": summary, "scaler": scaler, "huge_steps": huge_steps,
+    "summary": summary, "scaler": scaler, "huge_steps": huge_steps, "keras": int(keras.__version__.split(".")[0]),
     "compute_dtypes": sorted({str(layer.compute_dtype) for layer in model.layers if layer.weights}),
     "variable_dtypes": sorted({str(w.dtype).replace("<dtype: '", "").replace("'>", "") for w in model.weights}),
     "history": trainer.session.progress.history}))

@@ -12,6 +12,7 @@ import os
 import numpy as np
 import pytest
 
+from conftest import agreed_sources as agreed
 from hvdtrain import data
 from hvdtrain.config import DataConfig
 from hvdtrain.data import images
@@ -50,15 +51,6 @@ def folder_cfg(root, test_root=None, **kw):
     base = dict(source="images", path=str(root), test_path=str(test_root or ""), num_classes=3, image_size=(SIZE, SIZE),
                 channels=1, augment=False, normalize="unit", shuffle_buffer=64)
     return DataConfig(**{**base, **kw})
-
-
-def agreed(cfg, size, split="train"):
-    """One source per rank, each adopting what every rank's validation found (as dist.gather_agreed does)."""
-    sources = [data.open_source(cfg) for _ in range(size)]
-    gathered = [s.validate(world(r, size), split) for r, s in enumerate(sources)]
-    for s in sources:
-        s.adopt(split, gathered)
-    return sources
 
 
 def streams(sources, global_batch, epochs=1):
@@ -198,6 +190,21 @@ def test_test_folders_must_have_the_training_classes(tmp_path):
         data.open_source(folder_cfg(tmp_path / "train", tmp_path / "test")).units("test")
     with pytest.raises(DataError, match="has 3 class folders but data.num_classes is 2; set --data.num_classes=3"):
         data.open_source(folder_cfg(tmp_path / "train", num_classes=2)).units("train")
+
+
+def test_other_folders_are_labelled_by_the_models_class_names(tmp_path):
+    """evaluate/predict --input DIR: a folder with some of the classes keeps the model's label numbers."""
+    paths = write_id_folder(tmp_path / "some", {"c": 2, "b": 1})
+    source = data.open_source(folder_cfg(tmp_path / "some", tmp_path / "some")).use_classes(["a", "b", "c"])
+    assert source.class_names() == ["a", "b", "c"]
+    assert source.units("test") == [(paths[2], 1), (paths[0], 2), (paths[1], 2)]
+    share = agreed(folder_cfg(tmp_path / "some", tmp_path / "some"), 1, "test")[0].use_classes(["a", "b", "c"])
+    share.adopt("test", [share.validate(world(0, 1), "test")])
+    labels = [int(v) for _, y in share.eval_share(world(0, 1), "test", 2).dataset for v in y.numpy()]
+    assert labels == [1, 2, 2]
+    write_id_folder(tmp_path / "other", {"a": 1, "zebra": 1})
+    with pytest.raises(DataError, match=r"class folder\(s\) zebra are not among the model's 3 classes \(a, b, c\)"):
+        data.open_source(folder_cfg(tmp_path / "other")).use_classes(["a", "b", "c"]).units("train")
 
 
 def test_augmentation_is_training_only_seeded_and_changes_per_epoch(tmp_path):
