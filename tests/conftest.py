@@ -131,6 +131,19 @@ def wait_for(predicate, timeout: float = 120, what: str = "condition"):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_rank_stack(stack: dict) -> None:
+    """The stack as a rank saw it: this virtualenv's TensorFlow and Keras, and the Keras layer hvdtrain picked."""
+    import importlib.metadata
+    keras_major = int(importlib.metadata.version("keras").split(".")[0])
+    tf_version = importlib.metadata.version("tensorflow-cpu")
+    assert (stack["source"], stack["tensorflow"], stack["keras"]) == ("rank", tf_version, importlib.metadata.version("keras"))
+    assert stack["name"] == ("tf2.21" if keras_major >= 3 else "tf2.15")
+    assert ("hvdtrain's own Keras 3 layer" if keras_major >= 3 else "Horovod's Keras 2 layer") in stack["integration"]
+
+
 def agreed_sources(cfg, size: int, split: str = "train") -> list:
     """One data source per rank of a `size`-rank world, each adopting what every rank's validation found (what the
     trainer does under its agreement, dist.gather_agreed), in one process."""

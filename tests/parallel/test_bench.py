@@ -1,22 +1,11 @@
-"""`hvdtrain bench allreduce | train | stacks` end to end, tiny sizes: correct sums, promised fields (the stack
-included), plots. These check correctness only; speed is for `make bench`, never for tests."""
-import importlib.metadata
+"""`hvdtrain bench allreduce | train` end to end, tiny sizes: correct sums, promised fields (the stack
+included), plots. These check correctness only; speed is for `make bench`, never for tests. `bench stacks`, which
+runs both virtualenvs whichever tier starts it, is in tests/integration/test_bench_stacks.py."""
 import json
 
 import pytest
 
-from conftest import BIN, REPO, hvdtrain, output
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-KERAS_MAJOR = int(importlib.metadata.version("keras").split(".")[0])
-
-
-def assert_rank_stack(stack: dict) -> None:
-    """The stack as a rank saw it: this virtualenv's TensorFlow and Keras, and the Keras layer hvdtrain picked."""
-    tf_version = importlib.metadata.version("tensorflow-cpu")
-    assert (stack["source"], stack["tensorflow"], stack["keras"]) == ("rank", tf_version, importlib.metadata.version("keras"))
-    assert stack["name"] == ("tf2.21" if KERAS_MAJOR >= 3 else "tf2.15")
-    assert ("hvdtrain's own Keras 3 layer" if KERAS_MAJOR >= 3 else "Horovod's Keras 2 layer") in stack["integration"]
+from conftest import PNG_MAGIC, assert_rank_stack, hvdtrain, output
 
 
 @pytest.fixture(scope="module")
@@ -115,32 +104,3 @@ def test_train_bench_runs_resnet50_on_synthetic_images_and_reports_images_per_se
     assert rows["hvdtrain"]["np"] == 2 and rows["hvdtrain"]["efficiency"] > 0
     assert doc["summary"]["resnet50"]["efficiency_hvdtrain"] == rows["hvdtrain"]["efficiency"]
     assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
-
-
-def test_stacks_bench_runs_each_virtualenv_side_by_side_and_records_both_stacks(tmp_path):
-    """This virtualenv against the other stack's (the same one twice where the other is not installed)."""
-    here = BIN.parent
-    other = next((v for v in (REPO / ".venv", REPO / ".venv-tf2.15") if v != here and (v / "bin/hvdtrain").is_file()), here)
-    out = tmp_path / "stacks.json"
-    proc = hvdtrain(["bench", "stacks", "--np", "2", "--new-venv", str(here), "--old-venv", str(other), "--rounds", "1",
-                     "--models", "mlp", "--steps", "2", "--warmup", "2", "--batch", "8", "--max-size", "16KB",
-                     "--budget-mb", "1", "--repeats", "1", "--output", str(out)], timeout=1800)
-    assert proc.returncode == 0, output(proc)
-    doc = json.loads(out.read_text())
-    assert doc["benchmark"] == "stacks" and set(doc["stacks"]) == {"new", "old"}
-    assert_rank_stack(doc["stacks"]["new"]["stack"])
-    for label, venv in (("new", here), ("old", other)):
-        s = doc["stacks"][label]
-        assert s["venv"] == str(venv) and s["stack"]["source"] == "rank" and s["versions"]["horovod"]
-        assert s["stack"]["keras"] == s["versions"]["keras"]     # what the rank imported is what is installed there
-    if other != here:
-        assert doc["stacks"]["new"]["stack"]["keras"] != doc["stacks"]["old"]["stack"]["keras"]
-    assert {(r["benchmark"], r["stack"]) for r in doc["rows"]} == {(b, s) for b in ("train", "allreduce")
-                                                                   for s in ("new", "old")}
-    assert all(r["correct"] for r in doc["rows"] if r["benchmark"] == "allreduce")
-    s = doc["summary"]
-    assert set(s) == {"mlp", "allreduce 4 KB", "allreduce 16 KB"}
-    assert s["mlp"]["new_vs_old"] == pytest.approx(s["mlp"]["new"] / s["mlp"]["old"]) and s["mlp"]["control_new_vs_old"] > 0
-    assert s["allreduce 4 KB"]["new_vs_old"] == pytest.approx(s["allreduce 4 KB"]["old"] / s["allreduce 4 KB"]["new"])
-    assert len(s["mlp"]["per_round"]) == 1
-    assert "new_vs_old" in proc.stdout and out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
