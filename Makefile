@@ -26,11 +26,11 @@ install: $(STACK)
 train: $(STACK)
 	scripts/launch.sh $(NP) hvdtrain train --config $(CONFIG) $(ARGS)
 
-## Every tier on TF 2.21, and unit and parallel again on TF 2.15, in three lanes side by side (the Slurm tier mostly
-## waits on Slurm): unit and parallel; Slurm, then TF 2.15's unit and parallel; integration. Installs Slurm and the
-## TF 2.15 stack first if needed. A failing tier does not stop the others; the summary at the end lists them.
+## Every tier on TF 2.21, and unit and parallel again on TF 2.15, in two lanes side by side: unit, parallel and
+## integration; the Slurm tier (mostly waiting on Slurm), then TF 2.15's. Installs Slurm and the TF 2.15 stack first
+## if needed. A failing tier does not stop the others; the summary at the end lists them.
 test: $(STACK) $(SLURM) $(OLD_STACK)
-	@scripts/test.sh $(VENV):unit $(VENV):parallel + $(VENV):slurm $(OLD_VENV):unit $(OLD_VENV):parallel + $(VENV):integration
+	@scripts/test.sh $(VENV):unit $(VENV):parallel $(VENV):integration + $(VENV):slurm $(OLD_VENV):unit $(OLD_VENV):parallel
 test-unit: $(STACK)
 	@scripts/test.sh $(VENV):unit
 test-parallel: $(STACK)

@@ -4,6 +4,7 @@
 All cases run in one launch (tests/parallel/workers/bad_input_worker.py), in a directory prepared here, with the
 relative paths a user would type. On a mismatch the test prints the table as it should read.
 """
+import importlib.metadata
 import json
 import re
 
@@ -14,6 +15,7 @@ from conftest import REPO, hvdtrain, horovodrun, output
 
 WORKER = str(REPO / "tests/parallel/workers/bad_input_worker.py")
 BEGIN, END = "<!-- bad-input-table", "<!-- /bad-input-table -->"
+KERAS_MAJOR = int(importlib.metadata.version("keras").split(".")[0])
 
 
 def prepare(root):
@@ -96,6 +98,8 @@ def test_the_readme_table_shows_exactly_those_lines(printed):
     actual = {case: next(line for rank in printed for line in rank[case]["stderr"].splitlines())
               .removeprefix("hvdtrain: error: ") for case in printed[0]}
     table = readme_table()
+    if KERAS_MAJOR < 3:   # the README shows TF 2.21's lines; Keras 2 names a weight without its model's name
+        table = {case: line.replace("(weight 0, mlp/dense/kernel:", "(weight 0, dense/kernel:") for case, line in table.items()}
     expected = "\n".join(f"| {case} | ``{message}`` |" for case, message in actual.items())
     assert len(table) >= 25
     assert table == actual, f"the README's bad-input table should read:\n{expected}"
