@@ -16,11 +16,11 @@ from hvdtrain.log import get_logger
 class ImageFolders(FileSource):
     shuffle_records = False   # one image per unit: the per-epoch unit order is already a full shuffle
 
-    def __init__(self, cfg, classes: list[str] | None = None):
+    def __init__(self, cfg):
         super().__init__(cfg)
         self._listing: dict[str, tuple[list[str], list[tuple[str, int]]]] = {}
         self.skipped: dict[str, list[str]] = {}
-        self.classes = list(classes) if classes else None   # a trained model's classes: folders map to them by name
+        self.classes: list[str] | None = None   # a trained model's classes (use_classes): folders map to them by name
 
     def use_classes(self, names: list[str] | None) -> "ImageFolders":
         """Label folders by a trained model's class names (evaluate/predict on other folders, which may hold only
