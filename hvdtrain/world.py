@@ -7,7 +7,10 @@ started, the launch checked, this rank's GPU pinned, then threads, seeds and pre
 """
 from __future__ import annotations
 
+import faulthandler
+import io
 import os
+import sys
 from dataclasses import dataclass
 
 from hvdtrain.errors import UserError
@@ -41,6 +44,7 @@ def start(runtime_cfg=None, *, configure: bool = True) -> World:
     from hvdtrain import dist, runtime
     from hvdtrain.config import RuntimeConfig
     runtime_cfg = runtime_cfg or RuntimeConfig()
+    _python_stacks_on_crash()
     runtime.import_tensorflow()
     runtime.stack()
     dist.apply_comm_environment(runtime_cfg)
@@ -50,6 +54,15 @@ def start(runtime_cfg=None, *, configure: bool = True) -> World:
     if configure:
         runtime.configure(runtime_cfg, world.local_size)
     return world
+
+
+def _python_stacks_on_crash() -> None:
+    """A native crash (TensorFlow, Horovod, MPI, PMIx) prints every thread's Python stack to stderr. Installed before
+    MPI_Init on purpose: Open MPI keeps a handler already there, and its own trace names no Python frame."""
+    try:
+        faulthandler.enable(file=sys.__stderr__ or sys.stderr, all_threads=True)
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        pass   # no stderr with a file descriptor (an embedding host): nothing to print to
 
 
 def current() -> World:

@@ -56,7 +56,12 @@ if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_RO
 # The command that starts one process per task of the allocation, in the array `step`.
 step_command() {
   case "${HVDTRAIN_LAUNCHER:-srun}" in
-    srun) step=(srun --mpi=pmix "$@") ;;
+    srun)
+      # Each rank fetches the job's PMIx data by message rather than from PMIx's shared-memory store (gds ds21),
+      # which has a history of rare segfaults at start-up (openpmix#1114, ompi#7335). Cost: a little start-up time
+      # on very large jobs. Export PMIX_MCA_gds=ds21 before sbatch to use the store again.
+      export PMIX_MCA_gds="${PMIX_MCA_gds:-hash}"
+      step=(srun --mpi=pmix "$@") ;;
     mpirun)
       # host1:4,host2:4 from the allocation; OpenMPI starts its daemons on the nodes through Slurm (no ssh).
       local slots="${SLURM_NTASKS_PER_NODE:?mpirun needs --ntasks-per-node}" hosts

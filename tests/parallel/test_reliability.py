@@ -2,6 +2,7 @@
 kills during checkpoint writes. Each asserts the outcome: exit codes, messages, a bound on time, checkpoints
 that still load, and resumed results equal to uninterrupted ones."""
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -175,6 +176,31 @@ def test_data_that_goes_bad_mid_run_stops_every_rank_with_that_ranks_error(tmp_p
     assert "exit with status code 2" in out or "Exit code: 2" in out or "exit code 2" in out.lower(), out[-2000:]
     assert_checkpoint_loads(run)
 
+
+
+NATIVE_CRASH = """
+import ctypes
+import hvdtrain.keras as hk
+
+def crash_in_rank_one(world):
+    if world.rank == 1:
+        ctypes.string_at(0)   # reads address 0 in C, as a crashing native library would
+    hk.barrier(world)
+
+crash_in_rank_one(hk.init())
+"""
+
+
+def test_a_native_crash_in_a_rank_prints_its_python_stack_and_ends_the_job(tmp_path):
+    # Under MPI: Open MPI installs its own crash handler in MPI_Init unless one is already there, and its trace
+    # shows C frames only. hvdtrain's start-up installs Python's first, so the log says where the rank was.
+    script = tmp_path / "crash.py"
+    script.write_text(NATIVE_CRASH)
+    proc = horovodrun(2, [sys.executable, str(script)], "mpi", timeout=180)
+    out = re.sub(r"\[\d+,\d+\]<std(?:out|err)>:", "", output(proc))   # mpirun's tags split lines
+    assert proc.returncode != 0, out
+    assert "Fatal Python error: Segmentation fault" in out, out[-3000:]
+    assert 'line 7 in crash_in_rank_one' in out, out[-3000:]
 
 SAVE_LOOP = """
 import sys, keras

@@ -124,6 +124,7 @@ def test_four_ranks_two_per_node_see_the_right_local_and_cross_ranks(vcluster, w
         # Horovod's local rank (what pins a GPU) and cross rank are Slurm's task id on the node and node index.
         assert (rec["rank"], rec["local_rank"], rec["cross_rank"]) == \
             (rec["slurm_procid"], rec["slurm_localid"], rec["slurm_nodeid"]), rec
+        assert rec["pmix_gds"] == "hash", rec   # slurm/common.sh: job data by message, not PMIx's shared store
     assert sorted((rec["cross_rank"], rec["local_rank"]) for rec in ranks) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     hosts = {rec["cross_rank"]: {x["host"] for x in ranks if x["cross_rank"] == rec["cross_rank"]} for rec in ranks}
     assert hosts == {0: {NODES[0]}, 1: {NODES[1]}}, ranks   # the two local ranks of a node share its host name

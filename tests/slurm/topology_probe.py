@@ -2,8 +2,9 @@
 
 The tests put a `hvdtrain` wrapper first on PATH that runs this file: it records, for every rank, Horovod's view
 of the topology (rank, local_rank, local_size, cross_rank, cross_size) next to Slurm's (SLURM_PROCID, SLURM_LOCALID,
-SLURM_NODEID) and the host name, in $HVDTRAIN_TOPOLOGY_DIR/rank-<rank>.json, then goes on exactly as `hvdtrain`
-would. The training itself is untouched: the record is written right after hvdtrain's own dist.init().
+SLURM_NODEID), the host name and the PMIx data store it was given (PMIX_MCA_gds), in
+$HVDTRAIN_TOPOLOGY_DIR/rank-<rank>.json, then goes on exactly as `hvdtrain` would. The training itself is
+untouched: the record is written right after hvdtrain's own dist.init().
 """
 import json
 import os
@@ -22,7 +23,8 @@ def _recording_init(*args, **kwargs):
     out.mkdir(parents=True, exist_ok=True)
     keys = ("rank", "size", "local_rank", "local_size", "cross_rank", "cross_size")
     record = {"host": socket.gethostname(), **{k: topo[k] for k in keys},
-              **{k.lower(): int(os.environ[k]) for k in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID")}}
+              **{k.lower(): int(os.environ[k]) for k in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID")},
+              "pmix_gds": os.environ.get("PMIX_MCA_gds")}
     (out / f"rank-{topo['rank']}.json").write_text(json.dumps(record))
     return topo
 
