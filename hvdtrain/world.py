@@ -2,8 +2,9 @@
 
 `World` is a plain, validated value (rank, size, where the ranks are): data, models, callbacks and tests take it
 and never ask Horovod. `start()` is the single startup path of the trainer, predict/evaluate, the Keras API, doctor
-and the benchmarks: TensorFlow imported quietly, the stack checked, communication settings applied, Horovod
-started, the launch checked, this rank's GPU pinned, then threads, seeds and precision.
+and the benchmarks: Python's crash handler installed, TensorFlow imported quietly, the stack checked,
+communication settings applied, Horovod started, the launch checked, this rank's GPU pinned, then threads, seeds
+and precision.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Shared helpers: launch real multi-process runs with horovodrun from the project's virtualenv."""
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -132,16 +133,16 @@ def wait_for(predicate, timeout: float = 120, what: str = "condition"):
 
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# The Keras this virtualenv holds (3 on the TF 2.21 stack, 2 on TF 2.15), read without importing TensorFlow.
+KERAS_MAJOR = int(importlib.metadata.version("keras").split(".")[0])
 
 
 def assert_rank_stack(stack: dict) -> None:
     """The stack as a rank saw it: this virtualenv's TensorFlow and Keras, and the Keras layer hvdtrain picked."""
-    import importlib.metadata
-    keras_major = int(importlib.metadata.version("keras").split(".")[0])
     tf_version = importlib.metadata.version("tensorflow-cpu")
     assert (stack["source"], stack["tensorflow"], stack["keras"]) == ("rank", tf_version, importlib.metadata.version("keras"))
-    assert stack["name"] == ("tf2.21" if keras_major >= 3 else "tf2.15")
-    assert ("hvdtrain's own Keras 3 layer" if keras_major >= 3 else "Horovod's Keras 2 layer") in stack["integration"]
+    assert stack["name"] == ("tf2.21" if KERAS_MAJOR >= 3 else "tf2.15")
+    assert ("hvdtrain's own Keras 3 layer" if KERAS_MAJOR >= 3 else "Horovod's Keras 2 layer") in stack["integration"]
 
 
 def agreed_sources(cfg, size: int, split: str = "train") -> list:

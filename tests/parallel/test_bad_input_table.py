@@ -4,18 +4,16 @@
 All cases run in one launch (tests/parallel/workers/bad_input_worker.py), in a directory prepared here, with the
 relative paths a user would type. On a mismatch the test prints the table as it should read.
 """
-import importlib.metadata
 import json
 import re
 
 import numpy as np
 import pytest
 
-from conftest import REPO, hvdtrain, horovodrun, output
+from conftest import KERAS_MAJOR, REPO, hvdtrain, horovodrun, output
 
 WORKER = str(REPO / "tests/parallel/workers/bad_input_worker.py")
 BEGIN, END = "<!-- bad-input-table", "<!-- /bad-input-table -->"
-KERAS_MAJOR = int(importlib.metadata.version("keras").split(".")[0])
 
 
 def prepare(root):

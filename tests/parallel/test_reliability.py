@@ -177,7 +177,6 @@ def test_data_that_goes_bad_mid_run_stops_every_rank_with_that_ranks_error(tmp_p
     assert_checkpoint_loads(run)
 
 
-
 NATIVE_CRASH = """
 import ctypes
 import hvdtrain.keras as hk
@@ -201,6 +200,7 @@ def test_a_native_crash_in_a_rank_prints_its_python_stack_and_ends_the_job(tmp_p
     assert proc.returncode != 0, out
     assert "Fatal Python error: Segmentation fault" in out, out[-3000:]
     assert 'line 7 in crash_in_rank_one' in out, out[-3000:]
+
 
 SAVE_LOOP = """
 import sys, keras
