@@ -134,13 +134,14 @@ def wait_for(predicate, timeout: float = 120, what: str = "condition"):
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # The Keras this virtualenv holds (3 on the TF 2.21 stack, 2 on TF 2.15), read without importing TensorFlow.
-KERAS_MAJOR = int(importlib.metadata.version("keras").split(".")[0])
+KERAS_VERSION = importlib.metadata.version("keras")
+KERAS_MAJOR = int(KERAS_VERSION.split(".")[0])
 
 
 def assert_rank_stack(stack: dict) -> None:
     """The stack as a rank saw it: this virtualenv's TensorFlow and Keras, and the Keras layer hvdtrain picked."""
     tf_version = importlib.metadata.version("tensorflow-cpu")
-    assert (stack["source"], stack["tensorflow"], stack["keras"]) == ("rank", tf_version, importlib.metadata.version("keras"))
+    assert (stack["source"], stack["tensorflow"], stack["keras"]) == ("rank", tf_version, KERAS_VERSION)
     assert stack["name"] == ("tf2.21" if KERAS_MAJOR >= 3 else "tf2.15")
     assert ("hvdtrain's own Keras 3 layer" if KERAS_MAJOR >= 3 else "Horovod's Keras 2 layer") in stack["integration"]
 

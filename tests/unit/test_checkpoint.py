@@ -5,6 +5,7 @@ import stat
 import numpy as np
 import pytest
 
+from conftest import KERAS_MAJOR
 from hvdtrain import checkpoint
 from hvdtrain.checkpoint import Checkpointer, Position
 from hvdtrain.errors import UserError
@@ -66,8 +67,7 @@ def test_checkpoint_of_another_model_names_the_first_differing_weight(tmp_path):
 def test_accumulated_gradients_and_position_survive_a_checkpoint(tmp_path):
     """backward_passes_per_step on Keras 3: the local accumulators are optimizer variables, so a mid-accumulation stop
     resumes exactly. (Keras 2 optimizers have no accumulators; Horovod's helper keeps them outside the optimizer.)"""
-    import keras
-    keras3 = int(keras.__version__.split(".")[0]) >= 3
+    keras3 = KERAS_MAJOR >= 3
     run = RunDir(tmp_path / "run").check()
     model, opt = model_and_optimizer(accumulate=2 if keras3 else None)
     assert len(opt.variables) > 2 + 2 * keras3 * 4 - 1   # iterations, lr, momentum slots (+ 4 accumulators on Keras 3)
