@@ -21,6 +21,11 @@ _IMPORT_NOISE = ("All log messages before absl::InitializeLog() is called", "one
                  "Unable to register cuFFT factory", "Unable to register cuBLAS factory", "TF-TRT Warning",
                  "computation placer already registered", "could not open file to read NUMA node")
 
+# Keras 3 imports scikit-learn (for its scikit-learn wrappers) and matplotlib (for its image gallery) whenever they are
+# installed: about a fifth of a rank's start-up, for features training never uses. They are hidden while Keras is
+# imported, so those two Keras features are off in a process started by hvdtrain; importing the packages later works.
+_UNUSED_AT_KERAS_IMPORT = ("sklearn", "matplotlib")
+
 
 def import_tensorflow():
     """Import TensorFlow without its banners (unless TF_CPP_MIN_LOG_LEVEL=0 asks for them); other lines pass."""
@@ -30,12 +35,25 @@ def import_tensorflow():
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0":
+    banners = contextlib.nullcontext() if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0" else _filtered_stderr(_IMPORT_NOISE)
+    with banners, _hidden(_UNUSED_AT_KERAS_IMPORT):
         import tensorflow
-        return tensorflow
-    with _filtered_stderr(_IMPORT_NOISE):
-        import tensorflow
+        import keras  # noqa: F401  (imported here so that the two modules above stay hidden from it)
     return tensorflow
+
+
+@contextlib.contextmanager
+def _hidden(modules):
+    """Modules that are not imported yet look absent for the duration (an import of them raises ImportError)."""
+    hidden = [name for name in modules if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None
+    try:
+        yield
+    finally:
+        for name in hidden:
+            if sys.modules.get(name, "") is None:
+                del sys.modules[name]
 
 
 @contextlib.contextmanager

@@ -24,11 +24,27 @@ run_tier() {
     printf '\n\033[1m== %s tests, %s (%s), %s\033[0m\n' "$tier" "$venv" "${stack#stack=}" "$(date -u +%H:%M:%S)"
     started=$SECONDS
     # shellcheck disable=SC2086
-    PATH="$PWD/$venv/bin:$PATH" "$venv/bin/python" -m pytest -m "$tier" ${PYTEST_ARGS:-} </dev/null; rc=$?
+    PATH="$PWD/$venv/bin:$PATH" "$venv/bin/python" -m pytest -m "$tier" --junitxml="$work/$n.xml" \
+      -o junit_suite_name="$tier $venv" ${PYTEST_ARGS:-} </dev/null; rc=$?
     [ "$rc" = 5 ] && { echo "test.sh: pytest collected no $tier tests; that is a failure" >&2; rc=1; }
     printf '%-11s %-13s %-7s %5ds  %s\n' "$tier" "$venv" "${stack#stack=}" $((SECONDS - started)) \
       "$([ "$rc" = 0 ] && echo passed || echo "FAILED (exit $rc)")" >"$work/$n.result"
   } >"$out" 2>&1
+}
+
+slowest() {
+  python3 - "$work"/*.xml <<'PY' 2>/dev/null || true
+import sys, xml.etree.ElementTree as ET
+cases = []
+for path in sys.argv[1:]:
+    for suite in ET.parse(path).getroot().iter("testsuite"):
+        for case in suite.iter("testcase"):
+            cases.append((float(case.get("time", 0)), suite.get("name", ""), f"{case.get('classname')}::{case.get('name')}"))
+if cases:
+    print("ten slowest tests:")
+    for seconds, suite, name in sorted(cases, reverse=True)[:10]:
+        print(f"  {seconds:7.1f}s  {suite:28s} {name}")
+PY
 }
 
 lane() {   # lane TIER_NUMBERS...: run them in order; with several lanes, print each tier's output when it ends
@@ -51,6 +67,7 @@ done
 [ "${#pids[@]}" = 0 ] || wait "${pids[@]}"
 
 printf '\n\033[1m== summary\033[0m\n'
+slowest   # where the time went: the ten slowest tests of all tiers (module fixtures count in their first test)
 failed=0
 for n in "${!specs[@]}"; do
   if [ -f "$work/$n.result" ]; then cat "$work/$n.result"; else echo "${specs[$n]}: did not run"; fi

@@ -47,6 +47,29 @@ def horovodrun(np: int, args: list[str], launcher: str = "gloo", timeout: float 
     return subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
 
 
+COMMANDS_WORKER = REPO / "tests/parallel/workers/commands_worker.py"
+
+
+def run_commands(np: int, jobs: list[dict], out: Path, launcher: str = "gloo", timeout: float = 900,
+                 cwd=REPO, prefix: tuple = ()) -> list[dict]:
+    """Many `hvdtrain` commands in ONE launch of `np` ranks (tests/parallel/workers/commands_worker.py; np=1: one
+    process, no launcher): start-up paid once. jobs: [{"name", "argv", optional "cwd"}]; prefix: what the rank
+    command starts with (e.g. env VAR=...). Returns, per rank, {name: {"code", "stdout", "stderr"}}."""
+    import json
+    spec = out / "jobs.json"
+    spec.write_text(json.dumps(jobs))
+    command = [*prefix, "python" if np > 1 else sys.executable, str(COMMANDS_WORKER), str(spec), str(out)]
+    proc = horovodrun(np, command, launcher, timeout=timeout, cwd=cwd) if np > 1 else \
+        subprocess.run(command, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, output(proc)[-5000:]
+    return [json.loads((out / f"results-rank{r}.json").read_text()) for r in range(np)]
+
+
+def printed(ranks: list[dict], name: str) -> str:
+    """Everything every rank printed during one command of run_commands."""
+    return "".join(r[name]["stdout"] + r[name]["stderr"] for r in ranks)
+
+
 def hvdtrain(args: list[str], timeout: float = 300, cwd=REPO) -> subprocess.CompletedProcess:
     """Run the `hvdtrain` console script in one process, as a user would without a launcher."""
     return subprocess.run([str(BIN / "hvdtrain"), *args], cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)

@@ -1,9 +1,13 @@
-"""Bad input under horovodrun -np 2 (MPI, as `make train` launches): one clear line printed once, a non-zero exit,
-no traceback from any rank, and nothing written to the run directory. The README's table lists these messages."""
+"""Bad input under horovodrun -np 2 (MPI, as `make train` launches): one clear line printed once, exit code 2 on
+every rank, no traceback from any rank, and nothing written to the run directory. The README's table lists these
+messages. Every case runs in one launch (tests/parallel/workers/commands_worker.py); one more launch checks what the
+launcher itself sees when the ranks fail."""
+import re
+
 import numpy as np
 import pytest
 
-from conftest import REPO, horovodrun, output
+from conftest import horovodrun, output, run_commands
 from hvdtrain import data
 
 
@@ -53,31 +57,58 @@ CASES = {
 }
 
 
+def slug(case: str) -> str:
+    return re.sub(r"[^a-z]+", "-", case)
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """(results per rank, run directory per case, the checkpoint test's run directory), from one launch."""
+    root = tmp_path_factory.mktemp("bad-input")
+    paths = make_inputs(root)
+    paths.update(empty=root / "empty.npz", labels=root / "labels.npz", a_file=root / "a_file")
+    runs = {case: root / "runs" / slug(case) for case in CASES}
+    jobs = [{"name": case, "argv": ["train", f"--trainer.run_dir={runs[case]}", *args_for(paths)]}
+            for case, (args_for, _) in CASES.items()]
+    other = root / "other-model"
+    jobs += [{"name": "first run", "argv": ["train", f"--trainer.run_dir={other}", "--trainer.epochs=1"]},
+             {"name": "other model", "argv": ["train", f"--trainer.run_dir={other}", "--trainer.epochs=2",
+                                              "--model.name=cnn", "--model.width=8"]}]
+    return run_commands(2, jobs, root, "mpi"), runs, other
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_stops_every_rank_with_one_line(tmp_path, case):
-    paths = make_inputs(tmp_path)
-    paths.update(empty=tmp_path / "empty.npz", labels=tmp_path / "labels.npz", a_file=tmp_path / "a_file")
-    args_for, message = CASES[case]
+def test_bad_input_stops_every_rank_with_one_line(launched, case):
+    ranks, runs, _ = launched
+    _, message = CASES[case]
+    assert [r[case]["code"] for r in ranks] == [2, 2], [r[case] for r in ranks]
+    printed = "".join(r[case]["stdout"] + r[case]["stderr"] for r in ranks)
+    errors = [line for line in printed.splitlines() if "hvdtrain: error:" in line]
+    assert len(errors) == 1, printed[-3000:]                        # printed once, by rank 0
+    assert message in errors[0]
+    assert "Traceback" not in printed
+    assert not runs[case].exists(), sorted(p.name for p in runs[case].rglob("*"))   # nothing, not even a directory
+
+
+def test_checkpoint_of_another_model_is_refused_on_every_rank(launched):
+    ranks, _, run = launched
+    assert [r["first run"]["code"] for r in ranks] == [0, 0], ranks[0]["first run"]["stderr"][-3000:]
+    assert [r["other model"]["code"] for r in ranks] == [2, 2]
+    printed = "".join(r["other model"]["stdout"] + r["other model"]["stderr"] for r in ranks)
+    errors = [line for line in printed.splitlines() if "hvdtrain: error:" in line]
+    assert len(errors) == 1 and "belongs to another model (model is 'mlp', this run has 'cnn')" in errors[0]
+    # Untouched: only the first run's one epoch (22 steps of 64) is there, nothing newer.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-00000022"]
+
+
+def test_the_launcher_sees_every_rank_fail_without_a_traceback(tmp_path):
+    """As a user sees it: horovodrun itself exits non-zero and reports the ranks' exit; one line, no traceback."""
     run = tmp_path / "run"
-    proc = horovodrun(2, ["hvdtrain", "train", f"--trainer.run_dir={run}", *args_for(paths)], "mpi")
+    proc = horovodrun(2, ["hvdtrain", "train", f"--trainer.run_dir={run}", "--trainer.epoch=3"], "mpi")
     text = output(proc)
     assert proc.returncode != 0
     errors = [line for line in text.splitlines() if "hvdtrain: error:" in line]
-    assert len(errors) == 1, text[-3000:]
-    assert message in errors[0]
+    assert len(errors) == 1 and "unknown config key 'trainer.epoch' (did you mean 'epochs'?)" in errors[0], text[-3000:]
     assert "<stderr>:Traceback" not in text
     assert "exit code" in text.lower() or "exited" in text.lower()   # the launcher saw the ranks fail
-    assert not run.exists(), sorted(p.name for p in run.rglob("*"))   # nothing written, not even an empty directory
-
-
-def test_checkpoint_of_another_model_is_refused_on_every_rank(tmp_path):
-    run = tmp_path / "run"
-    first = horovodrun(2, ["hvdtrain", "train", f"--trainer.run_dir={run}", "--trainer.epochs=1"], "mpi")
-    assert first.returncode == 0, output(first)
-    before = sorted(p.name for p in (run / "checkpoints").iterdir())
-    other = horovodrun(2, ["hvdtrain", "train", f"--trainer.run_dir={run}", "--trainer.epochs=2",
-                           "--model.name=cnn", "--model.width=8"], "mpi")
-    assert other.returncode != 0
-    errors = [line for line in output(other).splitlines() if "hvdtrain: error:" in line]
-    assert len(errors) == 1 and "belongs to another model (model is 'mlp', this run has 'cnn')" in errors[0]
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before   # untouched
+    assert not run.exists()

@@ -12,6 +12,8 @@ import pytest
 
 from conftest import KERAS_MAJOR, REPO, hvdtrain, horovodrun, output
 
+pytestmark = pytest.mark.stacks    # also on the TF 2.15 stack: see README, "Tests"
+
 WORKER = str(REPO / "tests/parallel/workers/bad_input_worker.py")
 BEGIN, END = "<!-- bad-input-table", "<!-- /bad-input-table -->"
 

@@ -8,6 +8,8 @@ import pytest
 
 from conftest import KERAS_MAJOR, REPO, horovodrun, output
 
+pytestmark = pytest.mark.stacks    # also on the TF 2.15 stack: see README, "Tests"
+
 WORKER = str(REPO / "tests/parallel/workers/keras_api_worker.py")
 
 
@@ -21,16 +23,26 @@ def test_keras_api_example_trains_on_two_ranks():
     assert float(accuracy) >= 0.9
 
 
-def ranks(tmp_path, mode, launcher="gloo"):
-    proc = horovodrun(2, ["python", WORKER, str(tmp_path), mode], launcher)
-    assert proc.returncode == 0, output(proc)
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+MODES = ("distributed", "accumulate", "fp16", "sparse", "mixed_float16", "plain")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Every mode in one launch (MPI), one after another in the same two processes."""
+    out = tmp_path_factory.mktemp("keras-api")
+    proc = horovodrun(2, ["python", WORKER, str(out), *MODES], "mpi", timeout=900)
+    assert proc.returncode == 0, output(proc)[-5000:]
+    return out
+
+
+def ranks(out, mode):
+    return [json.loads((out / f"{mode}-rank{r}.json").read_text()) for r in range(2)]
 
 
 @pytest.mark.parametrize("mode, steps", [("distributed", 16), ("accumulate", 8), ("fp16", 16), ("sparse", 16),
                                          ("mixed_float16", 16)])
-def test_distributed_optimizer_keeps_replicas_identical_although_their_data_differs(tmp_path, mode, steps):
-    a, b = ranks(tmp_path, mode, "mpi" if mode == "accumulate" else "gloo")
+def test_distributed_optimizer_keeps_replicas_identical_although_their_data_differs(trained, mode, steps):
+    a, b = ranks(trained, mode)
     assert "error" not in a and "error" not in b, (a, b)
     assert a["digest"] == b["digest"], "the replicas drifted apart: gradients were not averaged"
     if mode == "accumulate" and KERAS_MAJOR < 3:
@@ -40,8 +52,8 @@ def test_distributed_optimizer_keeps_replicas_identical_although_their_data_diff
         assert a["optimizer"].startswith("LossScaleOptimizer")
 
 
-def test_a_plain_optimizer_is_refused_on_every_rank(tmp_path):
-    a, b = ranks(tmp_path, "plain")
+def test_a_plain_optimizer_is_refused_on_every_rank(trained):
+    a, b = ranks(trained, "plain")
     for rank in (a, b):
         assert rank.get("error", "").startswith("model.optimizer (SGD) does not average gradients over the 2 ranks"), rank
         assert "hvdtrain.keras.distribute(optimizer)" in rank["error"]

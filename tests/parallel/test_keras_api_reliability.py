@@ -27,6 +27,7 @@ def finished(job, timeout):
     return out
 
 
+@pytest.mark.stacks
 def test_uneven_shards_run_the_same_steps_and_a_stop_resumes_bit_exactly(tmp_path, digits):
     # Rank 0 reads files 0 and 2 (1,137 examples), rank 1 file 1 (300): 300 // 32 = 9 steps for both, not 35 and 9.
     straight = start_horovodrun(2, example(tmp_path / "straight", digits, "--epochs", "6"))

@@ -16,6 +16,8 @@ from conftest import REPO, env, horovodrun, output
 from hvdtrain import data
 from predict_fixtures import inputs, tfrecord_order, trained_run
 
+pytestmark = pytest.mark.stacks    # also on the TF 2.15 stack: see README, "Tests"
+
 WORKER = str(REPO / "tests/parallel/workers/predict_worker.py")
 LAUNCHES = {2: "mpi", 3: "gloo"}
 

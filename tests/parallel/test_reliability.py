@@ -98,6 +98,7 @@ def test_non_finite_loss_stops_every_rank_at_the_same_step_and_keeps_the_last_go
     assert not (run / "summary.json").read_text().count("completed") > 1
 
 
+@pytest.mark.stacks
 def test_stop_signal_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     """Bit-for-bit: deterministic ops on CPU, the same batches in the same order, optimizer and LR state restored."""
     common = [*HVDTRAIN, *DIGITS, "--trainer.epochs=12", "--trainer.global_batch_size=16",

@@ -6,6 +6,8 @@ import pytest
 
 from conftest import REPO, horovodrun, output
 
+pytestmark = pytest.mark.stacks    # also on the TF 2.15 stack: see README, "Tests"
+
 WORKER = str(REPO / "tests/parallel/workers/train_worker.py")
 
 

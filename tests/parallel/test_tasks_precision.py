@@ -5,24 +5,26 @@ bit-identical; float16 loss scaling skips the same steps on every rank when only
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REPO, env, horovodrun, output
+from conftest import REPO, horovodrun, output, printed, run_commands
 
-SCORE = str(REPO / "tests/parallel/workers/score_worker.py")
 PRECISION = str(REPO / "tests/parallel/workers/precision_worker.py")
 FIXTURES = str(REPO / "tests" / "fixtures")      # user_models.py: a user's own model package
 TIMEOUT = 1500
+USER_MODELS = ("env", f"PYTHONPATH={FIXTURES}")   # every rank can import the user's model package
 
 
-def with_user_models(args: list[str]) -> list[str]:
-    """A rank command that can import the user's model package (every rank needs it on its path)."""
-    return ["env", f"PYTHONPATH={FIXTURES}", *args]
+def score_jobs(index: int, spec: str, out: Path) -> list[dict]:
+    """`hvdtrain evaluate` and `predict` of one run (RUN_DIR[=FIELDS]): out/eval-<index>.json, out/pred-<index>.npy."""
+    run, _, fields = spec.partition("=")
+    return [{"name": f"eval-{index}", "argv": ["evaluate", "--run", run, "--batch-size", "50", "--report",
+                                               str(out / f"eval-{index}.json")]},
+            {"name": f"pred-{index}", "argv": ["predict", "--run", run, "--batch-size", "50", "--output",
+                                               str(out / f"pred-{index}.npy"), *(["--fields", fields] if fields else [])]}]
 
 
 def regression_npz(path: Path, n: int, seed: int) -> None:
@@ -48,23 +50,22 @@ def trained(tmp_path_factory):
                        "--data.num_classes=5", "--data.synthetic_samples=1024", "--model.hidden=[32]",
                        "--trainer.epochs=6"],
     }
-    texts = {}
-    for name, args in runs.items():
-        proc = horovodrun(2, with_user_models(["hvdtrain", "train", *args, *common,
-                                               f"--trainer.run_dir={root / name}"]), "gloo", timeout=TIMEOUT)
-        assert proc.returncode == 0, output(proc)[-4000:]
-        texts[name] = output(proc)
+    # Both trainings, then evaluate and predict on 2 ranks, in one launch; then the same scoring in one process.
     specs = [str(root / "regression"), f"{root / 'multilabel'}=labels,probs"]
-    scored = {}
+    trains = [{"name": name, "argv": ["train", *args, *common, f"--trainer.run_dir={root / name}"]}
+              for name, args in runs.items()]
+    scored, jobs = {}, {}
     for ranks in (1, 2):
         scored[ranks] = root / f"scored-{ranks}"
         scored[ranks].mkdir()
-        args = [SCORE, str(scored[ranks]), *specs]
-        proc = subprocess.run([sys.executable, *args], env={**env(), "PYTHONPATH": FIXTURES}, capture_output=True,
-                              text=True, timeout=TIMEOUT) if ranks == 1 else \
-            horovodrun(2, with_user_models(["python", *args]), "gloo", timeout=TIMEOUT)
-        assert proc.returncode == 0, output(proc)[-4000:]
-        assert set(json.loads((scored[ranks] / "codes.json").read_text()).values()) == {0}, output(proc)[-4000:]
+        jobs[ranks] = [job for i, spec in enumerate(specs) for job in score_jobs(i, spec, scored[ranks])]
+    results = {2: run_commands(2, [*trains, *jobs[2]], root, timeout=TIMEOUT, prefix=USER_MODELS),
+               1: run_commands(1, jobs[1], scored[1], timeout=TIMEOUT, prefix=USER_MODELS)}
+    for ranks, per_rank in results.items():
+        for rank in per_rank:
+            assert {name: r["code"] for name, r in rank.items()} == {name: 0 for name in rank}, \
+                {name: r["stderr"][-2000:] for name, r in rank.items() if r["code"]}
+    texts = {name: printed(results[2], name) for name in runs}
     return root, texts, scored
 
 
@@ -128,12 +129,39 @@ def read_ranks(out: Path) -> tuple[list[dict], list[list[np.ndarray]]]:
     return ranks, weights
 
 
-def test_bfloat16_trains_on_two_ranks_with_bit_identical_replicas(tmp_path):
-    proc = horovodrun(2, ["python", PRECISION, str(tmp_path), "--runtime.precision=mixed_bfloat16", "--model.name=cnn",
-                          "--model.width=8", "--trainer.epochs=3", "--optim.name=adam", "--optim.lr=0.003",
-                          "--trainer.tensorboard=false", f"--trainer.run_dir={tmp_path / 'run'}"], "gloo", timeout=TIMEOUT)
+def huge_label_npz(path: Path) -> None:
+    """A linear regression set in which one example (index 17) has a label of 1e6."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 8)).astype(np.float32)
+    y = (x @ rng.standard_normal((8, 1))).astype(np.float32)
+    y[17] = 1e6
+    np.savez(path, x=x, y=y)
+
+
+@pytest.fixture(scope="module")
+def precision_runs(tmp_path_factory):
+    """The bfloat16 and float16 runs of the two tests below, one after another in one launch (gloo)."""
+    root = tmp_path_factory.mktemp("precision")
+    huge_label_npz(root / "huge.npz")
+    common = ["--trainer.epochs=3", "--optim.name=adam", "--trainer.tensorboard=false"]
+    jobs = {"bfloat16": ["--runtime.precision=mixed_bfloat16", "--model.name=cnn", "--model.width=8",
+                         "--optim.lr=0.003"],
+            "float16": ["--runtime.precision=mixed_float16", "--data.source=npz", f"--data.path={root / 'huge.npz'}",
+                        "--data.task=regression", "--data.num_classes=1", "--model.hidden=[16]",
+                        "--trainer.global_batch_size=32", "--optim.lr=0.01"]}
+    spec = {}
+    for name, overrides in jobs.items():
+        (root / name).mkdir()
+        spec[str(root / name)] = [*overrides, *common, f"--trainer.run_dir={root / name / 'run'}"]
+    (root / "jobs.json").write_text(json.dumps(spec))
+    proc = horovodrun(2, ["python", PRECISION, str(root / "jobs.json")], "gloo", timeout=TIMEOUT)
     assert proc.returncode == 0, output(proc)[-4000:]
-    ranks, weights = read_ranks(tmp_path)
+    return root
+
+
+@pytest.mark.stacks
+def test_bfloat16_trains_on_two_ranks_with_bit_identical_replicas(precision_runs):
+    ranks, weights = read_ranks(precision_runs / "bfloat16")
     for r in ranks:
         assert r["compute_dtypes"] == ["bfloat16"] and r["variable_dtypes"] == ["float32"]
         assert r["scaler"] == {}                       # bfloat16 has float32's range: no loss scaling
@@ -146,23 +174,13 @@ def test_bfloat16_trains_on_two_ranks_with_bit_identical_replicas(tmp_path):
     assert losses[-1] < losses[0] / 2
 
 
-def test_float16_loss_scaling_skips_the_same_steps_on_every_rank(tmp_path):
+@pytest.mark.stacks
+def test_float16_loss_scaling_skips_the_same_steps_on_every_rank(precision_runs):
     """One training example has a label of 1e6: on the rank whose batch holds it, the scaled gradient overflows
     float16 (the loss itself stays finite in float32), on the other rank it does not. The loss scaler's 'finite?'
     is agreed over the ranks, so both skip that step and halve their scale; a local decision would leave one rank
     in the gradient all-reduce and the other not (a hang) and the replicas would diverge."""
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((256, 8)).astype(np.float32)
-    y = (x @ rng.standard_normal((8, 1))).astype(np.float32)
-    y[17] = 1e6
-    np.savez(tmp_path / "huge.npz", x=x, y=y)
-    proc = horovodrun(2, ["python", PRECISION, str(tmp_path), "--runtime.precision=mixed_float16",
-                          "--data.source=npz", f"--data.path={tmp_path / 'huge.npz'}", "--data.task=regression",
-                          "--data.num_classes=1", "--model.hidden=[16]", "--trainer.global_batch_size=32",
-                          "--trainer.epochs=3", "--optim.name=adam", "--optim.lr=0.01", "--trainer.tensorboard=false",
-                          f"--trainer.run_dir={tmp_path / 'run'}"], "gloo", timeout=TIMEOUT)
-    assert proc.returncode == 0, output(proc)[-4000:]
-    ranks, weights = read_ranks(tmp_path)
+    ranks, weights = read_ranks(precision_runs / "float16")
     huge = [set(r["huge_steps"]) for r in ranks]
     assert not huge[0] & huge[1] and len(huge[0] | huge[1]) == 3, "the example is in one rank's batch, once per epoch"
     total = 3 * (256 // 32)
