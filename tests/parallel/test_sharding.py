@@ -1,4 +1,5 @@
-"""Under horovodrun: each rank reads only its share of every global batch, with real topology and agreement."""
+"""Under horovodrun (3 ranks, oversubscribed): each rank reads only its share of every global batch, with real
+topology and agreement. Both data sets are read in one launch (tests/parallel/workers/data_worker.py)."""
 import json
 
 import numpy as np
@@ -8,34 +9,43 @@ from conftest import REPO, horovodrun, output
 from hvdtrain import data
 
 WORKER = str(REPO / "tests/parallel/workers/data_worker.py")
+RANKS = 3
+IN_MEMORY, RECORDS = 203, 47   # examples
 
 
-def run(tmp_path, np_, global_batch, overrides):
-    proc = horovodrun(np_, ["python", WORKER, str(tmp_path), str(global_batch), *overrides], "gloo")
+@pytest.fixture(scope="module")
+def seen(tmp_path_factory):
+    """{case: [what rank r read, for r in 0..2]}"""
+    root = tmp_path_factory.mktemp("sharding")
+    np.savez(root / "ids.npz", x=np.arange(IN_MEMORY, dtype=np.float32)[:, None], y=np.zeros(IN_MEMORY))
+    files = [str(root / f"part-{i}.tfrecord") for i in range(2)]
+    data.write_tfrecords(np.arange(RECORDS, dtype=np.float32)[:, None], np.zeros(RECORDS, np.int64), files)
+    cases = {"in-memory": {"global_batch": 21, "overrides": ["--data.source=npz", f"--data.path={root / 'ids.npz'}"]},
+             "tfrecords": {"global_batch": 6, "overrides": ["--data.source=tfrecord", f"--data.path={root}",
+                                                            "--data.input_shape=[1]"]}}
+    (root / "cases.json").write_text(json.dumps(cases))
+    proc = horovodrun(RANKS, ["python", WORKER, str(root / "cases.json"), str(root)], "gloo")
     assert proc.returncode == 0, output(proc)
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(np_)]
+    return {name: [json.loads((root / f"{name}-rank{r}.json").read_text()) for r in range(RANKS)] for name in cases}
 
 
-def test_in_memory_shards_make_up_each_global_batch(tmp_path):
-    n = 203
-    np.savez(tmp_path / "ids.npz", x=np.arange(n, dtype=np.float32)[:, None], y=np.zeros(n))
-    ranks = run(tmp_path, 2, 20, ["--data.source=npz", f"--data.path={tmp_path / 'ids.npz'}"])
-    assert {r["steps"] for r in ranks} == {n // 20}
-    for step in range(n // 20):
-        a, b = ranks[0]["batches"][step], ranks[1]["batches"][step]
-        assert len(a) == len(b) == 10 and not set(a) & set(b)
+def test_in_memory_shards_make_up_each_global_batch(seen):
+    ranks = seen["in-memory"]
+    steps = IN_MEMORY // 21
+    assert {r["steps"] for r in ranks} == {steps}
+    for step in range(steps):
+        held = [set(r["batches"][step]) for r in ranks]
+        assert [len(r["batches"][step]) for r in ranks] == [7] * RANKS
+        assert len(set().union(*held)) == 21, "two ranks read the same example in one global batch"
     everything = [i for r in ranks for batch in r["batches"] for i in batch]
-    assert len(everything) == len(set(everything)) == (n // 20) * 20
+    assert len(everything) == len(set(everything)) == steps * 21
 
 
-def test_tfrecords_fewer_files_than_ranks_fall_back_to_elements(tmp_path):
-    n = 47
-    files = [str(tmp_path / f"part-{i}.tfrecord") for i in range(2)]
-    data.write_tfrecords(np.arange(n, dtype=np.float32)[:, None], np.zeros(n, np.int64), files)
-    ranks = run(tmp_path, 3, 6, ["--data.source=tfrecord", f"--data.path={tmp_path}", "--data.input_shape=[1]"])
+def test_tfrecords_fewer_files_than_ranks_fall_back_to_elements(seen):
+    ranks = seen["tfrecords"]
     steps = {r["steps"] for r in ranks}
     assert len(steps) == 1, "ranks must agree on one step count"
-    assert steps == {min(len(range(r, n, 3)) for r in range(3)) // 2}
+    assert steps == {min(len(range(r, RECORDS, RANKS)) for r in range(RANKS)) // 2}
     assert all(len(r["batches"]) == r["steps"] for r in ranks)
-    seen = [i for r in ranks for batch in r["batches"] for i in batch]
-    assert len(seen) == len(set(seen)), "a record was read by two ranks"
+    seen_ids = [i for r in ranks for batch in r["batches"] for i in batch]
+    assert len(seen_ids) == len(set(seen_ids)), "a record was read by two ranks"
