@@ -81,10 +81,8 @@ def main():
 
     run = hk.Run(args.run_dir, world, epochs=args.epochs, steps_per_epoch=steps, global_batch_size=args.global_batch,
                  stall_timeout_s=args.stall_timeout)
-    start = run.resume(model)
-    with run.guard():
-        model.fit(run.stream(epoch_batches), initial_epoch=start.epoch, epochs=args.epochs, steps_per_epoch=steps,
-                  callbacks=run.callbacks(evaluate=test), verbose=0)
+    run.resume(model)
+    run.fit(model, epoch_batches, evaluate=test)   # model.fit from the resume position, in true epochs
     summary = run.finish(model)
     if world.is_chief and summary["status"] == "completed":
         print(f"test accuracy {summary['test_accuracy']:.4f}, weights {summary['weights_sha256'][:12]}")

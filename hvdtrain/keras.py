@@ -4,12 +4,12 @@
     world = hk.init(seed=1)                                   # Horovod started, GPU pinned, tuned comm settings
     run = hk.Run("runs/mine", world, epochs=10, steps_per_epoch=steps, global_batch_size=64)
     model.compile(hk.distribute(keras.optimizers.SGD(0.05)), loss, metrics, jit_compile=False)
-    start = run.resume(model)                                 # the latest checkpoint, if any: where to continue
-    model.fit(run.stream(epoch_batches), initial_epoch=start.epoch, epochs=10, steps_per_epoch=steps,
-              callbacks=run.callbacks(evaluate=test_batches), verbose=0)
+    run.resume(model)                                         # the latest checkpoint, if any: where to continue
+    run.fit(model, epoch_batches, evaluate=test_batches)      # model.fit from there to the end, in true epochs
     summary = run.finish(model)                               # summary.json with weights_sha256
 
-`run.callbacks()` gives the broadcast, metric averaging, atomic checkpoints, the agreed stop on SIGUSR1/SIGTERM
+`run.fit` runs model.fit as `hvdtrain train` does (session.fit_segments: the rest of an interrupted epoch, then
+whole epochs) with the broadcast, metric averaging, atomic checkpoints, the agreed stop on SIGUSR1/SIGTERM
 (then a checkpoint; exit 0 and the batch script requeues), the agreed non-finite stop, the stall watchdog, exact
 evaluation, rank-0 progress, CSV and TensorBoard. Without a run directory, `hk.callbacks(world)` gives just the
 broadcast and metric averaging. Data: `hk.shard`, `hk.shard_files`, `hk.agreed_steps`. Speed: on Keras 3,
@@ -29,7 +29,7 @@ from hvdtrain.config import RuntimeConfig  # noqa: E402
 from hvdtrain.fused_norm import fuse_batch_norm  # noqa: E402
 from hvdtrain.optim import scaled_lr  # noqa: E402
 from hvdtrain.rundir import RunDir  # noqa: E402
-from hvdtrain.session import Session  # noqa: E402
+from hvdtrain.session import Session, fit_segments  # noqa: E402
 from hvdtrain.tasks import Task  # noqa: E402
 from hvdtrain.world import World  # noqa: E402
 
@@ -131,7 +131,7 @@ class Run:
                  check_every_steps: int = 10, checkpoint_every_epochs: int = 1, checkpoint_every_steps: int = 0,
                  keep_checkpoints: int = 3, stall_timeout_s: float = 60.0, progress: str = "auto",
                  tensorboard: bool = False, handle_signals: bool = True):
-        self.world, self.epochs, self.steps_per_epoch = world, epochs, steps_per_epoch
+        self.world, self.steps_per_epoch, self._evaluate = world, steps_per_epoch, None
         self.run = RunDir(run_dir)
         dist.agree_on_errors(self.run.check, "hvdtrain.keras.run_dir") if world.size > 1 else self.run.check()
         stop = cb.StopRequest(stop_file=self.run / "STOP")
@@ -149,31 +149,22 @@ class Run:
         call = (lambda: self.session.resume(model, sig, mode))
         return dist.agree_on_errors(call, "hvdtrain.keras.resume") if self.world.size > 1 else call()
 
-    def stream(self, epoch_batches):
-        """The per-rank batches from the resume position to the end: epoch_batches(epoch) gives epoch `epoch`'s
-        batches (the same ones whenever it is asked: seed its shuffle with the epoch), and the interrupted epoch is
-        entered at its step. Pass it to model.fit with initial_epoch=start.epoch."""
-        start = self.session.progress.position
-        stream = epoch_batches(start.epoch).take(self.steps_per_epoch).skip(start.step_in_epoch)
-        for epoch in range(start.epoch + 1, self.epochs):
-            stream = stream.concatenate(epoch_batches(epoch).take(self.steps_per_epoch))
-        return stream
+    def fit(self, model, epoch_batches, evaluate=None, task: str = "classification", callbacks=(), **fit_kwargs):
+        """model.fit from the resume position to the end, with all the callbacks in their order, as `hvdtrain train`
+        fits: the rest of an interrupted epoch, then whole epochs, so epoch ends fall where they would have without
+        the stop. `epoch_batches(epoch)` gives this rank's batches of epoch `epoch`, the same ones whenever it is
+        asked (seed its shuffle with the epoch). `evaluate`: this rank's contiguous share of a labelled held-out
+        dataset, batched (exact metrics at every epoch end, `val_*` in the logs). `callbacks` run after hvdtrain's
+        (they see averaged metrics); `fit_kwargs` go to model.fit. A data error on one rank stops every rank with its
+        message."""
+        self._evaluate = None if evaluate is None else self._exact_metrics(evaluate, task)
+        everything = self.session.callbacks(evaluate=self._evaluate) + list(callbacks)
+        fit_segments(model, _per_epoch(epoch_batches, self.steps_per_epoch), self.session, everything, **fit_kwargs)
 
-    def callbacks(self, evaluate=None, task: str = "classification") -> list:
-        """All of them, in their order; `evaluate` is this rank's contiguous share of a labelled held-out dataset,
-        batched (exact metrics at every epoch end, `val_*` in the logs)."""
-        self._evaluate = None
-        if evaluate is not None:
-            from hvdtrain.inference import exact_metrics
-            self._evaluate = lambda model: exact_metrics(model, evaluate, self.world,
-                                                         Task(task, int(model.output_shape[-1])),
-                                                         "hvdtrain.keras.val", "held-out data")
-        self._callbacks = self.session.callbacks(evaluate=self._evaluate)
-        return self._callbacks
-
-    def guard(self):
-        """`with run.guard(): model.fit(...)`: a data error on one rank stops every rank with its message."""
-        return self.session.guard(getattr(self, "_callbacks", []))
+    def _exact_metrics(self, dataset, task: str):
+        from hvdtrain.inference import exact_metrics
+        return lambda model: exact_metrics(model, dataset, self.world, Task(task, int(model.output_shape[-1])),
+                                           "hvdtrain.keras.val", "held-out data")
 
     @property
     def stopped(self) -> bool:
@@ -181,7 +172,17 @@ class Run:
 
     def finish(self, model, export: bool = True) -> dict:
         """Checkpoint, replica check, summary.json (rank 0), model.keras when complete; returns the summary."""
-        summary = self.session.finish(model, getattr(self, "_evaluate", None))
+        summary = self.session.finish(model, self._evaluate)
         if export and self.world.is_chief and summary["status"] == "completed":
             self.run.export_model(model)
         return summary
+
+
+def _per_epoch(epoch_batches, steps: int):
+    """The session's `batches_from(first_epoch, epochs, skip)` from a function giving one epoch's batches."""
+    def batches_from(first_epoch: int, epochs: int, skip: int):
+        stream = epoch_batches(first_epoch).take(steps).skip(skip)
+        for epoch in range(first_epoch + 1, epochs):
+            stream = stream.concatenate(epoch_batches(epoch).take(steps))
+        return stream
+    return batches_from

@@ -119,20 +119,21 @@ class Session:
         return summary
 
 
-def fit_segments(model, batches_from, session: Session, callbacks, verbose: int = 0, diagnose=None) -> None:
+def fit_segments(model, batches_from, session: Session, callbacks, verbose: int = 0, diagnose=None,
+                 **fit_kwargs) -> None:
     """model.fit from the session's start to the end, in whole epochs: first the rest of a partly trained epoch (a
-    resume after a mid-epoch stop), then the remaining epochs. `batches_from(first_epoch, epochs, skip)` gives the
-    per-rank stream."""
+    resume after a mid-epoch stop), then the remaining epochs, so every later epoch ends where it would have without
+    the stop. `batches_from(first_epoch, epochs, skip)` gives the per-rank stream. Both entrances fit through here."""
     p, steps, epochs = session.progress, session.progress.steps_per_epoch, session.progress.epochs
+    fit = dict(callbacks=callbacks, verbose=verbose, shuffle=False, **fit_kwargs)
     with session.guard(callbacks, diagnose):
         start = p.position
         if start.step_in_epoch and start.epoch < epochs:
             model.fit(batches_from(start.epoch, start.epoch + 1, start.step_in_epoch), epochs=start.epoch + 1,
-                      initial_epoch=start.epoch, steps_per_epoch=steps - start.step_in_epoch, callbacks=callbacks,
-                      verbose=verbose, shuffle=False)
+                      initial_epoch=start.epoch, steps_per_epoch=steps - start.step_in_epoch, **fit)
             if p.stop_reason:
                 return
         start = p.position
         if start.epoch < epochs:
             model.fit(batches_from(start.epoch, epochs, 0), epochs=epochs, initial_epoch=start.epoch,
-                      steps_per_epoch=steps, callbacks=callbacks, verbose=verbose, shuffle=False)
+                      steps_per_epoch=steps, **fit)

@@ -1,6 +1,7 @@
 """examples/keras_resumable.py, a plain Keras 3 script using hvdtrain.keras, under horovodrun -np 2: preemption with
 a bit-exact resume, a killed or stalled rank ending the job in bounded time with its checkpoint intact, and uneven
 file shards running the same number of steps on every rank. (The same script on Slurm: tests/slurm/.)"""
+import csv
 import json
 import subprocess
 import time
@@ -29,42 +30,58 @@ def finished(job, timeout):
 
 @pytest.mark.stacks
 def test_uneven_shards_run_the_same_steps_and_a_stop_resumes_bit_exactly(tmp_path, digits):
-    # Rank 0 reads files 0 and 2 (1,137 examples), rank 1 file 1 (300): 300 // 32 = 9 steps for both, not 35 and 9.
-    straight = start_horovodrun(2, example(tmp_path / "straight", digits, "--epochs", "6"))
+    # Rank 0 reads files 0 and 2 (1,137 examples), rank 1 file 1 (300): 300 // 8 = 37 steps for both, not 142 and 37.
+    steps, epochs = 37, 4
+    args = ("--epochs", str(epochs), "--global-batch", "16")
+    straight = start_horovodrun(2, example(tmp_path / "straight", digits, *args))
     try:
         out = finished(straight, 600)
     finally:
         kill_tree(straight)
     assert straight.returncode == 0, out[-3000:]
     reference = json.loads((tmp_path / "straight" / "summary.json").read_text())
-    assert reference["status"] == "completed" and reference["global_step"] == 6 * 9 == reference["optimizer_steps"]
+    assert reference["status"] == "completed"
+    assert reference["global_step"] == epochs * steps == reference["optimizer_steps"]
 
     run = tmp_path / "stopped"
-    job = start_horovodrun(2, example(run, digits, "--epochs", "6"))
+    run.mkdir()
+    (run / "STOP").touch()   # there from the start: the stop lands at the first agreed check, mid-epoch (step 10)
+    job = start_horovodrun(2, example(run, digits, *args))
     try:
-        wait_for(lambda: checkpoint.latest(run), 300, "the first checkpoint")
-        subprocess.run(["kill", "-USR1", str(rank_pids(job, 2)[1])], check=True)   # one rank is told: all agree
         out = finished(job, 300)
     finally:
         kill_tree(job)
     assert job.returncode == 0, out[-3000:]
     stopped = json.loads((run / "summary.json").read_text())
-    assert stopped["status"] == "stopped" and 0 < stopped["global_step"] < 6 * 9, out[-2000:]
-    assert "stopped at epoch" in out and "on request (SIGUSR1 on rank 1)" in out
-    meta = checkpoint.read_meta(checkpoint.latest(run))
-    assert meta["global_step"] == stopped["global_step"]
+    assert stopped["status"] == "stopped" and stopped["global_step"] == 10, out[-2000:]
+    assert "stopped at epoch 1, step 10 on request (stop file" in out
+    assert checkpoint.read_meta(checkpoint.latest(run))["global_step"] == 10
+    assert "(partial epoch: 10 of 37 steps" in out
 
-    again = start_horovodrun(2, example(run, digits, "--epochs", "6"))
+    (run / "STOP").unlink(missing_ok=True)
+    again = start_horovodrun(2, example(run, digits, *args))
     try:
         out = finished(again, 600)
     finally:
         kill_tree(again)
     assert again.returncode == 0, out[-3000:]
-    assert f"resuming from {run}/checkpoints/ckpt-{meta['global_step']:08d}" in out
+    assert f"resuming from {run}/checkpoints/ckpt-{10:08d}" in out
     final = json.loads((run / "summary.json").read_text())
     assert final["status"] == "completed" and final["global_step"] == reference["global_step"]
     assert final["weights_sha256"] == reference["weights_sha256"]          # bit for bit
     assert final["test_accuracy"] == reference["test_accuracy"]
+    # The rest of the interrupted epoch, then whole epochs at the true boundaries, as `hvdtrain train` resumes.
+    assert out.count("(partial epoch:") == 1 and "(partial epoch: 27 of 37 steps" in out, out[-3000:]
+    rows, straight_rows = metrics(run), metrics(tmp_path / "straight")
+    assert [(r["epoch"], r["global_step"]) for r in rows if r["partial"] == "1"] == [("0", "10"), ("0", "37")]
+    assert [r for r in rows if r["partial"] == "0"] == straight_rows[1:]   # the same losses and held-out metrics
+
+
+def metrics(run) -> list[dict]:
+    """metrics.csv's rows without the timing columns (they differ from run to run)."""
+    with (run / "metrics.csv").open() as f:
+        return [{k: v for k, v in row.items() if "seconds" not in k and "samples_per_sec" not in k}
+                for row in csv.DictReader(f)]
 
 
 @pytest.mark.parametrize("how", ["kill", "stall"])
