@@ -140,7 +140,7 @@ class FileSource(Source):
 
     # -------------------------------------------------------------- validation
     def _validated_units(self, world, split: str) -> list[int]:
-        """Indices of the units this rank validates: its training shard, or its contiguous evaluation block."""
+        """Indices of the units this rank validates: its training shard, or a contiguous block of a held-out split."""
         n = len(self.units(split))
         if n < world.size:
             return list(range(n)) if world.rank == 0 else []

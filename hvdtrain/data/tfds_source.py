@@ -2,7 +2,7 @@
 
 Units are the split's TFRecord files, whose example counts TFDS records in its metadata: training shards by file
 through TFDS's own input context (round robin) when there are at least as many files as ranks, else every rank
-keeps every size-th example; evaluation reads contiguous example ranges (`split[a:b]`) in the split's order.
+keeps every size-th example; evaluation reads the split in its order and decodes only this rank's dealt batches.
 """
 from __future__ import annotations
 

@@ -70,8 +70,8 @@ class OrderedOutput:
         if self.path.suffix not in FORMATS:
             raise UserError(f"--output {self.path} must end in {', '.join(FORMATS)} (the format is chosen by the suffix)")
         if not self.fields or set(self.asked) - set(self.allowed):
-            raise UserError(f"--fields must be some of {','.join(self.allowed)} for a {self.task.kind} model"
-                            f"{'' if 'path' in self.allowed else ' (path: for image inputs)'}, got {','.join(self.asked)!r}")
+            raise UserError(f"--fields must be some of {','.join(self.allowed)} for a {self.task.kind} model, "
+                            f"got {','.join(self.asked)!r}")
         if self.path.is_dir():
             raise UserError(f"--output {self.path} is a directory; give a file name such as {self.path / 'predictions.npy'}")
         self.class_names = class_names
