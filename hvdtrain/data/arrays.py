@@ -101,9 +101,8 @@ def array_share(arrays, world, batch: int) -> Share:
 
     def make(spans):
         index = np.asarray(span_index(spans), np.int64)
-        rows = tuple(a[index] for a in arrays) if isinstance(arrays, tuple) else arrays[index]
-        return tf.data.Dataset.from_tensor_slices(rows)
-    return share_of(len(arrays[0] if isinstance(arrays, tuple) else arrays), batch, world, make)
+        return tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(lambda a: a[index], arrays))
+    return share_of(len(tf.nest.flatten(arrays)[0]), batch, world, make)
 
 
 def _digits(cfg, split: str) -> Arrays:

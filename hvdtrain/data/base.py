@@ -8,8 +8,8 @@ same batch whatever the number of ranks, and the ranks' batches merged in batch 
 
 File-based sources work on "units" (a TFRecord file, or one image file with its label). Units are listed in sorted
 order on every rank, validated (every record parsed, every image decoded; units of a held-out split in contiguous
-blocks per rank), and their counts gathered, so no split is ever scanned twice. Training shards by unit (round robin) when there are at
-least as many units as ranks, else by record.
+blocks per rank), and their counts gathered, so no split is ever scanned twice. Training shards by unit (round
+robin) when there are at least as many units as ranks, else by record.
 """
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ class Share:
 
 def share_of(num: int, batch: int, world, make, **inputs) -> Share:
     """The Share of this rank's dealt batches; make(spans) builds their dataset of examples (not yet batched)."""
-    spans = dealt_batches(num, batch, world.rank, world.size)
     import tensorflow as tf
+    spans = dealt_batches(num, batch, world.rank, world.size)
     dataset = make(spans).batch(batch).prefetch(tf.data.AUTOTUNE)
     return Share(dataset, sum(b - a for a, b in spans), spans, **inputs)
 
