@@ -5,6 +5,7 @@ bit-identical; float16 loss scaling skips the same steps on every rank when only
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,12 +18,13 @@ from conftest import REPO, env, horovodrun, output
 SCORE = str(REPO / "tests/parallel/workers/score_worker.py")
 PRECISION = str(REPO / "tests/parallel/workers/precision_worker.py")
 FIXTURES = str(REPO / "tests" / "fixtures")      # user_models.py: a user's own model package
+PYTHONPATH = os.pathsep.join(filter(None, [FIXTURES, os.environ.get("PYTHONPATH")]))   # keep a tree put first
 TIMEOUT = 1500
 
 
 def with_user_models(args: list[str]) -> list[str]:
     """A rank command that can import the user's model package (every rank needs it on its path)."""
-    return ["env", f"PYTHONPATH={FIXTURES}", *args]
+    return ["env", f"PYTHONPATH={PYTHONPATH}", *args]
 
 
 def regression_npz(path: Path, n: int, seed: int) -> None:
@@ -60,7 +62,7 @@ def trained(tmp_path_factory):
         scored[ranks] = root / f"scored-{ranks}"
         scored[ranks].mkdir()
         args = [SCORE, str(scored[ranks]), *specs]
-        proc = subprocess.run([sys.executable, *args], env={**env(), "PYTHONPATH": FIXTURES}, capture_output=True,
+        proc = subprocess.run([sys.executable, *args], env={**env(), "PYTHONPATH": PYTHONPATH}, capture_output=True,
                               text=True, timeout=TIMEOUT) if ranks == 1 else \
             horovodrun(2, with_user_models(["python", *args]), "gloo", timeout=TIMEOUT)
         assert proc.returncode == 0, output(proc)[-4000:]
