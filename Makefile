@@ -26,11 +26,12 @@ install: $(STACK)
 train: $(STACK)
 	scripts/launch.sh $(NP) hvdtrain train --config $(CONFIG) $(ARGS)
 
-## Every tier on TF 2.21, and unit and parallel again on TF 2.15, in two lanes side by side: unit, parallel and
-## integration; the Slurm tier (mostly waiting on Slurm), then TF 2.15's. Installs Slurm and the TF 2.15 stack first
-## if needed. A failing tier does not stop the others; the summary at the end lists them.
+## Every tier on TF 2.21, then on TF 2.15 its unit tier and the tests marked `stacks` (what differs between the
+## stacks), in three lanes side by side: unit and parallel; the Slurm tier (mostly waiting on Slurm); integration,
+## then TF 2.15's. Installs Slurm and the TF 2.15 stack first if needed. A failing tier does not stop the others; the
+## summary at the end lists every tier's time and the ten slowest tests.
 test: $(STACK) $(SLURM) $(OLD_STACK)
-	@scripts/test.sh $(VENV):unit $(VENV):parallel $(VENV):integration + $(VENV):slurm $(OLD_VENV):unit $(OLD_VENV):parallel
+	@scripts/test.sh $(VENV):unit $(VENV):parallel + $(VENV):slurm + $(VENV):integration $(OLD_VENV):unit $(OLD_VENV):stacks
 test-unit: $(STACK)
 	@scripts/test.sh $(VENV):unit
 test-parallel: $(STACK)
@@ -40,7 +41,7 @@ test-integration: $(STACK)
 test-slurm: $(SLURM)
 	@scripts/test.sh $(VENV):slurm
 test-tf2.15: $(OLD_STACK)
-	@scripts/test.sh $(OLD_VENV):unit $(OLD_VENV):parallel
+	@scripts/test.sh $(OLD_VENV):unit $(OLD_VENV):stacks
 
 ## Benchmarks on $(NP) local ranks (~40 min): $(BENCH_DIR)/*.json|png, then docs/benchmarks.md. Includes ResNet-50
 ## at 64x64 and the side-by-side run of both stacks ($(OLD_VENV) is the TF 2.15 one).

@@ -349,7 +349,7 @@ class Throughput(keras.callbacks.Callback):
 
 
 class ExactEvaluation(keras.callbacks.Callback):
-    """Held-out metrics from all-reduced sums at each epoch end (exact whatever the shard sizes); `evaluate` returns
+    """Held-out metrics from per-batch sums added in batch order at each epoch end (one process's); `evaluate` returns
     None when there is no held-out split. The result is kept, keyed by global step, for the summary."""
 
     def __init__(self, evaluate, progress: Progress, local_state: LocalState, prefix: str = "val_"):

@@ -110,15 +110,22 @@ def verbose(world: World) -> int:
 
 
 def evaluate(model, dataset, world: World, task: str = "classification") -> dict:
-    """Exact metrics over all ranks' shares of `dataset` (sums are all-reduced, never per-rank means averaged).
-    The model outputs logits (classification, multilabel) or values (regression)."""
+    """Exact metrics over all ranks' batches of `dataset` (this rank's): every batch's sums are gathered and added
+    in batch order, rank r's k-th batch counting as batch r + k*size, never per-rank means averaged. Bit for bit
+    one process's result when each rank passes whole batches of the one-process data dealt in turn,
+    `dataset.batch(B).shard(world.size, world.rank)`; other shares (e.g. `hk.shard(...).batch(B)`) compute
+    examples in other batches, which on some CPUs changes float32 outputs in their last bits: the loss then agrees
+    within 1e-6 (relative) and the counts unless an example is a near-tie. The model outputs logits
+    (classification, multilabel) or values (regression)."""
     from hvdtrain.inference import exact_metrics
     return exact_metrics(model, dataset, world, Task(task, int(model.output_shape[-1])), "hvdtrain.keras.evaluate")
 
 
 def predict(model, dataset_or_array, world: World, batch_size: int = 256):
-    """Data-parallel model.predict: each rank scores 1/size of the inputs (pass all of them, unsharded); the
-    outputs come back in input order, every input exactly once, on every rank (rank 0 included)."""
+    """Data-parallel model.predict: pass all inputs (unsharded); ranks score whole batches in turn and the outputs
+    come back in input order, every input exactly once, on every rank (rank 0 included). Bit for bit plain Keras at
+    any number of ranks: model.predict(x, batch_size=batch_size) for an array or an unbatched dataset,
+    model.predict(dataset) for a batched one (its own batches; batch_size is not used)."""
     from hvdtrain.inference import predict_ordered
     return predict_ordered(model, dataset_or_array, world, batch_size)
 
@@ -153,10 +160,10 @@ class Run:
         """model.fit from the resume position to the end, with all the callbacks in their order, as `hvdtrain train`
         fits: the rest of an interrupted epoch, then whole epochs, so epoch ends fall where they would have without
         the stop. `epoch_batches(epoch)` gives this rank's batches of epoch `epoch`, the same ones whenever it is
-        asked (seed its shuffle with the epoch). `evaluate`: this rank's contiguous share of a labelled held-out
-        dataset, batched (exact metrics at every epoch end, `val_*` in the logs). `callbacks` run after hvdtrain's
-        (they see averaged metrics); `fit_kwargs` go to model.fit. A data error on one rank stops every rank with its
-        message."""
+        asked (seed its shuffle with the epoch). `evaluate`: this rank's batches of a labelled held-out dataset
+        (exact metrics at every epoch end, `val_*` in the logs; see `evaluate` for which batches give one process's
+        bits). `callbacks` run after hvdtrain's (they see averaged metrics); `fit_kwargs` go to model.fit. A data
+        error on one rank stops every rank with its message."""
         self._evaluate = None if evaluate is None else self._exact_metrics(evaluate, task)
         everything = self.session.callbacks(evaluate=self._evaluate) + list(callbacks)
         fit_segments(model, _per_epoch(epoch_batches, self.steps_per_epoch), self.session, everything, **fit_kwargs)

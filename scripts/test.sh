@@ -2,10 +2,11 @@
 # Run test tiers, each with a given virtualenv, in the order given; keep going after a failing tier and end with a
 # summary (exit 1 if any tier failed). `make test` and the make test-* targets call it.
 #
-#   scripts/test.sh .venv:unit .venv:parallel .venv:integration .venv:slurm .venv-tf2.15:unit .venv-tf2.15:parallel
+#   scripts/test.sh .venv:unit .venv:parallel .venv:integration .venv:slurm .venv-tf2.15:unit .venv-tf2.15:stacks
 #   scripts/test.sh .venv:unit .venv:parallel + .venv:slurm .venv-tf2.15:unit      # two lanes at once
 #   PYTEST_ARGS="-x -k resume" scripts/test.sh .venv:parallel
-# Tiers are directories of tests/ (tests/bench runs with unit). pytest finding no tests counts as a failure.
+# A tier is a pytest marker: unit, parallel, integration, slurm (the directories of tests/; tests/bench runs with
+# unit), or stacks (the tests that also run on the TF 2.15 stack). pytest finding no tests counts as a failure.
 # `+` starts another lane: lanes run side by side, each its tiers in order (the Slurm tier mostly waits on Slurm, so
 # `make test` runs it next to the other stack's tiers). A lane's tier prints its whole output when it ends, so the
 # lanes' outputs do not interleave.

@@ -1,7 +1,8 @@
 """Exact metrics of a trained model over a whole labelled set, on any number of ranks.
 
-Each rank scores a contiguous share of the set; the task's sums (loss, correct, absolute error, counts) are
-all-reduced and divided once, so the result equals a single-process evaluation of the same checkpoint and data.
+The single-process run's batches (--batch-size) are dealt whole to the ranks in turn; the task's sums (loss,
+correct, absolute error, counts) of every batch are gathered, added in batch order and divided once, so the result
+equals a single-process evaluation of the same checkpoint and data bit for bit, on any CPU.
 Every input file is read and checked first (a corrupt one is named, on every rank, before any scoring).
 
 Examples:
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from hvdtrain.commands.common import add_run_arguments
 
-HELP = "exact metrics of a trained run over a whole split (all-reduced sums, any number of ranks)"
+HELP = "exact metrics of a trained run over a whole split (one process's result at any number of ranks)"
 
 
 def add_arguments(parser) -> None:

@@ -1,15 +1,18 @@
 """Score inputs with a trained model on every rank and write the results once, in input order.
 
-Launch it like training (horovodrun -np N, srun, or one process). Each rank loads the checkpoint and scores a
-contiguous share of the inputs (no model synchronisation, no padding, no dropped inputs); rank 0 merges the
-ranks' parts into --output, whose suffix picks the format:
+Launch it like training (horovodrun -np N, srun, or one process). Each rank loads the checkpoint and scores whole
+batches of --batch-size inputs in turn (rank r: batches r, r+N, ...; no model synchronisation, no padding, no
+dropped inputs), so every input is scored in the same batch as in one process and the output is the same bytes at
+any N; rank 0 merges the ranks' parts into --output, whose suffix picks the format:
 
   .npy    one field: a plain array (probs: float32 [N, classes]; class: int64 [N]); several: a structured array
-  .csv    a header line, then index,class,prob_0,...   (index = position in the input)
+  .csv    a header line, then index,class,prob_0,...   (index = position among the listed inputs)
   .jsonl  one {"index": i, "class": c, "probs": [...]} object per line
 
 Fields (--fields) by the run's task: classification class, name (the class's name, e.g. an image folder's),
-probs; multilabel labels (0/1 per class), probs; regression value.
+probs; multilabel labels (0/1 per class), probs; regression value. Image inputs (a folder) also have path (the
+image's file; written by default). With data.bad_files=skip a skipped image has no row and the others keep their
+index.
 
 Examples:
   scripts/launch.sh 2 hvdtrain predict --run runs/digits --output preds.csv            # the run's test split
@@ -33,7 +36,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--output", required=True, metavar="FILE", help="result file: .npy, .csv or .jsonl")
     parser.add_argument("--fields", metavar="LIST",
                         help="what to write per input, comma-separated (default: class,probs; multilabel labels,probs; "
-                             "regression value)")
+                             "regression value; image inputs add path)")
 
 
 def run(args, overrides) -> int:
@@ -41,14 +44,15 @@ def run(args, overrides) -> int:
 
     from hvdtrain import dist
     from hvdtrain.commands.common import inputs_source, start, write_report
-    from hvdtrain.data.inputs import BUILT_IN, is_unlabelled
+    from hvdtrain.data.inputs import BUILT_IN, is_unlabelled, lists_files
     from hvdtrain.inference import OrderedOutput, load_agreed, predict_to_file
 
     world, log = start(overrides)
     trained = load_agreed(args.run, args.checkpoint, overrides, world)
     token = dist.broadcast_object(secrets.token_hex(4), "hvdtrain.predict.token") if world.size > 1 else "solo"
-    fields = args.fields.split(",") if args.fields else trained.task.default_fields()
-    out = OrderedOutput(args.output, fields, world, token, trained.task)
+    paths = lists_files(args.input, trained.cfg.data)
+    fields = args.fields.split(",") if args.fields else trained.task.default_fields() + (("path",) if paths else ())
+    out = OrderedOutput(args.output, fields, world, token, trained.task, paths)
     try:
         dist.agree_on_errors(lambda: out.open(trained.class_names), "hvdtrain.predict.open")  # fails before any work
         dist.agree_on_errors(out.check_shared, "hvdtrain.predict.shared")

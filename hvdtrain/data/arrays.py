@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hvdtrain.data.base import Share, Source, epoch_order
-from hvdtrain.data.sharding import eval_range, per_rank_batch, steps_per_epoch
+from hvdtrain.data.base import Share, Source, epoch_order, share_of, span_index
+from hvdtrain.data.sharding import per_rank_batch, steps_per_epoch
 from hvdtrain.errors import DataError
 from hvdtrain.tasks import Task
 
@@ -92,16 +92,17 @@ class ArraySource(Source):
         arrays = self.arrays(split)
         if arrays is None:
             raise DataError(f"data.source=npz has no {split} split (set data.test_path)")
-        start, stop = eval_range(len(arrays.y), world.rank, world.size)
-        ds = tf.data.Dataset.from_tensor_slices((arrays.x[start:stop], arrays.y[start:stop]))
-        return Share(ds.batch(batch).prefetch(tf.data.AUTOTUNE), stop - start, start)
+        return array_share((arrays.x, arrays.y), world, batch)
 
 
-def array_share(x: np.ndarray, world, batch: int) -> Share:
-    """A contiguous share of an array of inputs (prediction from a .npz with only `x`)."""
+def array_share(arrays, world, batch: int) -> Share:
+    """This rank's dealt batches of an array (prediction from a .npz with only `x`) or a tuple of arrays."""
     import tensorflow as tf
-    start, stop = eval_range(len(x), world.rank, world.size)
-    return Share(tf.data.Dataset.from_tensor_slices(x[start:stop]).batch(batch), stop - start, start)
+
+    def make(spans):
+        index = np.asarray(span_index(spans), np.int64)
+        return tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(lambda a: a[index], arrays))
+    return share_of(len(tf.nest.flatten(arrays)[0]), batch, world, make)
 
 
 def _digits(cfg, split: str) -> Arrays:

@@ -2,19 +2,20 @@
 TFRecords), built once per run and asked for per-rank datasets.
 
 Training: every rank runs the same (agreed) number of steps per epoch; epoch e's order is seeded by (data.seed, e),
-so a resumed run continues the same stream. Evaluation and prediction: every rank gets one contiguous share, never
-padded or truncated, so concatenating the shares in rank order is the input order.
+so a resumed run continues the same stream. Evaluation and prediction: the single-process run's batches are dealt
+whole to the ranks in turn (sharding.dealt_batches), never padded or truncated, so every example is computed in the
+same batch whatever the number of ranks, and the ranks' batches merged in batch order are the input order.
 
 File-based sources work on "units" (a TFRecord file, or one image file with its label). Units are listed in sorted
-order on every rank, validated (every record parsed, every image decoded) by the rank that will read them, and
-their counts gathered, so no split is ever scanned twice. Training shards by unit (round robin) when there are at
-least as many units as ranks, else by record.
+order on every rank, validated (every record parsed, every image decoded; units of a held-out split in contiguous
+blocks per rank), and their counts gathered, so no split is ever scanned twice. Training shards by unit (round
+robin) when there are at least as many units as ranks, else by record.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hvdtrain.data.sharding import eval_range, per_rank_batch, shard_files
+from hvdtrain.data.sharding import batch_owner, dealt_batches, eval_range, per_rank_batch, shard_files
 from hvdtrain.errors import DataError
 
 SPLITS = ("train", "test")
@@ -22,10 +23,32 @@ SPLITS = ("train", "test")
 
 @dataclass
 class Share:
-    """One rank's contiguous part of a split, in input order."""
-    dataset: object     # tf.data.Dataset of batches: (x, y) for evaluation, x for prediction
-    count: int          # examples in this share
-    first: int = 0      # global index of its first example
+    """One rank's part of a split: its dealt batches (see sharding.dealt_batches), in order."""
+    dataset: object        # tf.data.Dataset of batches: (x, y) for evaluation, x for prediction
+    count: int             # examples in this rank's batches
+    spans: list            # [start, stop) of each of its batches: positions in the split
+    listed: list | None = None   # of every example of the split: its position among the listed inputs (None: the same)
+    paths: list | None = None    # of every example of the split: its source file (image inputs)
+
+
+def share_of(num: int, batch: int, world, make, **inputs) -> Share:
+    """The Share of this rank's dealt batches; make(spans) builds their dataset of examples (not yet batched)."""
+    import tensorflow as tf
+    spans = dealt_batches(num, batch, world.rank, world.size)
+    dataset = make(spans).batch(batch).prefetch(tf.data.AUTOTUNE)
+    return Share(dataset, sum(b - a for a, b in spans), spans, **inputs)
+
+
+def span_index(spans) -> list[int]:
+    """The positions of the examples in `spans`, in order."""
+    return [i for a, b in spans for i in range(a, b)]
+
+
+def dealt(records, batch: int, world):
+    """Of a dataset of a whole split, in input order: the elements of this rank's dealt batches (filter before
+    parsing, so a rank decodes only its own examples)."""
+    return records.enumerate().filter(lambda i, _: batch_owner(i, batch, world.size) == world.rank) \
+        .map(lambda _, record: record)
 
 
 class Source:
@@ -117,7 +140,7 @@ class FileSource(Source):
 
     # -------------------------------------------------------------- validation
     def _validated_units(self, world, split: str) -> list[int]:
-        """Indices of the units this rank validates: its training shard, or its contiguous evaluation block."""
+        """Indices of the units this rank validates: its training shard, or a contiguous block of a held-out split."""
         n = len(self.units(split))
         if n < world.size:
             return list(range(n)) if world.rank == 0 else []
@@ -211,11 +234,11 @@ class FileSource(Source):
         if not self.has_split(split):
             raise DataError(f"data.source={self.cfg.source} has no {split} split configured")
         units, counts = self.units(split), self.counts(split)
-        if len(units) >= world.size:   # whole units in contiguous blocks: each rank reads only its own
-            a, b = eval_range(len(units), world.rank, world.size)
-            records, count, first = self.records(units[a:b]), sum(counts[a:b]), sum(counts[:a])
-        else:                          # a contiguous range of the records of all units
-            first, stop = eval_range(sum(counts), world.rank, world.size)
-            records, count = self.records(units).skip(first).take(stop - first), stop - first
-        parsed = records.map(self.parse, num_parallel_calls=tf.data.AUTOTUNE)
-        return Share(parsed.batch(batch).prefetch(tf.data.AUTOTUNE), count, first)
+
+        def make(_):   # every rank reads the records of all units but parses only those of its own batches
+            return dealt(self.records(units), batch, world).map(self.parse, num_parallel_calls=tf.data.AUTOTUNE)
+        return share_of(sum(counts), batch, world, make, **self.inputs(split))
+
+    def inputs(self, split: str) -> dict:
+        """Share fields that map rows back to inputs (listed, paths); none by default."""
+        return {}

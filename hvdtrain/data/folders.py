@@ -20,12 +20,13 @@ class ImageFolders(FileSource):
         super().__init__(cfg)
         self._listing: dict[str, tuple[list[str], list[tuple[str, int]]]] = {}
         self.skipped: dict[str, list[str]] = {}
+        self.kept: dict[str, list[int]] = {}    # split -> listed positions of the files kept (data.bad_files=skip)
         self.classes: list[str] | None = None   # a trained model's classes (use_classes): folders map to them by name
 
     def use_classes(self, names: list[str] | None) -> "ImageFolders":
         """Label folders by a trained model's class names (evaluate/predict on other folders, which may hold only
         some of the classes), not by their own sorted order."""
-        self.classes, self._listing = (list(names) if names else None), {}
+        self.classes, self._listing, self.kept = (list(names) if names else None), {}, {}
         return self
 
     def path(self, split: str) -> str:
@@ -63,6 +64,10 @@ class ImageFolders(FileSource):
             raise DataError(f"{self.path(split)} has {len(classes)} class folders but data.num_classes is "
                             f"{self.cfg.num_classes}; set --data.num_classes={len(classes)}")
         return files
+
+    def inputs(self, split: str) -> dict:
+        """Each image's path, and its position in the listing (a skipped file keeps its number; it has no row)."""
+        return {"paths": [path for path, _ in self.units(split)], "listed": self.kept.get(split)}
 
     def records(self, units):
         import tensorflow as tf
@@ -114,6 +119,7 @@ class ImageFolders(FileSource):
         if not kept:
             raise DataError(f"{self.path(split)}: all {len(files)} images are unreadable")
         self._listing[split] = (classes, kept)
+        self.kept[split] = [i for i in range(len(files)) if counts.get(i, 1)]
         self._counts[split] = {i: 1 for i in range(len(kept))}
         self.skipped[split] = bad
         get_logger(getattr(self, "_rank", 0)).info(

@@ -1,7 +1,7 @@
 """Which data `hvdtrain predict` and `hvdtrain evaluate` read: the run's own data (`--split`), a built-in source
 (digits, synthetic), a .npz file, a directory of images, or TFRecord files. Each becomes a Source validated like
 training data (every file parsed, every image decoded, before any scoring), or, for unlabelled .npz inputs and
-image directories, a contiguous share of the inputs."""
+image directories, this rank's dealt batches of the inputs (see sharding.dealt_batches)."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +9,7 @@ import os
 
 from hvdtrain.data import images
 from hvdtrain.data.arrays import array_share, read_npz
-from hvdtrain.data.base import Share
+from hvdtrain.data.base import Share, share_of, span_index
 from hvdtrain.data.sharding import eval_range
 from hvdtrain.errors import DataError
 
@@ -38,17 +38,25 @@ def is_unlabelled(source: str | None) -> bool:
 
 
 def unlabelled_share(source: str, data_cfg, world, batch: int) -> Share:
-    """A contiguous share of unlabelled inputs: rows of a .npz `x`, or images of a directory (sorted, decoded in
-    parallel), in input order."""
+    """This rank's dealt batches of unlabelled inputs: rows of a .npz `x`, or images of a directory (sorted, decoded
+    in parallel, with their paths)."""
     if source.endswith(".npz"):
         return array_share(read_npz(source, labels=False).x, world, batch)
     import tensorflow as tf
     files = images.list_images(source)
-    start, stop = eval_range(len(files), world.rank, world.size)
-    cfg = data_cfg
-    ds = tf.data.Dataset.from_tensor_slices(files[start:stop] or tf.zeros((0,), tf.string))
-    ds = ds.map(lambda p: images.decode(tf.io.read_file(p), cfg), num_parallel_calls=tf.data.AUTOTUNE)
-    return Share(ds.batch(batch).prefetch(tf.data.AUTOTUNE), stop - start, start)
+
+    def make(spans):
+        own = [files[i] for i in span_index(spans)]
+        ds = tf.data.Dataset.from_tensor_slices(own or tf.zeros((0,), tf.string))
+        return ds.map(lambda p: images.decode(tf.io.read_file(p), data_cfg), num_parallel_calls=tf.data.AUTOTUNE)
+    return share_of(len(files), batch, world, make, paths=files)
+
+
+def lists_files(source: str | None, data_cfg) -> bool:
+    """Whether predictions can name each input's file: a directory of images (or the run's own image folders)."""
+    if not source:
+        return data_cfg.source == "images"
+    return os.path.isdir(source) and not _has_tfrecords(source)
 
 
 def check_images(source: str, world, data_cfg) -> None:

@@ -29,3 +29,23 @@ def eval_range(num_examples: int, rank: int, size: int) -> tuple[int, int]:
     base, extra = divmod(num_examples, size)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
+
+
+def dealt_batches(num_examples: int, batch: int, rank: int, size: int) -> list[tuple[int, int]]:
+    """[start, stop) of the batches one rank computes in evaluation and prediction: the single-process run's batches
+    (`batch` examples each, the last one shorter) dealt whole, in turn: rank r takes batches r, r+size, r+2*size, ...
+    Every example is thus computed in the same batch (size, members, order) whatever the number of ranks; the CPU
+    kernels can give different bits for one example in batches of another size or composition."""
+    return [(start, min(start + batch, num_examples)) for start in range(rank * batch, num_examples, size * batch)]
+
+
+def batch_owner(index, batch: int, size: int):
+    """The rank that computes example `index` (an int or a tensor) under `dealt_batches`."""
+    return (index // batch) % size
+
+
+def in_batch_order(parts: list[list]) -> list:
+    """Per-batch items of every rank (parts[r][k] belongs to rank r's k-th dealt batch, global batch r + k*size)
+    in global batch order, the order of a single-process run."""
+    rounds = max((len(p) for p in parts), default=0)
+    return [part[k] for k in range(rounds) for part in parts if k < len(part)]

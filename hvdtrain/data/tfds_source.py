@@ -2,15 +2,15 @@
 
 Units are the split's TFRecord files, whose example counts TFDS records in its metadata: training shards by file
 through TFDS's own input context (round robin) when there are at least as many files as ranks, else every rank
-keeps every size-th example; evaluation reads contiguous example ranges (`split[a:b]`) in the split's order.
+keeps every size-th example; evaluation reads the split in its order and decodes only this rank's dealt batches.
 """
 from __future__ import annotations
 
 import os
 
 from hvdtrain.data import images
-from hvdtrain.data.base import Share, Source
-from hvdtrain.data.sharding import eval_range, per_rank_batch, shard_files
+from hvdtrain.data.base import Share, Source, dealt, share_of
+from hvdtrain.data.sharding import per_rank_batch, shard_files
 from hvdtrain.data.tfrecord import _augmented
 from hvdtrain.errors import DataError
 
@@ -102,12 +102,11 @@ class TfdsSource(Source):
     def eval_share(self, world, split, batch) -> Share:
         import tensorflow as tf
         total = sum(f.take for f in self._files(split))
-        start, stop = eval_range(total, world.rank, world.size)
-        name = f"{self._split(split)}[{start}:{stop}]"
-        ds = self.builder().as_dataset(split=name, shuffle_files=False) if stop > start else None
-        parsed = ds.map(self._parse, num_parallel_calls=tf.data.AUTOTUNE) if ds is not None else \
-            tf.data.Dataset.from_tensor_slices((tf.zeros((0, *self.example_shape())), tf.zeros((0,), tf.int64)))
-        return Share(parsed.batch(batch).prefetch(tf.data.AUTOTUNE), stop - start, start)
+
+        def make(_):   # every rank reads the whole split but decodes only its own batches
+            ds = self.builder().as_dataset(split=self._split(split), shuffle_files=False)
+            return dealt(ds, batch, world).map(self._parse, num_parallel_calls=tf.data.AUTOTUNE)
+        return share_of(total, batch, world, make)
 
 
 def _resize(image, cfg):

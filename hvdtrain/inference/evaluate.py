@@ -1,12 +1,15 @@
-"""Exact distributed evaluation: each rank sums (loss, correct, ..., count) over its contiguous share; the sums are
-all-reduced and divided once. Averaging per-rank means would be wrong whenever shares differ in size; this equals a
-single-process evaluation of the same data, whatever the number of ranks. Errors while reading a share (a corrupt
-file) are agreed: every rank stops with that rank's message instead of waiting for it in the all-reduce."""
+"""Exact distributed evaluation: each rank computes the task's sums (loss, correct, ..., count) of each of its
+batches (the single-process run's batches, dealt whole: see sharding.dealt_batches); every batch's sums are gathered
+and added in batch order, starting from zero, exactly as one process adds them, and divided once. So the result is
+bit for bit that of one process, whatever the number of ranks and the machine (float addition is not associative:
+an all-reduce of per-rank totals would not be). Errors while reading a share (a corrupt file) are agreed: every rank
+stops with that rank's message instead of waiting for it in the gather."""
 from __future__ import annotations
 
 import numpy as np
 
 from hvdtrain import dist
+from hvdtrain.data.sharding import in_batch_order
 from hvdtrain.errors import DataError, first_line
 
 
@@ -23,20 +26,19 @@ def _sum_step(model, task):
     return cache[task]
 
 
-def local_sums(model, dataset, task, where: str = "held-out data", diagnose=None, expected: int | None = None) -> np.ndarray:
-    """The task's sums over this rank's share; a read error becomes a DataError naming the file when `diagnose()`
-    (a re-check of this rank's inputs) can find it, else what was being read."""
+def batch_sums(model, dataset, task, where: str = "held-out data", diagnose=None,
+               expected: int | None = None) -> list[np.ndarray]:
+    """The task's sums of each batch of this rank's share; a read error becomes a DataError naming the file when
+    `diagnose()` (a re-check of this rank's inputs) can find it, else what was being read."""
     import tensorflow as tf
     step = _sum_step(model, task)
-    sums = np.zeros(len(task.sum_names()))
     try:
-        for x, y in dataset:
-            sums += step(x, y).numpy()
+        sums = [step(x, y).numpy() for x, y in dataset]
     except tf.errors.OpError as exc:
         kind = "corrupt" if isinstance(exc, tf.errors.DataLossError) else "unreadable or malformed"
         found = diagnose() if diagnose else None
         raise DataError(f"{found or f'{kind} {where} ({first_line(exc)})'}; found while evaluating") from None
-    examples = int(sums[task.sum_names().index("examples")])
+    examples = int(sum(s[task.sum_names().index("examples")] for s in sums))
     if expected is not None and examples != expected:   # a file shrank or grew since validation: never a silent result
         found = diagnose() if diagnose else None
         raise DataError(f"{found or f'{where} changed since the start ({examples} examples now, {expected} then)'}; "
@@ -46,13 +48,21 @@ def local_sums(model, dataset, task, where: str = "held-out data", diagnose=None
 
 def exact_metrics(model, dataset, world, task, name: str = "hvdtrain.evaluate", where: str = "held-out data",
                   diagnose=None, expected: int | None = None) -> dict:
-    """The task's metrics over every rank's share of `dataset` together, identical on every rank (a collective).
-    `expected`: this rank's example count, checked after reading."""
+    """The task's metrics over every rank's batches of `dataset` together, identical on every rank (a collective).
+    Rank r's k-th batch counts as global batch r + k*size (dealt batches); `expected`: this rank's example count,
+    checked after reading."""
     def read():
-        return local_sums(model, dataset, task, where, diagnose, expected)
-    local = dist.agree_on_errors(read, f"{name}.read") if world.size > 1 else read()
-    total = dist.allreduce_sum(local, name=name) if world.size > 1 else local
-    return task.metrics_from_sums(total)
+        return batch_sums(model, dataset, task, where, diagnose, expected)
+    parts = dist.gather_agreed(read, f"{name}.read") if world.size > 1 else [read()]
+    return task.metrics_from_sums(ordered_total(in_batch_order(parts), len(task.sum_names())))
+
+
+def ordered_total(sums: list, width: int) -> np.ndarray:
+    """Batch sums added one by one, in the order given, from zero (float64): one process's order on every path."""
+    total = np.zeros(width)
+    for s in sums:
+        total += s
+    return total
 
 
 class Evaluator:

@@ -1,10 +1,11 @@
-"""Data-parallel prediction: each rank scores one contiguous share of the inputs, with no model synchronisation;
-the results are written once, in input order. Shares are never padded, so concatenating the ranks' rows in rank
-order gives every input exactly once, whatever the number of ranks (also with fewer inputs than ranks)."""
+"""Data-parallel prediction with no model synchronisation: the single-process run's batches are dealt whole to the
+ranks in turn (rank r: batches r, r+size, ...; see data.sharding.dealt_batches), so every example is computed in
+the same batch (size, members, order) at any number of ranks, and the outputs are bit for bit those of one process
+on any machine. The results are written once, in input order; nothing is padded or dropped (also with fewer inputs
+than ranks)."""
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from hvdtrain import dist
-from hvdtrain.data import eval_range
+from hvdtrain.data.sharding import in_batch_order
 from hvdtrain.errors import DataError, UserError, first_line
 from hvdtrain.inference.formats import FORMATS
 from hvdtrain.rundir import TMP_PREFIX, file_mode
@@ -46,16 +47,18 @@ def _scores(step, batches, class_names):
 class OrderedOutput:
     """One output file written from all ranks, in input order, without holding all rows anywhere.
 
-    Each rank streams its rows into a hidden part file beside the output; rank 0 then concatenates the parts in rank
-    order (the shares are contiguous, so that is input order) into a temporary file and renames it into place. A
-    failure anywhere leaves no output file (a previous one stays as it was). The output's directory must be shared by
-    all ranks; `check_shared` proves it before any work is done.
+    Each rank streams its batches' rows into a hidden part file beside the output and notes each batch's byte
+    length; rank 0 then copies the batches from the parts in batch order (input order) into a temporary file and
+    renames it into place. A failure anywhere leaves no output file (a previous one stays as it was). The output's
+    directory must be shared by all ranks; `check_shared` proves it before any work is done.
     """
 
-    def __init__(self, path, fields, world, token: str, task):
+    def __init__(self, path, fields, world, token: str, task, paths: bool = False):
         self.path, self.world, self.asked, self.task = Path(path), world, tuple(fields), task
-        self.fields = tuple(f for f in task.output_fields() if f in fields)   # a fixed order, whatever was asked
-        self._file, self.format, self.first, self._created = None, None, 0, False
+        self.allowed = task.output_fields() + (("path",) if paths else ())   # path: inputs that are files
+        self.fields = tuple(f for f in self.allowed if f in fields)   # a fixed order, whatever was asked
+        self._file, self.format, self._created = None, None, False
+        self.lengths: list[int] = []   # bytes of each batch written by this rank, in order
         # Parts carry a job token, so a stale part left by a killed job can never pass for this job's.
         self._part_name = f"{TMP_PREFIX}{self.path.name}.{token}.part-"
 
@@ -66,20 +69,24 @@ class OrderedOutput:
         """Every rank: check the output path and create this rank's part (so an unwritable path fails early)."""
         if self.path.suffix not in FORMATS:
             raise UserError(f"--output {self.path} must end in {', '.join(FORMATS)} (the format is chosen by the suffix)")
-        allowed = self.task.output_fields()
-        if not self.fields or set(self.asked) - set(allowed):
-            raise UserError(f"--fields must be some of {','.join(allowed)} for a {self.task.kind} model, "
+        if not self.fields or set(self.asked) - set(self.allowed):
+            raise UserError(f"--fields must be some of {','.join(self.allowed)} for a {self.task.kind} model, "
                             f"got {','.join(self.asked)!r}")
         if self.path.is_dir():
             raise UserError(f"--output {self.path} is a directory; give a file name such as {self.path / 'predictions.npy'}")
-        widths = {f: self.task.outputs for f in ("probs", "labels", "value")}
-        name_width = max((len(n) for n in class_names), default=1) if class_names is not None else 20
-        self.format = FORMATS[self.path.suffix](self.fields, widths, name_width)
+        self.class_names = class_names
         try:
             self._file = open(self.part(self.world.rank), "wb")
             self._created = True
         except OSError as exc:
             raise UserError(f"cannot write --output {self.path} ({exc.strerror}); choose a writable path") from None
+
+    def begin(self, paths=None) -> None:
+        """Fix the row layout once the inputs are known (text fields are as wide as their longest value)."""
+        widths = {f: self.task.outputs for f in ("probs", "labels", "value")}
+        widths["name"] = max((len(n) for n in self.class_names), default=1) if self.class_names is not None else 20
+        widths["path"] = max((len(p) for p in paths), default=1) if paths else 1
+        self.format = FORMATS[self.path.suffix](self.fields, widths)
 
     def check_shared(self) -> None:
         """Rank 0 must see every rank's part, or it could not merge them."""
@@ -88,28 +95,35 @@ class OrderedOutput:
             raise UserError(f"rank 0 cannot see rank {missing[0]}'s part file in {self.path.parent}: the output "
                             "directory must be on a file system shared by all ranks")
 
-    def write(self, values: dict) -> None:
+    def write(self, index, values: dict) -> None:
+        """One batch's rows; `index`: each row's position among the listed inputs."""
+        rows = self.format.rows(index, values)
         try:
-            self._file.write(self.format.rows(self.first, values))
+            self._file.write(rows)
         except OSError as exc:
             raise UserError(f"cannot write --output {self.path} ({exc.strerror})") from None
-        self.first += len(next(iter(values.values())))
+        self.lengths.append(len(rows))
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
 
-    def merge(self, total: int) -> None:
-        """Rank 0: header, then the parts in rank order, streamed, into a temporary file renamed into place."""
+    def merge(self, total: int, lengths: list[list[int]]) -> None:
+        """Rank 0: header, then every batch in batch order (lengths[r]: rank r's batches' bytes), streamed, into a
+        temporary file renamed into place."""
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f"{TMP_PREFIX}{self.path.name}.merge")
         try:
             os.fchmod(fd, file_mode())  # the permissions of an ordinary new file, not mkstemp's 0600
             with os.fdopen(fd, "wb") as out:
                 out.write(self.format.header(total))
-                for rank in range(self.world.size):
-                    with open(self.part(rank), "rb") as part:
-                        shutil.copyfileobj(part, out, 1 << 20)
+                parts = [open(self.part(rank), "rb") for rank in range(self.world.size)]
+                try:
+                    for rank, n in in_batch_order([[(r, n) for n in ns] for r, ns in enumerate(lengths)]):
+                        _copy(parts[rank], out, n)
+                finally:
+                    for part in parts:
+                        part.close()
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, self.path)
@@ -125,24 +139,47 @@ class OrderedOutput:
             self.part(self.world.rank).unlink(missing_ok=True)
 
 
+def _copy(src, dst, n: int, chunk: int = 1 << 20) -> None:
+    while n > 0:
+        data = src.read(min(n, chunk))
+        if not data:
+            raise OSError(5, "a part file is shorter than its batches")
+        dst.write(data)
+        n -= len(data)
+
+
 def predict_to_file(model, share, world, out: OrderedOutput, task, input_shape, class_names=None) -> dict:
-    """Score this rank's share into `out` (already opened), then merge on rank 0. Returns the throughput report."""
+    """Score this rank's batches into `out` (already opened), then merge on rank 0. Returns the throughput report."""
     step = scorer(model, task, input_shape)
     names = np.asarray(class_names) if class_names is not None else None
-    counts = dist.allgather_object(share.count, "hvdtrain.predict.counts") if world.size > 1 else [share.count]
-    out.first = sum(counts[: world.rank])  # the global index of this rank's first row
+    out.begin(share.paths)
 
     def score():
-        for values in _scores(step, share.dataset, names):
-            out.write(values)
+        written = 0
+        for (start, stop), values in zip(share.spans, _scores(step, share.dataset, names)):
+            index, values = _identified(share, start, stop, values, out.fields)
+            out.write(index, values)
+            written += len(index)
         out.close()
+        if written != share.count:   # an input changed since it was listed or validated
+            raise DataError(f"the inputs changed since the start ({written} examples read, {share.count} listed); "
+                            "rerun to check them again")
 
     started, cpu_started = time.perf_counter(), time.process_time()
     dist.agree_on_errors(score, "hvdtrain.predict.score")
-    mine = (time.perf_counter() - started, time.process_time() - cpu_started)
-    times = dist.allgather_object(mine, "hvdtrain.predict.seconds") if world.size > 1 else [mine]
-    dist.agree_on_errors(lambda: out.merge(sum(counts)) if world.is_chief else None, "hvdtrain.predict.merge")
+    mine = (share.count, out.lengths, (time.perf_counter() - started, time.process_time() - cpu_started))
+    ranks = dist.allgather_object(mine, "hvdtrain.predict.written") if world.size > 1 else [mine]
+    counts, lengths, times = (list(column) for column in zip(*ranks))
+    dist.agree_on_errors(lambda: out.merge(sum(counts), lengths) if world.is_chief else None, "hvdtrain.predict.merge")
     return throughput(counts, times)
+
+
+def _identified(share, start: int, stop: int, values: dict, fields) -> tuple[np.ndarray, dict]:
+    """The rows of batch [start, stop): their positions among the listed inputs, and their paths when asked for."""
+    index = np.asarray(share.listed[start:stop] if share.listed is not None else range(start, stop), np.int64)
+    if "path" in fields:
+        values = {**values, "path": np.asarray(share.paths[start:stop])}
+    return index, values
 
 
 def throughput(counts: list[int], times: list[tuple[float, float]]) -> dict:
@@ -156,30 +193,20 @@ def throughput(counts: list[int], times: list[tuple[float, float]]) -> dict:
 
 
 def predict_ordered(model, inputs, world, batch_size: int = 256) -> np.ndarray:
-    """model(x) for every input, in input order, gathered on every rank; each rank scores 1/size of them.
+    """model(x) for every input, in input order, gathered on every rank; ranks take whole batches in turn.
 
-    An array is split into contiguous shares. A tf.data.Dataset (batched or not; elements x or (x, y, ...)) is
-    unbatched and dealt round robin (example i to rank i % size), so its length need not be known.
+    The batches are those of plain Keras, so the outputs equal `model.predict` bit for bit at any number of ranks:
+    an array or an unbatched tf.data.Dataset in batches of `batch_size` (= model.predict(x, batch_size=batch_size)),
+    a batched dataset in its own batches (= model.predict(dataset); batch_size is not used). Elements may be x or
+    (x, y, ...).
     """
     import tensorflow as tf
     step = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-
-    def outputs(batches) -> np.ndarray:
-        parts = [np.asarray(step(x)) for x in batches]
-        return np.concatenate(parts) if parts else np.zeros((0, *model.output_shape[1:]), np.float32)
-
-    def gather(local):
-        return dist.allgather_object(local, "hvdtrain.keras.predict") if world.size > 1 else [local]
-
-    if not isinstance(inputs, tf.data.Dataset):
-        x = np.asarray(inputs)
-        start, stop = eval_range(len(x), world.rank, world.size)
-        return np.concatenate(gather(outputs(tf.data.Dataset.from_tensor_slices(x[start:stop]).batch(batch_size))))
-    ds = inputs.map(lambda x, *rest: x) if isinstance(inputs.element_spec, tuple) else inputs
-    if len(ds.element_spec.shape) == len(model.input_shape):  # batched: the batch dimension comes first
-        ds = ds.unbatch()
-    parts = gather(outputs(ds.shard(world.size, world.rank).batch(batch_size)))
-    ordered = np.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), parts[0].dtype)
-    for rank, part in enumerate(parts):
-        ordered[rank::world.size] = part
-    return ordered
+    ds = inputs if isinstance(inputs, tf.data.Dataset) else tf.data.Dataset.from_tensor_slices(np.asarray(inputs))
+    ds = ds.map(lambda x, *rest: x) if isinstance(ds.element_spec, tuple) else ds
+    if len(ds.element_spec.shape) < len(model.input_shape):   # unbatched: the batch dimension is missing
+        ds = ds.batch(batch_size)
+    local = [np.asarray(step(x)) for x in ds.shard(world.size, world.rank)]
+    parts = dist.allgather_object(local, "hvdtrain.keras.predict") if world.size > 1 else [local]
+    ordered = in_batch_order(parts)
+    return np.concatenate(ordered) if ordered else np.zeros((0, *model.output_shape[1:]), np.float32)

@@ -3,7 +3,7 @@
 The digits (1,797 scans) become PNG class folders at 32x32 (built once per session, tests/image_fixtures.py) and
 train the CNN to >= 0.95 held-out accuracy on 2 ranks. The training processes run under strace, so the test sees
 every image file each rank really opened: rank r must open exactly its round-robin share of the sorted training
-files and its contiguous block of the test files. The same holds for ImageNet-style TFRecords (by file) and a
+files, and of the test files its contiguous validation block and its dealt evaluation batches. The same holds for ImageNet-style TFRecords (by file) and a
 TensorFlow Datasets dataset prepared in a local data_dir. Also: corrupt images (fail / skip), class names in
 predictions, and a ResNet50 (keras.applications) smoke run.
 """
@@ -99,8 +99,9 @@ def test_digits_png_folders_train_to_95_percent_on_two_ranks(image_run, digits_p
 
 
 def test_each_rank_opened_only_its_own_image_files(image_run, digits_png):
-    """From the system calls of the real training processes: training files round robin over the sorted list,
-    held-out files in contiguous blocks; every file read by exactly one rank."""
+    """From the system calls of the real training processes: training files round robin over the sorted list, every
+    one read by exactly one rank; held-out files validated in contiguous blocks and evaluated in whole batches of
+    256 dealt in turn (one process's batches)."""
     _, out, _ = image_run
     train = [f for f, _ in digits_png["files"]["train"]]
     test = [f for f, _ in digits_png["files"]["test"]]
@@ -109,8 +110,9 @@ def test_each_rank_opened_only_its_own_image_files(image_run, digits_png):
         seen = opened(out / f"trace-{rank}", Path(digits_png["train"]).parent)
         own_train = set(train[rank::2])
         start, stop = data.eval_range(len(test), rank, 2)
+        evaluated = {test[i] for a, b in data.dealt_batches(len(test), 256, rank, 2) for i in range(a, b)}
         assert set(f for f in seen if "/train/" in f) == own_train, f"rank {rank} training files"
-        assert set(f for f in seen if "/test/" in f) == set(test[start:stop]), f"rank {rank} test files"
+        assert set(f for f in seen if "/test/" in f) == set(test[start:stop]) | evaluated, f"rank {rank} test files"
         # validation decodes each file once, then 8 epochs read all but the few a rank's last batch leaves over
         assert min(seen[f] for f in own_train) >= 2 and sum(seen[f] for f in own_train) >= len(own_train) * 8
     assert len(train) == 1437 and len(test) == 360
@@ -121,24 +123,34 @@ def test_predict_writes_class_names_and_evaluate_agrees_with_training(image_run,
     predictions = tmp_path / "names.csv"
     flat = tmp_path / "sevens"       # a flat folder of images: unlabelled inputs
     shutil.copytree(digits_png["test"] / "seven", flat)
-    proc = horovodrun(2, ["python", WORKER, str(tmp_path), "predict", "--run", str(run), "--fields", "name,probs",
-                          "--output", str(predictions)], "gloo", timeout=TIMEOUT)
+    damaged = tmp_path / "damaged"   # the test folders and two unreadable files, each first in its class folder
+    shutil.copytree(digits_png["test"], damaged)
+    bad = [damaged / CLASSES[0] / "a-bad.png", damaged / CLASSES[5] / "a-bad.png"]
+    for path in bad:
+        path.write_bytes(b"not a PNG")
+    proc = horovodrun(2, ["python", WORKER, str(tmp_path), "predict", "--run", str(run), "--input", str(damaged),
+                          "--data.bad_files=skip", "--fields", "name,probs,path", "--output", str(predictions)],
+                      "gloo", timeout=TIMEOUT)
     assert proc.returncode == 0, output(proc)[-3000:]
     rows = list(csv.reader(predictions.open()))
-    assert rows[0] == ["index", "name"] + [f"prob_{i}" for i in range(10)]
+    assert rows[0] == ["index", "name"] + [f"prob_{i}" for i in range(10)] + ["path"]
+    listed = [path for path, _ in images.list_class_folders(str(damaged))[1]]
+    assert len(listed) == 362 and listed.index(str(bad[0])) == 0
+    # index: the position among the listed files (the skipped ones have no row and renumber nothing); path: the file
+    assert [(int(row[0]), row[-1]) for row in rows[1:]] == [(i, p) for i, p in enumerate(listed) if p not in map(str, bad)]
     truth = [CLASSES[label] for _, label in digits_png["files"]["test"]]
     names = [row[1] for row in rows[1:]]
-    probs = np.array([[float(v) for v in row[2:]] for row in rows[1:]])
-    assert [int(row[0]) for row in rows[1:]] == list(range(360))
+    probs = np.array([[float(v) for v in row[2:-1]] for row in rows[1:]])
     assert names == [CLASSES[i] for i in probs.argmax(axis=1)]
     assert np.mean([a == b for a, b in zip(names, truth)]) == pytest.approx(run_summary(run)["test_accuracy"])
 
     more = horovodrun(2, ["python", WORKER, str(tmp_path), "predict", "--run", str(run), "--input", str(flat),
-                          "--fields", "class,name", "--output", str(tmp_path / "sevens.jsonl")],
+                          "--fields", "class,name,path", "--output", str(tmp_path / "sevens.jsonl")],
                       "gloo", timeout=TIMEOUT)
     assert more.returncode == 0, output(more)[-3000:]
     lines = [json.loads(line) for line in (tmp_path / "sevens.jsonl").read_text().splitlines()]
     assert len(lines) == len(list(flat.iterdir())) == 36
+    assert [(line["index"], line["path"]) for line in lines] == list(enumerate(images.list_images(str(flat))))
     assert all(CLASSES[line["class"]] == line["name"] for line in lines)
     assert sum(line["name"] == "seven" for line in lines) >= 33
 

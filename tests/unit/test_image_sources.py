@@ -167,7 +167,7 @@ def test_all_bad_files_is_an_error_even_with_skip(tmp_path):
         agreed(folder_cfg(tmp_path, bad_files="skip", num_classes=2), 1)
 
 
-def test_evaluation_shares_are_contiguous_and_cover_the_split_in_order(tmp_path):
+def test_evaluation_shares_are_the_single_process_batches_dealt_in_input_order(tmp_path):
     write_id_folder(tmp_path / "train", {"a": 2, "b": 2, "c": 2})
     test_paths = write_id_folder(tmp_path / "test", {"a": 4, "b": 3, "c": 4}, first=100)
     cfg = folder_cfg(tmp_path / "train", tmp_path / "test")
@@ -175,12 +175,28 @@ def test_evaluation_shares_are_contiguous_and_cover_the_split_in_order(tmp_path)
     for size in (1, 2, 3, 4):
         sources = agreed(cfg, size, "test")
         shares = [s.eval_share(world(r, size), "test", 3) for r, s in enumerate(sources)]
-        got = [i for share in shares for x, _ in share.dataset for i in ids_of(x)]
+        got = data.in_batch_order([[ids_of(x) for x, _ in share.dataset] for share in shares])
         labels = [int(v) for share in shares for _, y in share.dataset for v in y.numpy()]
-        assert got == listed and [s.count for s in shares] == [len(range(*data.eval_range(11, r, size)))
-                                                              for r in range(size)]
-        assert [s.first for s in shares] == [data.eval_range(11, r, size)[0] for r in range(size)]
-        assert labels == [0] * 4 + [1] * 3 + [2] * 4
+        assert got == [listed[a:a + 3] for a in range(0, 11, 3)]
+        assert [s.spans for s in shares] == [data.dealt_batches(11, 3, r, size) for r in range(size)]
+        assert [s.count for s in shares] == [sum(b - a for a, b in s.spans) for s in shares]
+        assert sorted(labels) == [0] * 4 + [1] * 3 + [2] * 4
+        assert all(s.paths == [test_paths[i] for i in listed] and s.listed is None for s in shares)
+
+
+def test_skipped_files_keep_their_listed_index_and_the_others_their_paths(tmp_path):
+    """data.bad_files=skip: share.listed maps rows back to the listing (row 20 is the 21st listed file)."""
+    paths = write_id_folder(tmp_path, {"a": 12, "b": 12})
+    for bad in (3, 7):
+        open(paths[bad], "wb").write(b"junk")
+    for size in (1, 2, 3):
+        shares = [s.eval_share(world(r, size), "test", 5)
+                  for r, s in enumerate(agreed(folder_cfg(tmp_path, tmp_path, bad_files="skip", num_classes=2),
+                                               size, "test"))]
+        kept = [i for i in range(24) if i not in (3, 7)]
+        assert all(s.listed == kept and s.paths == [paths[i] for i in kept] for s in shares)
+        rows = [i for b in data.in_batch_order([[ids_of(x) for x, _ in s.dataset] for s in shares]) for i in b]
+        assert rows == kept and shares[0].listed[18] == 20 and shares[0].paths[18] == paths[20]
 
 
 def test_test_folders_must_have_the_training_classes(tmp_path):
@@ -387,15 +403,16 @@ def test_tfds_with_fewer_files_than_ranks_falls_back_to_examples(tfds_dirs):
 
 
 @pytest.mark.parametrize("shards", [4, 1])
-def test_tfds_evaluation_reads_contiguous_ranges_in_order(tfds_dirs, shards):
+def test_tfds_evaluation_deals_the_single_process_batches(tfds_dirs, shards):
     import tensorflow_datasets as tfds
     cfg = tfds_cfg(tfds_dirs[shards])
     builder = tfds.builder("hvd_digits", data_dir=str(tfds_dirs[shards]))
     order = [int(e["id"]) + 200 for e in builder.as_dataset(split="test", shuffle_files=False)]
     for size in (1, 2, 3):
         shares = [s.eval_share(world(r, size), "test", 4) for r, s in enumerate(agreed(cfg, size, "test"))]
-        assert [i for s in shares for x, _ in s.dataset for i in ids_of(x)] == order
-        assert [s.count for s in shares] == [len(range(*data.eval_range(23, r, size))) for r in range(size)]
+        assert data.in_batch_order([[ids_of(x) for x, _ in s.dataset] for s in shares]) == \
+            [order[a:a + 4] for a in range(0, 23, 4)]
+        assert [s.spans for s in shares] == [data.dealt_batches(23, 4, r, size) for r in range(size)]
 
 
 @pytest.mark.parametrize("change, message", [

@@ -1,7 +1,8 @@
 """Runs inside each rank: many `hvdtrain predict` / `evaluate` commands and the Keras helper, in one launch.
 
 usage: predict_worker.py RUN_DIR INPUT_DIR OUT_DIR
-Writes OUT_DIR/returncodes.json (rank 0) and the commands' outputs; with one rank also plain-Keras references.
+Writes OUT_DIR/returncodes.json (rank 0) and the commands' outputs; with one rank also plain-Keras references:
+model.predict at the batch size of the command (`hvdtrain predict` defaults to 256), on the same inputs.
 """
 import contextlib
 import io
@@ -17,6 +18,7 @@ from hvdtrain.cli import main
 from hvdtrain.inference import load, locate
 
 run, inputs, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+THREE_FILES = [i for f in range(3) for i in range(f, 50, 3)]   # the input order of three/*.tfrecord (dealt, read by file)
 SIZES = (0, 1, 2, 7, 1001)
 PREDICT = {f"n{n}.npy": ["--input", str(inputs / f"n{n}.npz")] for n in SIZES}
 PREDICT.update({
@@ -52,19 +54,26 @@ for name, args in BAD.items():
     with contextlib.redirect_stderr(io.StringIO()) as err:
         failures[name] = {"code": main(args), "stderr": err.getvalue()}
 
-# The Keras helper: arrays, and datasets batched or not, with or without labels.
+# The Keras helpers: arrays, and datasets batched or not, with or without labels.
 topo = hk.init()
 model = load(run, locate(run, None), []).model
 x = np.load(inputs / "n1001.npz")["x"]
 helper = {"keras-array": hk.predict(model, x, topo, batch_size=64),
           "keras-batched": hk.predict(model, tf.data.Dataset.from_tensor_slices((x, np.zeros(len(x)))).batch(50), topo),
           "keras-unbatched": hk.predict(model, tf.data.Dataset.from_tensor_slices(x[:7]), topo)}
+labelled = tf.data.Dataset.from_tensor_slices((x, np.arange(len(x)) % 10))
+metrics = {"dealt": hk.evaluate(model, labelled.batch(64).shard(topo.size, topo.rank), topo),   # one process's batches
+           "sharded": hk.evaluate(model, hk.shard(labelled, topo).batch(64), topo)}             # other batches
 (out / f"bad-rank{topo.rank}.json").write_text(json.dumps(failures))
 if topo.is_chief:
     for name, values in helper.items():
         np.save(out / f"{name}.npy", values)
-    if topo.size == 1:  # the independent reference: plain Keras in one process
-        logits = model.predict(x, verbose=0)
-        np.save(out / "reference-logits-n1001.npy", logits)
-        np.save(out / "reference-n1001.npy", tf.nn.softmax(logits).numpy())
+    (out / "keras-evaluate.json").write_text(json.dumps(metrics))
+    if topo.size == 1:  # the independent references: plain Keras in one process, at the same batch sizes
+        references = {"n1001": x, **{f"n{n}": x[:n] for n in (1, 2, 7)}, "tf-three": x[:50][THREE_FILES]}
+        for name, rows in references.items():
+            np.save(out / f"reference-{name}.npy", tf.nn.softmax(model.predict(rows, batch_size=256, verbose=0)).numpy())
+        for batch in (64, 50, 256):
+            np.save(out / f"reference-logits-b{batch}.npy", model.predict(x, batch_size=batch, verbose=0))
+        np.save(out / "reference-logits-n7.npy", model.predict(x[:7], batch_size=256, verbose=0))
     (out / "returncodes.json").write_text(json.dumps(codes))
