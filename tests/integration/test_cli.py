@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -49,21 +50,29 @@ def test_default_digits_job_on_two_ranks_reaches_the_accuracy_bar(tmp_path):
     assert "oneDNN" not in output(proc) and "absl::InitializeLog" not in output(proc)   # no start-up banners
 
 
-def test_model_keras_loads_and_predicts_like_the_summary(tmp_path, small_digits):
-    proc = hvdtrain(["train", *small_digits])
+@pytest.fixture(scope="module")
+def three_epochs(tmp_path_factory):
+    """A 3-epoch digits run in one process, trained once for the tests that read it or continue a copy of it."""
+    run = tmp_path_factory.mktemp("three-epochs") / "run"
+    proc = hvdtrain(["train", "--config", str(REPO / "configs/digits.yaml"), f"--trainer.run_dir={run}",
+                     "--trainer.epochs=3"])
     assert proc.returncode == 0, output(proc)
+    return run
+
+
+def test_model_keras_loads_and_predicts_like_the_summary(three_epochs):
     check = ("import json,sys,numpy as np,keras;from hvdtrain import data;from hvdtrain.config import DataConfig;"
              "m=keras.models.load_model(sys.argv[1]);t=data.open_source(DataConfig()).arrays('test');"
              "acc=float((np.argmax(m.predict(t.x,verbose=0),1)==t.y).mean());"
              "s=json.load(open(sys.argv[2]));assert abs(acc-s['test_accuracy'])<1e-9,(acc,s);print('ok')")
-    run = tmp_path / "run"
+    run = three_epochs
     res = subprocess.run([sys.executable, "-c", check, str(run / "model.keras"), str(run / "summary.json")],
                          env=env(), capture_output=True, text=True, timeout=120)
     assert res.stdout.strip() == "ok", output(res)
 
 
-def test_rerun_resumes_and_no_resume_refuses(tmp_path, small_digits):
-    assert hvdtrain(["train", *small_digits]).returncode == 0
+def test_rerun_resumes_and_no_resume_refuses(tmp_path, small_digits, three_epochs):
+    shutil.copytree(three_epochs, tmp_path / "run")      # small_digits' run directory, 3 epochs done
     more = hvdtrain(["train", *small_digits[:-1], "--trainer.epochs=4"])
     assert more.returncode == 0, output(more)
     assert "resuming from" in more.stdout and "(3 of 4 epochs done)" in more.stdout
