@@ -20,6 +20,8 @@ class ImageFolders(FileSource):
         super().__init__(cfg)
         self._listing: dict[str, tuple[list[str], list[tuple[str, int]]]] = {}
         self.skipped: dict[str, list[str]] = {}
+        self.not_images: dict[str, object] = {}   # split -> {extension: count} of the files that are not images
+        self._size_said = False
         self.classes: list[str] | None = None   # a trained model's classes (use_classes): folders map to them by name
 
     def use_classes(self, names: list[str] | None) -> "ImageFolders":
@@ -36,7 +38,7 @@ class ImageFolders(FileSource):
 
     def _listed(self, split: str):
         if split not in self._listing:
-            found, files = images.list_class_folders(self.path(split))
+            found, files, self.not_images[split] = images.list_class_folders(self.path(split))
             if self.classes is not None:
                 unknown = [name for name in found if name not in self.classes]
                 if unknown:
@@ -104,6 +106,24 @@ class ImageFolders(FileSource):
         return [1 if i in good else 0 for i in range(len(paths))]
 
     def after_adopt(self, split: str) -> None:
+        self._leave_out_bad(split)
+        self._say_once(split)
+
+    def _log(self):
+        """Info lines from rank 0 only (`validate` records the rank; a single-process helper is rank 0)."""
+        return get_logger(getattr(self, "_rank", 0))
+
+    def _say_once(self, split: str) -> None:
+        """Rank 0 tells what the listing left out (files that are not images) and, once, the resize to
+        data.image_size, read from the first image."""
+        notes = [images.not_images_note(split, self.path(split), self.not_images.get(split))]
+        if not self._size_said:
+            self._size_said = True
+            notes.append(images.size_note(self._listed(split)[1][0][0], self.cfg))
+        for note in filter(None, notes):
+            self._log().info(note)
+
+    def _leave_out_bad(self, split: str) -> None:
         """bad_files=skip: every rank drops the same files (counts were gathered) and the split is re-indexed."""
         classes, files = self._listed(split)
         counts = self._counts[split]
@@ -116,5 +136,5 @@ class ImageFolders(FileSource):
         self._listing[split] = (classes, kept)
         self._counts[split] = {i: 1 for i in range(len(kept))}
         self.skipped[split] = bad
-        get_logger(getattr(self, "_rank", 0)).info(
+        self._log().info(
             f"{split}: left out {len(bad)} unreadable image(s) of {len(files)} (data.bad_files=skip), e.g. {bad[0]}")
