@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from hvdtrain.errors import UserError
+from hvdtrain.log import counted
 
 
 def _f(default, doc, **kw):
@@ -328,8 +329,9 @@ def check_world(cfg: Config, size: int) -> None:
         hint = f"{lower} or {upper}" if lower else f"{upper}"
         raise ConfigError(f"trainer.global_batch_size={batch} is not divisible by the {size} ranks; use a multiple of {size}, e.g. {hint}")
     if cfg.runtime.expected_ranks and cfg.runtime.expected_ranks != size:
-        raise ConfigError(f"the config expects {cfg.runtime.expected_ranks} ranks (runtime.expected_ranks) but {size} are running; "
-                        f"launch with `horovodrun -np {cfg.runtime.expected_ranks} hvdtrain train ...` (or srun)")
+        raise ConfigError(f"the config expects {counted(cfg.runtime.expected_ranks, 'rank')} (runtime.expected_ranks) but "
+                          f"{size} {'is' if size == 1 else 'are'} running; "
+                          f"launch with `horovodrun -np {cfg.runtime.expected_ranks} hvdtrain train ...` (or srun)")
 
 
 def describe_fields() -> list[tuple[str, str, str]]:

@@ -10,7 +10,7 @@ from hvdtrain.data import images
 from hvdtrain.data.base import FileSource
 from hvdtrain.data.tfrecord import _augmented
 from hvdtrain.errors import DataError
-from hvdtrain.log import get_logger
+from hvdtrain.log import get_logger, shown
 
 
 class ImageFolders(FileSource):
@@ -42,9 +42,9 @@ class ImageFolders(FileSource):
             if self.classes is not None:
                 unknown = [name for name in found if name not in self.classes]
                 if unknown:
-                    raise DataError(f"{self.path(split)}: class folder(s) {', '.join(unknown[:3])} are not among the "
-                                    f"model's {len(self.classes)} classes ({', '.join(self.classes[:5])}"
-                                    f"{', ...' if len(self.classes) > 5 else ''}); name the folders after its classes")
+                    raise DataError(f"{self.path(split)}: class folder(s) {shown(unknown, 3)} are not among the "
+                                    f"model's {len(self.classes)} classes ({shown(self.classes)}); name the folders "
+                                    "after its classes")
                 files = [(path, self.classes.index(found[label])) for path, label in files]
                 found = self.classes
             self._listing[split] = (found, files)
@@ -59,8 +59,8 @@ class ImageFolders(FileSource):
     def units(self, split: str) -> list[tuple[str, int]]:
         classes, files = self._listed(split)
         if split != "train" and classes != self.class_names():
-            raise DataError(f"{self.path(split)} has classes {classes[:5]}... but the training folders have "
-                            f"{self.class_names()[:5]}...; both need the same class sub-directories")
+            raise DataError(f"{self.path(split)} has classes {shown(classes)} but the training folders have "
+                            f"{shown(self.class_names())}; both need the same class sub-directories")
         if len(classes) > self.cfg.num_classes:
             raise DataError(f"{self.path(split)} has {len(classes)} class folders but data.num_classes is "
                             f"{self.cfg.num_classes}; set --data.num_classes={len(classes)}")

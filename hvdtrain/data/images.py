@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from hvdtrain.errors import DataError
+from hvdtrain.log import shown
 
 EXTENSIONS = (".jpg", ".jpeg", ".png")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -38,7 +39,7 @@ def list_class_folders(root: str) -> Listing:
     if not files:
         raise DataError(f"{root}: no {'/'.join(EXTENSIONS)} files in its {len(classes)} class folders")
     if empty:   # a class without examples cannot be learned, and would silently widen the model
-        raise DataError(f"{root}: class folder(s) {', '.join(empty[:3])}{', ...' if len(empty) > 3 else ''} hold no "
+        raise DataError(f"{root}: class folder(s) {shown(empty, 3)} hold no "
                         f"{'/'.join(EXTENSIONS)} files; add images to each class folder or remove the empty ones")
     return Listing(classes, files, not_images)
 

@@ -237,8 +237,10 @@ def test_evaluation_shares_are_contiguous_and_cover_the_split_in_order(tmp_path)
 def test_test_folders_must_have_the_training_classes(tmp_path):
     write_id_folder(tmp_path / "train", {"a": 2, "b": 2, "c": 2})
     write_id_folder(tmp_path / "test", {"a": 2, "b": 2, "d": 2})
-    with pytest.raises(DataError, match="both need the same class sub-directories"):
+    with pytest.raises(DataError) as err:
         data.open_source(folder_cfg(tmp_path / "train", tmp_path / "test")).units("test")
+    assert str(err.value) == (f"{tmp_path / 'test'} has classes a, b, d but the training folders have a, b, c; both "
+                              "need the same class sub-directories")   # complete lists: no '...'
     with pytest.raises(DataError, match="has 3 class folders but data.num_classes is 2; set --data.num_classes=3"):
         data.open_source(folder_cfg(tmp_path / "train", num_classes=2)).units("train")
 
