@@ -103,7 +103,7 @@ def test_a_stop_file_is_served_once_and_the_rerun_resumes_to_the_end(tmp_path, s
     (["--trainer.epochz=3"], "unknown config key 'trainer.epochz' (did you mean 'epochs'?)"),
     (["--config", "does/not/exist.yaml"], "config file not found: does/not/exist.yaml"),
     (["--optim.lr=fast"], "optim.lr must be a number, got 'fast'"),
-    (["--runtime.expected_ranks=2"], "expects 2 ranks (runtime.expected_ranks) but 1 are running"),
+    (["--runtime.expected_ranks=2"], "expects 2 ranks (runtime.expected_ranks) but 1 is running"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     proc = hvdtrain(["train", f"--trainer.run_dir={tmp_path / 'run'}", *args])
