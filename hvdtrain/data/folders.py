@@ -6,6 +6,8 @@ out, on every rank alike, and says how many), then decoded, resized and scaled i
 """
 from __future__ import annotations
 
+from collections import Counter
+
 from hvdtrain.data import images
 from hvdtrain.data.base import FileSource
 from hvdtrain.data.tfrecord import _augmented
@@ -20,7 +22,7 @@ class ImageFolders(FileSource):
         super().__init__(cfg)
         self._listing: dict[str, tuple[list[str], list[tuple[str, int]]]] = {}
         self.skipped: dict[str, list[str]] = {}
-        self.not_images: dict[str, object] = {}   # split -> {extension: count} of the files that are not images
+        self.not_images: dict[str, Counter] = {}   # split -> {extension: count} of the files that are not images
         self._size_said = False
         self.classes: list[str] | None = None   # a trained model's classes (use_classes): folders map to them by name
 

@@ -48,7 +48,8 @@ def not_images_note(split: str, root: str, not_images: Counter) -> str | None:
     """The one line that says which files were left out because they are not images, or None."""
     if not not_images:
         return None
-    counts = ", ".join(f"{ext or 'no extension'}: {n}" for ext, n in sorted(not_images.items(), key=lambda e: (-e[1], e[0])))
+    most_first = sorted(not_images.items(), key=lambda item: (-item[1], item[0]))
+    counts = ", ".join(f"{ext or 'no extension'}: {n}" for ext, n in most_first)
     return f"{split}: skipped {sum(not_images.values())} file(s) that are not images ({counts}) in {root}"
 
 
@@ -59,7 +60,7 @@ def size_note(path: str, data_cfg) -> str | None:
     wanted = tuple(data_cfg.image_size)
     if found == wanted:
         return None
-    return (f"images are {found[0]}x{found[1]} (e.g. {path}), resized to {wanted[0]}x{wanted[1]} (data.image_size)")
+    return f"images are {found[0]}x{found[1]} (e.g. {path}), resized to {wanted[0]}x{wanted[1]} (data.image_size)"
 
 
 def list_images(root: str) -> list[str]:

@@ -363,8 +363,8 @@ class Driver:
         return 130
 
     def _pause_all(self, why: str) -> None:
-        """Local trials stop at an agreed step with a checkpoint (trial.stop and STOP "paused"), then the driver exits; the next
-        driver continues them. Slurm jobs are independent of the driver: they go on."""
+        """Local trials stop at an agreed step with a checkpoint (trial.stop and STOP "paused"), then the driver exits;
+        the next driver continues them. Slurm jobs are independent of the driver: they go on."""
         if not self.active:
             return
         if self.runner.kind == "slurm":

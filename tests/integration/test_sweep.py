@@ -162,7 +162,8 @@ def test_killed_sweep_continues_without_losing_or_repeating_a_trial(tmp_path):
 
 def test_side_by_side_trials_pause_on_ctrl_c_and_resume_when_rerun(tmp_path):
     """--parallel 2 runs two 1-rank trials at once; Ctrl-C (SIGINT) stops both at an agreed step with a checkpoint
-    (RUN/STOP, recorded "paused" in RUN/trial.stop) and the driver exits 130; the same command continues them from their checkpoints."""
+    (RUN/STOP, recorded "paused" in RUN/trial.stop) and the driver exits 130; the same command continues them from
+    their checkpoints."""
     space, out = tmp_path / "space.yaml", tmp_path / "sweep"
     space.write_text(LR_WARMUP)
     args = [*BASE, "--trainer.epochs=40", "--space", str(space), "--trials", "3", "--output", str(out),

@@ -164,5 +164,6 @@ def test_the_result_line_reads_right_for_one_rank_and_for_a_rerun_with_nothing_l
     rerun = {**tested, "num_ranks": 2, "train_loss": None, "samples_per_sec": 0}   # a finished run, run again
     assert _result_line(rerun, task) == \
         "test accuracy 0.9700  test loss 0.1000  (360 held-out examples, 2 ranks, nothing left to train)"
-    assert _result_line({**rerun, "test_examples": None}, task) == "done: nothing left to train (2 ranks, no held-out split)"
-    assert _result_line({**tested, "test_examples": None}, task) == "done: train loss 0.2500 (1 rank, no held-out split)"
+    no_test = {"test_examples": None}
+    assert _result_line({**rerun, **no_test}, task) == "done: nothing left to train (2 ranks, no held-out split)"
+    assert _result_line({**tested, **no_test}, task) == "done: train loss 0.2500 (1 rank, no held-out split)"
