@@ -118,10 +118,12 @@ class ImageFolders(FileSource):
     def _say_once(self, split: str) -> None:
         """Rank 0 tells what the listing left out (files that are not images) and, once, the resize to
         data.image_size, read from the first image."""
+        import tensorflow as tf
         notes = [images.not_images_note(split, self.path(split), self.not_images.get(split))]
         if not self._size_said:
             self._size_said = True
-            notes.append(images.size_note(self._listed(split)[1][0][0], self.cfg))
+            first = self._listed(split)[1][0][0]
+            notes.append(images.size_note(tf.io.read_file(first), first, self.cfg))
         for note in filter(None, notes):
             self._log().info(note)
 
@@ -140,3 +142,4 @@ class ImageFolders(FileSource):
         self.skipped[split] = bad
         self._log().info(
             f"{split}: left out {len(bad)} unreadable image(s) of {len(files)} (data.bad_files=skip), e.g. {bad[0]}")
+

@@ -53,14 +53,15 @@ def not_images_note(split: str, root: str, not_images: Counter) -> str | None:
     return f"{split}: skipped {sum(not_images.values())} file(s) that are not images ({counts}) in {root}"
 
 
-def size_note(path: str, data_cfg) -> str | None:
-    """Says once when images are resized for training (a 32x32 folder trains 49x its pixels at 224x224), or None."""
+def size_note(encoded, example: str, data_cfg) -> str | None:
+    """The line that says images are resized to data.image_size (a 32x32 folder trains 49x its pixels at 224x224),
+    read from one encoded image (`example` names it), or None when it has that size."""
     import tensorflow as tf
-    found = tuple(int(d) for d in tf.io.decode_image(tf.io.read_file(path), expand_animations=False).shape[:2])
+    found = tuple(int(d) for d in tf.io.decode_image(encoded, expand_animations=False).shape[:2])
     wanted = tuple(data_cfg.image_size)
     if found == wanted:
         return None
-    return f"images are {found[0]}x{found[1]} (e.g. {path}), resized to {wanted[0]}x{wanted[1]} (data.image_size)"
+    return f"images are {found[0]}x{found[1]} (e.g. {example}), resized to {wanted[0]}x{wanted[1]} (data.image_size)"
 
 
 def list_images(root: str) -> list[str]:

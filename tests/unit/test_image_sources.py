@@ -210,6 +210,19 @@ def test_a_resize_to_data_image_size_is_said_once(tmp_path):
         f"images are {SIZE}x{SIZE} (e.g. {paths[0]}), resized to 24x16 (data.image_size)"]
 
 
+def test_a_resize_of_image_records_is_said_once_by_rank_0(tmp_path):
+    paths = write_records(tmp_path / "shards")
+    seen = Lines()
+    get_logger(0).addHandler(seen)
+    try:
+        agreed(records_cfg(tmp_path / "shards", image_size=(16, 16)), 2)
+        agreed(records_cfg(tmp_path / "shards"), 2)   # the records' own size: nothing to say
+    finally:
+        logging.getLogger("hvdtrain").removeHandler(seen)
+    assert [line for line in seen.lines if "resized" in line] == [
+        f"images are {SIZE}x{SIZE} (e.g. {paths[0]}), resized to 16x16 (data.image_size)"]
+
+
 def test_all_bad_files_is_an_error_even_with_skip(tmp_path):
     paths = write_id_folder(tmp_path, {"a": 1, "b": 1})
     for p in paths.values():
