@@ -117,8 +117,10 @@ class ImageFolders(FileSource):
 
     def _say_once(self, split: str) -> None:
         """Rank 0 tells what the listing left out (files that are not images) and, once, the resize to
-        data.image_size, read from the first image."""
+        data.image_size, read from the first image (rank 0's own: other ranks never open a file of another share)."""
         import tensorflow as tf
+        if getattr(self, "_rank", 0):
+            return
         notes = [images.not_images_note(split, self.path(split), self.not_images.get(split))]
         if not self._size_said:
             self._size_said = True
