@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from hvdtrain.errors import UserError
+from hvdtrain.log import counted
 
 
 def _f(default, doc, **kw):
@@ -327,9 +328,11 @@ def check_world(cfg: Config, size: int) -> None:
         lower, upper = (batch // size) * size, -(-batch // size) * size
         hint = f"{lower} or {upper}" if lower else f"{upper}"
         raise ConfigError(f"trainer.global_batch_size={batch} is not divisible by the {size} ranks; use a multiple of {size}, e.g. {hint}")
-    if cfg.runtime.expected_ranks and cfg.runtime.expected_ranks != size:
-        raise ConfigError(f"the config expects {cfg.runtime.expected_ranks} ranks (runtime.expected_ranks) but {size} are running; "
-                        f"launch with `horovodrun -np {cfg.runtime.expected_ranks} hvdtrain train ...` (or srun)")
+    expected = cfg.runtime.expected_ranks
+    if expected and expected != size:
+        raise ConfigError(f"the config expects {counted(expected, 'rank')} (runtime.expected_ranks) but {size} "
+                          f"{'is' if size == 1 else 'are'} running; launch with `horovodrun -np {expected} hvdtrain "
+                          "train ...` (or srun)")
 
 
 def describe_fields() -> list[tuple[str, str, str]]:

@@ -5,6 +5,16 @@ import logging
 import sys
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 rank', '2 ranks': messages read right for one process too."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def shown(names, limit: int = 5) -> str:
+    """Names joined for a message, with '...' only when some were left out."""
+    return ", ".join(map(str, names[:limit])) + (", ..." if len(names) > limit else "")
+
+
 def get_logger(rank: int = 0) -> logging.Logger:
     logger = logging.getLogger("hvdtrain")
     if not getattr(logger, "_hvdtrain_configured", False):

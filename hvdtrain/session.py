@@ -116,7 +116,14 @@ class Session:
         if summary["status"] == "stopped":
             self.log.info(f"stopped at epoch {p.position.epoch + 1}, step {p.position.step_in_epoch} on request "
                           f"({p.requested_by or 'stop request'}); checkpoint written, rerun the same command to resume")
+            self._serve_stop_file()
         return summary
+
+    def _serve_stop_file(self) -> None:
+        """A RUN_DIR/STOP request is served once its checkpoint is written: rank 0 removes it, so a rerun resumes
+        instead of stopping again."""
+        if self.world.is_chief and self.stop.consume():
+            self.log.info(f"removed {self.stop.stop_file}: its stop is done, so rerunning the same command resumes")
 
 
 def fit_segments(model, batches_from, session: Session, callbacks, verbose: int = 0, diagnose=None,

@@ -10,7 +10,7 @@ from hvdtrain import checkpoint, config, data, dist, models, optim
 from hvdtrain import world as worlds
 from hvdtrain.errors import DataError, UserError
 from hvdtrain.inference import Evaluator
-from hvdtrain.log import get_logger
+from hvdtrain.log import counted, get_logger
 from hvdtrain.rundir import RunDir
 from hvdtrain.session import Session, fit_segments
 from hvdtrain.tasks import Task
@@ -91,12 +91,17 @@ def options(cfg) -> cb.Options:
 
 
 def _result_line(summary: dict, task: Task) -> str:
+    """The last line of a completed run. A rerun of a finished run trains no step: it says so instead of 0 samples/s."""
+    ranks = counted(summary["num_ranks"], "rank")
+    trained = summary["train_loss"] is not None
     examples = summary.get("test_examples")
     if examples is None:
-        return f"done: train loss {summary['train_loss']:.4f} ({summary['num_ranks']} ranks, no held-out split)"
+        done = f"train loss {summary['train_loss']:.4f}" if trained else "nothing left to train"
+        return f"done: {done} ({ranks}, no held-out split)"
     head = task.headline
+    speed = f"{summary['samples_per_sec']:,.0f} samples/s" if trained else "nothing left to train"
     return (f"test {head} {summary[f'test_{head}']:.4f}  test loss {summary['test_loss']:.4f}  ({examples} held-out "
-            f"examples, {summary['num_ranks']} ranks, {summary['samples_per_sec']:,.0f} samples/s)")
+            f"examples, {ranks}, {speed})")
 
 
 class StaticLoop:

@@ -1,7 +1,7 @@
 """Train on every rank. The run directory (trainer.run_dir) receives config.yaml, checkpoints/, metrics.csv,
 tensorboard/, model.keras and summary.json (and classes.json for image classes). A run directory that already
 holds a checkpoint is resumed (see --resume/--no-resume). Stop it gracefully with SIGUSR1/SIGTERM or by creating
-RUN_DIR/STOP: all ranks stop at one agreed step and a checkpoint is written there."""
+RUN_DIR/STOP: all ranks stop at one agreed step, a checkpoint is written there, and STOP is removed (served)."""
 from __future__ import annotations
 
 HELP = "train a model (run under horovodrun, mpirun or srun)"

@@ -6,11 +6,13 @@ out, on every rank alike, and says how many), then decoded, resized and scaled i
 """
 from __future__ import annotations
 
+from collections import Counter
+
 from hvdtrain.data import images
 from hvdtrain.data.base import FileSource
 from hvdtrain.data.tfrecord import _augmented
 from hvdtrain.errors import DataError
-from hvdtrain.log import get_logger
+from hvdtrain.log import get_logger, shown
 
 
 class ImageFolders(FileSource):
@@ -21,6 +23,8 @@ class ImageFolders(FileSource):
         self._listing: dict[str, tuple[list[str], list[tuple[str, int]]]] = {}
         self.skipped: dict[str, list[str]] = {}
         self.kept: dict[str, list[int]] = {}    # split -> listed positions of the files kept (data.bad_files=skip)
+        self.not_images: dict[str, Counter] = {}   # split -> {extension: count} of the files that are not images
+        self._size_said = False
         self.classes: list[str] | None = None   # a trained model's classes (use_classes): folders map to them by name
 
     def use_classes(self, names: list[str] | None) -> "ImageFolders":
@@ -37,13 +41,13 @@ class ImageFolders(FileSource):
 
     def _listed(self, split: str):
         if split not in self._listing:
-            found, files = images.list_class_folders(self.path(split))
+            found, files, self.not_images[split] = images.list_class_folders(self.path(split))
             if self.classes is not None:
                 unknown = [name for name in found if name not in self.classes]
                 if unknown:
-                    raise DataError(f"{self.path(split)}: class folder(s) {', '.join(unknown[:3])} are not among the "
-                                    f"model's {len(self.classes)} classes ({', '.join(self.classes[:5])}"
-                                    f"{', ...' if len(self.classes) > 5 else ''}); name the folders after its classes")
+                    raise DataError(f"{self.path(split)}: class folder(s) {shown(unknown, 3)} are not among the "
+                                    f"model's {len(self.classes)} classes ({shown(self.classes)}); name the folders "
+                                    "after its classes")
                 files = [(path, self.classes.index(found[label])) for path, label in files]
                 found = self.classes
             self._listing[split] = (found, files)
@@ -58,8 +62,8 @@ class ImageFolders(FileSource):
     def units(self, split: str) -> list[tuple[str, int]]:
         classes, files = self._listed(split)
         if split != "train" and classes != self.class_names():
-            raise DataError(f"{self.path(split)} has classes {classes[:5]}... but the training folders have "
-                            f"{self.class_names()[:5]}...; both need the same class sub-directories")
+            raise DataError(f"{self.path(split)} has classes {shown(classes)} but the training folders have "
+                            f"{shown(self.class_names())}; both need the same class sub-directories")
         if len(classes) > self.cfg.num_classes:
             raise DataError(f"{self.path(split)} has {len(classes)} class folders but data.num_classes is "
                             f"{self.cfg.num_classes}; set --data.num_classes={len(classes)}")
@@ -109,6 +113,28 @@ class ImageFolders(FileSource):
         return [1 if i in good else 0 for i in range(len(paths))]
 
     def after_adopt(self, split: str) -> None:
+        self._leave_out_bad(split)
+        self._say_once(split)
+
+    def _log(self):
+        """Info lines from rank 0 only (`validate` records the rank; a single-process helper is rank 0)."""
+        return get_logger(getattr(self, "_rank", 0))
+
+    def _say_once(self, split: str) -> None:
+        """Rank 0 tells what the listing left out (files that are not images) and, once, the resize to
+        data.image_size, read from the first image (rank 0's own: other ranks never open a file of another share)."""
+        import tensorflow as tf
+        if getattr(self, "_rank", 0):
+            return
+        notes = [images.not_images_note(split, self.path(split), self.not_images.get(split))]
+        if not self._size_said:
+            self._size_said = True
+            first = self._listed(split)[1][0][0]
+            notes.append(images.size_note(tf.io.read_file(first), first, self.cfg))
+        for note in filter(None, notes):
+            self._log().info(note)
+
+    def _leave_out_bad(self, split: str) -> None:
         """bad_files=skip: every rank drops the same files (counts were gathered) and the split is re-indexed."""
         classes, files = self._listed(split)
         counts = self._counts[split]
@@ -122,5 +148,6 @@ class ImageFolders(FileSource):
         self.kept[split] = [i for i in range(len(files)) if counts.get(i, 1)]
         self._counts[split] = {i: 1 for i in range(len(kept))}
         self.skipped[split] = bad
-        get_logger(getattr(self, "_rank", 0)).info(
+        self._log().info(
             f"{split}: left out {len(bad)} unreadable image(s) of {len(files)} (data.bad_files=skip), e.g. {bad[0]}")
+

@@ -5,6 +5,7 @@ image directories, this rank's dealt batches of the inputs (see sharding.dealt_b
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 
 from hvdtrain.data import images
@@ -25,8 +26,12 @@ def input_config(data_cfg, source: str | None, shape: tuple):
                                    input_shape=shape if source == "synthetic" else ())
     if source.endswith(".npz"):
         return dataclasses.replace(data_cfg, source="npz", path=source, test_path=source, input_shape=())
-    if os.path.isdir(source) and data_cfg.source in ("images", "image_tfrecord", "tfds") and not _has_tfrecords(source):
+    if os.path.isdir(source) and data_cfg.image_source and not _has_tfrecords(source):
         return dataclasses.replace(data_cfg, source="images", path=source, test_path=source)
+    if data_cfg.image_source and "://" not in source and not glob.glob(source):
+        raise DataError(f"--input {source} does not exist; this run was trained on images (data.source="
+                        f"{data_cfg.source}): pass a folder of images (class folders, or a flat folder for predict) or "
+                        "image TFRecord files")
     kind = "image_tfrecord" if data_cfg.image_source else "tfrecord"
     return dataclasses.replace(data_cfg, source=kind, path=source, test_path=source, input_shape=shape)
 

@@ -10,6 +10,7 @@ import numpy as np
 from hvdtrain.data import images
 from hvdtrain.data.base import FileSource
 from hvdtrain.errors import DataError, first_line
+from hvdtrain.log import get_logger
 from hvdtrain.tasks import Task
 
 
@@ -168,6 +169,8 @@ class FlatRecords(_RecordFiles):
 class ImageRecords(_RecordFiles):
     """Encoded images with int labels, e.g. the classic ImageNet TFRecords (1-based labels: data.label_offset=1)."""
 
+    _size_said = False
+
     def example_shape(self) -> tuple:
         return images.shape(self.cfg)
 
@@ -181,6 +184,21 @@ class ImageRecords(_RecordFiles):
     def parse(self, record):
         encoded, label = self._raw(record)
         return images.decode(encoded, self.cfg), label
+
+    def validate(self, world, split: str) -> dict:
+        found = super().validate(world, split)
+        if world.is_chief and not self._size_said:
+            self._size_said = True
+            self._say_size(self.units(split)[0], get_logger(world.rank))
+        return found
+
+    def _say_size(self, first: str, log) -> None:
+        """Rank 0, once: the first record's stored size, when images are resized to data.image_size."""
+        import tensorflow as tf
+        for record in tf.data.TFRecordDataset(first).take(1):
+            note = images.size_note(self._raw(record)[0], first, self.cfg)
+            if note:
+                log.info(note)
 
     def parse_checked(self, record):
         """For validation: decode fully, but keep only the shape (cheap to batch) and the label."""

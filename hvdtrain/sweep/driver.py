@@ -9,8 +9,9 @@ Restart semantics (the driver may be killed at any moment; rerunning the same co
 - a trial left RUNNING is looked up by its recorded process group (local) or job id (Slurm): still running -> the
   new driver follows it; ended -> its exit code and summary.json give the outcome; vanished without an exit code
   -> it is launched again in its own run directory, where `hvdtrain train` resumes from its last checkpoint;
-- a STOP file with "pruned" means the pruning decision was made: the trial ends as pruned, never relaunched;
-  one with "paused" (a sweep interrupted with Ctrl-C) is removed and the trial continues.
+- a trial.stop with "pruned" means the pruning decision was made: the trial ends as pruned, never relaunched;
+  one with "paused" (a sweep interrupted with Ctrl-C) is removed and the trial continues. The trial's STOP (the
+  request to the trainer) is removed by the trainer once served, so the driver reads its own record, trial.stop.
 """
 from __future__ import annotations
 
@@ -362,8 +363,8 @@ class Driver:
         return 130
 
     def _pause_all(self, why: str) -> None:
-        """Local trials stop at an agreed step with a checkpoint (STOP "paused"), then the driver exits; the next
-        driver continues them. Slurm jobs are independent of the driver: they go on."""
+        """Local trials stop at an agreed step with a checkpoint (trial.stop and STOP "paused"), then the driver exits;
+        the next driver continues them. Slurm jobs are independent of the driver: they go on."""
         if not self.active:
             return
         if self.runner.kind == "slurm":

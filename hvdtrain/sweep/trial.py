@@ -3,8 +3,9 @@
 `hvdtrain train` writes config.yaml, checkpoints/, metrics.csv (one row per epoch, appended by every resumed run) and
 summary.json there; the driver adds train.log (the trial's output; on Slurm slurm-JOBID.out), trial.pid and
 trial.exit (local trials: the launcher's process group and exit code) and, to stop the trial at an agreed step,
-STOP, whose text says why: "pruned ..." (the trial is over) or "paused ..." (the sweep was interrupted; the trial
-continues from its checkpoint when the sweep does).
+trial.stop, the driver's record of why: "pruned ..." (the trial is over) or "paused ..." (the sweep was interrupted;
+the trial continues from its checkpoint when the sweep does), and STOP, the request to the trainer, which removes it
+once the stop's checkpoint is written.
 """
 from __future__ import annotations
 
@@ -46,6 +47,10 @@ class TrialDir:
     @property
     def stop_file(self) -> Path:
         return self.path / "STOP"
+
+    @property
+    def decision_file(self) -> Path:
+        return self.path / "trial.stop"
 
     def prepare(self) -> None:
         """Before a launch: the directory exists, and no pid or exit code of an earlier launch is left to be misread."""
@@ -99,21 +104,27 @@ class TrialDir:
     # ------------------------------------------------------------------ STOP
 
     def stop_reason(self) -> str | None:
-        """pruned | paused | None (no STOP file). A STOP without the driver's text counts as a pause."""
-        try:
-            text = self.stop_file.read_text()
-        except OSError:
-            return None
-        return PRUNED if text.startswith(PRUNED) else PAUSED
+        """pruned | paused | None: the driver's record, else a STOP not served yet (a sweep of an earlier version).
+        A STOP without the driver's text counts as a pause."""
+        for path in (self.decision_file, self.stop_file):
+            try:
+                text = path.read_text()
+            except OSError:
+                continue
+            return PRUNED if text.startswith(PRUNED) else PAUSED
+        return None
 
     def request_stop(self, reason: str, detail: str) -> None:
         """Every rank of the trial stops at one agreed step, a checkpoint is written there, and the trainer exits 0
-        (hvdtrain's AgreedStop watches run_dir/STOP)."""
+        (hvdtrain's AgreedStop watches run_dir/STOP and removes it once served; the record stays in trial.stop)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.stop_file, f"{reason} by hvdtrain sweep: {detail}\n")
+        text = f"{reason} by hvdtrain sweep: {detail}\n"
+        write_atomic(self.decision_file, text)   # first: the decision holds even if the driver dies right here
+        write_atomic(self.stop_file, text)
 
     def clear_pause(self) -> None:
         if self.stop_reason() == PAUSED:
+            self.decision_file.unlink(missing_ok=True)
             self.stop_file.unlink(missing_ok=True)
 
     def error_line(self) -> str:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, env, hvdtrain, output
+from conftest import BIN, REPO, env, hvdtrain, output, wait_for
 
 LAUNCH = str(REPO / "scripts/launch.sh")
 
@@ -83,11 +83,36 @@ def test_rerun_resumes_and_no_resume_refuses(tmp_path, small_digits, three_epoch
     assert "already holds checkpoint" in refused.stderr
 
 
+def test_a_stop_file_is_served_once_and_the_rerun_resumes_to_the_end(tmp_path, small_digits):
+    """RUN_DIR/STOP stops the run at an agreed step with a checkpoint, and is removed once that checkpoint is
+    written: the same command then resumes and completes instead of stopping again."""
+    run, args = tmp_path / "run", ["train", *small_digits[:-1], "--trainer.epochs=20"]
+    first = subprocess.Popen([str(BIN / "hvdtrain"), *args], cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: any((run / "checkpoints").glob("ckpt-*")) or first.poll() is not None, timeout=240,
+                 what="a first checkpoint")
+        (run / "STOP").touch()
+        log = first.communicate(timeout=240)[0]
+    finally:
+        first.kill()
+    assert first.returncode == 0, log
+    stopped = json.loads((run / "summary.json").read_text())
+    assert stopped["status"] == "stopped" and stopped["epoch"] < 20, log
+    assert not (run / "STOP").exists(), log
+    assert f"removed {run}/STOP" in log
+    again = hvdtrain(args)
+    assert again.returncode == 0, output(again)
+    assert "resuming from" in again.stdout and "on request" not in again.stdout, output(again)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["global_step"] == 20 * (1437 // 64)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--trainer.epochz=3"], "unknown config key 'trainer.epochz' (did you mean 'epochs'?)"),
     (["--config", "does/not/exist.yaml"], "config file not found: does/not/exist.yaml"),
     (["--optim.lr=fast"], "optim.lr must be a number, got 'fast'"),
-    (["--runtime.expected_ranks=2"], "expects 2 ranks (runtime.expected_ranks) but 1 are running"),
+    (["--runtime.expected_ranks=2"], "expects 2 ranks (runtime.expected_ranks) but 1 is running"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     proc = hvdtrain(["train", f"--trainer.run_dir={tmp_path / 'run'}", *args])

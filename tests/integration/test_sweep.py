@@ -162,7 +162,8 @@ def test_killed_sweep_continues_without_losing_or_repeating_a_trial(tmp_path):
 
 def test_side_by_side_trials_pause_on_ctrl_c_and_resume_when_rerun(tmp_path):
     """--parallel 2 runs two 1-rank trials at once; Ctrl-C (SIGINT) stops both at an agreed step with a checkpoint
-    (RUN/STOP "paused") and the driver exits 130; the same command continues them from their checkpoints."""
+    (RUN/STOP, recorded "paused" in RUN/trial.stop) and the driver exits 130; the same command continues them from
+    their checkpoints."""
     space, out = tmp_path / "space.yaml", tmp_path / "sweep"
     space.write_text(LR_WARMUP)
     args = [*BASE, "--trainer.epochs=40", "--space", str(space), "--trials", "3", "--output", str(out),
@@ -178,7 +179,8 @@ def test_side_by_side_trials_pause_on_ctrl_c_and_resume_when_rerun(tmp_path):
     assert "interrupted: rerun the same command to continue" in log1, log1
     for number in (0, 1):
         run = out / "trials" / f"{number:04d}"
-        assert (run / "STOP").read_text().startswith("paused by hvdtrain sweep")
+        assert (run / "trial.stop").read_text().startswith("paused by hvdtrain sweep")
+        assert not (run / "STOP").exists()   # served: the trainer removed it after the checkpoint
         assert summary(out, number)["status"] == "stopped"
     assert [r["status"] for r in rows(out)] == ["running", "running"]
 
@@ -193,7 +195,7 @@ def test_side_by_side_trials_pause_on_ctrl_c_and_resume_when_rerun(tmp_path):
         run = out / "trials" / f"{number:04d}"
         assert summary(out, number)["status"] == "completed" and summary(out, number)["num_ranks"] == 1
         assert yaml.safe_load((run / "config.yaml").read_text())["runtime"]["intra_op_threads"] == threads
-        assert not (run / "STOP").exists()
+        assert not (run / "STOP").exists() and not (run / "trial.stop").exists()
         assert ("resuming from" in (run / "train.log").read_text()) == (number < 2)
 
 
@@ -213,7 +215,8 @@ def test_a_hopeless_trial_is_pruned_and_stopped_at_an_agreed_step(tmp_path):
     assert table[1]["note"] == "pruned at epoch 1" and table[1]["test_accuracy"] == ""
     assert "trial 1 pruned at epoch 1 (val_accuracy" in proc.stdout
     run = out / "trials/0001"
-    assert (run / "STOP").read_text().startswith("pruned by hvdtrain sweep: epoch 1:")
+    assert (run / "trial.stop").read_text().startswith("pruned by hvdtrain sweep: epoch 1:")
+    assert not (run / "STOP").exists()   # served: the trainer removed it after the checkpoint
     stopped = json.loads((run / "summary.json").read_text())
     assert stopped["status"] == "stopped" and stopped["num_ranks"] == 2
     assert stopped["global_step"] < 40 * (1437 // 64)

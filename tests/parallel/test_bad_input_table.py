@@ -54,12 +54,21 @@ def prepare(root):
     (root / "images" / "corrupt" / "dog" / "2.png").write_bytes(png[:40])   # a truncated PNG
     (root / "images" / "flat").mkdir()
     (root / "images" / "flat" / "0.png").write_bytes(png)
+    for folder, counts in (("ok", {"cat": 4, "dog": 4}), ("empty-class", {"cat": 2, "dog": 0})):
+        for cls, n in counts.items():
+            (root / "images" / folder / cls).mkdir(parents=True)
+            for i in range(n):
+                (root / "images" / folder / cls / f"{i}.png").write_bytes(png)
     (root / "tfds").mkdir()
     (root / "untrained").mkdir()
     (root / "untrained" / "config.yaml").write_text("data:\n  source: digits\n")
     (root / "out").mkdir()
     trained = hvdtrain(["train", "--trainer.run_dir=trained", "--model.hidden=[16]", "--trainer.epochs=1",
                         "--trainer.tensorboard=false"], cwd=root)
+    assert trained.returncode == 0, output(trained)
+    trained = hvdtrain(["train", "--trainer.run_dir=trained-images", "--data.source=images", "--data.path=images/ok",
+                        "--data.image_size=[8,8]", "--model.name=cnn", "--model.width=4", "--trainer.epochs=1",
+                        "--trainer.global_batch_size=2", "--trainer.tensorboard=false"], cwd=root)
     assert trained.returncode == 0, output(trained)
 
 

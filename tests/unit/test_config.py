@@ -84,8 +84,10 @@ def test_global_batch_must_divide_by_ranks():
 
 def test_expected_ranks_refuses_a_run_without_the_launcher():
     cfg = load_config(None, ["--runtime.expected_ranks=2"])
-    with pytest.raises(UserError, match=r"expects 2 ranks .* but 1 are running; launch with `horovodrun -np 2"):
+    with pytest.raises(UserError, match=r"expects 2 ranks .* but 1 is running; launch with `horovodrun -np 2"):
         check_world(cfg, 1)
+    with pytest.raises(UserError, match=r"the config expects 1 rank \(runtime.expected_ranks\) but 2 are running"):
+        check_world(load_config(None, ["--runtime.expected_ranks=1"]), 2)
 
 
 def test_frozen_and_replace():

@@ -69,8 +69,8 @@ def test_class_folders_are_listed_sorted_recursively_and_completely(tmp_path):
     (tmp_path / "a" / "notes.txt").write_text("not an image")
     (tmp_path / ".cache").mkdir()
     (tmp_path / ".cache" / "x.png").write_bytes(encode_png(id_images(1, 98, SIZE)[0]))
-    classes, files = images.list_class_folders(str(tmp_path))
-    assert classes == ["a", "b"]
+    classes, files, not_images = images.list_class_folders(str(tmp_path))
+    assert classes == ["a", "b"] and not_images == {".txt": 1}
     expected = [(paths[2], 0), (paths[3], 0), (paths[4], 0), (str(tmp_path / "a" / "nested" / "deep.PNG"), 0),
                 (paths[0], 1), (paths[1], 1)]
     assert sorted(files) == sorted(expected) and files[-2:] == [(paths[0], 1), (paths[1], 1)]
@@ -90,6 +90,20 @@ def test_unusable_folders_are_refused_with_one_line(tmp_path, layout, message):
             (root / name).mkdir()
     with pytest.raises(DataError, match=message):
         images.list_class_folders(str(root))
+
+
+def test_an_empty_class_folder_is_a_data_error_naming_it(tmp_path):
+    """An empty class would be a class the model can never learn (and would widen it): refused, whatever
+    data.bad_files says; a folder holding only files that are not images is empty too."""
+    write_id_folder(tmp_path, {"a": 2, "c": 2})
+    (tmp_path / "b").mkdir()
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "readme.txt").write_text("no images here")
+    for bad_files in ("fail", "skip"):
+        with pytest.raises(DataError) as err:
+            agreed(folder_cfg(tmp_path, num_classes=4, bad_files=bad_files), 1)
+        assert str(err.value) == (f"{tmp_path}: class folder(s) b, d hold no .jpg/.jpeg/.png files; add images to "
+                                  "each class folder or remove the empty ones")
 
 
 @pytest.mark.parametrize("size, global_batch", [(2, 4), (3, 6)])
@@ -159,6 +173,56 @@ def test_bad_files_skip_leaves_them_out_on_every_rank_and_says_how_many(tmp_path
     assert steps == 6 and sorted(seen) == [i for i in range(14) if i not in (4, 11)]
 
 
+def said(cfg, size: int) -> list[str]:
+    """The info lines hvdtrain logs while `size` simulated ranks validate and adopt the training split."""
+    seen = Lines()
+    get_logger(0).addHandler(seen)
+    try:
+        agreed(cfg, size)
+    finally:
+        logging.getLogger("hvdtrain").removeHandler(seen)
+    return seen.lines
+
+
+def test_files_that_are_not_images_are_counted_per_extension_and_said_once(tmp_path):
+    write_id_folder(tmp_path, {"a": 3, "b": 3})
+    for name in ("a/notes.txt", "b/labels.json", "b/deep/more.txt", "b/README", "a/.DS_Store"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("not an image")
+    lines = said(folder_cfg(tmp_path), 2)
+    assert [line for line in lines if "not images" in line] == [
+        f"train: skipped 4 file(s) that are not images (.txt: 2, no extension: 1, .json: 1) in {tmp_path}"]
+    assert not any("resized" in line for line in lines)   # the images are data.image_size already
+
+
+def test_not_images_are_skipped_but_an_unreadable_image_stays_an_error(tmp_path):
+    paths = write_id_folder(tmp_path, {"a": 3, "b": 3})
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    open(paths[4], "wb").write(b"junk")
+    with pytest.raises(DataError, match=f"corrupt or unreadable image {paths[4]}"):
+        agreed(folder_cfg(tmp_path, bad_files="fail"), 1)
+
+
+def test_a_resize_to_data_image_size_is_said_once(tmp_path):
+    paths = write_id_folder(tmp_path, {"a": 2, "b": 2})
+    lines = said(folder_cfg(tmp_path, image_size=(24, 16)), 2)
+    assert [line for line in lines if "resized" in line] == [
+        f"images are {SIZE}x{SIZE} (e.g. {paths[0]}), resized to 24x16 (data.image_size)"]
+
+
+def test_a_resize_of_image_records_is_said_once_by_rank_0(tmp_path):
+    paths = write_records(tmp_path / "shards")
+    seen = Lines()
+    get_logger(0).addHandler(seen)
+    try:
+        agreed(records_cfg(tmp_path / "shards", image_size=(16, 16)), 2)
+        agreed(records_cfg(tmp_path / "shards"), 2)   # the records' own size: nothing to say
+    finally:
+        logging.getLogger("hvdtrain").removeHandler(seen)
+    assert [line for line in seen.lines if "resized" in line] == [
+        f"images are {SIZE}x{SIZE} (e.g. {paths[0]}), resized to 16x16 (data.image_size)"]
+
+
 def test_all_bad_files_is_an_error_even_with_skip(tmp_path):
     paths = write_id_folder(tmp_path, {"a": 1, "b": 1})
     for p in paths.values():
@@ -202,8 +266,10 @@ def test_skipped_files_keep_their_listed_index_and_the_others_their_paths(tmp_pa
 def test_test_folders_must_have_the_training_classes(tmp_path):
     write_id_folder(tmp_path / "train", {"a": 2, "b": 2, "c": 2})
     write_id_folder(tmp_path / "test", {"a": 2, "b": 2, "d": 2})
-    with pytest.raises(DataError, match="both need the same class sub-directories"):
+    with pytest.raises(DataError) as err:
         data.open_source(folder_cfg(tmp_path / "train", tmp_path / "test")).units("test")
+    assert str(err.value) == (f"{tmp_path / 'test'} has classes a, b, d but the training folders have a, b, c; both "
+                              "need the same class sub-directories")   # complete lists: no '...'
     with pytest.raises(DataError, match="has 3 class folders but data.num_classes is 2; set --data.num_classes=3"):
         data.open_source(folder_cfg(tmp_path / "train", num_classes=2)).units("train")
 
@@ -276,6 +342,19 @@ def test_predict_inputs_tell_class_folders_flat_folders_and_record_shards_apart(
     assert input_config(run, str(tmp_path / "shards"), (SIZE, SIZE, 1)).source == "image_tfrecord"
     assert is_unlabelled(str(tmp_path / "flat")) and not is_unlabelled(str(tmp_path / "classes"))
     assert not is_unlabelled(str(tmp_path / "shards"))
+
+
+def test_a_missing_input_of_an_images_run_names_what_the_run_reads(tmp_path):
+    run = folder_cfg(tmp_path / "classes")
+    with pytest.raises(DataError) as err:
+        input_config(run, "bad/nope", (SIZE, SIZE, 1))
+    assert str(err.value) == ("--input bad/nope does not exist; this run was trained on images (data.source=images): "
+                              "pass a folder of images (class folders, or a flat folder for predict) or image TFRecord "
+                              "files")
+    (tmp_path / "shards").mkdir()
+    pattern = str(tmp_path / "shards" / "validation-*")
+    (tmp_path / "shards" / "validation-00000-of-00001").write_bytes(b"")
+    assert input_config(run, pattern, (SIZE, SIZE, 1)).source == "image_tfrecord"   # a pattern that matches
 
 
 # ------------------------------------------------------------------------------------------------ image TFRecords

@@ -152,3 +152,18 @@ def test_runtime_precision_sets_the_policy_and_outputs_stay_float32(precision, c
         assert model(np.zeros((1, 32, 32, 3), np.float32)).dtype.name == "float32"
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_the_result_line_reads_right_for_one_rank_and_for_a_rerun_with_nothing_left_to_train():
+    from hvdtrain.trainer import _result_line
+    task = Task("classification", 10)
+    tested = {"num_ranks": 1, "train_loss": 0.25, "samples_per_sec": 5832.0, "test_examples": 360,
+              "test_accuracy": 0.97, "test_loss": 0.1}
+    assert _result_line(tested, task) == \
+        "test accuracy 0.9700  test loss 0.1000  (360 held-out examples, 1 rank, 5,832 samples/s)"
+    rerun = {**tested, "num_ranks": 2, "train_loss": None, "samples_per_sec": 0}   # a finished run, run again
+    assert _result_line(rerun, task) == \
+        "test accuracy 0.9700  test loss 0.1000  (360 held-out examples, 2 ranks, nothing left to train)"
+    no_test = {"test_examples": None}
+    assert _result_line({**rerun, **no_test}, task) == "done: nothing left to train (2 ranks, no held-out split)"
+    assert _result_line({**tested, **no_test}, task) == "done: train loss 0.2500 (1 rank, no held-out split)"

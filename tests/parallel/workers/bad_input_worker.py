@@ -45,6 +45,7 @@ CASES = {
     "image directory missing": [*TRAIN, *IMAGES, "--data.path=images/missing"],
     "image directory without class folders": [*TRAIN, *IMAGES, "--data.path=images/flat"],
     "corrupt image": [*TRAIN, *IMAGES, "--data.path=images/corrupt"],
+    "empty class folder": [*TRAIN, *IMAGES, "--data.path=images/empty-class"],
     "TFDS dataset not prepared": [*TRAIN, "--data.source=tfds", "--data.path=tfds", "--data.tfds_name=my_set",
                                   "--data.image_size=[8,8]"],
     "regression labels for a classification source": [*TRAIN, *IMAGES, "--data.path=images/corrupt",
@@ -67,6 +68,8 @@ CASES = {
     "predict: unknown output format": ["predict", "--run", "trained", "--model.hidden=[16]", "--output", "out/p.txt"],
     "predict: fields the task does not have": ["predict", "--run", "trained", "--model.hidden=[16]", "--fields",
                                                "value", "--output", "out/p.csv"],
+    "predict: --input that does not exist (a run trained on images)": ["predict", "--run", "trained-images", "--input",
+                                                                       "bad/nope", "--output", "out/p.csv"],
     "evaluate: inputs of another shape": ["evaluate", "--run", "trained", "--model.hidden=[16]", "--input",
                                           "data/ok.npz"],
 }
