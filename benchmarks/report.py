@@ -192,7 +192,7 @@ def _timeline(doc) -> str:
 def _stacks(doc, rel: Path) -> str:
     if not doc:
         return "## The two stacks side by side\n\nNot run (`hvdtrain bench stacks`)."
-    described = [f"- {label}: `{s['venv']}`: TensorFlow {s['stack']['tensorflow']}, Keras {s['stack']['keras']}, "
+    described = [f"- {label}: `{Path(s['venv']).name}`: TensorFlow {s['stack']['tensorflow']}, Keras {s['stack']['keras']}, "
                  f"{s['stack']['integration']}; Horovod {s['versions'].get('horovod')}, numpy "
                  f"{s['versions'].get('numpy')}" for label, s in doc["stacks"].items()]
     rounds = max(r["round"] for r in doc["runs"]) + 1

@@ -138,10 +138,11 @@ class Watchdog(keras.callbacks.Callback):
         while not self.done.wait(min(1.0, self.timeout / 10)):
             idle = time.monotonic() - self.last_beat
             if self.armed and idle > self.timeout:
-                print(f"hvdtrain: error: rank {self.rank} made no progress for {idle:.0f} s (runtime.stall_timeout_s="
-                      f"{self.timeout:g}): a peer rank died, stalled or lost its network; stopping. The checkpoints in "
-                      f"{self.run_dir}/checkpoints are intact: rerun the same command to resume.",
-                      file=self.stream, flush=True)
+                self.stream.write(   # one write, newline included: launchers tag output per write
+                    f"hvdtrain: error: rank {self.rank} made no progress for {idle:.0f} s (runtime.stall_timeout_s="
+                    f"{self.timeout:g}): a peer rank died, stalled or lost its network; stopping. The checkpoints in "
+                    f"{self.run_dir}/checkpoints are intact: rerun the same command to resume.\n")
+                self.stream.flush()
                 os._exit(self.EXIT_CODE)
 
 

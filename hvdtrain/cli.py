@@ -45,7 +45,10 @@ def main(argv=None) -> int:
         from hvdtrain.dist import rank_hint
         # An agreed error is the same on every rank: rank 0 prints it once. A local one is printed where it happened.
         if rank_hint() == 0 or not exc.agreed:
-            print(f"hvdtrain: error: {exc}", file=sys.stderr, flush=True)
+            # One write: print() writes the newline separately, and a launcher that tags output per write (mpirun)
+            # then glues its next tag to the end of the line.
+            sys.stderr.write(f"hvdtrain: error: {exc}\n")
+            sys.stderr.flush()
         return exc.exit_code
 
 

@@ -13,6 +13,25 @@ if [ "$(id -u)" = 0 ]; then  # OpenMPI refuses root unless told; containers and 
 fi
 controller="${HVDTRAIN_CONTROLLER:-mpi}"
 case "$controller" in mpi|gloo) ;; *) echo "launch.sh: HVDTRAIN_CONTROLLER must be mpi or gloo" >&2; exit 2;; esac
+# Rank 0 speaks for the job: its lines lose the launcher's tag ([1,0]<stdout>: under MPI, [0]<stdout>: under Gloo) and
+# read like one process's; other ranks keep theirs (they print only warnings and errors).
+untag() { sed -u -E 's/^\[(1,)?0\]<std(out|err)>://'; }
+# mpirun's two boxes after a rank failed ("Primary job terminated normally, but ..." and "mpirun detected that ...")
+# become one line naming the rank and its exit code; any other box passes as it is.
+condense() {
+  awk -v dashes="$(printf -- '-%.0s' {1..74})" '
+    $0 != dashes && !inbox { print; fflush(); next }
+    $0 == dashes && !inbox { inbox = 1; box = $0; next }
+    $0 != dashes { box = box "\n" $0; if ($0 ~ /Process name:/) rank = $NF; if ($0 ~ /Exit code:/) code = $NF; next }
+    { inbox = 0
+      if (box ~ /Primary job +terminated normally/) next
+      if (box ~ /mpirun detected that one or more processes exited/) {
+        sub(/.*,/, "", rank); sub(/\]+$/, "", rank)
+        print "launch.sh: rank " rank " exited with code " code "; mpirun ended the job"; fflush(); next }
+      print box "\n" $0; fflush() }
+    END { if (inbox) print box }'
+}
 # horovodrun's own process imports TensorFlow, whose C++ start-up banners ignore every log level: drop those two lines.
-exec horovodrun -np "$np" "--$controller" "$@" \
-  2> >(grep --line-buffered -v -e "All log messages before absl::InitializeLog" -e "oneDNN custom operations are on" >&2)
+exec horovodrun -np "$np" "--$controller" "$@" > >(untag) \
+  2> >(grep --line-buffered -v -e "All log messages before absl::InitializeLog" -e "oneDNN custom operations are on" \
+       | untag | condense >&2)
