@@ -1,21 +1,83 @@
 """The README's bad-input table is true: every row's line is exactly what `hvdtrain` prints, under horovodrun -np 2
 (MPI, as `make train` launches), once (by rank 0), with exit code 2 on every rank and no traceback.
 
-All cases run in one launch (tests/parallel/workers/bad_input_worker.py), in a directory prepared here, with the
+All cases run in one launch (tests/parallel/workers/commands_worker.py), in a directory prepared here, with the
 relative paths a user would type. On a mismatch the test prints the table as it should read.
 """
-import json
 import re
 
 import numpy as np
 import pytest
 
-from conftest import KERAS_MAJOR, REPO, hvdtrain, horovodrun, output
+from conftest import KERAS_MAJOR, REPO, hvdtrain, output, run_commands
 
 pytestmark = pytest.mark.stacks    # also on the TF 2.15 stack: see README, "Tests"
 
-WORKER = str(REPO / "tests/parallel/workers/bad_input_worker.py")
 BEGIN, END = "<!-- bad-input-table", "<!-- /bad-input-table -->"
+
+DIGITS = ["--trainer.epochs=1", "--trainer.tensorboard=false", "--trainer.progress=none"]
+TRAIN = ["train", *DIGITS]
+NPZ = ["--data.source=npz", "--data.input_shape=[4]"]
+TFR = ["--data.source=tfrecord", "--data.input_shape=[4]"]
+IMAGES = ["--data.source=images", "--data.image_size=[8,8]", "--model.name=cnn", "--model.width=4"]
+
+CASES = {
+    # the config
+    "malformed YAML": [*TRAIN, "--config", "bad.yaml"],
+    "config file not found": [*TRAIN, "--config", "no-such.yaml"],
+    "unknown key": [*TRAIN, "--trainer.epoch=3"],
+    "unknown section": [*TRAIN, "--trainr.epochs=3"],
+    "wrong type": [*TRAIN, "--trainer.epochs=many"],
+    "not one of the choices": [*TRAIN, "--optim.name=adamw"],
+    "value out of range": [*TRAIN, "--optim.lr=-1"],
+    "global batch not divisible by the ranks": [*TRAIN, "--trainer.global_batch_size=63"],
+    "another number of ranks than the config expects": [*TRAIN, "--runtime.expected_ranks=3"],
+    # the data
+    "missing data file": [*TRAIN, *NPZ, "--data.path=data/missing.npz"],
+    ".npz without x and y": [*TRAIN, *NPZ, "--data.path=data/no-xy.npz"],
+    ".npz with fewer labels than examples": [*TRAIN, *NPZ, "--data.path=data/rows.npz"],
+    "empty dataset": [*TRAIN, *NPZ, "--data.path=data/empty.npz"],
+    "label outside the classes": [*TRAIN, *NPZ, "--data.path=data/labels.npz"],
+    "NaN or Inf in the features": [*TRAIN, *NPZ, "--data.path=data/nan.npz"],
+    "examples of another shape than data.input_shape": [*TRAIN, "--data.source=npz", "--data.input_shape=[5]",
+                                                        "--data.path=data/ok.npz"],
+    "fewer examples than one global batch": [*TRAIN, *NPZ, "--data.path=data/tiny.npz"],
+    "no TFRecord files": [*TRAIN, *TFR, "--data.path=records/none-*.tfrecord"],
+    "corrupt TFRecord (training data)": [*TRAIN, *TFR, "--data.path=records/corrupt"],
+    "corrupt TFRecord (held-out data)": [*TRAIN, *TFR, "--data.path=records/good", "--data.test_path=records/held-out"],
+    "TFRecord features of another shape": [*TRAIN, "--data.source=tfrecord", "--data.input_shape=[5]",
+                                           "--data.path=records/good"],
+    "image directory missing": [*TRAIN, *IMAGES, "--data.path=images/missing"],
+    "image directory without class folders": [*TRAIN, *IMAGES, "--data.path=images/flat"],
+    "corrupt image": [*TRAIN, *IMAGES, "--data.path=images/corrupt"],
+    "empty class folder": [*TRAIN, *IMAGES, "--data.path=images/empty-class"],
+    "TFDS dataset not prepared": [*TRAIN, "--data.source=tfds", "--data.path=tfds", "--data.tfds_name=my_set",
+                                  "--data.image_size=[8,8]"],
+    "regression labels for a classification source": [*TRAIN, *IMAGES, "--data.path=images/corrupt",
+                                                       "--data.task=regression"],
+    # the model
+    "unknown model": [*TRAIN, "--model.name=resnt"],
+    "model by import path that does not import": [*TRAIN, "--model.name=my_models:build"],
+    "inputs too small for a keras.applications model": [*TRAIN, "--data.source=synthetic", "--data.input_shape=[8,8,3]",
+                                                        "--model.name=ResNet50"],
+    # the run directory and its checkpoints
+    "unwritable run directory": [*TRAIN, "--trainer.run_dir=a-file/run"],
+    "checkpoint of another model": [*TRAIN, "--trainer.run_dir=trained", "--model.hidden=[32]"],
+    "resume required but no checkpoint": [*TRAIN, "--trainer.run_dir=fresh", "--resume"],
+    "resume refused but a checkpoint exists": ["train", *DIGITS, "--trainer.run_dir=trained", "--model.hidden=[16]",
+                                               "--no-resume"],
+    # predict and evaluate
+    "predict: no such run": ["predict", "--run", "no-such-run", "--output", "out/p.csv"],
+    "predict: run without a checkpoint": ["predict", "--run", "untrained", "--output", "out/p.csv"],
+    "predict: unwritable output": ["predict", "--run", "trained", "--model.hidden=[16]", "--output", "a-file/p.npy"],
+    "predict: unknown output format": ["predict", "--run", "trained", "--model.hidden=[16]", "--output", "out/p.txt"],
+    "predict: fields the task does not have": ["predict", "--run", "trained", "--model.hidden=[16]", "--fields",
+                                               "value", "--output", "out/p.csv"],
+    "predict: --input that does not exist (a run trained on images)": ["predict", "--run", "trained-images", "--input",
+                                                                       "bad/nope", "--output", "out/p.csv"],
+    "evaluate: inputs of another shape": ["evaluate", "--run", "trained", "--model.hidden=[16]", "--input",
+                                          "data/ok.npz"],
+}
 
 
 def prepare(root):
@@ -85,12 +147,13 @@ def readme_table() -> dict:
 
 @pytest.fixture(scope="module")
 def printed(tmp_path_factory):
+    """Every case through the real CLI entry point in one launch (tests/parallel/workers/commands_worker.py), with
+    the prepared directory as the working directory: per rank, {case: {"code", "stdout", "stderr"}}."""
     root = tmp_path_factory.mktemp("bad-input")
     prepare(root)
-    out = root / "results.json"
-    proc = horovodrun(2, ["python", WORKER, str(out)], "mpi", timeout=900, cwd=root)
-    assert proc.returncode == 0, output(proc)
-    return [json.loads(out.with_name(f"results.json.rank{r}").read_text()) for r in range(2)]
+    (root / "results").mkdir()
+    jobs = [{"name": case, "argv": argv} for case, argv in CASES.items()]
+    return run_commands(2, jobs, root / "results", "mpi", timeout=900, cwd=root)
 
 
 def test_every_case_stops_every_rank_with_one_line(printed):
