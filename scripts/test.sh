@@ -7,6 +7,7 @@
 #   PYTEST_ARGS="-x -k resume" scripts/test.sh .venv:parallel
 # A tier is a pytest marker: unit, parallel, integration, slurm (the directories of tests/; tests/bench runs with
 # unit), or stacks (the tests that also run on the TF 2.15 stack). pytest finding no tests counts as a failure.
+# Every tier leaves its JUnit XML (each test's time) in test-reports/.
 # `+` starts another lane: lanes run side by side, each its tiers in order (the Slurm tier mostly waits on Slurm, so
 # `make test` runs it next to the other stack's tiers). A lane's tier prints its whole output when it ends, so the
 # lanes' outputs do not interleave.
@@ -14,6 +15,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 [ $# -gt 0 ] || { echo "usage: scripts/test.sh VENV:TIER... [+ VENV:TIER...]" >&2; exit 2; }
 work="$(mktemp -d)"; trap 'rm -rf "$work"' EXIT
+reports=test-reports   # each tier's JUnit XML (every test's time), kept after the run
+rm -rf "$reports"; mkdir -p "$reports"
 
 # One tier: its output to $work/<n>.out (or straight through with one lane), its summary line to $work/<n>.result.
 run_tier() {
@@ -25,7 +28,7 @@ run_tier() {
     printf '\n\033[1m== %s tests, %s (%s), %s\033[0m\n' "$tier" "$venv" "${stack#stack=}" "$(date -u +%H:%M:%S)"
     started=$SECONDS
     # shellcheck disable=SC2086
-    PATH="$PWD/$venv/bin:$PATH" "$venv/bin/python" -m pytest -m "$tier" --junitxml="$work/$n.xml" \
+    PATH="$PWD/$venv/bin:$PATH" "$venv/bin/python" -m pytest -m "$tier" --junitxml="$reports/$n-$tier-${venv#.}.xml" \
       -o junit_suite_name="$tier $venv" ${PYTEST_ARGS:-} </dev/null; rc=$?
     [ "$rc" = 5 ] && { echo "test.sh: pytest collected no $tier tests; that is a failure" >&2; rc=1; }
     printf '%-11s %-13s %-7s %5ds  %s\n' "$tier" "$venv" "${stack#stack=}" $((SECONDS - started)) \
@@ -34,7 +37,7 @@ run_tier() {
 }
 
 slowest() {
-  python3 - "$work"/*.xml <<'PY' 2>/dev/null || true
+  python3 - "$reports"/*.xml <<'PY' 2>/dev/null || true
 import sys, xml.etree.ElementTree as ET
 cases = []
 for path in sys.argv[1:]:
