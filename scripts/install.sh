@@ -31,9 +31,10 @@ while [ $# -gt 0 ]; do
   shift
 done
 case "$stack" in
-  tf2.21|current) stack=tf2.21; TF_VERSION=2.21.0; KERAS_MAJOR=3; PATCHES=(scripts/patches/horovod-0.28.1-tf2.21.patch)
+  tf2.21|current) stack=tf2.21; TF_VERSION=2.21.0; KERAS_MAJOR=3
+                  PATCHES=(scripts/patches/horovod-0.28.1-runner.patch scripts/patches/horovod-0.28.1-tf2.21.patch)
                   [ "$gpu" = 1 ] && PATCHES+=(scripts/patches/horovod-0.28.1-tf2.21-gpu.patch) ;;
-  tf2.15) TF_VERSION=2.15.1; KERAS_MAJOR=2; PATCHES=() ;;
+  tf2.15) TF_VERSION=2.15.1; KERAS_MAJOR=2; PATCHES=(scripts/patches/horovod-0.28.1-runner.patch) ;;
   *) echo "install.sh: --stack must be tf2.21 or tf2.15, got '$stack'" >&2; exit 2 ;;
 esac
 
@@ -137,9 +138,19 @@ build_horovod() {
     fail "building Horovod failed (the compiler errors are above; whole log: $log; needs g++, cmake, libopenmpi-dev)"
   fi
   # Read by `hvdtrain doctor`: this Horovod was built here, from which sources.
-  echo "horovod=$HOROVOD_VERSION tensorflow=$TF_VERSION gpu=$gpu patches=${PATCHES[*]:-none}" > "$venv/.hvdtrain-horovod-built"
+  build_record > "$venv/.hvdtrain-horovod-built"
 }
+# What a build here is made of: versions and each patch with its sha256, so that a changed patch means a rebuild.
+build_record() {
+  local patch_file patches=()
+  for patch_file in "${PATCHES[@]}"; do patches+=("$patch_file@$(sha256sum "$patch_file" | cut -c1-12)"); done
+  echo "horovod=$HOROVOD_VERSION tensorflow=$TF_VERSION gpu=$gpu patches=${patches[*]:-none}"
+}
+outdated() { [ -f "$venv/.hvdtrain-horovod-built" ] && [ "$(cat "$venv/.hvdtrain-horovod-built")" != "$(build_record)" ]; }
 if [ "$rebuild" = 1 ] || ! horovod_usable; then
+  build_horovod
+elif outdated; then
+  say "the Horovod in $venv was built from other sources than scripts/patches/ now holds: rebuilding it"
   build_horovod
 elif [ ! -f "$venv/.hvdtrain-horovod-built" ]; then
   say "using the Horovod $HOROVOD_VERSION already installed in $venv (built against this TensorFlow)"

@@ -18,6 +18,15 @@ work="$(mktemp -d)"; trap 'rm -rf "$work"' EXIT
 reports=test-reports   # each tier's JUnit XML (every test's time), kept after the run
 rm -rf "$reports"; mkdir -p "$reports"
 
+# Where a tier's tests live: pytest collects (imports) only those files.
+tier_dirs() {
+  case "$1" in
+    unit) echo tests/unit tests/bench ;;
+    stacks) echo tests/parallel ;;
+    *) echo "tests/$1" ;;
+  esac
+}
+
 # One tier: its output to $work/<n>.out (or straight through with one lane), its summary line to $work/<n>.result.
 run_tier() {
   local n="$1" spec="$2" out="$3" venv tier stack started rc
@@ -28,7 +37,7 @@ run_tier() {
     printf '\n\033[1m== %s tests, %s (%s), %s\033[0m\n' "$tier" "$venv" "${stack#stack=}" "$(date -u +%H:%M:%S)"
     started=$SECONDS
     # shellcheck disable=SC2086
-    PATH="$PWD/$venv/bin:$PATH" "$venv/bin/python" -m pytest -m "$tier" --junitxml="$reports/$n-$tier-${venv#.}.xml" \
+    PATH="$PWD/$venv/bin:$PATH" "$venv/bin/python" -m pytest -m "$tier" $(tier_dirs "$tier") --junitxml="$reports/$n-$tier-${venv#.}.xml" \
       -o junit_suite_name="$tier $venv" ${PYTEST_ARGS:-} </dev/null; rc=$?
     [ "$rc" = 5 ] && { echo "test.sh: pytest collected no $tier tests; that is a failure" >&2; rc=1; }
     printf '%-11s %-13s %-7s %5ds  %s\n' "$tier" "$venv" "${stack#stack=}" $((SECONDS - started)) \

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hvdtrain.data import digits
 from hvdtrain.data.base import Share, Source, epoch_order, share_of, span_index
 from hvdtrain.data.sharding import per_rank_batch, steps_per_epoch
 from hvdtrain.errors import DataError
@@ -88,7 +89,6 @@ class ArraySource(Source):
         return stream.prefetch(tf.data.AUTOTUNE)
 
     def eval_share(self, world, split, batch) -> Share:
-        import tensorflow as tf
         arrays = self.arrays(split)
         if arrays is None:
             raise DataError(f"data.source=npz has no {split} split (set data.test_path)")
@@ -106,14 +106,10 @@ def array_share(arrays, world, batch: int) -> Share:
 
 
 def _digits(cfg, split: str) -> Arrays:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    bunch = load_digits()
-    x = (bunch.images / 16.0).astype(np.float32)[..., None]
-    y = bunch.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=cfg.test_fraction, random_state=DIGITS_SPLIT_SEED,
-                                              stratify=y)
-    return Arrays(x_tr, y_tr) if split == "train" else Arrays(x_te, y_te)
+    images, labels = digits.load()
+    train, test = digits.split(labels, cfg.test_fraction, DIGITS_SPLIT_SEED)
+    index = train if split == "train" else test
+    return Arrays((images[index] / 16.0).astype(np.float32)[..., None], labels[index])
 
 
 def _synthetic(cfg, split: str, task: Task) -> Arrays:

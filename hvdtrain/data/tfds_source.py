@@ -35,7 +35,7 @@ class TfdsSource(Source):
         name = self._split(split)
         try:
             return self.builder().info.splits[name].file_instructions
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError):
             raise DataError(f"TFDS dataset {self.cfg.tfds_name} has no split {name!r} (it has "
                             f"{', '.join(self.builder().info.splits)}): set data.train_split / data.test_split") from None
 

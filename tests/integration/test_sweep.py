@@ -49,17 +49,21 @@ def metric_rows(out, number: int) -> int:
     return max(0, len(path.read_text().splitlines()) - 1) if path.exists() else 0
 
 
-def kill_session(sid: int) -> int:
-    """SIGKILL every process of one session (a trial's launcher and ranks), by process id."""
-    killed = 0
+def signal_session(sid: int, sig: int) -> int:
+    """Send `sig` to every process of one session (a trial's launcher and ranks), by process id."""
+    found = 0
     for p in psutil.process_iter():
         try:
             if os.getsid(p.pid) == sid:
-                p.kill()
-                killed += 1
+                p.send_signal(sig)
+                found += 1
         except (psutil.NoSuchProcess, ProcessLookupError):
             continue
-    return killed
+    return found
+
+
+def trial_session(out, number: int) -> int:
+    return int((out / "trials" / f"{number:04d}" / "trial.pid").read_text())
 
 
 def test_four_trial_sweep_finds_a_best_config_that_train_reproduces(tmp_path):
@@ -113,15 +117,18 @@ def test_four_trial_sweep_finds_a_best_config_that_train_reproduces(tmp_path):
 def test_killed_sweep_continues_without_losing_or_repeating_a_trial(tmp_path):
     """Driver 1 is SIGKILLed while trial 0 trains (the trial keeps running); driver 2 follows it, starts trial 1 and is
     SIGKILLed together with trial 1's processes (as in a crash of the machine); driver 3 relaunches trial 1, which
-    resumes from its checkpoint, then runs trial 2."""
+    resumes from its checkpoint, then runs trial 2. A trial is held (SIGSTOP) while its driver is killed, so short
+    trials cannot end before the test has done what it checks."""
     space, out = tmp_path / "space.yaml", tmp_path / "sweep"
     space.write_text(LR_WARMUP)
-    args = [*BASE, "--trainer.epochs=40", "--space", str(space), "--trials", "3", "--output", str(out),
+    epochs = 6
+    args = [*BASE, f"--trainer.epochs={epochs}", "--space", str(space), "--trials", "3", "--output", str(out),
             "--ranks-per-trial", "2"]
 
     with open(tmp_path / "driver1.log", "w") as log:
         first = start_sweep(args, log)
     wait_for(lambda: metric_rows(out, 0) >= 1 or first.poll() is not None, timeout=1800, what="trial 0 to train")
+    assert signal_session(trial_session(out, 0), signal.SIGSTOP) >= 1   # held until driver 2 has found it running
     first.kill()
     first.wait(timeout=60)
     assert first.returncode == -signal.SIGKILL, (tmp_path / "driver1.log").read_text()
@@ -130,13 +137,17 @@ def test_killed_sweep_continues_without_losing_or_repeating_a_trial(tmp_path):
 
     with open(tmp_path / "driver2.log", "w") as log:
         second = start_sweep(args, log)
+    wait_for(lambda: "following it" in (tmp_path / "driver2.log").read_text() or second.poll() is not None,
+             timeout=600, what="driver 2 to find trial 0 running")
+    signal_session(trial_session(out, 0), signal.SIGCONT)
     wait_for(lambda: metric_rows(out, 1) >= 1 or second.poll() is not None, timeout=1800, what="trial 1 to train")
+    sid = trial_session(out, 1)
+    signal_session(sid, signal.SIGSTOP)
     second.kill()
     second.wait(timeout=60)
     log2 = (tmp_path / "driver2.log").read_text()
     assert second.returncode == -signal.SIGKILL, log2
-    sid = int((out / "trials/0001/trial.pid").read_text())
-    assert kill_session(sid) >= 1, log2    # the trial was running: its launcher and ranks are gone now
+    assert signal_session(sid, signal.SIGKILL) >= 1, log2    # the trial was running: its launcher and ranks are gone now
     assert not (out / "trials/0001/summary.json").exists()
     assert "trial 0 is still running" in log2 and "following it" in log2, log2
     assert "trial 0 completed" in log2 and "trial 1 started" in log2, log2
@@ -156,7 +167,7 @@ def test_killed_sweep_continues_without_losing_or_repeating_a_trial(tmp_path):
     assert log1.count("[hvdtrain] 2 rank(s)") == 2 and f"resuming from {out}/trials/0001/checkpoints/ckpt-" in log1
     for number in range(3):
         s = summary(out, number)
-        assert s["status"] == "completed" and s["global_step"] == 40 * (1437 // 64)
+        assert s["status"] == "completed" and s["global_step"] == epochs * (1437 // 64)
         assert float(table[number]["test_accuracy"]) == s["test_accuracy"]
 
 
@@ -166,7 +177,7 @@ def test_side_by_side_trials_pause_on_ctrl_c_and_resume_when_rerun(tmp_path):
     their checkpoints."""
     space, out = tmp_path / "space.yaml", tmp_path / "sweep"
     space.write_text(LR_WARMUP)
-    args = [*BASE, "--trainer.epochs=40", "--space", str(space), "--trials", "3", "--output", str(out),
+    args = [*BASE, "--trainer.epochs=12", "--space", str(space), "--trials", "3", "--output", str(out),
             "--ranks-per-trial", "1", "--parallel", "2", "--slots", "2"]
     with open(tmp_path / "driver1.log", "w") as log:
         first = start_sweep(args, log)
@@ -206,7 +217,7 @@ def test_a_hopeless_trial_is_pruned_and_stopped_at_an_agreed_step(tmp_path):
     space.write_text("optim.lr: {log_uniform: [1.0e-5, 0.1]}\n"
                      "pruning: {startup_trials: 1, warmup_epochs: 0}\n"
                      "enqueue:\n  - {optim.lr: 0.05}\n  - {optim.lr: 1.0e-5}\n")
-    proc = sweep([*BASE, "--trainer.epochs=40", "--space", str(space), "--trials", "2", "--output", str(out),
+    proc = sweep([*BASE, "--trainer.epochs=12", "--space", str(space), "--trials", "2", "--output", str(out),
                   "--ranks-per-trial", "2"])
     assert proc.returncode == 0, output(proc)
     table = rows(out)
@@ -219,7 +230,7 @@ def test_a_hopeless_trial_is_pruned_and_stopped_at_an_agreed_step(tmp_path):
     assert not (run / "STOP").exists()   # served: the trainer removed it after the checkpoint
     stopped = json.loads((run / "summary.json").read_text())
     assert stopped["status"] == "stopped" and stopped["num_ranks"] == 2
-    assert stopped["global_step"] < 40 * (1437 // 64)
+    assert stopped["global_step"] < 12 * (1437 // 64)
     log = (run / "train.log").read_text()
     assert "stopped at epoch" in log and f"on request (stop file {run}/STOP)" in log
     assert (run / "checkpoints" / f"ckpt-{stopped['global_step']:08d}").is_dir()   # checkpoint at the agreed step

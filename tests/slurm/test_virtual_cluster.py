@@ -28,6 +28,9 @@ LOST_NODE_VETH = f"{NAME}2"                   # host end of hvtnode2's link to t
 # The required bound for a lost link: the job must end by then (the watchdog fires after STALL_S without progress).
 FAULT_BOUND_S, STALL_S = 120, 15
 SHAPING = "tbf rate 100mbit burst 64kb latency 100ms"
+# The fault tests' jobs: still training when the link goes down after epoch 2 (the test acts within a second, an
+# epoch takes seconds), short enough that the resumed run's remainder costs little.
+FAULT_EPOCHS = 15
 
 
 @pytest.fixture(scope="module")
@@ -150,11 +153,12 @@ def test_lost_link_ends_the_job_with_the_watchdog_message_and_resubmitting_resum
     # --no-requeue: whichever way the run ends (the watchdog's exit code, or NODE_FAIL when Slurm marks the node DOWN
     # before srun gives up), the job stays ended and the user resubmits, which is what this test checks. Slurm's own
     # requeue after NODE_FAIL (train.sbatch asks for --requeue) is the next test.
-    args = ["--sbatch=--no-requeue", "--trainer.epochs=60", f"--trainer.run_dir={run}",
+    args = ["--sbatch=--no-requeue", f"--trainer.epochs={FAULT_EPOCHS}", f"--trainer.run_dir={run}",
             f"--runtime.stall_timeout_s={STALL_S}", "--trainer.progress=epoch"]
     job_id, log_path = submit(vcluster, work, "fault", args)
     vcluster.wait_while_running(job_id, "two epochs",
-                                lambda: log_path.exists() and "epoch 2/60" in log_path.read_text(), log_path)
+                                lambda: log_path.exists() and f"epoch 2/{FAULT_EPOCHS}" in log_path.read_text(),
+                                log_path)
     link("down")
     try:
         start, info, log = time.monotonic(), {}, ""
@@ -174,7 +178,7 @@ def test_lost_link_ends_the_job_with_the_watchdog_message_and_resubmitting_resum
         link("up")
     assert re.search(r"\[slurm\] job step ended with exit code [1-9]", log) or state == "NODE_FAIL", (info, log)
     assert "hvdtrain: error: rank 0 made no progress for" in log, log
-    assert "a peer rank died, stalled or lost its network" in log and "epoch 60/60" not in log
+    assert "a peer rank died, stalled or lost its network" in log and f"epoch {FAULT_EPOCHS}/{FAULT_EPOCHS}" not in log
     # The last checkpoint is complete (and the resumed run below loads it).
     meta = json.loads((latest / "meta.json").read_text())
     assert meta["global_step"] == int(latest.name.split("-")[1]) >= 2 * STEPS_PER_EPOCH
@@ -186,9 +190,10 @@ def test_lost_link_ends_the_job_with_the_watchdog_message_and_resubmitting_resum
     job_id, log_path = submit(vcluster, work, "fault", args)
     info, resumed = finished(vcluster, job_id, log_path)
     assert info["JobState"] == "COMPLETED", resumed
-    assert f"resuming from {latest}" in resumed and "epoch 60/60" in resumed, resumed
+    assert f"resuming from {latest}" in resumed and f"epoch {FAULT_EPOCHS}/{FAULT_EPOCHS}" in resumed, resumed
     summary = json.loads((run / "summary.json").read_text())
-    assert (summary["status"], summary["global_step"], summary["num_hosts"]) == ("completed", 60 * STEPS_PER_EPOCH, 2)
+    assert (summary["status"], summary["global_step"], summary["num_hosts"]) == \
+        ("completed", FAULT_EPOCHS * STEPS_PER_EPOCH, 2)
 
 
 def daemon_log(cluster: Cluster, name: str) -> str:
@@ -208,13 +213,14 @@ def test_node_failure_requeued_by_slurm_resumes_once_the_returned_node_has_ended
     # SLURM_KILL_BAD_EXIT=0: srun waits for the cut-off node's task, so Slurm (not srun giving up first, which ends the
     # job FAILED) always ends the run. stall_timeout_s=30: the cut-off rank gives up by itself while its link is down,
     # so its slurmstepd is left retrying its final report, the case that broke the requeued run.
-    args = ["--trainer.epochs=60", f"--trainer.run_dir={run}", "--runtime.stall_timeout_s=30",
+    args = [f"--trainer.epochs={FAULT_EPOCHS}", f"--trainer.run_dir={run}", "--runtime.stall_timeout_s=30",
             "--trainer.progress=epoch"]
     job_id, log_path = submit(vcluster, work, "nodefail", args, env={"SLURM_KILL_BAD_EXIT": "0"})
     old_step_waits = f"[{job_id}.0] error: Rank 1 failed sending step completion message directly to slurmctld"
     try:
         vcluster.wait_while_running(job_id, "two epochs",
-                                    lambda: log_path.exists() and "epoch 2/60" in log_path.read_text(), log_path)
+                                    lambda: log_path.exists() and f"epoch 2/{FAULT_EPOCHS}" in log_path.read_text(),
+                                log_path)
         link("down")
         try:
             vcluster.wait_for("Slurm to requeue the job after the node failure",
@@ -258,9 +264,10 @@ def test_node_failure_requeued_by_slurm_resumes_once_the_returned_node_has_ended
     # The requeued run resumed from the last checkpoint of the first and finished the training on both hosts.
     requeued = log.split(f"[slurm] job {job_id} run 2 on {NAME}node[1-2]: 2 tasks (1 per node)", 1)
     assert len(requeued) == 2, log
-    assert f"resuming from {latest}" in requeued[1] and "epoch 60/60" in requeued[1], log
+    assert f"resuming from {latest}" in requeued[1] and f"epoch {FAULT_EPOCHS}/{FAULT_EPOCHS}" in requeued[1], log
     summary = json.loads((run / "summary.json").read_text())
-    assert (summary["status"], summary["global_step"], summary["num_hosts"]) == ("completed", 60 * STEPS_PER_EPOCH, 2)
+    assert (summary["status"], summary["global_step"], summary["num_hosts"]) == \
+        ("completed", FAULT_EPOCHS * STEPS_PER_EPOCH, 2)
 
 
 def shape(add: bool):

@@ -231,6 +231,23 @@ def test_digits_split_is_fixed_real_data():
     assert (again.y == test.y).all(), "the digits test split must not depend on the data seed"
 
 
+@pytest.mark.parametrize("fraction", [0.2, 0.1, 0.37, 0.9])
+def test_digits_are_scikit_learns_with_its_stratified_split_without_importing_it(fraction):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    from hvdtrain.data import digits
+    images, labels = digits.load()
+    bunch = load_digits()
+    assert (images == bunch.images).all() and (labels == bunch.target).all()
+    train, test = train_test_split(np.arange(len(labels)), test_size=fraction, random_state=0, stratify=labels)
+    mine = digits.split(labels, fraction, 0)
+    assert mine[0].tolist() == train.tolist() and mine[1].tolist() == test.tolist()
+    cfg = DataConfig(test_fraction=fraction)
+    held_out = data.open_source(cfg).arrays("test")
+    assert (held_out.y == bunch.target[test]).all()
+    assert (held_out.x[..., 0] == (bunch.images[test] / 16.0).astype(np.float32)).all()
+
+
 def test_synthetic_is_any_shape_any_task_and_learnable():
     cfg = DataConfig(source="synthetic", input_shape=(4, 4, 3), num_classes=5, synthetic_samples=400)
     arrays = data.open_source(cfg).arrays("train")

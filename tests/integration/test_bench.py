@@ -1,6 +1,6 @@
-"""`hvdtrain bench allreduce | train` end to end, tiny sizes: correct sums, promised fields (the stack
-included), plots. These check correctness only; speed is for `make bench`, never for tests. `bench stacks`, which
-runs both virtualenvs whichever tier starts it, is in tests/integration/test_bench_stacks.py."""
+"""`hvdtrain bench allreduce | train` end to end (each driver launches its own ranks), tiny sizes: correct sums,
+promised fields (the stack included), plots. These check correctness only; speed is for `make bench`, never for
+tests. `bench stacks`, which runs both virtualenvs, is in tests/integration/test_bench_stacks.py."""
 import json
 
 import pytest
