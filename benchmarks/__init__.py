@@ -38,13 +38,15 @@ def add_arguments(parser) -> None:
 
 
 def run(args, overrides) -> int:
-    from hvdtrain import dist
+    from hvdtrain import backend
     from hvdtrain.errors import UserError
     args.overrides = list(overrides)   # benchmarks pass config overrides on to their ranks
     module = _module(args.bench_command)
-    if not dist.under_launcher():
+    if not backend.under_launcher():
         return module.run(args)
     if hasattr(module, "run_in_rank"):
+        from hvdtrain.runtime import import_tensorflow
+        import_tensorflow()   # quietly, before the rank's code imports it
         return module.run_in_rank(args)
     raise UserError(f"`hvdtrain bench {args.bench_command}` starts its own ranks: run it without a launcher "
                     "(horovodrun, mpirun, srun)")

@@ -75,7 +75,7 @@ class Impl:
 
 
 def measure(args, *, raw_only: bool, merge: bool) -> int:
-    from hvdtrain import dist
+    from hvdtrain import backend
     from hvdtrain.config import load_config
     before = harness.loadavg()
     if raw_only:
@@ -84,15 +84,15 @@ def measure(args, *, raw_only: bool, merge: bool) -> int:
         launch, settings, stack = "mpi-raw", _openmpi_settings(), None
     else:
         cfg = load_config(None, args.overrides)
-        dist.apply_comm_environment(cfg.runtime)   # before MPI_Init: some settings are OpenMPI's
+        backend.apply_comm_environment(cfg.runtime)   # before MPI_Init: some settings are OpenMPI's
         # Raw MPI again, in these processes and with these settings, taking turns with Horovod (MPI is initialised
         # first; Horovod then shares it).
-        raw = _mpi4py_impl("mpi4py-hvdtrain-env") if dist.launched_by_mpi() else None
+        raw = _mpi4py_impl("mpi4py-hvdtrain-env") if backend.launched_by_mpi() else None
         from hvdtrain import world
         w = world.start(cfg.runtime, configure=False)
-        impls = [impl for impl in (raw, _horovod_impl(w.controller, dist),
-                                   _horovod_eager_impl(w.controller, dist) if args.eager else None) if impl]
-        rank, n, launch, settings, stack = w.rank, w.size, w.controller, dist.active_comm_settings(), harness.rank_stack()
+        impls = [impl for impl in (raw, _horovod_impl(w.controller, backend),
+                                   _horovod_eager_impl(w.controller, backend) if args.eager else None) if impl]
+        rank, n, launch, settings, stack = w.rank, w.size, w.controller, backend.active_comm_settings(), harness.rank_stack()
     # The baseline sweeps all sizes RAW_ROUNDS times, seconds apart, keeping each size's best: a burst of load
     # from other processes must not make the transport look slow (it is cheap: no TensorFlow in the way).
     rows = _fastest([row for _ in range(RAW_ROUNDS if raw_only else 1) for row in _measure(impls, args, rank, n)])
@@ -170,7 +170,7 @@ def _mpi4py_impl(name: str) -> Impl:
                 lambda v: comm.allreduce(v, op=MPI.MAX))
 
 
-def _horovod_impl(controller: str, dist) -> Impl:
+def _horovod_impl(controller: str, backend) -> Impl:
     """hvdtrain's configured Horovod path: collectives inside a tf.function, back to back, with no Python between
     them (each waits for the previous one), the way a training step issues them."""
     import tensorflow as tf
@@ -181,7 +181,7 @@ def _horovod_impl(controller: str, dist) -> Impl:
         def loop(x, iters):
             def body(i, previous):
                 with tf.control_dependencies([previous]):
-                    return i + 1, dist.allreduce(x, "sum", name)
+                    return i + 1, backend.allreduce(x, "sum", name)
             return tf.while_loop(lambda i, _: i < iters, body, (tf.constant(0), tf.zeros_like(x)),
                                  parallel_iterations=1)[1]
         return loop
@@ -191,22 +191,22 @@ def _horovod_impl(controller: str, dist) -> Impl:
         if key not in loops:   # one name per size: Horovod caches the negotiation of a name it has seen
             loops[key] = loop_for(f"hvdtrain.bench.allreduce.{key}")
         return loops[key](x, tf.constant(iters))
-    return _tf_impl(f"hvdtrain-{controller}", reduce, dist)
+    return _tf_impl(f"hvdtrain-{controller}", reduce, backend)
 
 
-def _horovod_eager_impl(controller: str, dist) -> Impl:
+def _horovod_eager_impl(controller: str, backend) -> Impl:
     """The same collective called eagerly from Python, one at a time: what a loop without tf.function pays."""
     def reduce(x, iters):
         for _ in range(iters):
-            out = dist.allreduce(x, "sum", f"hvdtrain.bench.eager.{int(x.shape[0])}")
+            out = backend.allreduce(x, "sum", f"hvdtrain.bench.eager.{int(x.shape[0])}")
         return out
-    return _tf_impl(f"hvdtrain-{controller}-eager", reduce, dist)
+    return _tf_impl(f"hvdtrain-{controller}-eager", reduce, backend)
 
 
-def _tf_impl(name: str, reduce, dist) -> Impl:
+def _tf_impl(name: str, reduce, backend) -> Impl:
     import tensorflow as tf
-    return Impl(name, tf.constant, reduce, lambda t: t.numpy(), dist.barrier,
-                lambda v: max(dist.allgather_object(v, "hvdtrain.bench.slowest")))
+    return Impl(name, tf.constant, reduce, lambda t: t.numpy(), backend.barrier,
+                lambda v: max(backend.allgather_object(v, "hvdtrain.bench.slowest")))
 
 
 def _merged(merge_from: str | None, n: int, rows: list[dict], run_info: dict, stack: dict | None) -> dict:

@@ -88,9 +88,9 @@ def rank_stack() -> dict:
     import keras
     import tensorflow as tf
 
-    from hvdtrain import dist, runtime
+    from hvdtrain import backend, runtime
     return {"name": runtime.stack(), "tensorflow": tf.__version__, "keras": keras.__version__,
-            "integration": dist.integration(), "source": "rank"}
+            "integration": backend.integration(), "source": "rank"}
 
 
 def new_document(benchmark: str, np_: int, settings: dict, stack: dict | None = None) -> dict:
@@ -130,7 +130,7 @@ def forward(args, names) -> list[str]:
 def worker_main(doc: str, add_arguments, run, argv=None) -> int:
     """The entry point of a rank-side worker module (`python -m benchmarks.<x>_worker ...`): its arguments plus
     config overrides, TensorFlow imported quietly, and a UserError printed once (by rank 0 when all ranks agree)."""
-    from hvdtrain.dist import rank_hint
+    from hvdtrain.backend import rank_hint
     from hvdtrain.errors import UserError
     from hvdtrain.runtime import import_tensorflow
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

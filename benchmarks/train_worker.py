@@ -34,8 +34,8 @@ class HorovodSession:
     parts = True   # also time the step without communication and the input pipeline alone
 
     def __init__(self, role: str, runtime_cfg):
-        from hvdtrain import dist, world
-        self.dist, self.distributed = dist, role == "hvdtrain"
+        from hvdtrain import backend, world
+        self.backend, self.distributed = backend, role == "hvdtrain"
         self.world = world.start(runtime_cfg, configure=False) if self.distributed else world.World()
 
     def scope(self):
@@ -44,7 +44,7 @@ class HorovodSession:
     def distribute(self, optimizer, optim_cfg):
         if not self.distributed:
             return optimizer
-        return self.dist.distributed_optimizer(optimizer, fp16_compression=optim_cfg.fp16_compression,
+        return self.backend.distributed_optimizer(optimizer, fp16_compression=optim_cfg.fp16_compression,
                                                backward_passes_per_step=optim_cfg.backward_passes_per_step,
                                                sparse_as_dense=optim_cfg.sparse_as_dense)
 
@@ -53,17 +53,17 @@ class HorovodSession:
         return [StartCheck(self.world)] if self.distributed else []
 
     def slowest(self, value: float) -> float:
-        return max(self.dist.allgather_object(value, "hvdtrain.bench.slowest")) if self.world.size > 1 else value
+        return max(self.backend.allgather_object(value, "hvdtrain.bench.slowest")) if self.world.size > 1 else value
 
     def barrier(self) -> None:
         if self.world.size > 1:
-            self.dist.barrier()
+            self.backend.barrier()
 
     def fit(self, model, make, **kwargs):
         model.fit(make(self.world), **kwargs)
 
     def settings(self) -> dict:
-        return self.dist.active_comm_settings() if self.distributed else {}
+        return self.backend.active_comm_settings() if self.distributed else {}
 
 
 def measure(args, cfg, session, impl: str) -> int:

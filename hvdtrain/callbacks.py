@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
-from hvdtrain import dist
+from hvdtrain import backend
 from hvdtrain.checkpoint import Position
-from hvdtrain.errors import DataError, UserError
+from hvdtrain.errors import CollectiveFailure, DataError, UserError
 
 
 @dataclass
@@ -109,7 +109,7 @@ class Watchdog(keras.callbacks.Callback):
     work (evaluation, checkpoint) must finish within the timeout too. Exiting lets the launcher stop the others.
     """
 
-    EXIT_CODE = 4
+    EXIT_CODE = CollectiveFailure.exit_code
 
     def __init__(self, timeout: float, rank: int, run_dir, stream=None):
         super().__init__()
@@ -163,17 +163,17 @@ class StartCheck(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         model = self.model
-        if (self.world.size > 1 or dist.launched_elastic()) and not dist.is_distributed(model.optimizer):
+        if (self.world.size > 1 or backend.launched_elastic()) and not backend.is_distributed(model.optimizer):
             raise UserError(f"model.optimizer ({type(model.optimizer).__name__}) does not average gradients over the "
                             f"{self.world.size} ranks, so the replicas would drift apart: compile with "
                             "hvdtrain.keras.distribute(optimizer)", agreed=True)
-        if dist.uses_xla(model):
+        if backend.uses_xla(model):
             raise UserError("the model was compiled with jit_compile=True (Keras 3 does so by default on GPUs): "
                             "Horovod's all-reduce has no XLA kernel; compile with jit_compile=False", agreed=True)
         optimizer = model.optimizer
         if not (getattr(optimizer, "built", False) or getattr(optimizer, "_built", False)):
             optimizer.build(model.trainable_variables)
-        dist.broadcast_variables(list(model.variables) + list(optimizer.variables), name="hvdtrain.start")
+        backend.broadcast_variables(list(model.variables) + list(optimizer.variables), name="hvdtrain.start")
 
 
 class TrackPosition(keras.callbacks.Callback):
@@ -217,12 +217,12 @@ class AgreedStop(keras.callbacks.Callback):
         flags[self.world.rank] = 0.0 if healthy else 1.0
         flags[size] = 1.0 if self.stop.requested else 0.0
         flags[size + 1] = 1.0
-        total = dist.allreduce_sum(flags, name="hvdtrain.agreed_stop") if size > 1 else flags
+        total = backend.allreduce_sum(flags, name="hvdtrain.agreed_stop") if size > 1 else flags
         p = self.progress.position
         if total[size + 1] < size:   # a peer left after a data error: join it, then report its error
             self.progress.stop_reason = "data_error"
-            dist.join()
-            dist.raise_first(dist.allgather_object(None, "hvdtrain.data_error"))
+            backend.join()
+            backend.raise_first(backend.allgather_object(None, "hvdtrain.data_error"))
         bad = [r for r in range(size) if total[r] > 0]
         if bad:
             self.progress.failure = (
@@ -237,7 +237,7 @@ class AgreedStop(keras.callbacks.Callback):
             self.model.stop_training = True
 
     def _who_asked(self) -> str:
-        names = dist.allgather_object(self.stop.signal_name if self.stop.requested else "", "hvdtrain.stop_reason") \
+        names = backend.allgather_object(self.stop.signal_name if self.stop.requested else "", "hvdtrain.stop_reason") \
             if self.world.size > 1 else [self.stop.signal_name]
         asked = {rank: name for rank, name in enumerate(names) if name}
         if len(asked) == len(names) and len(set(asked.values())) == 1:
@@ -260,15 +260,15 @@ def data_error_during_fit(exc: BaseException, progress: Progress, world, diagnos
                "and rerun the same command to resume")
     if world.size == 1:
         raise DataError(message, agreed=True) from None
-    dist.join()
-    dist.raise_first(dist.allgather_object(("hvdtrain.errors", "DataError", message), "hvdtrain.data_error"))
+    backend.join()
+    backend.raise_first(backend.allgather_object(("hvdtrain.errors", "DataError", message), "hvdtrain.data_error"))
 
 
 def is_input_error(exc: BaseException) -> bool:
     """An error raised by the input pipeline (tf.data's IteratorGetNext), not by the model or a collective."""
     import tensorflow as tf
     return isinstance(exc, tf.errors.OpError) and "IteratorGetNext" in str(exc) and \
-        not any(mark in str(exc) for mark in dist.HOROVOD_MARKS)
+        not any(mark in str(exc) for mark in backend.HOROVOD_MARKS)
 
 
 def _short(exc) -> str:
@@ -291,7 +291,7 @@ class LocalState:
             return
         if self._average is None:
             local = [v for v in model.non_trainable_variables if "float" in str(getattr(v.dtype, "name", v.dtype))]
-            self._average = dist.variable_averager(local, "hvdtrain.local_state") if local else (lambda: None)
+            self._average = backend.variable_averager(local, "hvdtrain.local_state") if local else (lambda: None)
         self._average()
         self._step = step
 
@@ -338,11 +338,11 @@ class MetricAverage(keras.callbacks.Callback):
             return
         keys = sorted(k for k, v in logs.items() if _is_number(v))
         if self._keys is None:   # once: every rank must average the same metrics, or the all-reduce would hang
-            every = dist.allgather_object(keys, "hvdtrain.metric_keys")
+            every = backend.allgather_object(keys, "hvdtrain.metric_keys")
             if any(k != every[0] for k in every):
                 raise UserError(f"ranks log different metrics {every}; compile the same metrics on every rank", agreed=True)
             self._keys = keys
-        values = dist.allreduce_sum([float(logs[k]) for k in self._keys], "hvdtrain.metric_average") / self.world.size
+        values = backend.allreduce_sum([float(logs[k]) for k in self._keys], "hvdtrain.metric_average") / self.world.size
         logs.update(zip(self._keys, (float(v) for v in values)))
 
 
@@ -414,7 +414,7 @@ class ProgressLogger(keras.callbacks.Callback):
         super().__init__()
         self.stream = stream or sys.stdout
         if mode == "auto":
-            mode = "bar" if self.stream.isatty() and not dist.under_launcher() else "epoch"
+            mode = "bar" if self.stream.isatty() and not backend.under_launcher() else "epoch"
         self.mode, self.progress, self.interval = mode, progress, interval
 
     def on_epoch_begin(self, epoch, logs=None):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hvdtrain import dist
+from hvdtrain import backend
 from hvdtrain.errors import UserError
 from hvdtrain.rundir import RunDir, file_mode, make_temp_dir, write_json
 
@@ -109,7 +109,7 @@ def weights_digest(model) -> str:
 
 def agreed_digest(model, world) -> str:
     """Every rank's weight digest, compared (a collective): replicas that differ are a bug, never a silent result."""
-    digests = dist.allgather_object(weights_digest(model), "hvdtrain.digest") if world.size > 1 else [weights_digest(model)]
+    digests = backend.allgather_object(weights_digest(model), "hvdtrain.digest") if world.size > 1 else [weights_digest(model)]
     if len(set(digests)) != 1:
         raise UserError(f"replicas diverged: weight digests differ across ranks {digests}; this is a bug, please report it",
                         agreed=True)
@@ -165,7 +165,7 @@ def resume(run: RunDir, model, world, mode: str, expected_signature: dict,
     ranks without the shared file system cannot disagree silently). mode: auto | never | always."""
     found = str(latest(run.path) or "")
     if agree and world.size > 1:
-        found = dist.broadcast_object(found, "hvdtrain.latest")
+        found = backend.broadcast_object(found, "hvdtrain.latest")
     if not found:
         if mode == "always":
             raise UserError(f"trainer.resume=always but {run} holds no checkpoint; train first or use resume=auto")

@@ -12,8 +12,10 @@ from hvdtrain.errors import UserError
 
 # Commands whose trailing --section.key=value arguments are config overrides.
 TAKES_OVERRIDES = ("train", "evaluate", "predict", "config", "doctor", "slurm", "sweep", "bench")
-# Commands that run TensorFlow in this process: it is imported first, without its start-up banners.
-RUNS_TENSORFLOW = ("train", "evaluate", "predict", "doctor", "bench")
+# Commands that run TensorFlow in this process: it is imported first, without its start-up banners. (`train` imports
+# it itself once its config is valid, so a typo is reported in a second; `bench` only inside ranks: its drivers
+# start subprocesses and never need it.)
+RUNS_TENSORFLOW = ("evaluate", "predict", "doctor")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,7 +44,7 @@ def main(argv=None) -> int:
             import_tensorflow()
         return importlib.import_module(COMMANDS[args.command]).run(args, overrides)
     except UserError as exc:
-        from hvdtrain.dist import rank_hint
+        from hvdtrain.backend import rank_hint
         # An agreed error is the same on every rank: rank 0 prints it once. A local one is printed where it happened.
         if rank_hint() == 0 or not exc.agreed:
             # One write: print() writes the newline separately, and a launcher that tags output per write (mpirun)

@@ -22,13 +22,13 @@ from hvdtrain import runtime
 runtime.import_tensorflow()   # first, so TensorFlow's start-up banners stay hidden in your script's output too
 
 from hvdtrain import callbacks as cb  # noqa: E402
-from hvdtrain import checkpoint, dist  # noqa: E402
+from hvdtrain import backend, checkpoint  # noqa: E402
 from hvdtrain import world as worlds  # noqa: E402
 from hvdtrain.checkpoint import Position  # noqa: E402
 from hvdtrain.config import RuntimeConfig  # noqa: E402
 from hvdtrain.fused_norm import fuse_batch_norm  # noqa: E402
 from hvdtrain.optim import scaled_lr  # noqa: E402
-from hvdtrain.rundir import RunDir  # noqa: E402
+from hvdtrain.rundir import STOP_FILE, RunDir  # noqa: E402
 from hvdtrain.session import Session, fit_segments  # noqa: E402
 from hvdtrain.tasks import Task  # noqa: E402
 from hvdtrain.world import World  # noqa: E402
@@ -48,12 +48,12 @@ def distribute(optimizer, *, fp16_compression: bool = False, backward_passes_per
     """The optimizer, averaging gradients over all ranks with a fused ring all-reduce; use the returned object.
     Under the mixed_float16 policy it is also loss-scaled, with the skip-a-step decision agreed by all ranks."""
     import keras
-    optimizer = dist.distributed_optimizer(optimizer, fp16_compression=fp16_compression,
+    optimizer = backend.distributed_optimizer(optimizer, fp16_compression=fp16_compression,
                                            backward_passes_per_step=backward_passes_per_step,
                                            sparse_as_dense=sparse_as_dense)
     if keras.mixed_precision.global_policy().name == "mixed_float16" and \
             not isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer):
-        optimizer = dist.loss_scale(optimizer)
+        optimizer = backend.loss_scale(optimizer)
     return optimizer
 
 
@@ -87,13 +87,13 @@ def agreed_steps(dataset, world: World, batch_size: int | None = None) -> int:
     if count < 0:   # unknown or infinite: count by reading once
         count = int(dataset.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
     local = count // batch_size if batch_size else count
-    return int(dist.allreduce_min([local], "hvdtrain.keras.agreed_steps")[0]) if world.size > 1 else local
+    return int(backend.allreduce_min([local], "hvdtrain.keras.agreed_steps")[0]) if world.size > 1 else local
 
 
 def barrier(world: World) -> None:
     """Wait until every rank gets here (e.g. after rank 0 prepared files the others read)."""
     if world.size > 1:
-        dist.barrier()
+        backend.barrier()
 
 
 def callbacks(world: World, average_metrics: bool = True) -> list:
@@ -140,8 +140,8 @@ class Run:
                  tensorboard: bool = False, handle_signals: bool = True):
         self.world, self.steps_per_epoch, self._evaluate = world, steps_per_epoch, None
         self.run = RunDir(run_dir)
-        dist.agree_on_errors(self.run.check, "hvdtrain.keras.run_dir") if world.size > 1 else self.run.check()
-        stop = cb.StopRequest(stop_file=self.run / "STOP")
+        backend.agree_on_errors(self.run.check, "hvdtrain.keras.run_dir") if world.size > 1 else self.run.check()
+        stop = cb.StopRequest(stop_file=self.run / STOP_FILE)
         if handle_signals:
             stop.install()
         opts = cb.Options(check_every_steps=check_every_steps, checkpoint_every_epochs=checkpoint_every_epochs,
@@ -154,7 +154,7 @@ class Run:
         """Restore the latest checkpoint (weights, optimizer, position) if there is one; every rank the same one."""
         sig = checkpoint.signature(model, tuple(model.input_shape[1:]), int(model.output_shape[-1]), model.name)
         call = (lambda: self.session.resume(model, sig, mode))
-        return dist.agree_on_errors(call, "hvdtrain.keras.resume") if self.world.size > 1 else call()
+        return backend.agree_on_errors(call, "hvdtrain.keras.resume") if self.world.size > 1 else call()
 
     def fit(self, model, epoch_batches, evaluate=None, task: str = "classification", callbacks=(), **fit_kwargs):
         """model.fit from the resume position to the end, with all the callbacks in their order, as `hvdtrain train`

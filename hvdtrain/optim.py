@@ -11,7 +11,7 @@ import math
 import keras
 import tensorflow as tf
 
-from hvdtrain import dist
+from hvdtrain import backend
 
 
 def scaled_lr(base_lr: float, rule: str, size: int) -> float:
@@ -63,8 +63,8 @@ def build_optimizer(optim_cfg, size: int, steps_per_epoch: int, epochs: int):
 def distributed_optimizer(optim_cfg, size: int, steps_per_epoch: int, epochs: int, precision: str = "float32"):
     """The configured optimizer, averaging gradients over all ranks (and loss-scaled for mixed_float16, with the
     skip-this-step decision agreed by all ranks)."""
-    optimizer = dist.distributed_optimizer(build_optimizer(optim_cfg, size, steps_per_epoch, epochs),
+    optimizer = backend.distributed_optimizer(build_optimizer(optim_cfg, size, steps_per_epoch, epochs),
                                            fp16_compression=optim_cfg.fp16_compression,
                                            backward_passes_per_step=optim_cfg.backward_passes_per_step,
                                            sparse_as_dense=optim_cfg.sparse_as_dense)
-    return dist.loss_scale(optimizer) if precision == "mixed_float16" else optimizer
+    return backend.loss_scale(optimizer) if precision == "mixed_float16" else optimizer

@@ -13,6 +13,7 @@ from pathlib import Path
 from hvdtrain.errors import UserError
 
 TMP_PREFIX = ".tmp-"
+STOP_FILE = "STOP"   # RUN_DIR/STOP: a graceful stop at the next agreed step (served: removed after the checkpoint)
 
 
 def umask() -> int:

@@ -8,7 +8,7 @@ import contextlib
 import time
 
 from hvdtrain import callbacks as cb
-from hvdtrain import checkpoint, dist
+from hvdtrain import backend, checkpoint
 from hvdtrain.checkpoint import Checkpointer, Position
 from hvdtrain.errors import NonFiniteLoss
 from hvdtrain.log import get_logger
@@ -35,7 +35,7 @@ class Session:
             optimizer.build(model.trainable_variables)   # slots must exist before a checkpoint restores them
         self.checkpointer.meta["signature"] = signature
         self.start, self.resumed_from = checkpoint.resume(self.run, model, self.world, mode, signature,
-                                                          agree=not dist.launched_elastic())
+                                                          agree=not backend.launched_elastic())
         self.progress.position = self.start
         self.checkpointer.last_step = self.start.global_step if self.resumed_from else -1
         if self.resumed_from:
@@ -66,11 +66,11 @@ class Session:
         try:
             yield
         except Exception as exc:
-            if dist.launched_elastic():
+            if backend.launched_elastic():
                 raise   # Horovod Elastic handles failed collectives itself: it resets and continues from the last commit
             cb.data_error_during_fit(exc, self.progress, self.world, diagnose)
             p = self.progress.position
-            failure = dist.collective_failure(exc, f"epoch {p.epoch + 1}, step {p.step_in_epoch}", self.run.path)
+            failure = backend.collective_failure(exc, f"epoch {p.epoch + 1}, step {p.step_in_epoch}", self.run.path)
             if failure is not None:
                 raise failure from None
             raise

@@ -6,12 +6,12 @@ loop; `summarize()` the end. Static and elastic training are two loop strategies
 from __future__ import annotations
 
 from hvdtrain import callbacks as cb
-from hvdtrain import checkpoint, config, data, dist, models, optim
+from hvdtrain import backend, checkpoint, config, data, models, optim
 from hvdtrain import world as worlds
 from hvdtrain.errors import DataError, UserError
 from hvdtrain.inference import Evaluator
 from hvdtrain.log import counted, get_logger
-from hvdtrain.rundir import RunDir
+from hvdtrain.rundir import STOP_FILE, RunDir
 from hvdtrain.session import Session, fit_segments
 from hvdtrain.tasks import Task
 
@@ -24,7 +24,7 @@ class Trainer:
         self.run = RunDir(cfg.trainer.run_dir)
         self.log = get_logger(self.world.rank)
         try:
-            self._build(stop or cb.StopRequest(stop_file=self.run / "STOP"))
+            self._build(stop or cb.StopRequest(stop_file=self.run / STOP_FILE))
         except UserError:
             self.run.discard_if_fresh()   # nothing half-written: a failed start leaves no empty run directory
             raise
@@ -109,15 +109,15 @@ class StaticLoop:
 
     @staticmethod
     def together(fn, name):
-        return dist.agree_on_errors(fn, name)
+        return backend.agree_on_errors(fn, name)
 
     @staticmethod
     def gather(fn, name):
-        return dist.gather_agreed(fn, name)
+        return backend.gather_agreed(fn, name)
 
     @staticmethod
     def min_over_ranks(value: int) -> int:
-        return int(dist.allreduce_min([value], "hvdtrain.agreed_steps")[0])
+        return int(backend.allreduce_min([value], "hvdtrain.agreed_steps")[0])
 
     @staticmethod
     def check_launch(cfg, world) -> None:
@@ -149,7 +149,7 @@ class ElasticLoop:
     @staticmethod
     def check_launch(cfg, world) -> None:
         config.check_world(cfg, world.size)
-        if not dist.launched_elastic():
+        if not backend.launched_elastic():
             raise UserError("trainer.elastic=true needs Horovod's elastic launcher: horovodrun --gloo --min-np 1 "
                             "--max-np N --host-discovery-script scripts/discover-hosts.sh hvdtrain train --elastic ...")
         if cfg.data.source not in ("digits", "synthetic", "npz"):
@@ -159,10 +159,10 @@ class ElasticLoop:
     def run(self, trainer: Trainer) -> None:
         model, session = trainer.model, trainer.session
         start = session.progress.position
-        state = dist.elastic_state(lambda: model.variables + model.optimizer.variables, epoch=start.epoch,
+        state = backend.elastic_state(lambda: model.variables + model.optimizer.variables, epoch=start.epoch,
                                    step_in_epoch=start.step_in_epoch, global_step=start.global_step)
 
-        @dist.elastic_run
+        @backend.elastic_run
         def train(state):
             trainer.world = worlds.current()
             config.check_world(trainer.cfg, trainer.world.size)

@@ -42,14 +42,14 @@ class World:
 
 def start(runtime_cfg=None, *, configure: bool = True) -> World:
     """Start this rank: see the module docstring. `configure=False` leaves threads/seeds/precision alone."""
-    from hvdtrain import dist, runtime
+    from hvdtrain import backend, runtime
     from hvdtrain.config import RuntimeConfig
     runtime_cfg = runtime_cfg or RuntimeConfig()
     _python_stacks_on_crash()
     runtime.import_tensorflow()
     runtime.stack()
-    dist.apply_comm_environment(runtime_cfg)
-    world = World(**dist.init())
+    backend.apply_comm_environment(runtime_cfg)
+    world = World(**backend.init())
     _check_launch(world)
     runtime.pin_device(world.local_rank, world.local_size)
     if configure:
@@ -68,8 +68,8 @@ def _python_stacks_on_crash() -> None:
 
 def current() -> World:
     """The world now (it changes after an elastic reset)."""
-    from hvdtrain import dist
-    return World(**dist.topology())
+    from hvdtrain import backend
+    return World(**backend.topology())
 
 
 def _check_launch(world: World) -> None:

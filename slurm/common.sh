@@ -31,7 +31,7 @@ if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK="$SLURM_CPU
 export SLURM_KILL_BAD_EXIT="${SLURM_KILL_BAD_EXIT:-1}"
 
 # --- GPUs --------------------------------------------------------------------------------------------------------
-# Every rank sees all GPUs of its node and pins the one of its local rank (hvdtrain/dist.py). --gpus-per-task alone
+# Every rank sees all GPUs of its node and pins the one of its local rank (hvdtrain/backend/). --gpus-per-task alone
 # would make srun hide all but one GPU from each rank (implicit --gpu-bind=per_task:1).
 export SLURM_GPU_BIND="${SLURM_GPU_BIND:-none}"
 # NCCL (GPU all-reduce): warnings only; INFO prints the transport it chose (IB, socket) when a job is slow.
@@ -43,7 +43,7 @@ export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 
 # --- Horovod -----------------------------------------------------------------------------------------------------
 # hvdtrain sets HOROVOD_CYCLE_TIME, HOROVOD_FUSION_THRESHOLD, HOROVOD_CPU_OPERATIONS and the stall timeouts from the
-# config (runtime.*). A value exported here or before sbatch WINS over the config (hvdtrain/dist.py comm_environment).
+# config (runtime.*). A value exported here or before sbatch WINS over the config (hvdtrain/backend/ comm_environment).
 # Multi-node GPU jobs: all-reduce within a node over NCCL, across nodes over MPI; try it on slow inter-node links.
 # export HOROVOD_HIERARCHICAL_ALLREDUCE=1
 # Profile one run: a Chrome-trace timeline of every collective (rank 0 writes it).

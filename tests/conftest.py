@@ -171,7 +171,7 @@ def assert_rank_stack(stack: dict) -> None:
 
 def agreed_sources(cfg, size: int, split: str = "train") -> list:
     """One data source per rank of a `size`-rank world, each adopting what every rank's validation found (what the
-    trainer does under its agreement, dist.gather_agreed), in one process."""
+    trainer does under its agreement, backend.gather_agreed), in one process."""
     from hvdtrain import data
     from hvdtrain.world import World
     sources = [data.open_source(cfg) for _ in range(size)]

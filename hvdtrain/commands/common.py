@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hvdtrain import dist
+from hvdtrain import backend
 from hvdtrain.errors import UserError
 
 OVERRIDES_EPILOG = ("Any config key can be overridden after the options as --section.key=value, e.g.\n"
@@ -53,7 +53,7 @@ def write_report(path: str | None, report: dict, world) -> None:
                 write_json(Path(path), report)
             except OSError as exc:
                 raise UserError(f"cannot write --report {path} ({exc.strerror}); choose a writable path") from None
-    dist.agree_on_errors(write, "hvdtrain.report") if world.size > 1 else write()
+    backend.agree_on_errors(write, "hvdtrain.report") if world.size > 1 else write()
 
 
 def inputs_source(trained, input_source: str | None):

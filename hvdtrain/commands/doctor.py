@@ -17,7 +17,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args, overrides) -> int:
-    from hvdtrain import dist, runtime
+    from hvdtrain import backend, runtime
     from hvdtrain.config import load_config
     from hvdtrain.errors import UserError
     problems = []
@@ -28,11 +28,11 @@ def run(args, overrides) -> int:
     print(f"tensorflow   {tf.__version__} (keras {keras.__version__}), GPUs: {len(tf.config.list_physical_devices('GPU'))}")
     try:
         stack = runtime.stack()
-        print(f"stack        {stack}: {dist.integration()}")
+        print(f"stack        {stack}: {backend.integration()}")
     except UserError as exc:
         problems.append(str(exc))
     try:
-        info = dist.build_info()
+        info = backend.build_info()
     except Exception as exc:  # Horovod missing or its TensorFlow extension broken: that is the diagnosis
         info = None
         problems.append(f"Horovod is not usable with this TensorFlow ({exc}); run scripts/install.sh --rebuild-horovod")
@@ -44,17 +44,17 @@ def run(args, overrides) -> int:
         if not (info["controllers"]["mpi"] or info["controllers"]["gloo"]):
             problems.append("Horovod has neither the MPI nor the Gloo controller; rebuild with HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1")
     print(f"mpi          {_mpi_library()}")
-    for key, value in sorted(dist.comm_environment(cfg.runtime).items()):
+    for key, value in sorted(backend.comm_environment(cfg.runtime).items()):
         print(f"setting      {key}={value}")
     intra, inter = runtime.threads(cfg.runtime, int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1")))
     print(f"setting      threads per rank: intra-op {cfg.runtime.intra_op_threads or f'{intra} (CPU cores / ranks on the node)'}, "
           f"inter-op {inter}")
-    if info and dist.under_launcher():
+    if info and backend.under_launcher():
         from hvdtrain import world
         w = world.start(cfg.runtime, configure=False)
-        hosts = dist.allgather_object(socket.gethostname(), "hvdtrain.doctor.hosts")
+        hosts = backend.allgather_object(socket.gethostname(), "hvdtrain.doctor.hosts")
         if w.is_chief:
-            print(f"ranks        {w.size} ({w.controller} controller, launched by {dist.launcher_name()}) on hosts: "
+            print(f"ranks        {w.size} ({w.controller} controller, launched by {backend.launcher_name()}) on hosts: "
                   f"{', '.join(sorted(set(hosts)))}")
     else:
         print("ranks        1 (not under a launcher; run `horovodrun -np 2 hvdtrain doctor` to check communication)")

@@ -24,22 +24,22 @@ def add_arguments(parser) -> None:
 def run(args, overrides) -> int:
     import time
 
-    from hvdtrain import dist
+    from hvdtrain import backend
     from hvdtrain.commands.common import check_shape, inputs_source, start, write_report
     from hvdtrain.data.inputs import BUILT_IN
     from hvdtrain.inference import exact_metrics, load_agreed
 
     world, log = start(overrides)
     trained = load_agreed(args.run, args.checkpoint, overrides, world)
-    source = dist.agree_on_errors(lambda: inputs_source(trained, args.input), "hvdtrain.evaluate.source")
+    source = backend.agree_on_errors(lambda: inputs_source(trained, args.input), "hvdtrain.evaluate.source")
     split = "test" if args.input and args.input not in BUILT_IN else args.split
-    source.adopt(split, dist.gather_agreed(lambda: source.validate(world, split), "hvdtrain.evaluate.validate"))
+    source.adopt(split, backend.gather_agreed(lambda: source.validate(world, split), "hvdtrain.evaluate.validate"))
 
     def share():
         s = source.eval_share(world, split, args.batch_size)
         check_shape(s.dataset.element_spec[0].shape[1:], trained.input_shape, args.input or source.cfg.source)
         return s
-    dataset = dist.agree_on_errors(share, "hvdtrain.evaluate.inputs").dataset
+    dataset = backend.agree_on_errors(share, "hvdtrain.evaluate.inputs").dataset
     started = time.perf_counter()
     metrics = exact_metrics(trained.model, dataset, world, trained.task, "hvdtrain.evaluate", f"{split} data")
     seconds = time.perf_counter() - started

@@ -42,29 +42,29 @@ def add_arguments(parser) -> None:
 def run(args, overrides) -> int:
     import secrets
 
-    from hvdtrain import dist
+    from hvdtrain import backend
     from hvdtrain.commands.common import inputs_source, start, write_report
     from hvdtrain.data.inputs import BUILT_IN, is_unlabelled, lists_files
     from hvdtrain.inference import OrderedOutput, load_agreed, predict_to_file
 
     world, log = start(overrides)
     trained = load_agreed(args.run, args.checkpoint, overrides, world)
-    token = dist.broadcast_object(secrets.token_hex(4), "hvdtrain.predict.token") if world.size > 1 else "solo"
+    token = backend.broadcast_object(secrets.token_hex(4), "hvdtrain.predict.token") if world.size > 1 else "solo"
     paths = lists_files(args.input, trained.cfg.data)
     fields = args.fields.split(",") if args.fields else trained.task.default_fields() + (("path",) if paths else ())
     out = OrderedOutput(args.output, fields, world, token, trained.task, paths)
     try:
-        dist.agree_on_errors(lambda: out.open(trained.class_names), "hvdtrain.predict.open")  # fails before any work
-        dist.agree_on_errors(out.check_shared, "hvdtrain.predict.shared")
+        backend.agree_on_errors(lambda: out.open(trained.class_names), "hvdtrain.predict.open")  # fails before any work
+        backend.agree_on_errors(out.check_shared, "hvdtrain.predict.shared")
 
         if is_unlabelled(args.input):
-            got = dist.agree_on_errors(lambda: _unlabelled(args.input, trained, world, args.batch_size),
+            got = backend.agree_on_errors(lambda: _unlabelled(args.input, trained, world, args.batch_size),
                                        "hvdtrain.predict.inputs")
         else:
-            source = dist.agree_on_errors(lambda: inputs_source(trained, args.input), "hvdtrain.predict.source")
+            source = backend.agree_on_errors(lambda: inputs_source(trained, args.input), "hvdtrain.predict.source")
             split = "test" if args.input and args.input not in BUILT_IN else args.split
-            source.adopt(split, dist.gather_agreed(lambda: source.validate(world, split), "hvdtrain.predict.validate"))
-            got = dist.agree_on_errors(lambda: _checked(source.predict_share(world, split, args.batch_size), trained,
+            source.adopt(split, backend.gather_agreed(lambda: source.validate(world, split), "hvdtrain.predict.validate"))
+            got = backend.agree_on_errors(lambda: _checked(source.predict_share(world, split, args.batch_size), trained,
                                                         args.input or source.cfg.source), "hvdtrain.predict.share")
         log.info(f"predicting with {trained.ckpt} on {world.size} rank(s)")
         report = predict_to_file(trained.model, got, world, out, trained.task, trained.input_shape, trained.class_names)

@@ -22,13 +22,16 @@ def add_arguments(parser) -> None:
 def run(args, overrides) -> int:
     from pathlib import Path
 
-    from hvdtrain.callbacks import StopRequest
     from hvdtrain.config import load_config
-    from hvdtrain.trainer import Trainer
+    from hvdtrain.runtime import import_tensorflow
     if args.resume:
         overrides = [*overrides, f"--trainer.resume={args.resume}"]
     if args.elastic:
         overrides = [*overrides, "--trainer.elastic=true"]
-    cfg = load_config(args.config, overrides)
-    Trainer(cfg, stop=StopRequest(stop_file=Path(cfg.trainer.run_dir) / "STOP").install()).fit()
+    cfg = load_config(args.config, overrides)   # a config mistake is said before TensorFlow loads (seconds)
+    import_tensorflow()
+    from hvdtrain.callbacks import StopRequest
+    from hvdtrain.rundir import STOP_FILE
+    from hvdtrain.trainer import Trainer
+    Trainer(cfg, stop=StopRequest(stop_file=Path(cfg.trainer.run_dir) / STOP_FILE).install()).fit()
     return 0

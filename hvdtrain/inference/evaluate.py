@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hvdtrain import dist
+from hvdtrain import backend
 from hvdtrain.data.sharding import in_batch_order
 from hvdtrain.errors import DataError, first_line
 
@@ -53,7 +53,7 @@ def exact_metrics(model, dataset, world, task, name: str = "hvdtrain.evaluate", 
     checked after reading."""
     def read():
         return batch_sums(model, dataset, task, where, diagnose, expected)
-    parts = dist.gather_agreed(read, f"{name}.read") if world.size > 1 else [read()]
+    parts = backend.gather_agreed(read, f"{name}.read") if world.size > 1 else [read()]
     return task.metrics_from_sums(ordered_total(in_batch_order(parts), len(task.sum_names())))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from hvdtrain import checkpoint, config, dist, models
+from hvdtrain import backend, checkpoint, config, models
 from hvdtrain.data import open_source
 from hvdtrain.errors import UserError
 from hvdtrain.rundir import RunDir
@@ -58,7 +58,7 @@ def load(run: str | None, ckpt: str, overrides) -> TrainedRun:
 
 def load_agreed(run: str | None, ckpt: str | None, overrides, world) -> TrainedRun:
     """Every rank loads rank 0's choice of checkpoint (a run still training may gain one meanwhile); errors stop all."""
-    chosen = dist.agree_on_errors(lambda: locate(run, ckpt), "hvdtrain.locate")
+    chosen = backend.agree_on_errors(lambda: locate(run, ckpt), "hvdtrain.locate")
     if world.size > 1:
-        chosen = dist.broadcast_object(chosen, "hvdtrain.locate.chosen")
-    return dist.agree_on_errors(lambda: load(run, chosen, overrides), "hvdtrain.load")
+        chosen = backend.broadcast_object(chosen, "hvdtrain.locate.chosen")
+    return backend.agree_on_errors(lambda: load(run, chosen, overrides), "hvdtrain.load")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hvdtrain import config as configs
-from hvdtrain.errors import UserError
+from hvdtrain.errors import NonFiniteLoss, UserError
 from hvdtrain.rundir import write_atomic
 from hvdtrain.sweep import results
 from hvdtrain.sweep.local import LOST, RUNNING, LocalRunner
@@ -32,7 +32,7 @@ from hvdtrain.sweep.study import DriverLock, SweepStudy
 from hvdtrain.sweep.trial import PAUSED, PRUNED, MetricMissing, TrialDir
 
 POLL_S = {"local": 0.5, "slurm": 3.0}
-EXIT_BAD_INPUT, EXIT_NONFINITE = 2, 3
+EXIT_BAD_INPUT, EXIT_NONFINITE = UserError.exit_code, NonFiniteLoss.exit_code
 BASE_YAML = "base.yaml"
 
 

@@ -15,7 +15,7 @@ import json
 import math
 from pathlib import Path
 
-from hvdtrain.rundir import write_atomic
+from hvdtrain.rundir import STOP_FILE, write_atomic
 
 PRUNED, PAUSED = "pruned", "paused"
 
@@ -46,7 +46,7 @@ class TrialDir:
 
     @property
     def stop_file(self) -> Path:
-        return self.path / "STOP"
+        return self.path / STOP_FILE
 
     @property
     def decision_file(self) -> Path:

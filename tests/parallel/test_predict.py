@@ -16,7 +16,7 @@ import pytest
 
 from conftest import REPO, env, horovodrun, output
 from hvdtrain import data
-from predict_fixtures import inputs, tfrecord_order, trained_run
+from predict_fixtures import inputs, trained_run
 
 pytestmark = pytest.mark.stacks    # also on the TF 2.15 stack: see README, "Tests"
 

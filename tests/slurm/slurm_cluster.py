@@ -22,7 +22,7 @@ EPOCHS, STEPS_PER_EPOCH, CHECK_EVERY = 6, 1437 // 64, 10
 JOB = [f"--trainer.epochs={EPOCHS}", "--runtime.deterministic=true", "--trainer.keep_checkpoints=100",
        f"--trainer.check_every_steps={CHECK_EVERY}", "--trainer.progress=epoch"]
 
-# Weight digests of saved models (the algorithm of hvdtrain.dist.weights_digest) and their largest difference.
+# Weight digests of saved models (the algorithm of hvdtrain.backend.weights_digest) and their largest difference.
 COMPARE = """
 import hashlib, json, sys
 import numpy as np, tensorflow as tf

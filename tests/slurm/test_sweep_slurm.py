@@ -8,8 +8,6 @@ import json
 import re
 import subprocess
 
-import pytest
-
 from slurm_cluster import JOB_DEADLINE_S, REPO, VENV_BIN
 
 HVDTRAIN = str(VENV_BIN / "hvdtrain")

@@ -105,7 +105,7 @@ def test_two_node_job_has_one_rank_per_host_and_identical_weights(reference):
 
 def test_four_ranks_two_per_node_see_the_right_local_and_cross_ranks(vcluster, work):
     # `hvdtrain` first on PATH is a wrapper (topology_probe.py) that records each rank's topology right after
-    # hvdtrain's own dist.init() and then trains exactly as hvdtrain does: the real train.sbatch, srun --mpi=pmix.
+    # hvdtrain's own backend.init() and then trains exactly as hvdtrain does: the real train.sbatch, srun --mpi=pmix.
     bindir, topo_dir = work / "probe-bin", work / "topology"
     bindir.mkdir()
     wrapper = bindir / "hvdtrain"

@@ -4,7 +4,7 @@ The tests put a `hvdtrain` wrapper first on PATH that runs this file: it records
 of the topology (rank, local_rank, local_size, cross_rank, cross_size) next to Slurm's (SLURM_PROCID, SLURM_LOCALID,
 SLURM_NODEID), the host name and the PMIx data store it was given (PMIX_MCA_gds), in
 $HVDTRAIN_TOPOLOGY_DIR/rank-<rank>.json, then goes on exactly as `hvdtrain` would. The training itself is
-untouched: the record is written right after hvdtrain's own dist.init().
+untouched: the record is written right after hvdtrain's own backend.init().
 """
 import json
 import os
@@ -12,9 +12,9 @@ import socket
 import sys
 from pathlib import Path
 
-from hvdtrain import cli, dist
+from hvdtrain import backend, cli
 
-_init = dist.init
+_init = backend.init
 
 
 def _recording_init(*args, **kwargs):
@@ -29,7 +29,7 @@ def _recording_init(*args, **kwargs):
     return topo
 
 
-dist.init = _recording_init
+backend.init = _recording_init
 
 if __name__ == "__main__":
     sys.exit(cli.main())

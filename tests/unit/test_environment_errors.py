@@ -11,7 +11,7 @@ def run_python(code: str, **extra_env) -> subprocess.CompletedProcess:
 
 
 def test_the_installed_stack_is_recognised_and_a_mismatched_keras_is_refused_with_the_fix():
-    ok = run_python("from hvdtrain import runtime, dist; print(runtime.stack(), '|', dist.integration())")
+    ok = run_python("from hvdtrain import runtime, backend; print(runtime.stack(), '|', backend.integration())")
     stack, integration = ok.stdout.strip().split(" | ")
     assert stack in ("tf2.21", "tf2.15"), ok.stderr
     assert ("own Keras 3 layer" in integration) == (stack == "tf2.21")

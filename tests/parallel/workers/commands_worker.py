@@ -53,5 +53,5 @@ def run(job: dict) -> dict:
 
 jobs, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
 results = {job["name"]: run(job) for job in jobs}
-from hvdtrain.dist import rank_hint  # noqa: E402
+from hvdtrain.backend import rank_hint  # noqa: E402
 (out / f"results-rank{rank_hint()}.json").write_text(json.dumps(results, indent=1))

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from hvdtrain import data, dist, world
+from hvdtrain import backend, data, world
 from hvdtrain.config import load_config
 
 
@@ -16,8 +16,8 @@ def batches(global_batch: int, overrides: list[str]) -> tuple[int, dict]:
     cfg = load_config(None, overrides + [f"--trainer.global_batch_size={global_batch}"])
     w = world.start(cfg.runtime)
     source = data.open_source(cfg.data)
-    source.adopt("train", dist.gather_agreed(lambda: source.validate(w, "train"), "test.validate"))
-    steps = int(dist.allreduce_min([source.local_steps(w, global_batch)], "test.steps")[0])
+    source.adopt("train", backend.gather_agreed(lambda: source.validate(w, "train"), "test.validate"))
+    steps = int(backend.allreduce_min([source.local_steps(w, global_batch)], "test.steps")[0])
     held = [[int(v) for v in x.numpy().reshape(len(x), -1)[:, 0]]
             for x, _ in source.train_batches(w, global_batch, steps, 0, 1)]
     return w.rank, {"steps": steps, "batches": held}

@@ -18,7 +18,7 @@ import os
 import keras
 from keras.optimizers import LossScaleOptimizer
 
-from hvdtrain.dist._horovod import hvd
+from hvdtrain.backend._horovod import hvd
 from hvdtrain.errors import UserError
 
 _MARK = "_hvdtrain_distributed"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hvdtrain.dist._horovod import hvd
+from hvdtrain.backend._horovod import hvd
 from hvdtrain.errors import UserError
 
 _REDUCE_OPS = ("sum", "average", "min", "max")
@@ -137,7 +137,7 @@ def variable_averager(variables, name: str):
 
 def build_info() -> dict:
     """What Horovod was built with, for `hvdtrain doctor`. Not a collective."""
-    from hvdtrain.dist._horovod import version
+    from hvdtrain.backend._horovod import version
     h = hvd()
     return {
         "horovod": version(),

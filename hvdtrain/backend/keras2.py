@@ -1,13 +1,13 @@
 """The 2023 stack (TensorFlow 2.15, Keras 2): Horovod's own Keras layer, horovod.tensorflow.keras.
 
 Its DistributedOptimizer hooks Keras 2's `_compute_gradients`/`_aggregate_gradients`; its fused all-reduce and
-backward_passes_per_step are what hvdtrain's Keras 3 layer (dist/keras3.py) reproduces on Keras 3.
+backward_passes_per_step are what hvdtrain's Keras 3 layer (backend/keras3.py) reproduces on Keras 3.
 """
 from __future__ import annotations
 
 import keras
 
-from hvdtrain.dist._horovod import hvd_keras
+from hvdtrain.backend._horovod import hvd_keras
 
 
 def distributed_optimizer(optimizer, *, fp16_compression: bool = False, backward_passes_per_step: int = 1,

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import functools
 
-from hvdtrain.dist.collectives import (HOROVOD_MARKS, agree_on_errors, all_agree, allgather_object, allreduce, allreduce_min,
+from hvdtrain.backend.collectives import (HOROVOD_MARKS, agree_on_errors, all_agree, allgather_object, allreduce, allreduce_min,
                                        allreduce_sum, barrier, broadcast_object, broadcast_variables, build_info,
                                        collective_failure, gather_agreed, init, join, raise_first, topology,
                                        variable_averager)
-from hvdtrain.dist.environment import (active_comm_settings, apply_comm_environment, comm_environment,
+from hvdtrain.backend.environment import (active_comm_settings, apply_comm_environment, comm_environment,
                                        launched_by_mpi, launched_elastic, launcher_name, rank_hint, under_launcher)
 
 
@@ -25,9 +25,9 @@ from hvdtrain.dist.environment import (active_comm_settings, apply_comm_environm
 def _keras_layer():
     import keras
     if int(keras.__version__.split(".")[0]) >= 3:
-        from hvdtrain.dist import keras3 as layer
+        from hvdtrain.backend import keras3 as layer
     else:
-        from hvdtrain.dist import keras2 as layer
+        from hvdtrain.backend import keras2 as layer
     return layer
 
 
@@ -70,7 +70,7 @@ def elastic_state(variables_fn, **counters):
     Horovod's own Keras state calls `optimizer.variables()` (a list property on Keras 2.11+ and Keras 3) and its
     TensorFlowState does not re-broadcast variables in eager mode; this one does both correctly, on both stacks.
     """
-    from hvdtrain.dist._horovod import hvd, hvd_elastic
+    from hvdtrain.backend._horovod import hvd, hvd_elastic
     _, ObjectState = hvd_elastic()
     h = hvd()
 
@@ -101,7 +101,7 @@ def elastic_state(variables_fn, **counters):
 
 def elastic_run(fn):
     """hvd.elastic.run: re-run fn(state) after each membership change, from the last committed state."""
-    from hvdtrain.dist._horovod import hvd_elastic
+    from hvdtrain.backend._horovod import hvd_elastic
     elastic, _ = hvd_elastic()
     return elastic.run(fn)
 
