@@ -5,6 +5,7 @@ CSV that scikit-learn ships, and the split is StratifiedShuffleSplit's, step by 
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 from pathlib import Path
@@ -14,8 +15,10 @@ import numpy as np
 from hvdtrain.errors import DataError
 
 
+@functools.lru_cache(maxsize=1)   # read once per process: the train and test splits both come from it
 def load() -> tuple[np.ndarray, np.ndarray]:
-    """(images (1797, 8, 8) float64 in 0..16, labels (1797,) int64), as sklearn.datasets.load_digits gives them."""
+    """(images (1797, 8, 8) float64 in 0..16, labels (1797,) int64), as sklearn.datasets.load_digits gives them.
+    Shared: index them (a copy), never write to them."""
     spec = importlib.util.find_spec("sklearn")   # finds the package without running it
     path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
     if path is None or not path.is_file():
