@@ -11,8 +11,6 @@ import pytest
 
 from conftest import KERAS_MAJOR, REPO, hvdtrain, output, run_commands
 
-pytestmark = pytest.mark.stacks    # also on the TF 2.15 stack: see README, "Tests"
-
 BEGIN, END = "<!-- bad-input-table", "<!-- /bad-input-table -->"
 
 DIGITS = ["--trainer.epochs=1", "--trainer.tensorboard=false", "--trainer.progress=none"]

@@ -121,10 +121,12 @@ def job_id_from(text: str) -> str:
 
 
 def preempt_and_check_resume(cluster: Cluster, job_id: str, log_path: Path, run: Path, reference_run: Path,
-                             ranks: int) -> str:
+                             ranks: int, release_requeued: bool = False) -> str:
     """Preempt a running training job of the JOB config as Slurm would, and check the whole cycle: one agreed stop
     step, a checkpoint there, a requeue by the batch script, a second run resuming from that checkpoint, and a final
-    model equal to the uninterrupted one in reference_run. Returns the job log."""
+    model equal to the uninterrupted one in reference_run. release_requeued: once requeued, the job may start at once
+    (scontrol update StartTime=now, as an admin may) instead of after the cluster's requeue delay (cred_expire).
+    Returns the job log."""
     # Signal as Slurm's --signal=B:USR1@... would, once rank 0 has logged its start: that line comes after collectives
     # all ranks must join, so every rank has its stop handler installed, and the stop request stays latched until the
     # next agreement step. The run is thus always mid-training when it stops, whatever the machine's speed.
@@ -133,6 +135,11 @@ def preempt_and_check_resume(cluster: Cluster, job_id: str, log_path: Path, run:
                                log_path)
     signalled = cluster.run(["scancel", "--signal=USR1", "--batch", job_id])
     assert signalled.returncode == 0, signalled.stderr
+    if release_requeued:
+        cluster.wait_for("the batch script to requeue the job", lambda: (lambda j: j.get("Restarts") == "1" and
+                         j.get("JobState") == "PENDING" or j.get("JobState") in FINAL)(cluster.job(job_id)), log_path)
+        released = cluster.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+        assert released.returncode == 0, released.stdout + released.stderr
     info = cluster.wait_done(job_id, log_path)
     log = log_path.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
