@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, env, horovodrun, output
+from conftest import KERAS_MAJOR, REPO, env, horovodrun, output
 from hvdtrain import data
 from predict_fixtures import inputs, trained_run
 
@@ -22,6 +22,9 @@ pytestmark = pytest.mark.stacks    # also on the TF 2.15 stack: see README, "Tes
 
 WORKER = str(REPO / "tests/parallel/workers/predict_worker.py")
 LAUNCHES = {2: "mpi", 3: "gloo"}
+# Rank counts compared with one process. On TF 2.15 (the stacks tier) 2 only: what 3 oversubscribed ranks add, an
+# uneven deal of the batches, is the same source on both stacks and is checked on TF 2.21.
+RANKS = [2, 3] if KERAS_MAJOR >= 3 else [2]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +43,7 @@ def runs(tmp_path_factory):
     (folder / "untrained" / "checkpoints").mkdir(parents=True)
     (folder / "untrained" / "config.yaml").write_text("data:\n  source: digits\n")
     outs = {}
-    for ranks in (1, 2, 3):
+    for ranks in (1, *RANKS):
         outs[ranks] = tmp_path_factory.mktemp(f"predict-np{ranks}")
         (outs[ranks] / "bad").mkdir()
         args = [WORKER, str(run), str(folder), str(outs[ranks])]
@@ -52,7 +55,7 @@ def runs(tmp_path_factory):
     return run, outs, folder
 
 
-@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("ranks", RANKS)
 def test_predict_files_equal_single_process_byte_for_byte(runs, ranks):
     outs = runs[1]
     names = [p.name for p in outs[1].iterdir() if p.suffix in (".npy", ".csv", ".jsonl") and p.is_file()
@@ -90,7 +93,7 @@ def test_single_process_predictions_are_plain_keras_in_input_order(runs):
     assert len((out / "synthetic.jsonl").read_text().splitlines()) == 5
 
 
-@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("ranks", RANKS)
 def test_evaluate_equals_single_process_exactly(runs, ranks):
     run, outs, _ = runs
     for name in ("eval-test.json", "eval-train.json", "eval-tfrecord.json", "eval-checkpoint.json",
@@ -107,7 +110,7 @@ def test_evaluate_equals_single_process_exactly(runs, ranks):
     assert json.loads((outs[1] / "eval-tfrecord.json").read_text())["examples"] == 50
 
 
-@pytest.mark.parametrize("ranks", [1, 2, 3])
+@pytest.mark.parametrize("ranks", [1, *RANKS])
 def test_keras_predict_returns_model_outputs_in_order(runs, ranks):
     """Bit for bit model.predict at the batch size used: batch_size for arrays and unbatched datasets, a batched
     dataset's own batches."""
@@ -118,7 +121,7 @@ def test_keras_predict_returns_model_outputs_in_order(runs, ranks):
     assert np.array_equal(np.load(out / "keras-unbatched.npy"), np.load(one / "reference-logits-n7.npy"))
 
 
-@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("ranks", RANKS)
 def test_keras_evaluate_is_exact_on_dealt_batches_and_within_its_stated_tolerance_otherwise(runs, ranks):
     one, many = (json.loads((runs[1][r] / "keras-evaluate.json").read_text()) for r in (1, ranks))
     assert many["dealt"] == one["dealt"] and one["dealt"]["examples"] == 1001
@@ -137,7 +140,7 @@ BAD_INPUT = {
 }
 
 
-@pytest.mark.parametrize("ranks", [1, 2, 3])
+@pytest.mark.parametrize("ranks", [1, *RANKS])
 def test_bad_input_fails_on_every_rank_with_one_line_and_no_output(runs, ranks):
     _, outs, inputs = runs
     out = outs[ranks]
