@@ -206,7 +206,8 @@ class AgreedStop(keras.callbacks.Callback):
         if not hasattr(self, "_finite_fn"):
             import tensorflow as tf
             variables = self.model.trainable_variables
-            self._finite_fn = tf.function(lambda: tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in variables]))
+            self._finite_fn = tf.function(lambda: tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in variables]),
+                                          autograph=False)   # plain ops: nothing for AutoGraph to convert
         return bool(self._finite_fn())
 
     def _check(self, logs):
