@@ -32,9 +32,11 @@ while [ $# -gt 0 ]; do
 done
 case "$stack" in
   tf2.21|current) stack=tf2.21; TF_VERSION=2.21.0; KERAS_MAJOR=3
-                  PATCHES=(scripts/patches/horovod-0.28.1-runner.patch scripts/patches/horovod-0.28.1-tf2.21.patch)
+                  PATCHES=(scripts/patches/horovod-0.28.1-build.patch scripts/patches/horovod-0.28.1-runner.patch
+                           scripts/patches/horovod-0.28.1-tf2.21.patch)
                   [ "$gpu" = 1 ] && PATCHES+=(scripts/patches/horovod-0.28.1-tf2.21-gpu.patch) ;;
-  tf2.15) TF_VERSION=2.15.1; KERAS_MAJOR=2; PATCHES=(scripts/patches/horovod-0.28.1-runner.patch) ;;
+  tf2.15) TF_VERSION=2.15.1; KERAS_MAJOR=2
+          PATCHES=(scripts/patches/horovod-0.28.1-build.patch scripts/patches/horovod-0.28.1-runner.patch) ;;
   *) echo "install.sh: --stack must be tf2.21 or tf2.15, got '$stack'" >&2; exit 2 ;;
 esac
 
@@ -130,7 +132,7 @@ build_horovod() {
   local gpu_ops=(); [ "$gpu" = 1 ] && gpu_ops=(HOROVOD_GPU_OPERATIONS=NCCL)
   say "building horovod==$HOROVOD_VERSION for TensorFlow $TF_VERSION (2-4 minutes on 2 cores; log: $log)"
   if ! env HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 HOROVOD_WITHOUT_PYTORCH=1 \
-         HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS="-j$(nproc)" "${gpu_ops[@]}" \
+         HOROVOD_WITHOUT_MXNET=1 HOROVOD_CMAKE_BUILD_TYPE=Release MAKEFLAGS="-j$(nproc)" "${gpu_ops[@]}" \
          "$venv/bin/python" -m pip --disable-pip-version-check install --no-cache-dir --no-build-isolation \
          --force-reinstall "$work/horovod-$HOROVOD_VERSION" >"$log" 2>&1; then
     grep -nE "error|Error|ERROR" "$log" | head -40 >&2 || true
