@@ -136,8 +136,10 @@ def preempt_and_check_resume(cluster: Cluster, job_id: str, log_path: Path, run:
     signalled = cluster.run(["scancel", "--signal=USR1", "--batch", job_id])
     assert signalled.returncode == 0, signalled.stderr
     if release_requeued:
-        cluster.wait_for("the batch script to requeue the job", lambda: (lambda j: j.get("Restarts") == "1" and
-                         j.get("JobState") == "PENDING" or j.get("JobState") in FINAL)(cluster.job(job_id)), log_path)
+        def requeued():
+            job = cluster.job(job_id)
+            return job.get("Restarts") == "1" and job.get("JobState") == "PENDING"
+        cluster.wait_while_running(job_id, "the batch script to requeue the job", requeued, log_path)
         released = cluster.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
         assert released.returncode == 0, released.stdout + released.stderr
     info = cluster.wait_done(job_id, log_path)
