@@ -22,6 +22,7 @@ import numpy as np
 
 from hvdtrain import backend
 from hvdtrain.checkpoint import Position
+from hvdtrain.config import RuntimeConfig, TrainerConfig
 from hvdtrain.errors import CollectiveFailure, DataError, UserError
 
 
@@ -157,13 +158,13 @@ class StartCheck(keras.callbacks.Callback):
     """Before the first step: refuse what would silently train unsynchronised replicas or crash later (an optimizer
     that is not distributed, an XLA-compiled train step), then make every rank start from rank 0's state."""
 
-    def __init__(self, world):
+    def __init__(self, world, elastic: bool):
         super().__init__()
-        self.world = world
+        self.world, self.elastic = world, elastic
 
     def on_train_begin(self, logs=None):
         model = self.model
-        if (self.world.size > 1 or backend.launched_elastic()) and not backend.is_distributed(model.optimizer):
+        if (self.world.size > 1 or self.elastic) and not backend.is_distributed(model.optimizer):
             raise UserError(f"model.optimizer ({type(model.optimizer).__name__}) does not average gradients over the "
                             f"{self.world.size} ranks, so the replicas would drift apart: compile with "
                             "hvdtrain.keras.distribute(optimizer)", agreed=True)
@@ -171,8 +172,7 @@ class StartCheck(keras.callbacks.Callback):
             raise UserError("the model was compiled with jit_compile=True (Keras 3 does so by default on GPUs): "
                             "Horovod's all-reduce has no XLA kernel; compile with jit_compile=False", agreed=True)
         optimizer = model.optimizer
-        if not (getattr(optimizer, "built", False) or getattr(optimizer, "_built", False)):
-            optimizer.build(model.trainable_variables)
+        backend.build_optimizer(optimizer, model.trainable_variables)
         backend.broadcast_variables(list(model.variables) + list(optimizer.variables), name="hvdtrain.start")
 
 
@@ -218,12 +218,11 @@ class AgreedStop(keras.callbacks.Callback):
         flags[self.world.rank] = 0.0 if healthy else 1.0
         flags[size] = 1.0 if self.stop.requested else 0.0
         flags[size + 1] = 1.0
-        total = backend.allreduce_sum(flags, name="hvdtrain.agreed_stop") if size > 1 else flags
+        total = backend.allreduce_sum(flags, name="hvdtrain.agreed_stop")
         p = self.progress.position
         if total[size + 1] < size:   # a peer left after a data error: join it, then report its error
             self.progress.stop_reason = "data_error"
-            backend.join()
-            backend.raise_first(backend.allgather_object(None, "hvdtrain.data_error"))
+            backend.follow_leaver("hvdtrain.data_error")
         bad = [r for r in range(size) if total[r] > 0]
         if bad:
             self.progress.failure = (
@@ -238,8 +237,7 @@ class AgreedStop(keras.callbacks.Callback):
             self.model.stop_training = True
 
     def _who_asked(self) -> str:
-        names = backend.allgather_object(self.stop.signal_name if self.stop.requested else "", "hvdtrain.stop_reason") \
-            if self.world.size > 1 else [self.stop.signal_name]
+        names = backend.allgather_object(self.stop.signal_name if self.stop.requested else "", "hvdtrain.stop_reason")
         asked = {rank: name for rank, name in enumerate(names) if name}
         if len(asked) == len(names) and len(set(asked.values())) == 1:
             return names[0]
@@ -259,17 +257,13 @@ def data_error_during_fit(exc: BaseException, progress: Progress, world, diagnos
     message = (f"{found or f'{kind} input data ({_short(exc)})'}; found at epoch {p.epoch + 1}, step {p.step_in_epoch} "
                f"on rank {world.rank}: the inputs were valid at the start, so a file changed or vanished since; fix it "
                "and rerun the same command to resume")
-    if world.size == 1:
-        raise DataError(message, agreed=True) from None
-    backend.join()
-    backend.raise_first(backend.allgather_object(("hvdtrain.errors", "DataError", message), "hvdtrain.data_error"))
+    backend.leave_with(DataError(message), "hvdtrain.data_error")
 
 
 def is_input_error(exc: BaseException) -> bool:
     """An error raised by the input pipeline (tf.data's IteratorGetNext), not by the model or a collective."""
     import tensorflow as tf
-    return isinstance(exc, tf.errors.OpError) and "IteratorGetNext" in str(exc) and \
-        not any(mark in str(exc) for mark in backend.HOROVOD_MARKS)
+    return isinstance(exc, tf.errors.OpError) and "IteratorGetNext" in str(exc) and not backend.from_horovod(exc)
 
 
 def _short(exc) -> str:
@@ -481,15 +475,23 @@ class ElasticCommit(keras.callbacks.Callback):
 
 @dataclass(frozen=True)
 class Options:
-    """How a session behaves (the CLI fills it from trainer.* and runtime.*; the Keras API from keyword arguments)."""
-    check_every_steps: int = 10
-    checkpoint_every_epochs: int = 1
-    checkpoint_every_steps: int = 0
-    keep_checkpoints: int = 3
-    stall_timeout_s: float = 60.0
-    progress: str = "auto"
+    """How a session behaves. The defaults are trainer.*'s and runtime.*'s, declared with their help in config.py:
+    the CLI fills it with `from_config`, the Keras API from its keyword arguments (whose defaults are these)."""
+    check_every_steps: int = TrainerConfig.check_every_steps
+    checkpoint_every_epochs: int = TrainerConfig.checkpoint_every_epochs
+    checkpoint_every_steps: int = TrainerConfig.checkpoint_every_steps
+    keep_checkpoints: int = TrainerConfig.keep_checkpoints
+    stall_timeout_s: float = RuntimeConfig.stall_timeout_s
+    progress: str = TrainerConfig.progress
     csv: bool = True
-    tensorboard: bool = True
+    tensorboard: bool = TrainerConfig.tensorboard
+
+    @classmethod
+    def from_config(cls, cfg) -> Options:
+        t = cfg.trainer
+        return cls(check_every_steps=t.check_every_steps, checkpoint_every_epochs=t.checkpoint_every_epochs,
+                   checkpoint_every_steps=t.checkpoint_every_steps, keep_checkpoints=t.keep_checkpoints,
+                   stall_timeout_s=cfg.runtime.stall_timeout_s, progress=t.progress, tensorboard=t.tensorboard)
 
 
 def ordered(world, progress: Progress, run_dir, options: Options, *, stop: StopRequest, checkpointer, global_batch: int,
@@ -498,7 +500,7 @@ def ordered(world, progress: Progress, run_dir, options: Options, *, stop: StopR
     comes last, so an interruption it raises never skips an epoch's writers."""
     callbacks = [
         Watchdog(options.stall_timeout_s, world.rank, run_dir),
-        StartCheck(world),
+        StartCheck(world, elastic=elastic_state is not None),
         TrackPosition(progress),
         AgreedStop(world, progress, stop, options.check_every_steps),
         StepCheckpoint(progress, checkpointer, world, options.checkpoint_every_steps, options.checkpoint_every_epochs,

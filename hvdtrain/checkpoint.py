@@ -109,7 +109,7 @@ def weights_digest(model) -> str:
 
 def agreed_digest(model, world) -> str:
     """Every rank's weight digest, compared (a collective): replicas that differ are a bug, never a silent result."""
-    digests = backend.allgather_object(weights_digest(model), "hvdtrain.digest") if world.size > 1 else [weights_digest(model)]
+    digests = backend.allgather_object(weights_digest(model), "hvdtrain.digest")
     if len(set(digests)) != 1:
         raise UserError(f"replicas diverged: weight digests differ across ranks {digests}; this is a bug, please report it",
                         agreed=True)
@@ -164,7 +164,7 @@ def resume(run: RunDir, model, world, mode: str, expected_signature: dict,
     """Restore the run's latest checkpoint into model and optimizer, on every rank alike (rank 0's choice decides:
     ranks without the shared file system cannot disagree silently). mode: auto | never | always."""
     found = str(latest(run.path) or "")
-    if agree and world.size > 1:
+    if agree:
         found = backend.broadcast_object(found, "hvdtrain.latest")
     if not found:
         if mode == "always":

@@ -10,8 +10,6 @@ from hvdtrain.commands import COMMANDS
 from hvdtrain.commands.common import OVERRIDES_EPILOG
 from hvdtrain.errors import UserError
 
-# Commands whose trailing --section.key=value arguments are config overrides.
-TAKES_OVERRIDES = ("train", "evaluate", "predict", "config", "doctor", "slurm", "sweep", "bench")
 # Commands that run TensorFlow in this process: it is imported first, without its start-up banners. (`train` imports
 # it itself once its config is valid, so a typo is reported in a second; `bench` only inside ranks: its drivers
 # start subprocesses and never need it.)
@@ -26,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, module_path in COMMANDS.items():
         module = importlib.import_module(module_path)
         module.add_arguments(sub.add_parser(name, help=module.HELP, description=module.__doc__,
-                                            epilog=OVERRIDES_EPILOG if name in TAKES_OVERRIDES else None,
+                                            epilog=OVERRIDES_EPILOG,   # every command takes overrides
                                             formatter_class=argparse.RawDescriptionHelpFormatter))
     return p
 

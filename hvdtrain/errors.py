@@ -32,6 +32,15 @@ class CollectiveFailure(UserError):
     exit_code = 4
 
 
+def require(module: str, extra: str, what: str):
+    """Import an optional dependency (setup.cfg's extras), or stop with the one line that installs it."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f'{what} needs {module}, which is not installed here: pip install "hvdtrain[{extra}]"') from None
+
+
 def first_line(exc: BaseException, prefer: tuple[str, ...] = ()) -> str:
     """The most telling line of an exception's text: the last line containing one of `prefer`, else the first line.
 

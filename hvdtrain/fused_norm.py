@@ -17,7 +17,9 @@ def fuse_batch_norm(model) -> int:
     """Switch the BatchNormalization layers of `model` (nested models included) to the fused kernel in training, on
     Keras 3 with the TensorFlow backend; returns how many layers were switched (0 on Keras 2, already fused)."""
     import keras
-    if not keras.__version__.startswith("3") or keras.backend.backend() != "tensorflow":
+
+    from hvdtrain import runtime
+    if runtime.keras_major() < 3 or keras.backend.backend() != "tensorflow":
         return 0
     layers = [layer for layer in _all_layers(model) if type(layer) is keras.layers.BatchNormalization]
     for layer in layers:

@@ -87,13 +87,12 @@ def agreed_steps(dataset, world: World, batch_size: int | None = None) -> int:
     if count < 0:   # unknown or infinite: count by reading once
         count = int(dataset.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
     local = count // batch_size if batch_size else count
-    return int(backend.allreduce_min([local], "hvdtrain.keras.agreed_steps")[0]) if world.size > 1 else local
+    return int(backend.allreduce_min([local], "hvdtrain.keras.agreed_steps")[0])
 
 
 def barrier(world: World) -> None:
     """Wait until every rank gets here (e.g. after rank 0 prepared files the others read)."""
-    if world.size > 1:
-        backend.barrier()
+    backend.barrier()
 
 
 def callbacks(world: World, average_metrics: bool = True) -> list:
@@ -135,12 +134,15 @@ class Run:
     happen in `__init__`, `resume`, `finish` and inside fit: call them on every rank, in the same order."""
 
     def __init__(self, run_dir, world: World, *, epochs: int, steps_per_epoch: int, global_batch_size: int,
-                 check_every_steps: int = 10, checkpoint_every_epochs: int = 1, checkpoint_every_steps: int = 0,
-                 keep_checkpoints: int = 3, stall_timeout_s: float = 60.0, progress: str = "auto",
-                 tensorboard: bool = False, handle_signals: bool = True):
+                 check_every_steps: int = cb.Options.check_every_steps,
+                 checkpoint_every_epochs: int = cb.Options.checkpoint_every_epochs,
+                 checkpoint_every_steps: int = cb.Options.checkpoint_every_steps,
+                 keep_checkpoints: int = cb.Options.keep_checkpoints, stall_timeout_s: float = cb.Options.stall_timeout_s,
+                 progress: str = cb.Options.progress, tensorboard: bool = cb.Options.tensorboard,
+                 handle_signals: bool = True):
         self.world, self.steps_per_epoch, self._evaluate = world, steps_per_epoch, None
         self.run = RunDir(run_dir)
-        backend.agree_on_errors(self.run.check, "hvdtrain.keras.run_dir") if world.size > 1 else self.run.check()
+        backend.agree_on_errors(self.run.check, "hvdtrain.keras.run_dir")
         stop = cb.StopRequest(stop_file=self.run / STOP_FILE)
         if handle_signals:
             stop.install()
@@ -154,7 +156,7 @@ class Run:
         """Restore the latest checkpoint (weights, optimizer, position) if there is one; every rank the same one."""
         sig = checkpoint.signature(model, tuple(model.input_shape[1:]), int(model.output_shape[-1]), model.name)
         call = (lambda: self.session.resume(model, sig, mode))
-        return backend.agree_on_errors(call, "hvdtrain.keras.resume") if self.world.size > 1 else call()
+        return backend.agree_on_errors(call, "hvdtrain.keras.resume")
 
     def fit(self, model, epoch_batches, evaluate=None, task: str = "classification", callbacks=(), **fit_kwargs):
         """model.fit from the resume position to the end, with all the callbacks in their order, as `hvdtrain train`

@@ -92,9 +92,6 @@ class RunDir:
                             "--trainer.run_dir=PATH") from None
         return self
 
-    def is_fresh(self) -> bool:
-        return self.path.is_dir() and not any(self.path.iterdir())
-
     def discard_if_fresh(self) -> None:
         """Undo `check()` when nothing was written: no empty run directories after a failed start."""
         for path in reversed(self._created):

@@ -3,6 +3,7 @@ supported stack, the GPU this rank uses, threads, seeds, determinism and numeric
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -11,8 +12,9 @@ import warnings
 
 from hvdtrain.errors import UserError
 
-# The two stacks hvdtrain supports: (TensorFlow major.minor, Keras major, which Horovod Keras layer).
-STACKS = {"tf2.21": ("2.21", 3, "hvdtrain's own Keras 3 layer"), "tf2.15": ("2.15", 2, "Horovod's Keras 2 layer")}
+# The two stacks hvdtrain supports, and the Horovod Keras layer each trains with.
+KERAS_LAYERS = {"tf2.21": "hvdtrain's own Keras 3 layer over horovod.tensorflow",
+                "tf2.15": "Horovod's Keras 2 layer (horovod.tensorflow.keras)"}
 
 # TensorFlow's start-up banners: printed by C++ at import, before any log level applies (TF 2.21 uses absl logging).
 _IMPORT_NOISE = ("All log messages before absl::InitializeLog() is called", "oneDNN custom operations are on",
@@ -80,20 +82,27 @@ def _drop_slow_callback_warning(record: logging.LogRecord) -> bool:
     return "is slow compared to the batch time" not in record.getMessage()
 
 
+@functools.lru_cache(maxsize=1)
+def keras_major() -> int:
+    """The installed Keras's major version. The one place that asks: the rest ask this (or `stack()`)."""
+    import_tensorflow()   # quietly, before Keras
+    import keras
+    return int(keras.__version__.split(".")[0])
+
+
 def stack() -> str:
     """The stack this process runs on ('tf2.21' or 'tf2.15'), or a UserError saying what to install."""
     tf = import_tensorflow()
     import keras
     tf_version, keras_version = tf.__version__, keras.__version__
     major_minor = tuple(int(p) for p in tf_version.split(".")[:2])
-    keras_major = int(keras_version.split(".")[0])
     if os.environ.get("TF_USE_LEGACY_KERAS") in ("1", "true", "True") and major_minor >= (2, 16):
         raise UserError("TF_USE_LEGACY_KERAS=1 selects tf-keras (Keras 2), whose Horovod layer does not work on "
                         f"TensorFlow {tf_version} (horovod issue 4290); unset TF_USE_LEGACY_KERAS: hvdtrain brings its "
                         "own Horovod layer for Keras 3")
-    if major_minor >= (2, 16) and keras_major >= 3:
+    if major_minor >= (2, 16) and keras_major() >= 3:
         return "tf2.21"
-    if major_minor == (2, 15) and keras_major == 2:
+    if major_minor == (2, 15) and keras_major() == 2:
         return "tf2.15"
     if major_minor == (2, 15):
         raise UserError(f"TensorFlow 2.15 needs Keras 2.15 but Keras {keras_version} is installed: "

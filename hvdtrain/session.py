@@ -17,8 +17,9 @@ from hvdtrain.rundir import RunDir
 
 class Session:
     def __init__(self, world, run: RunDir, *, steps_per_epoch: int, epochs: int, global_batch: int,
-                 options: cb.Options, stop: cb.StopRequest, meta: dict):
+                 options: cb.Options, stop: cb.StopRequest, meta: dict, elastic: bool = False):
         self.world, self.run, self.options, self.stop = world, run, options, stop
+        self.elastic = elastic   # Horovod Elastic (trainer.elastic): it resets on failures and agrees by committing
         self.global_batch = global_batch
         self.progress = cb.Progress(steps_per_epoch, epochs)
         self.checkpointer = Checkpointer.for_rank(world, run, meta, options.keep_checkpoints)
@@ -31,11 +32,10 @@ class Session:
     def resume(self, model, signature: dict, mode: str = "auto") -> Position:
         """Restore the latest checkpoint (model + optimizer) on every rank alike; returns where training continues."""
         optimizer = model.optimizer
-        if not (getattr(optimizer, "built", False) or getattr(optimizer, "_built", False)):
-            optimizer.build(model.trainable_variables)   # slots must exist before a checkpoint restores them
+        backend.build_optimizer(optimizer, model.trainable_variables)   # slots must exist before a restore
         self.checkpointer.meta["signature"] = signature
         self.start, self.resumed_from = checkpoint.resume(self.run, model, self.world, mode, signature,
-                                                          agree=not backend.launched_elastic())
+                                                          agree=not self.elastic)
         self.progress.position = self.start
         self.checkpointer.last_step = self.start.global_step if self.resumed_from else -1
         if self.resumed_from:
@@ -66,7 +66,7 @@ class Session:
         try:
             yield
         except Exception as exc:
-            if backend.launched_elastic():
+            if self.elastic:
                 raise   # Horovod Elastic handles failed collectives itself: it resets and continues from the last commit
             cb.data_error_during_fit(exc, self.progress, self.world, diagnose)
             p = self.progress.position

@@ -34,10 +34,10 @@ class Trainer:
 
     def _build(self, stop: cb.StopRequest) -> None:
         cfg, world, together = self.cfg, self.world, self.loop.together
-        together(lambda: self.loop.check_launch(cfg, world), "hvdtrain.check_world")
+        self.source = data.open_source(cfg.data)   # reads nothing yet
+        together(lambda: self.loop.check_launch(cfg, world, self.source), "hvdtrain.check_world")
         together(self.run.check, "hvdtrain.run_dir")
         self.log.info(f"{world.describe()}; run directory {self.run}")
-        self.source = data.open_source(cfg.data)
         for split in data.SPLITS:
             if self.source.has_split(split):
                 self.source.adopt(split, self.loop.gather(lambda s=split: self.source.validate(world, s),
@@ -52,14 +52,15 @@ class Trainer:
         signature = checkpoint.signature(self.model, shape, self.task.outputs, cfg.model.name)
         meta = {"data_seed": cfg.data.seed, "config": cfg.to_dict(), "classes": self.source.class_names()}
         self.session = Session(world, self.run, steps_per_epoch=self.steps, epochs=cfg.trainer.epochs,
-                               global_batch=cfg.trainer.global_batch_size, options=options(cfg), stop=stop, meta=meta)
+                               global_batch=cfg.trainer.global_batch_size, options=cb.Options.from_config(cfg),
+                               stop=stop, meta=meta, elastic=cfg.trainer.elastic)
         together(lambda: self.session.resume(self.model, signature, cfg.trainer.resume), "hvdtrain.resume")
         self.evaluate = Evaluator(self.source, world, self.task, "test")
 
     def _agreed_steps(self, together) -> int:
         """The same number on every rank: the MIN of what each shard can feed (uneven counts make Horovod hang)."""
         local = together(lambda: self.source.local_steps(self.world, self.cfg.trainer.global_batch_size), "hvdtrain.steps")
-        steps = local if self.world.size == 1 else self.loop.min_over_ranks(local)
+        steps = self.loop.min_over_ranks(local)
         if steps == 0:
             raise DataError(f"a rank's share of the training data has fewer than one per-rank batch of examples "
                             f"({self.cfg.trainer.global_batch_size} // {self.world.size}); lower "
@@ -80,14 +81,6 @@ class Trainer:
             self.run.export_model(self.model)
             self.log.info(_result_line(summary, self.task))
         return summary
-
-
-def options(cfg) -> cb.Options:
-    t = cfg.trainer
-    return cb.Options(check_every_steps=t.check_every_steps, checkpoint_every_epochs=t.checkpoint_every_epochs,
-                      checkpoint_every_steps=t.checkpoint_every_steps, keep_checkpoints=t.keep_checkpoints,
-                      stall_timeout_s=cfg.runtime.stall_timeout_s, progress=t.progress, csv=True,
-                      tensorboard=t.tensorboard)
 
 
 def _result_line(summary: dict, task: Task) -> str:
@@ -120,7 +113,7 @@ class StaticLoop:
         return int(backend.allreduce_min([value], "hvdtrain.agreed_steps")[0])
 
     @staticmethod
-    def check_launch(cfg, world) -> None:
+    def check_launch(cfg, world, source) -> None:
         config.check_world(cfg, world.size)
 
     def run(self, trainer: Trainer) -> None:
@@ -147,12 +140,12 @@ class ElasticLoop:
         return value
 
     @staticmethod
-    def check_launch(cfg, world) -> None:
+    def check_launch(cfg, world, source) -> None:
         config.check_world(cfg, world.size)
         if not backend.launched_elastic():
             raise UserError("trainer.elastic=true needs Horovod's elastic launcher: horovodrun --gloo --min-np 1 "
                             "--max-np N --host-discovery-script scripts/discover-hosts.sh hvdtrain train --elastic ...")
-        if cfg.data.source not in ("digits", "synthetic", "npz"):
+        if not source.elastic:
             raise UserError("elastic training supports in-memory sources (digits, synthetic, npz): file shards and "
                             "step counts depend on the number of ranks; convert the data to .npz or train without --elastic")
 

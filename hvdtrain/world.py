@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import faulthandler
 import io
-import os
 import sys
 from dataclasses import dataclass
 
@@ -74,7 +73,8 @@ def current() -> World:
 
 def _check_launch(world: World) -> None:
     """srun without an MPI plugin starts N processes that each see a world of one: N silent copies of the job."""
-    step_tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "")
-    if world.size == 1 and step_tasks.isdigit() and int(step_tasks) > 1:
+    from hvdtrain import backend
+    step_tasks = backend.srun_step_tasks()
+    if world.size == 1 and step_tasks > 1:
         raise UserError(f"srun started {step_tasks} tasks but Horovod sees 1 rank in each: launch with "
                         "`srun --mpi=pmix` (or pmi2), as slurm/train.sbatch does", agreed=True)

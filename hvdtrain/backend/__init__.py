@@ -1,4 +1,4 @@
-"""Horovod behind one door: the only package that imports it (in `_horovod.py`, lazily).
+"""Horovod behind one door: the only package that imports it (in `_horovod.py`, lazily), and mpi4py (`_mpi.py`).
 
 Everything else receives a plain `World` value and calls the functions here, so config, data and model code run and
 are unit-tested without MPI. Three parts:
@@ -7,24 +7,28 @@ are unit-tested without MPI. Three parts:
   collectives  init, topology and the framework-neutral collectives (the same on Keras 2 and Keras 3)
   keras3 / keras2  the one seam between Keras versions: distributed optimizer, loss scaling, XLA check.
                Keras 3 (TensorFlow >= 2.16) gets hvdtrain's own layer; Keras 2 (TensorFlow 2.15) Horovod's own.
-               The choice is made once, on first use, from the installed Keras.
+               The choice is made once, on first use, from `runtime.keras_major()`.
+  _mpi         MPI itself, where Horovod's collectives are not the tool (raw MPI, point-to-point)
 """
 from __future__ import annotations
 
 import functools
 
-from hvdtrain.backend.collectives import (HOROVOD_MARKS, agree_on_errors, all_agree, allgather_object, allreduce, allreduce_min,
+from hvdtrain import runtime
+from hvdtrain.backend._mpi import library_version as mpi_library_version
+from hvdtrain.backend._mpi import mpi
+from hvdtrain.backend.collectives import (agree_on_errors, all_agree, allgather_object, allreduce, allreduce_min,
                                        allreduce_sum, barrier, broadcast_object, broadcast_variables, build_info,
-                                       collective_failure, gather_agreed, init, join, raise_first, topology,
-                                       variable_averager)
+                                       collective_failure, follow_leaver, from_horovod, gather_agreed, init, join,
+                                       leave_with, raise_first, topology, variable_averager)
 from hvdtrain.backend.environment import (active_comm_settings, apply_comm_environment, comm_environment,
-                                       launched_by_mpi, launched_elastic, launcher_name, rank_hint, under_launcher)
+                                       launched_by_mpi, launched_elastic, launcher_name, local_size_hint, rank_hint,
+                                       srun_step_tasks, under_launcher)
 
 
 @functools.lru_cache(maxsize=1)
 def _keras_layer():
-    import keras
-    if int(keras.__version__.split(".")[0]) >= 3:
+    if runtime.keras_major() >= 3:
         from hvdtrain.backend import keras3 as layer
     else:
         from hvdtrain.backend import keras2 as layer
@@ -54,14 +58,17 @@ def loss_scale(optimizer):
     return _keras_layer().loss_scale(optimizer)
 
 
+def build_optimizer(optimizer, variables) -> None:
+    _keras_layer().build_optimizer(optimizer, variables)
+
+
 def uses_xla(model) -> bool:
     return _keras_layer().uses_xla(model)
 
 
 def integration() -> str:
     """Which Keras layer is in use, for doctor and benchmark reports."""
-    return ("hvdtrain's own Keras 3 layer over horovod.tensorflow" if _keras_layer().KERAS_MAJOR >= 3
-            else "Horovod's Keras 2 layer (horovod.tensorflow.keras)")
+    return runtime.KERAS_LAYERS[runtime.stack()]
 
 
 def elastic_state(variables_fn, **counters):
@@ -106,8 +113,11 @@ def elastic_run(fn):
     return elastic.run(fn)
 
 
-__all__ = ["HOROVOD_MARKS", "active_comm_settings", "agree_on_errors", "all_agree", "allgather_object", "allreduce", "allreduce_min",
+__all__ = ["active_comm_settings", "agree_on_errors", "all_agree", "allgather_object", "allreduce", "allreduce_min",
            "allreduce_sum", "apply_comm_environment", "barrier", "broadcast_object", "broadcast_variables",
-           "build_info", "collective_failure", "comm_environment", "distributed_optimizer", "elastic_run",
-           "elastic_state", "gather_agreed", "init", "integration", "is_distributed", "join", "launched_by_mpi", "launched_elastic",
-           "launcher_name", "loss_scale", "raise_first", "rank_hint", "topology", "under_launcher", "uses_xla"]
+           "build_info", "build_optimizer", "collective_failure", "comm_environment",
+           "distributed_optimizer", "elastic_run", "elastic_state", "follow_leaver", "from_horovod",
+           "gather_agreed", "init", "integration", "is_distributed", "join", "launched_by_mpi",
+           "launched_elastic", "launcher_name", "leave_with", "local_size_hint", "loss_scale", "mpi",
+           "mpi_library_version", "raise_first", "rank_hint", "srun_step_tasks", "topology",
+           "under_launcher", "uses_xla", "variable_averager"]

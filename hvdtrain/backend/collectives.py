@@ -9,9 +9,6 @@ import numpy as np
 from hvdtrain.backend._horovod import hvd
 from hvdtrain.errors import UserError
 
-_REDUCE_OPS = ("sum", "average", "min", "max")
-
-
 def init() -> dict:
     """Start Horovod (MPI or Gloo, as launched) and return the topology (see `topology`). Not a collective."""
     hvd().init()
@@ -34,15 +31,28 @@ def allreduce(tensor, op: str = "sum", name: str | None = None):
     return h.allreduce(tensor, op=reduce_op, name=name)
 
 
+# The collectives below take and return Python/NumPy values, and on one rank return at once: callers never ask how
+# many ranks there are. (Inside traced functions, which outlive an elastic resize, the Keras layers decide.)
+
+def _alone() -> bool:
+    return size() == 1
+
+
 def allreduce_sum(values, name: str) -> np.ndarray:
     """Sum a float64 vector over all ranks (exact counts and sums for evaluation and agreement)."""
+    values = np.asarray(values, dtype=np.float64)
+    if _alone():
+        return values
     import tensorflow as tf
-    return allreduce(tf.constant(np.asarray(values, dtype=np.float64)), "sum", name).numpy()
+    return allreduce(tf.constant(values), "sum", name).numpy()
 
 
 def allreduce_min(values, name: str) -> np.ndarray:
+    values = np.asarray(values, dtype=np.int64)
+    if _alone():
+        return values
     import tensorflow as tf
-    return allreduce(tf.constant(np.asarray(values, dtype=np.int64)), "min", name).numpy()
+    return allreduce(tf.constant(values), "min", name).numpy()
 
 
 def all_agree(flag: bool, name: str) -> bool:
@@ -51,11 +61,13 @@ def all_agree(flag: bool, name: str) -> bool:
 
 
 def allgather_object(obj, name: str) -> list:
-    return hvd().allgather_object(obj, name=name)
+    """Every rank's (small, picklable) object, in rank order."""
+    return [obj] if _alone() else hvd().allgather_object(obj, name=name)
 
 
 def broadcast_object(obj, name: str):
-    return hvd().broadcast_object(obj, root_rank=0, name=name)
+    """Rank 0's object, on every rank."""
+    return obj if _alone() else hvd().broadcast_object(obj, root_rank=0, name=name)
 
 
 def barrier() -> None:
@@ -82,22 +94,43 @@ def agree_on_errors(fn, name: str):
     try:
         result, failure = fn(), None
     except UserError as exc:
-        result, failure = None, (type(exc).__module__, type(exc).__qualname__, str(exc))
-    failures = allgather_object(failure, name=name) if size() > 1 else [failure]
+        result, failure = None, exc
+    failures = allgather_object(failure, name=name)
     raise_first(failures)
     return result
 
 
 def raise_first(failures: list) -> None:
-    """Raise the first rank's failure (module, class name, message) as an agreed error; None entries mean success."""
-    failed = [(rank, f) for rank, f in enumerate(failures) if f]
+    """Raise the first rank's UserError (gathered from every rank; None means success) as an agreed error of the same
+    type, so its exit code is kept."""
+    failed = [(rank, f) for rank, f in enumerate(failures) if f is not None]
     if not failed:
         return
-    rank, (module, qualname, message) = failed[0]
-    import importlib
-    cls = getattr(importlib.import_module(module), qualname, UserError)
-    everywhere = len(failed) == len(failures) and all(f[2] == message for _, f in failed)
-    raise cls(message if everywhere else f"{message} (on rank {rank})", agreed=True)
+    rank, error = failed[0]
+    message = str(error)
+    everywhere = len(failed) == len(failures) and all(str(f) == message for _, f in failed)
+    raise _agreed(error, message if everywhere else f"{message} (on rank {rank})")
+
+
+def _agreed(error: UserError, message: str) -> UserError:
+    """The same error (its type, so its exit code) with `message`, marked agreed: rank 0 prints it for all."""
+    error.args, error.agreed = (message,), True
+    return error
+
+
+def leave_with(error: UserError, name: str) -> None:
+    """Stop this rank mid-step with `error`: join (the peers' all-reduces finish without it), then every rank raises
+    it. The peers notice the missing rank in their next agreed check and call `follow_leaver`."""
+    if _alone():
+        raise _agreed(error, str(error))
+    join()
+    raise_first(allgather_object(error, name))
+
+
+def follow_leaver(name: str) -> None:
+    """A peer left with `leave_with`: join it and raise its error here too."""
+    join()
+    raise_first(allgather_object(None, name))
 
 
 def broadcast_variables(variables, name: str = "hvdtrain.broadcast") -> None:
@@ -150,11 +183,16 @@ def build_info() -> dict:
 HOROVOD_MARKS = ("Horovod", "gloo", "Gloo", "HorovodAllreduce", "HorovodBroadcast", "HorovodAllgather")
 
 
+def from_horovod(exc: BaseException) -> bool:
+    """Did Horovod raise this (a collective op or its runtime)? Horovod tells only in the text."""
+    return any(mark in str(exc) for mark in HOROVOD_MARKS)
+
+
 def collective_failure(exc: BaseException, where: str, run_dir) -> UserError | None:
     """A CollectiveFailure naming `where` if exc came out of a failed collective (a peer died, stalled or lost its
     network), else None. Horovod reports these only as text, so this is where that text is recognised."""
     from hvdtrain.errors import CollectiveFailure, first_line
-    if isinstance(exc, UserError) or not any(mark in str(exc) for mark in HOROVOD_MARKS):
+    if isinstance(exc, UserError) or not from_horovod(exc):
         return None
     return CollectiveFailure(
         f"rank {hvd().rank()}: a collective failed at {where} ({first_line(exc, HOROVOD_MARKS)}): a peer rank died, "
@@ -168,7 +206,7 @@ def gather_agreed(fn, name: str) -> list:
     try:
         result, failure = fn(), None
     except UserError as exc:
-        result, failure = None, (type(exc).__module__, type(exc).__qualname__, str(exc))
-    pairs = allgather_object((failure, result), name=name) if size() > 1 else [(failure, result)]
+        result, failure = None, exc
+    pairs = allgather_object((failure, result), name=name)
     raise_first([f for f, _ in pairs])
     return [r for _, r in pairs]

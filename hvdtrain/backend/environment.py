@@ -49,6 +49,20 @@ def launched_elastic() -> bool:
     return os.environ.get("HOROVOD_ELASTIC") == "1"
 
 
+def local_size_hint() -> int:
+    """Ranks on this node from the launcher's environment, without starting Horovod (1 when not announced)."""
+    for name in ("OMPI_COMM_WORLD_LOCAL_SIZE", "HOROVOD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 1
+
+
+def srun_step_tasks() -> int:
+    """How many tasks srun started for this step (0 outside srun)."""
+    value = os.environ.get("SLURM_STEP_NUM_TASKS", "")
+    return int(value) if value.isdigit() else 0
+
+
 def comm_environment(runtime) -> dict[str, str]:
     """HOROVOD_*/OMPI_* settings from the runtime config; values already in the environment are kept (they win)."""
     wanted = {

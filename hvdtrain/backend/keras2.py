@@ -32,8 +32,11 @@ def loss_scale(optimizer):
     return keras.mixed_precision.LossScaleOptimizer(optimizer)
 
 
+def build_optimizer(optimizer, variables) -> None:
+    """Create the optimizer's slots now (a checkpoint restores into them; a broadcast sends them), once."""
+    if not getattr(optimizer, "_built", False):   # Keras 2 sets it in build()
+        optimizer.build(variables)
+
+
 def uses_xla(model) -> bool:
     return bool(getattr(model, "_jit_compile", False))
-
-
-KERAS_MAJOR = 2

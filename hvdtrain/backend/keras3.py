@@ -13,12 +13,11 @@ LossScaleOptimizer made here agrees on finiteness over all ranks (a MIN-reduce),
 """
 from __future__ import annotations
 
-import os
 
-import keras
 from keras.optimizers import LossScaleOptimizer
 
 from hvdtrain.backend._horovod import hvd
+from hvdtrain.backend.environment import launched_elastic
 from hvdtrain.errors import UserError
 
 _MARK = "_hvdtrain_distributed"
@@ -82,7 +81,7 @@ def _averager(fp16_compression: bool, sparse_as_dense: bool):
     def average(grads):
         grads = list(grads)
         # Like Horovod: one rank without elasticity needs no communication (elastic jobs may grow later).
-        if h.size() == 1 and os.environ.get("HOROVOD_ELASTIC") != "1":
+        if h.size() == 1 and not launched_elastic():
             return grads
         if sparse_as_dense:
             grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
@@ -106,7 +105,7 @@ class _AgreedLossScaleOptimizer(LossScaleOptimizer):
         import tensorflow as tf
         local = super().check_finite(grads)
         h = hvd()
-        if h.size() == 1 and os.environ.get("HOROVOD_ELASTIC") != "1":
+        if h.size() == 1 and not launched_elastic():
             return local
         return h.allreduce(tf.cast(local, tf.int32), op=h.Min, name="hvdtrain.loss_scale.finite") > 0
 
@@ -116,10 +115,13 @@ _AgreedLossScaleOptimizer.__name__ = _AgreedLossScaleOptimizer.__qualname__ = "L
 _AgreedLossScaleOptimizer.__module__ = LossScaleOptimizer.__module__
 
 
+def build_optimizer(optimizer, variables) -> None:
+    """Create the optimizer's slots now (a checkpoint restores into them; a broadcast sends them), once."""
+    if not optimizer.built:
+        optimizer.build(variables)
+
+
 def uses_xla(model) -> bool:
     """Keras 3 compiles the train step with XLA by default on GPUs (jit_compile='auto'); Horovod's ops have no XLA
     kernels (hvdtrain builds Horovod without its XLA ops)."""
     return bool(getattr(model, "jit_compile", False))
-
-
-KERAS_MAJOR = int(keras.__version__.split(".")[0])

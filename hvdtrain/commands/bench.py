@@ -1,5 +1,4 @@
-"""Benchmarks (the `benchmarks/` package of the repository checkout): each prints a table and writes JSON + a PNG.
-This module only forwards to that package, so the installed hvdtrain carries no benchmark code.
+"""`hvdtrain bench`: the benchmarks of hvdtrain/bench/ (each prints a table and writes JSON + a PNG).
 
   hvdtrain bench allreduce   all-reduce latency and bus bandwidth vs raw MPI_Allreduce (MPI and Gloo)
   hvdtrain bench train       training throughput and weak scaling (mlp, cnn, resnet50) vs MultiWorkerMirroredStrategy
@@ -7,28 +6,9 @@ This module only forwards to that package, so the installed hvdtrain carries no 
   hvdtrain bench predict     data-parallel inference speed-up
   hvdtrain bench tune        the evidence behind the communication defaults
   hvdtrain bench report      docs/benchmarks.md from those files
+
+The plots need matplotlib: pip install "hvdtrain[bench]".
 """
-from __future__ import annotations
+from hvdtrain.bench import HELP, add_arguments, run   # the package is the command
 
-HELP = "benchmarks: all-reduce, training throughput and scaling, stacks, inference (JSON + PNG + table)"
-
-
-def _benchmarks():
-    try:
-        import benchmarks
-    except ImportError:
-        from hvdtrain.errors import UserError
-        raise UserError("the benchmarks ship with the repository checkout (benchmarks/): install hvdtrain from it "
-                        "with scripts/install.sh") from None
-    return benchmarks
-
-
-def add_arguments(parser) -> None:
-    try:
-        _benchmarks().add_arguments(parser)
-    except Exception:   # a checkout without benchmarks/: the command explains itself when run
-        pass
-
-
-def run(args, overrides) -> int:
-    return _benchmarks().run(args, overrides)
+__all__ = ["HELP", "add_arguments", "run"]

@@ -53,7 +53,7 @@ def write_report(path: str | None, report: dict, world) -> None:
                 write_json(Path(path), report)
             except OSError as exc:
                 raise UserError(f"cannot write --report {path} ({exc.strerror}); choose a writable path") from None
-    backend.agree_on_errors(write, "hvdtrain.report") if world.size > 1 else write()
+    backend.agree_on_errors(write, "hvdtrain.report")
 
 
 def inputs_source(trained, input_source: str | None):

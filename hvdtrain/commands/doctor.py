@@ -43,10 +43,10 @@ def run(args, overrides) -> int:
         print(f"tensor ops   {ticks(info['tensor_operations'])}")
         if not (info["controllers"]["mpi"] or info["controllers"]["gloo"]):
             problems.append("Horovod has neither the MPI nor the Gloo controller; rebuild with HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1")
-    print(f"mpi          {_mpi_library()}")
+    print(f"mpi          {backend.mpi_library_version()}")
     for key, value in sorted(backend.comm_environment(cfg.runtime).items()):
         print(f"setting      {key}={value}")
-    intra, inter = runtime.threads(cfg.runtime, int(os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1")))
+    intra, inter = runtime.threads(cfg.runtime, backend.local_size_hint())
     print(f"setting      threads per rank: intra-op {cfg.runtime.intra_op_threads or f'{intra} (CPU cores / ranks on the node)'}, "
           f"inter-op {inter}")
     if info and backend.under_launcher():
@@ -69,11 +69,3 @@ def _provenance() -> str:
     if marker.is_file():
         return "built from source by scripts/install.sh: " + marker.read_text().strip()
     return "found installed in this environment; hvdtrain uses it as it is"
-
-
-def _mpi_library() -> str:
-    try:
-        from mpi4py import MPI
-        return MPI.Get_library_version().splitlines()[0].strip()
-    except Exception as exc:  # mpi4py missing or built against a different MPI: report, do not crash
-        return f"unavailable ({exc})"

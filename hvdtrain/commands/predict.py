@@ -49,7 +49,7 @@ def run(args, overrides) -> int:
 
     world, log = start(overrides)
     trained = load_agreed(args.run, args.checkpoint, overrides, world)
-    token = backend.broadcast_object(secrets.token_hex(4), "hvdtrain.predict.token") if world.size > 1 else "solo"
+    token = backend.broadcast_object(secrets.token_hex(4), "hvdtrain.predict.token")
     paths = lists_files(args.input, trained.cfg.data)
     fields = args.fields.split(",") if args.fields else trained.task.default_fields() + (("path",) if paths else ())
     out = OrderedOutput(args.output, fields, world, token, trained.task, paths)

@@ -53,7 +53,10 @@ def _count(text: str) -> int:
 
 
 def run(args, overrides) -> int:
+    from hvdtrain.errors import require
     from hvdtrain.sweep.driver import sweep
+    require("optuna", "sweep", "hvdtrain sweep")
+    require("matplotlib", "sweep", "hvdtrain sweep's plot")
     try:
         return sweep(args, overrides)
     except KeyboardInterrupt:   # before the driver's own handler is in place: nothing was started yet

@@ -27,6 +27,8 @@ class Arrays:
 
 
 class ArraySource(Source):
+    elastic = True   # in memory: the examples are dealt again to the new world
+
     def __init__(self, cfg):
         super().__init__(cfg)
         self.task = Task.from_config(cfg)

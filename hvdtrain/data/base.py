@@ -54,6 +54,9 @@ def dealt(records, batch: int, world):
 class Source:
     """A data source of one config. Subclasses: ArraySource (digits, synthetic, npz) and the FileSources."""
 
+    # Re-dealt among the ranks after Horovod Elastic resizes the world (file shards and step counts are not).
+    elastic = False
+
     def __init__(self, cfg):
         self.cfg = cfg
 

@@ -22,7 +22,7 @@ def load() -> tuple[np.ndarray, np.ndarray]:
     spec = importlib.util.find_spec("sklearn")   # finds the package without running it
     path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
     if path is None or not path.is_file():
-        raise DataError("the digits data comes with scikit-learn, which is not installed here: pip install scikit-learn")
+        raise DataError("the digits data comes with scikit-learn, which is not installed here: pip install \"hvdtrain[data]\"")
     data = np.loadtxt(path, delimiter=",")
     return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
 

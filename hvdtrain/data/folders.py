@@ -10,7 +10,6 @@ from collections import Counter
 
 from hvdtrain.data import images
 from hvdtrain.data.base import FileSource
-from hvdtrain.data.tfrecord import _augmented
 from hvdtrain.errors import DataError
 from hvdtrain.log import get_logger, shown
 
@@ -89,7 +88,7 @@ class ImageFolders(FileSource):
         return images.decode(tf.io.read_file(path), self.cfg), label
 
     def augment(self, parsed, epoch, world):
-        return _augmented(parsed, self.cfg, epoch, world)
+        return images.augmented(parsed, self.cfg, epoch, world)
 
     def validate(self, world, split: str) -> dict:
         self._rank = world.rank   # after_adopt reports what was left out, from rank 0 only

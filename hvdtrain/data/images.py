@@ -123,5 +123,19 @@ def augment(image, seed):
     return tf.image.stateless_random_flip_left_right(cropped, seed=seed + 1)
 
 
+def augmented(parsed, cfg, epoch, world):
+    """Random crop + flip for training, seeded per (data.seed, epoch, rank, position): a resume repeats them."""
+    import tensorflow as tf
+    if not cfg.augment:
+        return parsed
+
+    def one(i, example):
+        x, y = example
+        seed = tf.stack([tf.cast(cfg.seed, tf.int64) * 7919 + tf.cast(epoch, tf.int64),
+                         tf.cast(i, tf.int64) * world.size + world.rank])
+        return augment(x, seed), y
+    return parsed.enumerate().map(one, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def shape(data_cfg) -> tuple:
     return (*data_cfg.image_size, data_cfg.channels)

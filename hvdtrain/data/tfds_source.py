@@ -11,7 +11,6 @@ import os
 from hvdtrain.data import images
 from hvdtrain.data.base import Share, Source, dealt, share_of
 from hvdtrain.data.sharding import per_rank_batch, shard_files
-from hvdtrain.data.tfrecord import _augmented
 from hvdtrain.errors import DataError
 
 
@@ -93,7 +92,7 @@ class TfdsSource(Source):
 
         def one_epoch(e):
             ds = examples.shuffle(cfg.shuffle_buffer, seed=cfg.seed * 1_000_003 + e, reshuffle_each_iteration=False)
-            parsed = _augmented(ds.map(self._parse, num_parallel_calls=tf.data.AUTOTUNE), cfg, e, world)
+            parsed = images.augmented(ds.map(self._parse, num_parallel_calls=tf.data.AUTOTUNE), cfg, e, world)
             return parsed.batch(per_rank, drop_remainder=True).take(steps)
 
         stream = tf.data.Dataset.range(first_epoch, epochs).flat_map(one_epoch).skip(skip_steps)

@@ -211,7 +211,7 @@ class ImageRecords(_RecordFiles):
         self.task.check_labels(y, where + f" (after subtracting data.label_offset={self.cfg.label_offset})")
 
     def augment(self, parsed, epoch, world):
-        return _augmented(parsed, self.cfg, epoch, world)
+        return images.augmented(parsed, self.cfg, epoch, world)
 
     def what_is_wrong(self, exc, record) -> str:
         return (f"found features {_found(exc, record)}, expected an encoded JPEG/PNG in '{self.cfg.image_key}' and an "
@@ -250,17 +250,3 @@ def _found(exc, record: bytes | None) -> str:
         return ", ".join(parts) or "none"
     except Exception:   # not an Example at all
         return f"none that parse ({first_line(exc)})"
-
-
-def _augmented(parsed, cfg, epoch, world):
-    """Random crop + flip for training, seeded per (data.seed, epoch, rank, position): a resume repeats them."""
-    import tensorflow as tf
-    if not cfg.augment:
-        return parsed
-
-    def one(i, example):
-        x, y = example
-        seed = tf.stack([tf.cast(cfg.seed, tf.int64) * 7919 + tf.cast(epoch, tf.int64),
-                         tf.cast(i, tf.int64) * world.size + world.rank])
-        return images.augment(x, seed), y
-    return parsed.enumerate().map(one, num_parallel_calls=tf.data.AUTOTUNE)

@@ -56,7 +56,7 @@ def exact_metrics(model, dataset, world, task, name: str = "hvdtrain.evaluate", 
     checked after reading."""
     def read():
         return batch_sums(model, dataset, task, where, diagnose, expected)
-    parts = backend.gather_agreed(read, f"{name}.read") if world.size > 1 else [read()]
+    parts = backend.gather_agreed(read, f"{name}.read")
     return task.metrics_from_sums(ordered_total(in_batch_order(parts), len(task.sum_names())))
 
 

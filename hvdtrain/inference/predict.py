@@ -168,7 +168,7 @@ def predict_to_file(model, share, world, out: OrderedOutput, task, input_shape, 
     started, cpu_started = time.perf_counter(), time.process_time()
     backend.agree_on_errors(score, "hvdtrain.predict.score")
     mine = (share.count, out.lengths, (time.perf_counter() - started, time.process_time() - cpu_started))
-    ranks = backend.allgather_object(mine, "hvdtrain.predict.written") if world.size > 1 else [mine]
+    ranks = backend.allgather_object(mine, "hvdtrain.predict.written")
     counts, lengths, times = (list(column) for column in zip(*ranks))
     backend.agree_on_errors(lambda: out.merge(sum(counts), lengths) if world.is_chief else None, "hvdtrain.predict.merge")
     return throughput(counts, times)
@@ -207,6 +207,6 @@ def predict_ordered(model, inputs, world, batch_size: int = 256) -> np.ndarray:
     if len(ds.element_spec.shape) < len(model.input_shape):   # unbatched: the batch dimension is missing
         ds = ds.batch(batch_size)
     local = [np.asarray(step(x)) for x in ds.shard(world.size, world.rank)]
-    parts = backend.allgather_object(local, "hvdtrain.keras.predict") if world.size > 1 else [local]
+    parts = backend.allgather_object(local, "hvdtrain.keras.predict")
     ordered = in_batch_order(parts)
     return np.concatenate(ordered) if ordered else np.zeros((0, *model.output_shape[1:]), np.float32)

@@ -59,6 +59,5 @@ def load(run: str | None, ckpt: str, overrides) -> TrainedRun:
 def load_agreed(run: str | None, ckpt: str | None, overrides, world) -> TrainedRun:
     """Every rank loads rank 0's choice of checkpoint (a run still training may gain one meanwhile); errors stop all."""
     chosen = backend.agree_on_errors(lambda: locate(run, ckpt), "hvdtrain.locate")
-    if world.size > 1:
-        chosen = backend.broadcast_object(chosen, "hvdtrain.locate.chosen")
+    chosen = backend.broadcast_object(chosen, "hvdtrain.locate.chosen")
     return backend.agree_on_errors(lambda: load(run, chosen, overrides), "hvdtrain.load")

@@ -14,7 +14,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from hvdtrain.commands import slurm as slurm_cmd
+from hvdtrain import slurm_jobs as jobs
 from hvdtrain.errors import UserError
 from hvdtrain.sweep.local import EXITED, LOST, RUNNING
 from hvdtrain.sweep.trial import TrialDir
@@ -26,8 +26,8 @@ CANCELLED = -1   # the exit "code" of a job cancelled with scancel: the trial fa
 
 def add_arguments(group) -> None:
     """The options of `hvdtrain slurm submit` that shape one trial's job (the same ones), and the job-name prefix."""
-    slurm_cmd.add_job_arguments(group)
-    group.add_argument("--job-name", type=slurm_cmd.slurm_name("--job-name"), metavar="PREFIX",
+    jobs.add_job_arguments(group)
+    group.add_argument("--job-name", type=jobs.slurm_name("--job-name"), metavar="PREFIX",
                        help="job names are PREFIX-tNNNN (default: sweep-<name of DIR>)")
 
 
@@ -51,8 +51,8 @@ class SlurmRunner:
     def check(self, base_config: Path, overrides: list[str]) -> None:
         """Everything `hvdtrain slurm submit` checks, once, before any trial: the job options (with one point of the
         space, so the job's config is the one checked) and the partition."""
-        slurm_cmd.build_command(self._job_args(base_config, "check", "slurm-%j.out"), overrides)
-        slurm_cmd.check_partition(self.args)
+        jobs.build_command(self._job_args(base_config, "check", "slurm-%j.out"), overrides)
+        jobs.check_partition(self.args)
 
     def extra_overrides(self, base) -> list[str]:
         return []
@@ -72,9 +72,9 @@ class SlurmRunner:
         """`sbatch train.sbatch --config BASE overrides...` for one trial; returns its job id."""
         trial.prepare()
         config, overrides = train_args[1], train_args[2:]   # train_args = ["--config", BASE, overrides...]
-        command, env = slurm_cmd.build_command(
+        command, env = jobs.build_command(
             self._job_args(Path(config), self.job_name(trial.number), str(trial.path / "slurm-%j.out")), overrides)
-        out = slurm_cmd.client([command[0], "--parsable", *command[1:]], env)
+        out = jobs.client([command[0], "--parsable", *command[1:]], env)
         job_id = out.strip().split(";")[0]
         if not job_id.isdigit():
             raise UserError(f"sbatch printed no job id for trial {trial.number}: {out.strip()!r}")

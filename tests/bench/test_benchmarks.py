@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks import allreduce_worker, harness, report, stacks, timeline, train
+from hvdtrain.bench import allreduce_worker, harness, report, stacks, timeline, train
 from conftest import hvdtrain, output
 
 
@@ -149,7 +149,7 @@ def test_report_states_ratios_goals_stacks_and_every_benchmark(tmp_path):
     assert "| resnet50: weak-scaling efficiency T(n)/(n T(1)) | 0.7 |  |" in text
     assert "met" not in text.split("## All-reduce")[0].replace("metadata", "")   # ratios and goals, no verdicts
     assert "train: TF 2.21.0, Keras 3.15.1, hvdtrain's own Keras 3 layer over horovod.tensorflow (rank)" in text
-    assert "tuning: TF 2.15.1, Keras 2.15.0, Horovod's Keras 2 layer (package metadata)" in text
+    assert "tuning: TF 2.15.1, Keras 2.15.0, Horovod's Keras 2 layer (horovod.tensorflow.keras) (package metadata)" in text
     assert "Measured on 2026-11-28 with TensorFlow 2.15.1 and Keras 2.15.0. one at a time" in text
     assert "| hvdtrain | 2 | 64x64x3 | 16 | 500 | 32 | 64 | 0.7 |" in text          # images/s per rank and total
     assert "--image-size 224" in text                                                  # what a GPU run needs
@@ -206,6 +206,6 @@ def test_workers_are_entry_modules_with_their_own_help():
 
     from conftest import BIN, env
     for module, flag in (("train_worker", "--role"), ("mwms_worker", "--models"), ("allreduce_worker", "--raw-only")):
-        proc = subprocess.run([str(BIN / "python"), "-m", f"benchmarks.{module}", "--help"], env=env(),
+        proc = subprocess.run([str(BIN / "python"), "-m", f"hvdtrain.bench.{module}", "--help"], env=env(),
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and flag in proc.stdout, output(proc)

@@ -75,5 +75,5 @@ def test_bad_values_are_refused_with_one_line(args, message):
 @pytest.mark.parametrize("text, seconds", [("30", 1800), ("5:30", 330), ("2:00:00", 7200), ("1-0", 86400),
                                            ("1-2:30", 95400), ("0-0:0:45", 45)])
 def test_slurm_time_formats(text, seconds):
-    from hvdtrain.commands.slurm import time_seconds
+    from hvdtrain.slurm_jobs import time_seconds
     assert time_seconds(text, "--time") == seconds

@@ -3,6 +3,7 @@ import dataclasses
 import pytest
 import yaml
 
+from conftest import REPO
 from hvdtrain.config import Config, check_world, describe_fields, load_config, parse_override
 from hvdtrain.errors import UserError
 
@@ -27,9 +28,14 @@ def test_file_then_overrides_win_in_that_order(tmp_path):
     assert cfg.data.input_shape == (4, 4, 1)
 
 
-def test_shipped_configs_load():
-    for name in ("digits", "synthetic", "images", "resnet50-synthetic"):
-        load_config(f"configs/{name}.yaml")
+def test_every_shipped_config_loads_with_the_values_it_states():
+    paths = sorted((REPO / "configs").glob("*.yaml"))
+    assert {p.stem for p in paths} >= {"digits", "synthetic", "images", "resnet50-synthetic"}
+    for path in paths:
+        loaded = load_config(str(path)).to_dict()
+        for section, values in yaml.safe_load(path.read_text()).items():
+            for key, value in values.items():
+                assert loaded[section][key] == value, (path.name, section, key)
 
 
 @pytest.mark.parametrize("text, message", [

@@ -2,7 +2,10 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import env
+from hvdtrain.errors import UserError
 
 
 def run_python(code: str, **extra_env) -> subprocess.CompletedProcess:
@@ -56,3 +59,12 @@ def test_tensorflow_start_up_banners_are_hidden_but_other_lines_pass():
                       "import os\nos.write(2, b'a real warning\\n')\n")
     assert "oneDNN custom operations" not in proc.stderr and "absl::InitializeLog" not in proc.stderr
     assert "a real warning" in proc.stderr
+
+
+def test_a_missing_extra_is_named_with_the_line_that_installs_it():
+    from hvdtrain.errors import require
+    with pytest.raises(UserError) as err:
+        require("hvdtrain_no_such_module", "sweep", "hvdtrain sweep")
+    assert str(err.value) == ('hvdtrain sweep needs hvdtrain_no_such_module, which is not installed here: '
+                              'pip install "hvdtrain[sweep]"')
+    assert require("json", "bench", "x").dumps([1]) == "[1]"

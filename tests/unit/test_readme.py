@@ -32,7 +32,7 @@ def test_the_layout_section_names_every_module_and_package():
                  if (p.suffix == ".py" and p.stem != "__init__") or (p.is_dir() and (p / "__init__.py").is_file()))
     missing = [name for name in top if not re.search(rf"\b{re.escape(name)}(\.py|/)", layout)]
     assert not missing, f"the README's layout section lacks {missing}"
-    for folder in ("scripts", "slurm", "configs", "examples", "benchmarks", "tests", "docs"):
+    for folder in ("scripts", "slurm", "configs", "examples", "tests", "docs"):
         assert f"{folder}/" in layout
 
 

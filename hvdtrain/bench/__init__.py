@@ -1,5 +1,6 @@
 """hvdtrain's benchmarks: each prints a table and writes JSON + a PNG plot; `make bench` turns them into
-docs/benchmarks.md. They live beside the package (hvdtrain/commands/bench.py only forwards to them).
+docs/benchmarks.md. `hvdtrain bench` is this package (hvdtrain/commands/bench.py only names it); the plots need
+matplotlib, the `[bench]` extra.
 
   hvdtrain bench allreduce   all-reduce latency/bandwidth vs raw MPI_Allreduce        allreduce.py (+ allreduce_worker)
   hvdtrain bench train       throughput and weak scaling, mlp/cnn/resnet50, vs MWMS   train.py (+ train_worker, mwms_worker)
@@ -8,7 +9,7 @@ docs/benchmarks.md. They live beside the package (hvdtrain/commands/bench.py onl
   hvdtrain bench tune        the evidence behind the communication defaults           tune.py
   hvdtrain bench report      docs/benchmarks.md from those files                      report.py
 
-Drivers (the commands above) run without a launcher and start their own ranks: `python -m benchmarks.<x>_worker`
+Drivers (the commands above) run without a launcher and start their own ranks: `python -m hvdtrain.bench.<x>_worker`
 under horovodrun. harness.py is what they all share. Config overrides (--runtime.cycle_time_ms=0.2 ...) and
 HOROVOD_* variables reach every rank. Under a launcher (e.g. slurm/bench.sbatch) only `bench allreduce` runs: it
 then measures that launch.
@@ -26,7 +27,7 @@ SUBCOMMANDS = ("allreduce", "train", "stacks", "predict", "tune", "report")
 
 
 def _module(name: str):
-    return importlib.import_module(f"benchmarks.{name}")
+    return importlib.import_module(f"hvdtrain.bench.{name}")
 
 
 def add_arguments(parser) -> None:

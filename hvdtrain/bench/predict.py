@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from benchmarks import harness
+from hvdtrain.bench import harness
 
 HELP = "inference throughput of `hvdtrain predict` at 1 and 2 ranks and the speed-up (JSON + PNG + table)"
 COLUMNS = ["impl", "np", "model", "samples", "batch", "threads", "seconds", "samples_per_sec",

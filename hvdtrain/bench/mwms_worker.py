@@ -1,9 +1,9 @@
 """The comparison peer of `hvdtrain bench train`: TensorFlow's own tf.distribute.MultiWorkerMirroredStrategy
 (collective all-reduce over gRPC), N workers on localhost told about each other through TF_CONFIG.
 
-    python -m benchmarks.mwms_worker --output part.json [--models mlp,cnn ...]   (one per worker, TF_CONFIG set)
+    python -m hvdtrain.bench.mwms_worker --output part.json [--models mlp,cnn ...]   (one per worker, TF_CONFIG set)
 
-`launch` starts the workers (driver side); each worker then measures the same models as benchmarks/train_worker.py,
+`launch` starts the workers (driver side); each worker then measures the same models as hvdtrain/bench/train_worker.py,
 with the strategy's scope and a dataset per input pipeline. Nothing else in hvdtrain uses tf.distribute.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 
-from benchmarks import harness
+from hvdtrain.bench import harness
 
 
 def launch(np_: int, worker_args: list) -> None:
@@ -95,13 +95,13 @@ def _around_keras3_failures(model) -> None:
 
 
 def add_arguments(p) -> None:
-    from benchmarks import train
+    from hvdtrain.bench import train
     p.add_argument("--output", required=True, metavar="FILE.json")
     train.add_workload_arguments(p)
 
 
 def run(args) -> int:
-    from benchmarks import train_worker
+    from hvdtrain.bench import train_worker
     from hvdtrain.config import load_config
     return train_worker.measure(args, load_config(None, args.overrides), MwmsSession(args.threads), "mwms")
 

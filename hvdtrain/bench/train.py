@@ -5,10 +5,10 @@
 
 It runs each implementation in fresh processes, one after the other (and again for every --rounds, keeping each
 one's best round):
-  single    one process, plain Keras (no Horovod): the 1-rank baseline T(1)          benchmarks/train_worker.py
+  single    one process, plain Keras (no Horovod): the 1-rank baseline T(1)          hvdtrain/bench/train_worker.py
   hvdtrain  `horovodrun -np N --mpi`: hvdtrain's data pipeline, model, optimizer and settings   (the same module)
   mwms      N TensorFlow workers on localhost (TF_CONFIG), tf.distribute.MultiWorkerMirroredStrategy
-                                                                                      benchmarks/mwms_worker.py
+                                                                                      hvdtrain/bench/mwms_worker.py
 Every rank gets the same per-rank batch (weak scaling) and --threads intra-op threads; efficiency is
 T(N) / (N * T(1)) in samples/s (images/s for resnet50). Models (synthetic data):
   mlp       1024-2048-2048-10 (6.3M parameters: communication-heavy)
@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import harness, mwms_worker
+from hvdtrain.bench import harness, mwms_worker
 
 HELP = "training throughput and weak-scaling efficiency: 1 vs N ranks, hvdtrain vs MultiWorkerMirroredStrategy"
 COLUMNS = ["model", "impl", "np", "input", "global_batch", "step_ms", "samples_per_sec", "per_rank_samples_per_sec",
@@ -53,7 +53,7 @@ WORKLOAD_ARGS = ("models", "steps", "warmup", "threads", "batch", "image_size")
 
 
 def add_workload_arguments(p) -> None:
-    """What each rank measures (shared by the driver and benchmarks/train_worker.py)."""
+    """What each rank measures (shared by the driver and hvdtrain/bench/train_worker.py)."""
     p.add_argument("--models", default="mlp,cnn", help=f"comma list of {', '.join(WORKLOADS)} (default mlp,cnn)")
     p.add_argument("--steps", type=int, default=40, help="timed steps per model (default 40)")
     p.add_argument("--warmup", type=int, default=8, help="untimed steps first (tracing, allocation; default 8)")
@@ -112,7 +112,7 @@ def _launch(args, impl: str, part: Path) -> None:
     trace = part.with_suffix(".timeline.json")
     harness.horovodrun(args.np, args.controller, cmd, env={"HOROVOD_TIMELINE": str(trace)} if args.timeline else None)
     if args.timeline:   # add the breakdown of the timed steps to the rows the ranks wrote
-        from benchmarks import timeline
+        from hvdtrain.bench import timeline
         doc = harness.read_json(part)
         for row in doc["rows"]:
             row.update({f"timeline_{k}": v for k, v in

@@ -11,12 +11,12 @@ nccl-tests definitions). Horovod runs inside a tf.function, each collective wait
 under MPI the same processes also time MPI_Allreduce on numpy buffers through mpi4py, taking turns with
 Horovod size by size (Horovod's background thread is alive but idle meanwhile). Every result is checked
 against the exact sum; a wrong result fails the command. Each time is the best of --repeats, each the mean
-over many back-to-back calls on the slowest rank. The rank-side code is benchmarks/allreduce_worker.py.
+over many back-to-back calls on the slowest rank. The rank-side code is hvdtrain/bench/allreduce_worker.py.
 """
 from __future__ import annotations
 
-from benchmarks import allreduce_worker as worker
-from benchmarks import harness
+from hvdtrain.bench import allreduce_worker as worker
+from hvdtrain.bench import harness
 
 HELP = "all-reduce latency and bus bandwidth: hvdtrain (Horovod over MPI and Gloo) vs raw MPI_Allreduce"
 COLUMNS = ["impl", "size", "iters", "time_us", "algbw_gbps", "busbw_gbps", "max_abs_error"]

@@ -1,9 +1,9 @@
 """The ranks of `hvdtrain bench allreduce`: time the all-reduce in this launch and write (or merge into) the file.
 
-    horovodrun -np 2 --mpi python -m benchmarks.allreduce_worker --output ar.json [--raw-only] [--merge] ...
+    horovodrun -np 2 --mpi python -m hvdtrain.bench.allreduce_worker --output ar.json [--raw-only] [--merge] ...
 
 --raw-only times only MPI_Allreduce through mpi4py, with OpenMPI's own defaults (no Horovod, no hvdtrain settings);
---merge keeps the rows of the other launches already in --output. See benchmarks/allreduce.py for what is measured.
+--merge keeps the rows of the other launches already in --output. See hvdtrain/bench/allreduce.py for what is measured.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from benchmarks import harness
+from hvdtrain.bench import harness
 
 KB, MB = 1024, 1024 * 1024
 RAW_ROUNDS = 4
@@ -79,7 +79,7 @@ def measure(args, *, raw_only: bool, merge: bool) -> int:
     from hvdtrain.config import load_config
     before = harness.loadavg()
     if raw_only:
-        from mpi4py import MPI
+        MPI = backend.mpi()
         impls, rank, n = [_mpi4py_impl("mpi4py")], MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
         launch, settings, stack = "mpi-raw", _openmpi_settings(), None
     else:
@@ -97,7 +97,7 @@ def measure(args, *, raw_only: bool, merge: bool) -> int:
     # from other processes must not make the transport look slow (it is cheap: no TensorFlow in the way).
     rows = _fastest([row for _ in range(RAW_ROUNDS if raw_only else 1) for row in _measure(impls, args, rank, n)])
     if rank == 0:
-        from benchmarks import allreduce
+        from hvdtrain.bench import allreduce
         run_info = {"launch": launch, "impls": [impl.name for impl in impls], "loadavg_before": before,
                     "loadavg_after": harness.loadavg(), "settings": settings}
         doc = _merged(args.output if merge else None, n, rows, run_info, stack)
@@ -158,7 +158,8 @@ def _timed(impl: Impl, x, iters: int) -> float:
 
 def _mpi4py_impl(name: str) -> Impl:
     """MPI_Allreduce straight on numpy buffers: the transport underneath, with nothing of Horovod or TensorFlow."""
-    from mpi4py import MPI
+    from hvdtrain import backend
+    MPI = backend.mpi()
     comm = MPI.COMM_WORLD
 
     def reduce(x, iters):
@@ -212,7 +213,7 @@ def _tf_impl(name: str, reduce, backend) -> Impl:
 def _merged(merge_from: str | None, n: int, rows: list[dict], run_info: dict, stack: dict | None) -> dict:
     """This launch's rows, plus the rows of other implementations from earlier launches in `merge_from`. The stack
     is the one a Horovod rank saw (the raw launch has no TensorFlow in it)."""
-    from benchmarks import allreduce
+    from hvdtrain.bench import allreduce
     doc = harness.new_document("allreduce", n, {}, stack)
     if merge_from and os.path.exists(merge_from):
         old = harness.read_json(merge_from)

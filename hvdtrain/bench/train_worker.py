@@ -1,10 +1,10 @@
 """The ranks of `hvdtrain bench train` (single and hvdtrain): train each model on synthetic data and time the steps.
 
-    python -m benchmarks.train_worker --role single --output part.json [--models mlp,cnn ...]
-    horovodrun -np 2 --mpi python -m benchmarks.train_worker --role hvdtrain --output part.json [--section.key=value]
+    python -m hvdtrain.bench.train_worker --role single --output part.json [--models mlp,cnn ...]
+    horovodrun -np 2 --mpi python -m hvdtrain.bench.train_worker --role hvdtrain --output part.json [--section.key=value]
 
 Rank 0 writes one row per model, and the stack it ran on, to --output. `measure` is shared with the
-MultiWorkerMirroredStrategy peer (benchmarks/mwms_worker.py), which brings its own session.
+MultiWorkerMirroredStrategy peer (hvdtrain/bench/mwms_worker.py), which brings its own session.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from benchmarks import harness, train
+from hvdtrain.bench import harness, train
 
 
 def add_arguments(p) -> None:

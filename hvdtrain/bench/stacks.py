@@ -15,7 +15,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from benchmarks import allreduce, allreduce_worker, harness, train
+from hvdtrain.bench import allreduce, allreduce_worker, harness, train
 
 HELP = "the TF 2.21 stack (hvdtrain's Keras 3 layer) vs TF 2.15 (Horovod's Keras 2 layer), side by side"
 STACKS = ("new", "old")

@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks import harness
+from hvdtrain.bench import harness
 from hvdtrain.errors import UserError
 
 HELP = "tuning sweep: training and all-reduce speed with one communication setting changed at a time"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from benchmarks import harness, stacks
+from hvdtrain.bench import harness, stacks
 
 HELP = "write the Markdown benchmark report (tables, plots, stacks, machine, versions) from the JSON files"
 FILES = ("allreduce", "train", "train-resnet50", "train-timeline", "stacks", "predict", "tuning")

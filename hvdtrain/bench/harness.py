@@ -9,7 +9,7 @@ Rows are flat dicts of scalars, so any of them can be printed as a table without
 hold measured numbers and ratios only; the goals they are read against are stated in the report's prose.
 
 Drivers (the `hvdtrain bench ...` commands) never import TensorFlow or Horovod: they start ranks as subprocesses,
-`python -m benchmarks.<x>_worker ...` under horovodrun, and read back the file rank 0 wrote.
+`python -m hvdtrain.bench.<x>_worker ...` under horovodrun, and read back the file rank 0 wrote.
 """
 from __future__ import annotations
 
@@ -76,11 +76,11 @@ def _first_line(cmd: list[str]) -> str:
 
 def stack_of(versions_: dict) -> dict:
     """The stack named by package versions (what a driver knows without importing TensorFlow)."""
-    from hvdtrain.runtime import STACKS
+    from hvdtrain.runtime import KERAS_LAYERS
     tf = versions_.get("tensorflow-cpu") or versions_.get("tensorflow", "?")
     keras = versions_.get("keras", "?")
     name = "tf2.21" if keras.split(".")[0].isdigit() and int(keras.split(".")[0]) >= 3 else "tf2.15"
-    return {"name": name, "tensorflow": tf, "keras": keras, "integration": STACKS[name][2], "source": "package metadata"}
+    return {"name": name, "tensorflow": tf, "keras": keras, "integration": KERAS_LAYERS[name], "source": "package metadata"}
 
 
 def rank_stack() -> dict:
@@ -128,7 +128,7 @@ def forward(args, names) -> list[str]:
 
 
 def worker_main(doc: str, add_arguments, run, argv=None) -> int:
-    """The entry point of a rank-side worker module (`python -m benchmarks.<x>_worker ...`): its arguments plus
+    """The entry point of a rank-side worker module (`python -m hvdtrain.bench.<x>_worker ...`): its arguments plus
     config overrides, TensorFlow imported quietly, and a UserError printed once (by rank 0 when all ranks agree)."""
     from hvdtrain.backend import rank_hint
     from hvdtrain.errors import UserError
@@ -169,8 +169,8 @@ def hvdtrain_cmd(*args: str, bin_dir: Path = BIN) -> list[str]:
 
 
 def worker_cmd(module: str, *args: str) -> list[str]:
-    """A rank-side worker of this package, run by this virtualenv's Python: benchmarks.<module>."""
-    return [str(BIN / "python"), "-m", f"benchmarks.{module}", *map(str, args)]
+    """A rank-side worker of this package, run by this virtualenv's Python: hvdtrain.bench.<module>."""
+    return [str(BIN / "python"), "-m", f"hvdtrain.bench.{module}", *map(str, args)]
 
 
 def run_checked(cmd: list[str], env: dict | None = None, timeout: float = TIMEOUT) -> str:
@@ -240,7 +240,8 @@ def plot(path, series: dict, *, xlabel: str, ylabel: str, title: str, logx: bool
          bar: bool = False, reference: float | None = None) -> Path:
     """One line (or one bar group) per series: {label: ([x...], [y...])}; `reference` draws a dashed level.
     Agg backend: no display needed."""
-    import matplotlib
+    from hvdtrain.errors import require
+    matplotlib = require("matplotlib", "bench", "the benchmark plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)

@@ -1,0 +1,191 @@
+"""The distributed core in one process: hvdtrain's collectives and its Keras 3 layer over a fake Horovod that plays
+rank 0 of two, the peer's contribution given by the test. The real thing runs in tests/parallel; these pin the
+arithmetic (what is averaged, when, and before what) and the agreement rules where a failure is cheap to read."""
+import numpy as np
+import pytest
+
+from conftest import KERAS_MAJOR
+from hvdtrain.backend import collectives
+from hvdtrain.errors import DataError, NonFiniteLoss, UserError
+
+keras3 = pytest.mark.keras3   # hvdtrain's own layer exists on Keras 3 only (Keras 2 trains with Horovod's)
+
+
+class FakeHorovod:
+    """horovod.tensorflow as rank 0 of `size` sees it: every collective combines this rank's value with the peer's
+    (`peer(value, name)`; by default the peer has the same value) and is recorded in `calls`."""
+    Sum, Average, Min, Max = "sum", "average", "min", "max"
+
+    class Compression:
+        none, fp16 = "none", "fp16"
+
+    def __init__(self, size: int = 2, peer=lambda value, name: value):
+        self._size, self.peer, self.calls = size, peer, []
+
+    def size(self):
+        return self._size
+
+    def rank(self):
+        return 0
+
+    def _reduce(self, x, op, name):
+        import tensorflow as tf
+        x = tf.convert_to_tensor(x)
+        p = tf.cast(tf.convert_to_tensor(self.peer(x, name)), x.dtype)
+        return {"sum": x + p, "average": (x + p) / 2, "min": tf.minimum(x, p), "max": tf.maximum(x, p)}[op]
+
+    def allreduce(self, tensor, op="average", name=None, compression=None):
+        self.calls.append(("allreduce", name))
+        return self._reduce(tensor, op, name)
+
+    def grouped_allreduce(self, tensors, op="average", compression=None, name=None):
+        self.calls.append(("grouped_allreduce", len(tensors)))
+        return [self._reduce(t, op, name) for t in tensors]
+
+    def allgather_object(self, obj, name=None):
+        self.calls.append(("allgather_object", name))
+        return [obj, self.peer(obj, name)]
+
+    def broadcast_object(self, obj, root_rank=0, name=None):
+        self.calls.append(("broadcast_object", name))
+        return obj
+
+    def join(self):
+        self.calls.append(("join", None))
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """Install a FakeHorovod (configure it through the returned object) wherever the backend asks for Horovod."""
+    h = FakeHorovod()
+    monkeypatch.setattr(collectives, "hvd", lambda: h)
+    if KERAS_MAJOR >= 3:
+        from hvdtrain.backend import keras3 as layer
+        monkeypatch.setattr(layer, "hvd", lambda: h)
+    monkeypatch.delenv("HOROVOD_ELASTIC", raising=False)
+    return h
+
+
+# ---- collectives: agreement, and one rank needing no round trip ----------------------------------------------------
+
+def test_a_peers_error_stops_this_rank_too_with_its_type_and_rank(fake):
+    fake.peer = lambda obj, name: DataError("shard 3 is corrupt")
+    with pytest.raises(DataError, match=r"^shard 3 is corrupt \(on rank 1\)$") as err:
+        collectives.agree_on_errors(lambda: "fine here", "t.agree")
+    assert err.value.agreed and err.value.exit_code == DataError.exit_code
+    from hvdtrain.sweep.space import SpaceError   # an error type whose constructor takes the message alone
+    fake.peer = lambda obj, name: SpaceError("space.yaml: bad")
+    with pytest.raises(SpaceError, match=r"^space.yaml: bad \(on rank 1\)$"):
+        collectives.agree_on_errors(lambda: None, "t.agree")
+    fake.peer = lambda obj, name: obj      # every rank failed the same way: no rank named
+    with pytest.raises(NonFiniteLoss, match=r"^nan at step 4$"):
+        collectives.agree_on_errors(lambda: (_ for _ in ()).throw(NonFiniteLoss("nan at step 4")), "t.agree")
+
+
+def test_agreement_passes_results_through_when_every_rank_succeeds(fake):
+    fake.peer = lambda obj, name: (None, 7) if name == "t.gather" else obj
+    assert collectives.gather_agreed(lambda: 5, "t.gather") == [5, 7]
+    assert collectives.agree_on_errors(lambda: "ok", "t.agree") == "ok"
+
+
+def test_a_rank_leaving_with_an_error_joins_first_and_the_peer_follows_it(fake):
+    with pytest.raises(DataError, match="^bad record$") as err:
+        collectives.leave_with(DataError("bad record"), "t.leave")
+    assert fake.calls[:2] == [("join", None), ("allgather_object", "t.leave")] and err.value.agreed
+    fake.calls.clear()
+    fake.peer = lambda obj, name: DataError("bad record")
+    with pytest.raises(DataError, match=r"bad record \(on rank 1\)"):
+        collectives.follow_leaver("t.leave")
+    assert fake.calls[0] == ("join", None)
+
+
+def test_one_rank_answers_at_once_without_horovod(fake):
+    fake._size = 1
+    fake.allreduce = fake.allgather_object = fake.broadcast_object = None   # any call would fail
+    assert collectives.allreduce_sum([1.5, 2], "t").tolist() == [1.5, 2.0]
+    assert collectives.allreduce_min([3], "t").tolist() == [3] and collectives.all_agree(False, "t") is False
+    assert collectives.allgather_object({"a": 1}, "t") == [{"a": 1}] and collectives.broadcast_object(9, "t") == 9
+    with pytest.raises(DataError, match="^alone$") as err:
+        collectives.leave_with(DataError("alone"), "t")
+    assert err.value.agreed
+
+
+def test_sums_and_agreement_combine_the_peers_values(fake):
+    fake.peer = lambda x, name: x * 0 + 10
+    assert collectives.allreduce_sum([1.0, 2.0], "t").tolist() == [11.0, 12.0]
+    fake.peer = lambda x, name: x * 0      # the peer says no
+    assert collectives.all_agree(True, "t") is False
+
+
+def test_only_horovod_errors_are_collective_failures():
+    assert collectives.from_horovod(RuntimeError("HorovodAllreduce failed: Gloo connection closed"))
+    assert not collectives.from_horovod(ValueError("shapes (3,) and (4,) are incompatible"))
+    assert collectives.collective_failure(UserError("Horovod said no"), "epoch 1", "runs/x") is None
+
+
+# ---- hvdtrain's Keras 3 layer --------------------------------------------------------------------------------------
+
+def _step(optimizer, grads, start=(1.0, 2.0)):
+    import keras
+    var = keras.Variable(np.array(start, dtype="float32"))
+    for g in grads:
+        optimizer.apply([keras.ops.convert_to_tensor(np.array(g, dtype="float32"))], [var])
+    return np.asarray(var)
+
+
+@keras3
+def test_the_update_uses_the_average_of_both_ranks_gradients(fake):
+    import keras
+
+    from hvdtrain import backend
+    fake.peer = lambda g, name: 3 * g
+    got = _step(backend.distributed_optimizer(keras.optimizers.SGD(1.0)), [[0.5, -1.0]])
+    np.testing.assert_allclose(got, [1.0 - 1.0, 2.0 + 2.0])             # mean of g and 3g is 2g
+    assert fake.calls == [("grouped_allreduce", 1)]
+    fake.peer = lambda g, name: g                                        # a peer with our gradient: plain SGD exactly
+    same = _step(backend.distributed_optimizer(keras.optimizers.SGD(0.1, momentum=0.9)), [[0.5, -1.0]] * 3)
+    np.testing.assert_array_equal(same, _step(keras.optimizers.SGD(0.1, momentum=0.9), [[0.5, -1.0]] * 3))
+
+
+@keras3
+def test_clipping_sees_the_averaged_gradient(fake):
+    import keras
+
+    from hvdtrain import backend
+    fake.peer = lambda g, name: g * 0                  # average of (6, 8) and (0, 0) is (3, 4), norm 5
+    got = _step(backend.distributed_optimizer(keras.optimizers.SGD(1.0, clipnorm=1.0)), [[6.0, 8.0]], start=(0, 0))
+    np.testing.assert_allclose(got, [-0.6, -0.8], rtol=1e-6)   # clipped before averaging it would be (-0.3, -0.4)
+
+
+@keras3
+def test_accumulated_steps_communicate_once_per_optimizer_step(fake):
+    import keras
+
+    from hvdtrain import backend
+    opt = backend.distributed_optimizer(keras.optimizers.SGD(1.0), backward_passes_per_step=2)
+    once = _step(opt, [[1.0, 1.0]])
+    np.testing.assert_array_equal(once, [1.0, 2.0])           # accumulating: no update, and no all-reduce
+    assert fake.calls == []
+    got = _step(backend.distributed_optimizer(keras.optimizers.SGD(1.0), backward_passes_per_step=2),
+                [[1.0, 1.0], [3.0, 3.0]])
+    plain = _step(keras.optimizers.SGD(1.0, gradient_accumulation_steps=2), [[1.0, 1.0], [3.0, 3.0]])
+    np.testing.assert_array_equal(got, plain)                # the peer's gradients equal ours: the local result
+    assert fake.calls == [("grouped_allreduce", 1)]
+    with pytest.raises(UserError, match="set that or backward_passes_per_step, not both"):
+        backend.distributed_optimizer(keras.optimizers.SGD(1.0, gradient_accumulation_steps=2),
+                                      backward_passes_per_step=2)
+
+
+@keras3
+def test_loss_scaling_skips_the_step_every_rank_skips(fake):
+    import keras
+
+    from hvdtrain import backend
+    fake.peer = lambda x, name: x * 0 if name == "hvdtrain.loss_scale.finite" else x   # the peer's grads overflowed
+    opt = backend.loss_scale(backend.distributed_optimizer(keras.optimizers.SGD(1.0)))
+    scale = opt.initial_scale
+    got = _step(opt, [[1.0, 1.0]])
+    np.testing.assert_array_equal(got, [1.0, 2.0])                    # finite here, skipped as on the peer
+    assert float(opt.dynamic_scale) == scale / 2 and ("allreduce", "hvdtrain.loss_scale.finite") in fake.calls
+    assert ("grouped_allreduce", 1) not in fake.calls                 # no gradient all-reduce for a skipped step
+    assert backend.is_distributed(opt) and not backend.is_distributed(keras.optimizers.SGD(1.0))
