@@ -158,7 +158,7 @@ class StartCheck(keras.callbacks.Callback):
     """Before the first step: refuse what would silently train unsynchronised replicas or crash later (an optimizer
     that is not distributed, an XLA-compiled train step), then make every rank start from rank 0's state."""
 
-    def __init__(self, world, elastic: bool):
+    def __init__(self, world, elastic: bool = False):
         super().__init__()
         self.world, self.elastic = world, elastic
 
