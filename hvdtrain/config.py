@@ -161,6 +161,9 @@ class RuntimeConfig:
     # cost training throughput (docs/benchmarks.md, tuning).
     cycle_time_ms: float = _f(0.05, "HOROVOD_CYCLE_TIME: how often Horovod's background thread batches tensors")
     fusion_threshold_mb: float = _f(64.0, "HOROVOD_FUSION_THRESHOLD: tensors are fused into buffers up to this size")
+    bucket_mb: float = _f(0.0, "Keras 3: average gradients in buckets of this many MB as the backward pass produces them "
+                               "(the last layers' first, each bucket's all-reduce free to start while earlier layers "
+                               "are computed); 0: one group for all")
     cpu_operations: str = _f("auto", "HOROVOD_CPU_OPERATIONS: auto | mpi | gloo (auto: mpi when launched with MPI, else gloo)",
                              choices=("auto", "mpi", "gloo"))
     mpi_yield_when_idle: bool = _f(True, "OMPI_MCA_mpi_yield_when_idle: MPI waits yield the CPU instead of spinning "
@@ -174,6 +177,7 @@ class RuntimeConfig:
         _require(self.intra_op_threads >= 0 and self.inter_op_threads >= 0, "runtime thread counts must be >= 0")
         _require(self.cycle_time_ms > 0, "runtime.cycle_time_ms must be > 0")
         _require(self.fusion_threshold_mb >= 0, "runtime.fusion_threshold_mb must be >= 0")
+        _require(self.bucket_mb >= 0, "runtime.bucket_mb must be >= 0")
         _require(self.stall_timeout_s > 0, "runtime.stall_timeout_s must be > 0")
         _require(self.expected_ranks >= 0, "runtime.expected_ranks must be >= 0")
 

@@ -44,13 +44,13 @@ def init(**runtime) -> World:
 
 
 def distribute(optimizer, *, fp16_compression: bool = False, backward_passes_per_step: int = 1,
-               sparse_as_dense: bool = False):
+               sparse_as_dense: bool = False, bucket_mb: float = 0.0):
     """The optimizer, averaging gradients over all ranks with a fused ring all-reduce; use the returned object.
     Under the mixed_float16 policy it is also loss-scaled, with the skip-a-step decision agreed by all ranks."""
     import keras
     optimizer = backend.distributed_optimizer(optimizer, fp16_compression=fp16_compression,
                                            backward_passes_per_step=backward_passes_per_step,
-                                           sparse_as_dense=sparse_as_dense)
+                                           sparse_as_dense=sparse_as_dense, bucket_mb=bucket_mb)
     if keras.mixed_precision.global_policy().name == "mixed_float16" and \
             not isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer):
         optimizer = backend.loss_scale(optimizer)

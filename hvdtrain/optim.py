@@ -60,11 +60,12 @@ def build_optimizer(optim_cfg, size: int, steps_per_epoch: int, epochs: int):
     return keras.optimizers.RMSprop(lr, momentum=optim_cfg.momentum)
 
 
-def distributed_optimizer(optim_cfg, size: int, steps_per_epoch: int, epochs: int, precision: str = "float32"):
+def distributed_optimizer(optim_cfg, size: int, steps_per_epoch: int, epochs: int, precision: str = "float32",
+                          bucket_mb: float = 0.0):
     """The configured optimizer, averaging gradients over all ranks (and loss-scaled for mixed_float16, with the
     skip-this-step decision agreed by all ranks)."""
     optimizer = backend.distributed_optimizer(build_optimizer(optim_cfg, size, steps_per_epoch, epochs),
                                            fp16_compression=optim_cfg.fp16_compression,
                                            backward_passes_per_step=optim_cfg.backward_passes_per_step,
-                                           sparse_as_dense=optim_cfg.sparse_as_dense)
+                                           sparse_as_dense=optim_cfg.sparse_as_dense, bucket_mb=bucket_mb)
     return backend.loss_scale(optimizer) if precision == "mixed_float16" else optimizer

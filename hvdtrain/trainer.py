@@ -47,7 +47,7 @@ class Trainer:
         shape = self.source.example_shape()
         self.model = models.build_model(cfg.model, shape, self.task.outputs)
         self.model.compile(optimizer=optim.distributed_optimizer(cfg.optim, world.size, self.steps, cfg.trainer.epochs,
-                                                                 cfg.runtime.precision),
+                                                                 cfg.runtime.precision, cfg.runtime.bucket_mb),
                            loss=self.task.loss(), metrics=self.task.metrics(), jit_compile=False)
         signature = checkpoint.signature(self.model, shape, self.task.outputs, cfg.model.name)
         meta = {"data_seed": cfg.data.seed, "config": cfg.to_dict(), "classes": self.source.class_names()}

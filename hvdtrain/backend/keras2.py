@@ -11,7 +11,8 @@ from hvdtrain.backend._horovod import hvd_keras
 
 
 def distributed_optimizer(optimizer, *, fp16_compression: bool = False, backward_passes_per_step: int = 1,
-                          sparse_as_dense: bool = False):
+                          sparse_as_dense: bool = False, bucket_mb: float = 0.0):
+    """Horovod's own Keras 2 optimizer; `bucket_mb` does not apply (it fuses what arrives within one cycle)."""
     if is_distributed(optimizer):
         return optimizer
     h = hvd_keras()

@@ -24,13 +24,14 @@ _MARK = "_hvdtrain_distributed"
 
 
 def distributed_optimizer(optimizer, *, fp16_compression: bool = False, backward_passes_per_step: int = 1,
-                          sparse_as_dense: bool = False):
+                          sparse_as_dense: bool = False, bucket_mb: float = 0.0):
     """A copy of `optimizer` (rebuilt from its config, not yet built) that averages gradients over all ranks."""
     if is_distributed(optimizer):
         return optimizer
     if isinstance(optimizer, LossScaleOptimizer):
         inner = distributed_optimizer(optimizer.inner_optimizer, fp16_compression=fp16_compression,
-                                      backward_passes_per_step=backward_passes_per_step, sparse_as_dense=sparse_as_dense)
+                                      backward_passes_per_step=backward_passes_per_step, sparse_as_dense=sparse_as_dense,
+                                      bucket_mb=bucket_mb)
         return _AgreedLossScaleOptimizer(inner, initial_scale=optimizer.initial_scale,
                                          dynamic_growth_steps=optimizer.dynamic_growth_steps, name=optimizer.name)
     config = optimizer.get_config()
@@ -45,7 +46,7 @@ def distributed_optimizer(optimizer, *, fp16_compression: bool = False, backward
     except Exception as exc:  # e.g. a learning-rate schedule that is not registered as serializable
         raise UserError(f"cannot rebuild {type(optimizer).__name__} from its config to distribute it ({exc}); register "
                         "custom schedules with keras.saving.register_keras_serializable()") from None
-    distributed._hvdtrain_average = _averager(fp16_compression, sparse_as_dense)
+    distributed._hvdtrain_average = _averager(fp16_compression, sparse_as_dense, int(bucket_mb * 2**20))
     return distributed
 
 
@@ -71,9 +72,27 @@ def _distributed_class(base: type) -> type:
                                          "__module__": base.__module__, "__doc__": base.__doc__})
 
 
-def _averager(fp16_compression: bool, sparse_as_dense: bool):
-    """grads -> their average over ranks: dense ones in one grouped (fused) all-reduce, sparse ones (IndexedSlices
-    from embeddings) gathered, or densified first with sparse_as_dense."""
+def buckets(nbytes: list[int], limit: int) -> list[list[int]]:
+    """Positions of gradients of these sizes, in buckets of at least `limit` bytes (the last one may be smaller),
+    filled in the order the backward pass produces them: the last layer's first. 0: one bucket for all."""
+    order = list(reversed(range(len(nbytes))))
+    if limit <= 0:
+        return [order] if order else []
+    out, current, filled = [], [], 0
+    for i in order:
+        current.append(i)
+        filled += nbytes[i]
+        if filled >= limit:
+            out.append(current)
+            current, filled = [], 0
+    return out + ([current] if current else [])
+
+
+def _averager(fp16_compression: bool, sparse_as_dense: bool, bucket_bytes: int = 0):
+    """grads -> their average over ranks: dense ones in grouped (fused) all-reduces, one per bucket of about
+    `bucket_bytes` (0: one for all), sparse ones (IndexedSlices from embeddings) gathered, or densified first with
+    sparse_as_dense. Inside the compiled train step an all-reduce waits only for its own bucket's gradients, so the
+    buckets of the last layers can be on the wire while the backward pass is still computing the first layers'."""
     import tensorflow as tf
     h = hvd()
     compression = h.Compression.fp16 if fp16_compression else h.Compression.none
@@ -87,9 +106,11 @@ def _averager(fp16_compression: bool, sparse_as_dense: bool):
             grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
         dense = [i for i, g in enumerate(grads) if g is not None and not isinstance(g, tf.IndexedSlices)]
         out = list(grads)
-        if dense:
-            reduced = h.grouped_allreduce([grads[i] for i in dense], op=h.Average, compression=compression)
-            for i, g in zip(dense, reduced):
+        sizes = [grads[i].shape.num_elements() * grads[i].dtype.size for i in dense]
+        for bucket in buckets(sizes, bucket_bytes):
+            members = [dense[j] for j in bucket]
+            reduced = h.grouped_allreduce([grads[i] for i in members], op=h.Average, compression=compression)
+            for i, g in zip(members, reduced):
                 out[i] = g
         for i, g in enumerate(grads):
             if isinstance(g, tf.IndexedSlices):

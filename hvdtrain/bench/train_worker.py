@@ -35,7 +35,7 @@ class HorovodSession:
 
     def __init__(self, role: str, runtime_cfg):
         from hvdtrain import backend, world
-        self.backend, self.distributed = backend, role == "hvdtrain"
+        self.backend, self.distributed, self.runtime_cfg = backend, role == "hvdtrain", runtime_cfg
         self.world = world.start(runtime_cfg, configure=False) if self.distributed else world.World()
 
     def scope(self):
@@ -46,7 +46,8 @@ class HorovodSession:
             return optimizer
         return self.backend.distributed_optimizer(optimizer, fp16_compression=optim_cfg.fp16_compression,
                                                backward_passes_per_step=optim_cfg.backward_passes_per_step,
-                                               sparse_as_dense=optim_cfg.sparse_as_dense)
+                                               sparse_as_dense=optim_cfg.sparse_as_dense,
+                                               bucket_mb=self.runtime_cfg.bucket_mb)
 
     def callbacks(self) -> list:
         from hvdtrain.callbacks import StartCheck
@@ -63,7 +64,9 @@ class HorovodSession:
         model.fit(make(self.world), **kwargs)
 
     def settings(self) -> dict:
-        return self.backend.active_comm_settings() if self.distributed else {}
+        if not self.distributed:
+            return {}
+        return {**self.backend.active_comm_settings(), "bucket_mb": self.runtime_cfg.bucket_mb}
 
 
 def measure(args, cfg, session, impl: str) -> int:

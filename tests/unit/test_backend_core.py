@@ -189,3 +189,36 @@ def test_loss_scaling_skips_the_step_every_rank_skips(fake):
     assert float(opt.dynamic_scale) == scale / 2 and ("allreduce", "hvdtrain.loss_scale.finite") in fake.calls
     assert ("grouped_allreduce", 1) not in fake.calls                 # no gradient all-reduce for a skipped step
     assert backend.is_distributed(opt) and not backend.is_distributed(keras.optimizers.SGD(1.0))
+
+
+@keras3
+def test_buckets_fill_in_backward_order_up_to_their_size():
+    from hvdtrain.backend.keras3 import buckets
+    assert buckets([4, 4, 4], 0) == [[2, 1, 0]]                    # one group, the last layer's gradient first
+    assert buckets([4, 4, 4, 4], 8) == [[3, 2], [1, 0]]
+    assert buckets([4, 20, 4, 4], 8) == [[3, 2], [1], [0]]          # a big gradient fills a bucket alone
+    assert buckets([4, 4, 4], 100) == [[2, 1, 0]] and buckets([], 8) == []
+
+
+@keras3
+def test_bucketed_averaging_gives_the_same_update_in_more_all_reduces(fake):
+    import keras
+
+    from hvdtrain import backend
+
+    def train(bucket_mb):
+        keras.utils.set_random_seed(3)
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(32), keras.layers.Dense(4)])
+        opt = backend.distributed_optimizer(keras.optimizers.SGD(0.1), bucket_mb=bucket_mb)
+        grads = [keras.ops.ones(v.shape) * (i + 1) for i, v in enumerate(model.trainable_variables)]
+        opt.apply(grads, model.trainable_variables)
+        return [np.asarray(v) for v in model.trainable_variables]
+
+    fake.peer = lambda g, name: 3 * g
+    whole = train(0)
+    assert fake.calls == [("grouped_allreduce", 4)]
+    fake.calls.clear()
+    split = train(128 / 2**20)   # 128-byte buckets: the last bias and kernel, then the first bias, then its kernel
+    assert fake.calls == [("grouped_allreduce", 2), ("grouped_allreduce", 1), ("grouped_allreduce", 1)]
+    for a, b in zip(whole, split):
+        np.testing.assert_array_equal(a, b)
