@@ -71,6 +71,13 @@ class Trainer:
         return self.source.train_batches(self.world, self.cfg.trainer.global_batch_size, self.steps, first_epoch,
                                          epochs, skip_steps)
 
+    def rebind(self, world, position: checkpoint.Position) -> None:
+        """After an elastic reset: the new world wherever it is held (session, evaluation), at the committed position."""
+        config.check_world(self.cfg, world.size)
+        self.world = world
+        self.session.rebind(world, position)
+        self.evaluate = Evaluator(self.source, world, self.task, "test")
+
     def fit(self) -> dict:
         self.loop.run(self)
         return self.summarize()
@@ -157,10 +164,7 @@ class ElasticLoop:
 
         @backend.elastic_run
         def train(state):
-            trainer.world = worlds.current()
-            config.check_world(trainer.cfg, trainer.world.size)
-            session.rebind(trainer.world, checkpoint.Position(state.epoch, state.step_in_epoch, state.global_step))
-            trainer.evaluate = Evaluator(trainer.source, trainer.world, trainer.task, "test")
+            trainer.rebind(worlds.current(), checkpoint.Position(state.epoch, state.step_in_epoch, state.global_step))
             get_logger(trainer.world.rank).info(
                 f"elastic: {trainer.world.size} rank(s) from epoch {state.epoch + 1}, step {state.step_in_epoch} "
                 f"(global step {state.global_step})")
