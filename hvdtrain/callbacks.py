@@ -1,9 +1,10 @@
-"""Keras callbacks shared by `hvdtrain train` and the Keras API (through session.Session), and their one order.
+"""The training loop around Keras's steps, shared by `hvdtrain train` and the Keras API (through session.Session).
 
-Order matters (see `ordered`): the watchdog first; then the start check (distributed optimizer, no XLA) and the
-broadcast of rank 0's state; position tracking; the agreed stop (non-finite loss or weights, stop requests, a
-peer's data error, the last step), which runs before anything writes a checkpoint; checkpoints; metric averaging
-and exact evaluation (anything that reads metrics comes after); rank-0 writers last. Collectives run on every
+Keras sees two callbacks (see `ordered`): the watchdog, which ends a rank that stops making progress, and the
+`Controller`, which owns the position and takes every decision in one readable order: the start check (distributed
+optimizer, no XLA) and the broadcast of rank 0's state; after each step the agreed stop (non-finite loss or weights,
+stop requests, a peer's data error, the last step), before anything writes a checkpoint; checkpoints; at epoch ends
+metric averaging and exact evaluation before rank 0's writers, and the elastic commit last. Collectives run on every
 rank, in the same order; only the writers are rank 0's. Everything keys on the true position (global step), so it
 stays right when a resumed run's Keras epochs start mid-epoch.
 """
@@ -48,7 +49,7 @@ class Progress:
 
 class StopRequest:
     """Set by SIGUSR1/SIGTERM (Slurm's notice before preemption or the time limit), or by a file `stop_file`
-    appearing (hvdtrain sweep prunes trials this way); read by AgreedStop at its agreement steps. The file is a
+    appearing (hvdtrain sweep prunes trials this way); read by StopAgreement at the agreement steps. The file is a
     request, served once its checkpoint is written: `consume()` removes it, so a rerun resumes instead of stopping."""
 
     def __init__(self, stop_file=None):
@@ -176,31 +177,15 @@ class StartCheck(keras.callbacks.Callback):
         backend.broadcast_variables(list(model.variables) + list(optimizer.variables), name="hvdtrain.start")
 
 
-class TrackPosition(keras.callbacks.Callback):
-    def __init__(self, progress: Progress):
-        super().__init__()
-        self.progress = progress
+class StopAgreement:
+    """One all-reduce of a vector: per rank 'loss or weights not finite', 'a stop was requested', and 'I am here'. A
+    rank that hit a data error has left with Horovod's join (its share of the vector reads zero), so the others see
+    it, stop at the same step and report that rank's error, agreed. Every rank reaches the same verdict at the same
+    step; the verdict goes into `progress.stop_reason`."""
 
-    def on_train_batch_end(self, batch, logs=None):
-        self.progress.advance()
-
-
-class AgreedStop(keras.callbacks.Callback):
-    """At every `every`-th step of an epoch, at each epoch end and at the last step, all ranks exchange one vector:
-    per rank 'loss or weights not finite', 'a stop was requested', and 'I am here'. A rank that hit a data error has
-    left with Horovod's join (its share of the vector reads zero), so the others see it, stop at the same step and
-    report that rank's error, agreed. Every rank reaches the same verdict at the same step."""
-
-    def __init__(self, world, progress: Progress, stop: StopRequest, every: int):
-        super().__init__()
-        self.world, self.progress, self.stop, self.every = world, progress, stop, every
-
-    def on_train_batch_end(self, batch, logs=None):
-        p = self.progress.position
-        if p.step_in_epoch % self.every == 0 or p.global_step >= self.progress.total_steps:
-            self._check(logs or {})
-        if p.global_step >= self.progress.total_steps:
-            self.model.stop_training = True   # a resumed run's last Keras epoch may run past the end otherwise
+    def __init__(self, world, progress: Progress, stop: StopRequest):
+        self.world, self.progress, self.stop = world, progress, stop
+        self.model = None
 
     def _weights_finite(self) -> bool:
         if not hasattr(self, "_finite_fn"):
@@ -210,7 +195,8 @@ class AgreedStop(keras.callbacks.Callback):
                                           autograph=False)   # plain ops: nothing for AutoGraph to convert
         return bool(self._finite_fn())
 
-    def _check(self, logs):
+    def check(self, model, logs: dict) -> None:
+        self.model = model
         size = self.world.size
         # Weights too: a NaN gradient can leave the loss finite (e.g. ReLU maps NaN to 0) while the model is dead.
         healthy = math.isfinite(float(logs.get("loss", 0.0))) and self._weights_finite()
@@ -230,11 +216,9 @@ class AgreedStop(keras.callbacks.Callback):
                 f"{p.global_step}) on rank(s) {', '.join(map(str, bad))}; all ranks stopped, the last good checkpoint "
                 "is kept; lower optim.lr or check the data")
             self.progress.stop_reason = "nonfinite"
-            self.model.stop_training = True
         elif total[size] > 0:
             self.progress.stop_reason = "stop_requested"
             self.progress.requested_by = self._who_asked()
-            self.model.stop_training = True
 
     def _who_asked(self) -> str:
         names = backend.allgather_object(self.stop.signal_name if self.stop.requested else "", "hvdtrain.stop_reason")
@@ -291,35 +275,6 @@ class LocalState:
         self._step = step
 
 
-class StepCheckpoint(keras.callbacks.Callback):
-    """Rank 0 writes a checkpoint every `every` global steps (0: never) and at every `every_epochs`-th true epoch end,
-    always after the agreed check of that step (AgreedStop comes first), so non-finite weights are never saved."""
-
-    def __init__(self, progress: Progress, checkpointer, world, every_steps: int, every_epochs: int,
-                 local_state: LocalState):
-        super().__init__()
-        self.progress, self.checkpointer, self.world = progress, checkpointer, world
-        self.every_steps, self.every_epochs, self.local_state = every_steps, every_epochs, local_state
-
-    def on_train_batch_end(self, batch, logs=None):
-        p = self.progress.position
-        if self.progress.stop_reason in ("nonfinite", "data_error"):
-            return
-        epoch_end = p.step_in_epoch == 0 and p.epoch % self.every_epochs == 0
-        if epoch_end or (self.every_steps and p.global_step % self.every_steps == 0) \
-                or p.global_step >= self.progress.total_steps:
-            self._save(p)
-
-    def on_train_end(self, logs=None):
-        """A stop request (preemption): the checkpoint at the agreed stop step, where every rank stopped."""
-        if self.progress.stop_reason == "stop_requested":
-            self._save(self.progress.position)
-
-    def _save(self, position: Position) -> None:
-        self.local_state.sync(self.model, position.global_step)
-        self.checkpointer.save(self.model, position, self.world.size)
-
-
 class MetricAverage(keras.callbacks.Callback):
     """Epoch metrics averaged over ranks, keys in sorted order on every rank (one all-reduce)."""
 
@@ -329,6 +284,9 @@ class MetricAverage(keras.callbacks.Callback):
         self._keys = None
 
     def on_epoch_end(self, epoch, logs=None):
+        self.average(logs)
+
+    def average(self, logs) -> None:
         if logs is None or self.world.size == 1:
             return
         keys = sorted(k for k, v in logs.items() if _is_number(v))
@@ -347,56 +305,6 @@ def _is_number(value) -> bool:
         return np.ndim(value) == 0
     except (TypeError, ValueError):
         return False
-
-
-class Throughput(keras.callbacks.Callback):
-    """Samples/s per Keras epoch, global and per rank, and which steps the epoch covered (partial epochs marked)."""
-
-    def __init__(self, progress: Progress, global_batch: int, size: int):
-        super().__init__()
-        self.progress, self.global_batch, self.size = progress, global_batch, size
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.start, self.batches = time.perf_counter(), 0
-        self.first = self.progress.position
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.batches += 1
-
-    def on_epoch_end(self, epoch, logs=None):
-        seconds = max(time.perf_counter() - self.start, 1e-9)
-        logs["samples_per_sec"] = self.batches * self.global_batch / seconds
-        logs["samples_per_sec_per_rank"] = logs["samples_per_sec"] / self.size
-        logs["epoch_seconds"] = seconds
-        logs["global_step"] = self.progress.position.global_step
-        # Partial: fewer steps than an epoch (stopped mid-epoch), or not starting at an epoch's first step (resumed).
-        logs["partial"] = int(self.batches < self.progress.steps_per_epoch or self.first.step_in_epoch != 0)
-
-
-class ExactEvaluation(keras.callbacks.Callback):
-    """Held-out metrics from per-batch sums added in batch order at each epoch end (one process's); `evaluate` returns
-    None when there is no held-out split. The result is kept, keyed by global step, for the summary."""
-
-    def __init__(self, evaluate, progress: Progress, local_state: LocalState, prefix: str = "val_"):
-        super().__init__()
-        self.evaluate, self.progress, self.local_state, self.prefix = evaluate, progress, local_state, prefix
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.local_state.sync(self.model, self.progress.position.global_step)
-        metrics = self.evaluate(self.model)
-        self.progress.last_eval = (self.progress.position.global_step, metrics)
-        for key, value in (metrics or {}).items():
-            if key != "examples" and isinstance(value, float):
-                logs[self.prefix + key] = value
-
-
-class EpochHistory(keras.callbacks.Callback):
-    def __init__(self, progress: Progress):
-        super().__init__()
-        self.progress = progress
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.progress.history.append({"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items() if _is_number(v)}})
 
 
 class ProgressLogger(keras.callbacks.Callback):
@@ -452,25 +360,116 @@ class ProgressLogger(keras.callbacks.Callback):
         self.stream.flush()
 
 
-class ElasticCommit(keras.callbacks.Callback):
-    """Copies the position into Horovod's elastic state and commits it every `every` steps and at epoch ends.
-    A commit is also where Horovod interrupts training when hosts were added or removed (on every rank at once)."""
+class Controller(keras.callbacks.Callback):
+    """The training loop's decisions, in the order they are taken; Keras's fit only runs the steps.
 
-    def __init__(self, state, progress: Progress, every: int):
+    After every step: the position advances (the one step counter); at agreement steps (every `check_every_steps`
+    steps of an epoch, each epoch's end, the last step) the ranks agree whether to stop; a checkpoint is written when
+    one is due and the state is sound; the elastic state is committed. At every epoch end: the epoch's metrics are
+    averaged over ranks, its throughput measured, the model evaluated exactly, the epoch recorded, then the writers
+    (rank 0's progress, CSV, TensorBoard) see the result, and last the elastic commit (it may interrupt for a resize,
+    so it never comes before an epoch is written). A stop request ends with a checkpoint at the agreed step.
+    """
+
+    def __init__(self, world, progress: Progress, options: Options, *, stop: StopRequest, checkpointer,
+                 global_batch: int, local_state: LocalState, evaluate=None, elastic_state=None, writers=()):
         super().__init__()
-        self.state, self.progress, self.every = state, progress, every
+        self.world, self.progress, self.options = world, progress, options
+        self.checkpointer, self.global_batch, self.local_state = checkpointer, global_batch, local_state
+        self.evaluate, self.elastic_state, self.writers = evaluate, elastic_state, list(writers)
+        self.start_check = StartCheck(world, elastic=elastic_state is not None)
+        self.agreement = StopAgreement(world, progress, stop)
+        self.metrics = MetricAverage(world)
 
-    def _commit(self):
-        p = self.progress.position
-        self.state.epoch, self.state.step_in_epoch, self.state.global_step = p.epoch, p.step_in_epoch, p.global_step
-        self.state.commit()
+    # Keras hands the model and fit's parameters to this callback; the writers get them too.
+    def set_model(self, model):
+        super().set_model(model)
+        for callback in (self.start_check, self.metrics, *self.writers):
+            callback.set_model(model)
+
+    def set_params(self, params):
+        super().set_params(params)
+        for writer in self.writers:
+            writer.set_params(params)
+
+    def on_train_begin(self, logs=None):
+        self.start_check.on_train_begin(logs)
+        self._to_writers("on_train_begin", logs)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_started, self.epoch_steps, self.epoch_first = time.perf_counter(), 0, self.progress.position
+        self._to_writers("on_epoch_begin", epoch, logs)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._to_writers("on_train_batch_begin", batch, logs)
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.progress.position.global_step % self.every == 0:
+        p = self.progress
+        p.advance()
+        self.epoch_steps += 1
+        at, last = p.position, p.position.global_step >= p.total_steps
+        if at.step_in_epoch % self.options.check_every_steps == 0 or last:
+            self.agreement.check(self.model, logs or {})
+        if p.stop_reason or last:   # a resumed run's last Keras epoch would run past the end otherwise
+            self.model.stop_training = True
+        if self._checkpoint_due(at, last):
+            self._save(at)
+        if at.global_step % self.options.check_every_steps == 0:
             self._commit()
+        self._to_writers("on_train_batch_end", batch, logs)
 
     def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        self.metrics.average(logs)
+        self._throughput(logs)
+        if self.evaluate is not None:
+            self.local_state.sync(self.model, self.progress.position.global_step)
+            metrics = self.evaluate(self.model)
+            self.progress.last_eval = (self.progress.position.global_step, metrics)
+            logs.update({f"val_{k}": v for k, v in (metrics or {}).items() if k != "examples" and isinstance(v, float)})
+        self.progress.history.append({"epoch": epoch + 1, **{k: float(v) for k, v in logs.items() if _is_number(v)}})
+        self._to_writers("on_epoch_end", epoch, logs)
         self._commit()
+
+    def on_train_end(self, logs=None):
+        if self.progress.stop_reason == "stop_requested":   # preemption: the checkpoint at the agreed stop step
+            self._save(self.progress.position)
+        self._to_writers("on_train_end", logs)
+
+    def _checkpoint_due(self, at, last: bool) -> bool:
+        """Every `checkpoint_every_steps` global steps, every `checkpoint_every_epochs`-th epoch end, the last step;
+        never once the agreement found non-finite values or a peer's data error."""
+        if self.progress.stop_reason in ("nonfinite", "data_error"):
+            return False
+        every_steps, every_epochs = self.options.checkpoint_every_steps, self.options.checkpoint_every_epochs
+        epoch_end = at.step_in_epoch == 0 and at.epoch % every_epochs == 0
+        return epoch_end or bool(every_steps and at.global_step % every_steps == 0) or last
+
+    def _save(self, at) -> None:
+        self.local_state.sync(self.model, at.global_step)
+        self.checkpointer.save(self.model, at, self.world.size)
+
+    def _throughput(self, logs: dict) -> None:
+        """Samples/s of this Keras epoch, global and per rank, and whether it was partial (stopped mid-epoch, or a
+        resume that started mid-epoch)."""
+        seconds = max(time.perf_counter() - self.epoch_started, 1e-9)
+        logs["samples_per_sec"] = self.epoch_steps * self.global_batch / seconds
+        logs["samples_per_sec_per_rank"] = logs["samples_per_sec"] / self.world.size
+        logs["epoch_seconds"] = seconds
+        logs["global_step"] = self.progress.position.global_step
+        logs["partial"] = int(self.epoch_steps < self.progress.steps_per_epoch or self.epoch_first.step_in_epoch != 0)
+
+    def _commit(self) -> None:
+        """Horovod Elastic: the position into the elastic state, committed (where Horovod interrupts for a resize)."""
+        if self.elastic_state is None:
+            return
+        p, state = self.progress.position, self.elastic_state
+        state.epoch, state.step_in_epoch, state.global_step = p.epoch, p.step_in_epoch, p.global_step
+        state.commit()
+
+    def _to_writers(self, hook: str, *args) -> None:
+        for writer in self.writers:
+            getattr(writer, hook)(*args)
 
 
 @dataclass(frozen=True)
@@ -496,28 +495,15 @@ class Options:
 
 def ordered(world, progress: Progress, run_dir, options: Options, *, stop: StopRequest, checkpointer, global_batch: int,
             local_state: LocalState, evaluate=None, elastic_state=None) -> list:
-    """The full list in its one correct order. Rank-0 writers are simply absent on other ranks. The elastic commit
-    comes last, so an interruption it raises never skips an epoch's writers."""
-    callbacks = [
-        Watchdog(options.stall_timeout_s, world.rank, run_dir),
-        StartCheck(world, elastic=elastic_state is not None),
-        TrackPosition(progress),
-        AgreedStop(world, progress, stop, options.check_every_steps),
-        StepCheckpoint(progress, checkpointer, world, options.checkpoint_every_steps, options.checkpoint_every_epochs,
-                       local_state),
-        MetricAverage(world),
-        Throughput(progress, global_batch, world.size),
-    ]
-    if evaluate is not None:
-        callbacks.append(ExactEvaluation(evaluate, progress, local_state))
-    callbacks.append(EpochHistory(progress))
+    """What Keras calls: the watchdog's heartbeat, then the controller, which runs the rest in its order (rank 0's
+    writers are simply absent on other ranks)."""
+    writers = []
     if world.is_chief:
-        callbacks.append(ProgressLogger(options.progress, progress))
+        writers.append(ProgressLogger(options.progress, progress))
         if options.csv:
-            callbacks.append(keras.callbacks.CSVLogger(str(run_dir / "metrics.csv"), append=True))
+            writers.append(keras.callbacks.CSVLogger(str(run_dir / "metrics.csv"), append=True))
         if options.tensorboard:
-            callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False,
-                                                         profile_batch=0))
-    if elastic_state is not None:
-        callbacks.append(ElasticCommit(elastic_state, progress, options.check_every_steps))
-    return callbacks
+            writers.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False, profile_batch=0))
+    return [Watchdog(options.stall_timeout_s, world.rank, run_dir),
+            Controller(world, progress, options, stop=stop, checkpointer=checkpointer, global_batch=global_batch,
+                       local_state=local_state, evaluate=evaluate, elastic_state=elastic_state, writers=writers)]

@@ -76,7 +76,7 @@ def barrier() -> None:
 
 def join() -> None:
     """Horovod's join: this rank stops contributing; other ranks' all-reduces go on with zeros from it until every
-    rank has joined. Used when one rank hit a data error mid-step (see callbacks.AgreedStop)."""
+    rank has joined. Used when one rank hit a data error mid-step (see callbacks.StopAgreement)."""
     hvd().join()
 
 

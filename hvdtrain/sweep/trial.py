@@ -116,7 +116,7 @@ class TrialDir:
 
     def request_stop(self, reason: str, detail: str) -> None:
         """Every rank of the trial stops at one agreed step, a checkpoint is written there, and the trainer exits 0
-        (hvdtrain's AgreedStop watches run_dir/STOP and removes it once served; the record stays in trial.stop)."""
+        (hvdtrain's StopAgreement watches run_dir/STOP and removes it once served; the record stays in trial.stop)."""
         self.path.mkdir(parents=True, exist_ok=True)
         text = f"{reason} by hvdtrain sweep: {detail}\n"
         write_atomic(self.decision_file, text)   # first: the decision holds even if the driver dies right here
