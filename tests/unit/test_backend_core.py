@@ -1,5 +1,6 @@
 """The distributed core in one process: hvdtrain's collectives and its Keras 3 layer over a fake Horovod that plays
-rank 0 of two, the peer's contribution given by the test. The real thing runs in tests/parallel; these pin the
+rank 0 of two, the peer's contribution given by the test, and the loop's controller over it. The real thing runs in
+tests/parallel; these pin the
 arithmetic (what is averaged, when, and before what) and the agreement rules where a failure is cheap to read."""
 import numpy as np
 import pytest
@@ -45,6 +46,9 @@ class FakeHorovod:
     def allgather_object(self, obj, name=None):
         self.calls.append(("allgather_object", name))
         return [obj, self.peer(obj, name)]
+
+    def broadcast(self, tensor, root_rank=0, name=None):
+        return tensor                      # rank 0's value is this rank's
 
     def broadcast_object(self, obj, root_rank=0, name=None):
         self.calls.append(("broadcast_object", name))
@@ -222,3 +226,73 @@ def test_bucketed_averaging_gives_the_same_update_in_more_all_reduces(fake):
     assert fake.calls == [("grouped_allreduce", 2), ("grouped_allreduce", 1), ("grouped_allreduce", 1)]
     for a, b in zip(whole, split):
         np.testing.assert_array_equal(a, b)
+
+
+# ---- the controller: the agreed stop, as rank 0 of two sees it -----------------------------------------------------
+
+def _session_fit(tmp_path, fake, steps=8, every=3):
+    """Fit a small model for one epoch of `steps` steps through a real Session (rank 0 of two, the peer faked)."""
+    import keras
+
+    from hvdtrain import backend
+    from hvdtrain import callbacks as cb
+    from hvdtrain.rundir import RunDir
+    from hvdtrain.session import Session, fit_segments
+    from hvdtrain.world import World
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.compile(optimizer=backend.distributed_optimizer(keras.optimizers.SGD(0.1)),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)
+    world = World(rank=0, size=2, local_size=2, controller="gloo")
+    session = Session(world, RunDir(tmp_path / "run").check(), steps_per_epoch=steps, epochs=1, global_batch=8,
+                      options=cb.Options(check_every_steps=every, tensorboard=False, progress="none"),
+                      stop=cb.StopRequest(), meta={})
+    x, y = np.random.default_rng(0).normal(size=(4 * steps, 4)).astype("float32"), np.arange(4 * steps) % 3
+
+    def batches_from(first_epoch, epochs, skip):
+        import tensorflow as tf
+        return tf.data.Dataset.from_tensor_slices((x, y)).batch(4).skip(skip)
+    fit_segments(model, batches_from, session, session.callbacks())
+    return session
+
+
+def _peer_flags(stop=0.0, bad=0.0):
+    """The peer's share of the agreement vector [rank 0 bad, rank 1 bad, stop requested, present]."""
+    def peer(value, name):
+        if name == "hvdtrain.agreed_stop":
+            return np.array([0.0, bad, stop, 1.0])
+        return "SIGUSR1" if name == "hvdtrain.stop_reason" else value
+    return peer
+
+
+@keras3
+def test_a_peers_stop_request_stops_this_rank_at_the_next_agreement_step_with_a_checkpoint(tmp_path, fake):
+    fake.peer = _peer_flags(stop=1.0)
+    session = _session_fit(tmp_path, fake, steps=8, every=3)
+    p = session.progress
+    assert (p.stop_reason, p.position.global_step, p.requested_by) == ("stop_requested", 3, "SIGUSR1 on rank 1")
+    assert session.status == "stopped"
+    assert sorted(c.name for c in (tmp_path / "run/checkpoints").glob("ckpt-*")) == ["ckpt-00000003"]
+    assert p.history and p.history[-1]["partial"] == 1 and p.history[-1]["global_step"] == 3
+
+
+@keras3
+def test_a_peers_non_finite_weights_stop_every_rank_and_nothing_bad_is_saved(tmp_path, fake):
+    fake.peer = _peer_flags(bad=1.0)
+    session = _session_fit(tmp_path, fake, steps=8, every=3)
+    p = session.progress
+    assert (p.stop_reason, p.position.global_step) == ("nonfinite", 3) and "on rank(s) 1" in p.failure
+    assert not list((tmp_path / "run/checkpoints").glob("ckpt-*")) and session.status == "failed"
+
+
+@keras3
+def test_without_requests_the_epoch_runs_to_the_end_with_its_checkpoint_and_averaged_metrics(tmp_path, fake):
+    fake.peer = lambda value, name: value * 0 + 1000.0 if name == "hvdtrain.metric_average" else \
+        _peer_flags()(value, name)                      # the peer's epoch metrics all read 1000
+    session = _session_fit(tmp_path, fake, steps=8, every=3)
+    p = session.progress
+    assert (p.stop_reason, p.position.global_step, session.status) == ("", 8, "completed")
+    assert [c.name for c in (tmp_path / "run/checkpoints").glob("ckpt-*")] == ["ckpt-00000008"]
+    last = p.history[-1]
+    assert 500 < last["loss"] < 502                       # (ours + 1000) / 2: averaged over the two ranks
+    assert last["global_step"] == 8 and last["partial"] == 0   # the controller's own numbers, after the averaging
