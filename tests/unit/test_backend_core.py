@@ -1,7 +1,7 @@
-"""The distributed core in one process: hvdtrain's collectives and its Keras 3 layer over a fake Horovod that plays
-rank 0 of two, the peer's contribution given by the test, and the loop's controller over it. The real thing runs in
-tests/parallel; these pin the
-arithmetic (what is averaged, when, and before what) and the agreement rules where a failure is cheap to read."""
+"""The distributed core in one process: hvdtrain's collectives, its Keras 3 layer and the loop's controller over a
+fake Horovod that plays rank 0 of two, the peer's contribution given by the test. The real thing runs in
+tests/parallel; these pin the arithmetic (what is averaged, when, and before what) and the agreement rules where a
+failure is cheap to read."""
 import numpy as np
 import pytest
 
