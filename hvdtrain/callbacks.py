@@ -29,7 +29,7 @@ from hvdtrain.errors import CollectiveFailure, DataError, UserError
 
 @dataclass
 class Progress:
-    """State shared by the callbacks of one fit: where training is, why it stopped, what each epoch gave."""
+    """The controller's state, read by the session: where training is, why it stopped, what each epoch gave."""
     steps_per_epoch: int
     epochs: int
     position: Position = field(default_factory=Position)
