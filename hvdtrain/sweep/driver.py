@@ -380,6 +380,10 @@ class Driver:
                 time.sleep(0.2)
         except KeyboardInterrupt:
             self._left_running()
+            return
+        for active in self.active:   # one that reached its end before it saw the request has nothing to continue
+            if (active.dir.summary() or {}).get("status") == "completed":
+                active.dir.clear_pause()
 
     def _left_running(self) -> None:
         running = [a for a in self.active if self.runner.state(a.dir, a.record)[0] == RUNNING]

@@ -172,9 +172,10 @@ def test_killed_sweep_continues_without_losing_or_repeating_a_trial(tmp_path):
 
 
 def test_side_by_side_trials_pause_on_ctrl_c_and_resume_when_rerun(tmp_path):
-    """--parallel 2 runs two 1-rank trials at once; Ctrl-C (SIGINT) stops both at an agreed step with a checkpoint
+    """--parallel 2 runs two 1-rank trials at once; Ctrl-C (SIGINT) stops them at an agreed step with a checkpoint
     (RUN/STOP, recorded "paused" in RUN/trial.stop) and the driver exits 130; the same command continues them from
-    their checkpoints."""
+    their checkpoints. (On a busy machine the trial that started first may reach its end before it sees the request:
+    it is then simply completed, with no pause left behind. The later one is at its first epochs: it is paused.)"""
     space, out = tmp_path / "space.yaml", tmp_path / "sweep"
     space.write_text(LR_WARMUP)
     args = [*BASE, "--trainer.epochs=12", "--space", str(space), "--trials", "3", "--output", str(out),
@@ -188,17 +189,21 @@ def test_side_by_side_trials_pause_on_ctrl_c_and_resume_when_rerun(tmp_path):
     log1 = (tmp_path / "driver1.log").read_text()
     assert "trial 0 started" in log1 and "trial 1 started" in log1 and "trial 2" not in log1, log1
     assert "interrupted: rerun the same command to continue" in log1, log1
+    paused = [n for n in (0, 1) if summary(out, n)["status"] == "stopped"]
+    assert paused, log1
     for number in (0, 1):
         run = out / "trials" / f"{number:04d}"
-        assert (run / "trial.stop").read_text().startswith("paused by hvdtrain sweep")
-        assert not (run / "STOP").exists()   # served: the trainer removed it after the checkpoint
-        assert summary(out, number)["status"] == "stopped"
+        assert not (run / "STOP").exists()   # served by the trainer after the checkpoint, or cleared if it completed
+        if number in paused:
+            assert (run / "trial.stop").read_text().startswith("paused by hvdtrain sweep")
+        else:
+            assert summary(out, number)["status"] == "completed" and not (run / "trial.stop").exists()
     assert [r["status"] for r in rows(out)] == ["running", "running"]
 
     again = sweep(args)
     assert again.returncode == 0, output(again)
-    assert "trial 0 relaunched (it resumes from its checkpoint)" in again.stdout, again.stdout
-    assert "trial 1 relaunched (it resumes from its checkpoint)" in again.stdout, again.stdout
+    for number in paused:
+        assert f"trial {number} relaunched (it resumes from its checkpoint)" in again.stdout, again.stdout
     assert "trial 2 started" in again.stdout
     assert [r["status"] for r in rows(out)] == ["completed"] * 3
     threads = max(1, len(os.sched_getaffinity(0)) // 2)   # side by side, each trial gets its share of the cores
@@ -207,7 +212,7 @@ def test_side_by_side_trials_pause_on_ctrl_c_and_resume_when_rerun(tmp_path):
         assert summary(out, number)["status"] == "completed" and summary(out, number)["num_ranks"] == 1
         assert yaml.safe_load((run / "config.yaml").read_text())["runtime"]["intra_op_threads"] == threads
         assert not (run / "STOP").exists() and not (run / "trial.stop").exists()
-        assert ("resuming from" in (run / "train.log").read_text()) == (number < 2)
+        assert ("resuming from" in (run / "train.log").read_text()) == (number in paused)
 
 
 def test_a_hopeless_trial_is_pruned_and_stopped_at_an_agreed_step(tmp_path):
