@@ -394,6 +394,7 @@ class Controller(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.start_check.on_train_begin(logs)
+        self.last_saved = self.progress.position.global_step   # a resume starts from its checkpoint
         self._to_writers("on_train_begin", logs)
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -408,15 +409,16 @@ class Controller(keras.callbacks.Callback):
         p.advance()
         self.epoch_steps += 1
         at, last = p.position, p.position.global_step >= p.total_steps
-        if at.step_in_epoch % self.options.check_every_steps == 0 or last:
+        agreed = at.step_in_epoch % self.options.check_every_steps == 0 or last
+        if agreed:
             self.agreement.check(self.model, logs or {})
         if p.stop_reason or last:   # a resumed run's last Keras epoch would run past the end otherwise
             self.model.stop_training = True
-        if self._checkpoint_due(at, last):
+        if agreed and self._checkpoint_due(at, last):
             self._save(at)
-        if at.global_step % self.options.check_every_steps == 0:
-            self._commit()
         self._to_writers("on_train_batch_end", batch, logs)
+        if at.global_step % self.options.check_every_steps == 0:
+            self._commit()   # last: it may interrupt for a resize
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
@@ -436,18 +438,33 @@ class Controller(keras.callbacks.Callback):
             self._save(self.progress.position)
         self._to_writers("on_train_end", logs)
 
+    # Evaluation or prediction inside fit (e.g. the Keras API's validation_data): the writers follow it as before.
+    def on_test_begin(self, logs=None):
+        self._to_writers("on_test_begin", logs)
+
+    def on_test_end(self, logs=None):
+        self._to_writers("on_test_end", logs)
+
+    def on_test_batch_begin(self, batch, logs=None):
+        self._to_writers("on_test_batch_begin", batch, logs)
+
+    def on_test_batch_end(self, batch, logs=None):
+        self._to_writers("on_test_batch_end", batch, logs)
+
     def _checkpoint_due(self, at, last: bool) -> bool:
-        """Every `checkpoint_every_steps` global steps, every `checkpoint_every_epochs`-th epoch end, the last step;
-        never once the agreement found non-finite values or a peer's data error."""
+        """At an agreement step (so only weights all ranks found finite are saved): every `checkpoint_every_epochs`-th
+        epoch end, the last step, and the first agreement step `checkpoint_every_steps` or more after the last
+        checkpoint; never once the agreement found non-finite values or a peer's data error."""
         if self.progress.stop_reason in ("nonfinite", "data_error"):
             return False
         every_steps, every_epochs = self.options.checkpoint_every_steps, self.options.checkpoint_every_epochs
         epoch_end = at.step_in_epoch == 0 and at.epoch % every_epochs == 0
-        return epoch_end or bool(every_steps and at.global_step % every_steps == 0) or last
+        return epoch_end or last or bool(every_steps and at.global_step - self.last_saved >= every_steps)
 
     def _save(self, at) -> None:
         self.local_state.sync(self.model, at.global_step)
         self.checkpointer.save(self.model, at, self.world.size)
+        self.last_saved = at.global_step
 
     def _throughput(self, logs: dict) -> None:
         """Samples/s of this Keras epoch, global and per rank, and whether it was partial (stopped mid-epoch, or a

@@ -127,8 +127,8 @@ class TrainerConfig:
     run_dir: str = _f("runs/digits", "where config.yaml, checkpoints, metrics.csv, TensorBoard logs and summary.json go")
     keep_checkpoints: int = _f(3, "how many recent checkpoints to keep")
     checkpoint_every_epochs: int = _f(1, "write a checkpoint every this many epochs (and at the end)")
-    checkpoint_every_steps: int = _f(0, "also write one every this many steps inside an epoch (0: off); "
-                                        "rounded up to a multiple of check_every_steps")
+    checkpoint_every_steps: int = _f(0, "also write one at the first agreed check (check_every_steps) this many steps "
+                                        "or more after the last checkpoint (0: off)")
     top_k: int = _f(5, "classification: also report top-k accuracy for this k (0: off; only when num_classes > k)")
     resume: str = _f("auto", "auto: resume if run_dir holds a checkpoint | never: refuse a used run_dir | always: require one",
                      choices=("auto", "never", "always"))

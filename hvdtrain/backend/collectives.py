@@ -122,7 +122,7 @@ def leave_with(error: UserError, name: str) -> None:
     """Stop this rank mid-step with `error`: join (the peers' all-reduces finish without it), then every rank raises
     it. The peers notice the missing rank in their next agreed check and call `follow_leaver`."""
     if _alone():
-        raise _agreed(error, str(error))
+        raise _agreed(error, str(error)) from None   # the input pipeline's traceback says nothing more
     join()
     raise_first(allgather_object(error, name))
 

@@ -106,7 +106,8 @@ def _averager(fp16_compression: bool, sparse_as_dense: bool, bucket_bytes: int =
             grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
         dense = [i for i, g in enumerate(grads) if g is not None and not isinstance(g, tf.IndexedSlices)]
         out = list(grads)
-        sizes = [grads[i].shape.num_elements() * grads[i].dtype.size for i in dense]
+        # Bytes from static shapes (unknown: 0), the same on every rank, so every rank makes the same buckets.
+        sizes = [(grads[i].shape.num_elements() or 0) * grads[i].dtype.size if bucket_bytes else 0 for i in dense]
         for bucket in buckets(sizes, bucket_bytes):
             members = [dense[j] for j in bucket]
             reduced = h.grouped_allreduce([grads[i] for i in members], op=h.Average, compression=compression)

@@ -57,6 +57,7 @@ def run(args, overrides) -> int:
     from hvdtrain.sweep.driver import sweep
     require("optuna", "sweep", "hvdtrain sweep")
     require("matplotlib", "sweep", "hvdtrain sweep's plot")
+    require("sklearn", "sweep", "hvdtrain sweep's parameter importances")
     try:
         return sweep(args, overrides)
     except KeyboardInterrupt:   # before the driver's own handler is in place: nothing was started yet

@@ -230,7 +230,7 @@ def test_bucketed_averaging_gives_the_same_update_in_more_all_reduces(fake):
 
 # ---- the controller: the agreed stop, as rank 0 of two sees it -----------------------------------------------------
 
-def _session_fit(tmp_path, fake, steps=8, every=3):
+def _session_fit(tmp_path, fake, steps=8, every=3, **options):
     """Fit a small model for one epoch of `steps` steps through a real Session (rank 0 of two, the peer faked)."""
     import keras
 
@@ -245,7 +245,7 @@ def _session_fit(tmp_path, fake, steps=8, every=3):
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)
     world = World(rank=0, size=2, local_size=2, controller="gloo")
     session = Session(world, RunDir(tmp_path / "run").check(), steps_per_epoch=steps, epochs=1, global_batch=8,
-                      options=cb.Options(check_every_steps=every, tensorboard=False, progress="none"),
+                      options=cb.Options(check_every_steps=every, tensorboard=False, progress="none", **options),
                       stop=cb.StopRequest(), meta={})
     x, y = np.random.default_rng(0).normal(size=(4 * steps, 4)).astype("float32"), np.arange(4 * steps) % 3
 
@@ -296,3 +296,12 @@ def test_without_requests_the_epoch_runs_to_the_end_with_its_checkpoint_and_aver
     last = p.history[-1]
     assert 500 < last["loss"] < 502                       # (ours + 1000) / 2: averaged over the two ranks
     assert last["global_step"] == 8 and last["partial"] == 0   # the controller's own numbers, after the averaging
+
+
+@keras3
+def test_step_checkpoints_fall_on_agreement_steps_only(tmp_path, fake):
+    """checkpoint_every_steps=4 with agreements every 3 steps of an 8-step epoch: steps 3, 6 and 8 are agreed, so the
+    checkpoints are at 6 (the first agreed step 4 or more after the start) and 8 (the end), never at an unchecked 4."""
+    fake.peer = _peer_flags()
+    _session_fit(tmp_path, fake, steps=8, every=3, checkpoint_every_steps=4, keep_checkpoints=5)
+    assert sorted(c.name for c in (tmp_path / "run/checkpoints").glob("ckpt-*")) == ["ckpt-00000006", "ckpt-00000008"]
