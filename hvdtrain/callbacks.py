@@ -185,21 +185,19 @@ class StopAgreement:
 
     def __init__(self, world, progress: Progress, stop: StopRequest):
         self.world, self.progress, self.stop = world, progress, stop
-        self.model = None
 
-    def _weights_finite(self) -> bool:
-        if not hasattr(self, "_finite_fn"):
+    def _weights_finite(self, model) -> bool:
+        if not hasattr(self, "_finite_fn"):   # traced once over the model's variables (one model per fit)
             import tensorflow as tf
-            variables = self.model.trainable_variables
+            variables = model.trainable_variables
             self._finite_fn = tf.function(lambda: tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in variables]),
                                           autograph=False)   # plain ops: nothing for AutoGraph to convert
         return bool(self._finite_fn())
 
     def check(self, model, logs: dict) -> None:
-        self.model = model
         size = self.world.size
         # Weights too: a NaN gradient can leave the loss finite (e.g. ReLU maps NaN to 0) while the model is dead.
-        healthy = math.isfinite(float(logs.get("loss", 0.0))) and self._weights_finite()
+        healthy = math.isfinite(float(logs.get("loss", 0.0))) and self._weights_finite(model)
         flags = np.zeros(size + 2)
         flags[self.world.rank] = 0.0 if healthy else 1.0
         flags[size] = 1.0 if self.stop.requested else 0.0
@@ -384,7 +382,7 @@ class Controller(keras.callbacks.Callback):
     # Keras hands the model and fit's parameters to this callback; the writers get them too.
     def set_model(self, model):
         super().set_model(model)
-        for callback in (self.start_check, self.metrics, *self.writers):
+        for callback in (self.start_check, *self.writers):
             callback.set_model(model)
 
     def set_params(self, params):
