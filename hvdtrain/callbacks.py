@@ -174,7 +174,8 @@ class StartCheck(keras.callbacks.Callback):
                             "Horovod's all-reduce has no XLA kernel; compile with jit_compile=False", agreed=True)
         optimizer = model.optimizer
         backend.build_optimizer(optimizer, model.trainable_variables)
-        backend.broadcast_variables(list(model.variables) + list(optimizer.variables), name="hvdtrain.start")
+        backend.broadcast_variables(list(model.variables) + list(optimizer.variables), name="hvdtrain.start",
+                                    group=self.world.replica_group)
 
 
 class StopAgreement:
@@ -264,11 +265,12 @@ class LocalState:
 
     def sync(self, model, step: int) -> None:
         """A collective for models with local state: every rank calls it at the same step."""
-        if self.world.size == 1 or step == self._step:
+        if self.world.replicas == 1 or step == self._step:
             return
         if self._average is None:
             local = [v for v in model.non_trainable_variables if "float" in str(getattr(v.dtype, "name", v.dtype))]
-            self._average = backend.variable_averager(local, "hvdtrain.local_state") if local else (lambda: None)
+            self._average = backend.variable_averager(local, "hvdtrain.local_state", self.world.replica_group) \
+                if local else (lambda: None)
         self._average()
         self._step = step
 

@@ -4,7 +4,9 @@ A checkpoint is a directory `checkpoints/ckpt-<global step>` holding the TensorF
 optimizer (weights, slots, step counter and hence the LR schedule position, gradient accumulators, loss scale) and
 `meta.json` (epoch, step in epoch, global step, data seed, model signature, config). It is written under a temporary
 name and renamed into place, so a kill at any moment leaves the previous checkpoint loadable; readers ignore
-temporary directories. The same format serves `hvdtrain train`, the Keras API and predict/evaluate.
+temporary directories. The same format serves `hvdtrain train`, the Keras API and predict/evaluate. A pipeline's
+checkpoint holds one `stage-<s>/state` per stage instead (each written by the stage's first replica, in the same
+temporary directory, renamed by rank 0 once every stage has written).
 """
 from __future__ import annotations
 
@@ -73,6 +75,10 @@ def _weight_name(w) -> str:
 
 def check_compatible(ckpt, meta: dict, expected: dict) -> None:
     found = meta.get("signature", {})
+    if found.get("pipeline") != expected.get("pipeline"):
+        raise UserError(f"checkpoint {ckpt} was written by {_layout(found.get('pipeline'))} and this run is "
+                        f"{_layout(expected.get('pipeline'))}; resume with the parallel.pipeline_stages and "
+                        "parallel.split that wrote it, or use a fresh --trainer.run_dir")
     for key in ("model", "input_shape", "num_classes"):
         if found.get(key) != expected[key]:
             raise UserError(f"checkpoint {ckpt} belongs to another model ({key} is {found.get(key)!r}, this run has "
@@ -89,14 +95,43 @@ def check_compatible(ckpt, meta: dict, expected: dict) -> None:
                         f"{len(ours)} here); use a fresh --trainer.run_dir or the config that wrote it")
 
 
-def restore(ckpt, model, optimizer=None) -> None:
+def _layout(pipeline) -> str:
+    if not pipeline:
+        return "data-parallel training (no pipeline stages)"
+    return f"a {pipeline['stages']}-stage pipeline (stages beginning at {', '.join(pipeline['first_layers'])})"
+
+
+def state_path(ckpt, stage: int | None = None) -> Path:
+    """Where model and optimizer are stored: `state`, or one stage's `stage-<s>/state`."""
+    return Path(ckpt) / "state" if stage is None else Path(ckpt) / f"stage-{stage}" / "state"
+
+
+def restore(ckpt, model, optimizer=None, stage: int | None = None) -> None:
     import tensorflow as tf
     parts = {"model": model} if optimizer is None else {"model": model, "optimizer": optimizer}
     try:
-        status = tf.train.Checkpoint(**parts).read(str(Path(ckpt) / "state"))
+        status = tf.train.Checkpoint(**parts).read(str(state_path(ckpt, stage)))
         status.assert_existing_objects_matched() if optimizer is not None else status.expect_partial()
     except (ValueError, AssertionError, tf.errors.OpError) as exc:
         raise UserError(f"cannot restore checkpoint {ckpt}: {str(exc).splitlines()[0]}") from None
+
+
+def restore_model(ckpt, model, meta: dict) -> None:
+    """The trained weights (no optimizer) into the whole `model`: from `state`, or from a pipeline's stages (each
+    stage's part of the model restored from its `stage-<s>/state`), so serving works the same for both."""
+    layout = meta.get("signature", {}).get("pipeline")
+    if not layout:
+        return restore(ckpt, model)
+    import keras
+    from hvdtrain.pipeline.split import plan
+
+    class Stage(keras.Model):   # the object path a stage was saved under: model.stage_model
+        def __init__(self, stage_model):
+            super().__init__()
+            self.stage_model = stage_model
+    _, stage_models = plan(model, layout["stages"], tuple(layout["first_layers"][1:]))
+    for s, stage_model in enumerate(stage_models):
+        restore(ckpt, Stage(stage_model), stage=s)
 
 
 def weights_digest(model) -> str:
@@ -108,12 +143,16 @@ def weights_digest(model) -> str:
 
 
 def agreed_digest(model, world) -> str:
-    """Every rank's weight digest, compared (a collective): replicas that differ are a bug, never a silent result."""
+    """Every rank's weight digest, compared (a collective): replicas that differ are a bug, never a silent result.
+    A pipeline compares each stage's replicas; its digest is that of the stages' digests in order."""
     digests = backend.allgather_object(weights_digest(model), "hvdtrain.digest")
-    if len(set(digests)) != 1:
+    per_stage = [digests[s::world.stages] for s in range(world.stages)]
+    if any(len(set(replicas)) != 1 for replicas in per_stage):
         raise UserError(f"replicas diverged: weight digests differ across ranks {digests}; this is a bug, please report it",
                         agreed=True)
-    return digests[0]
+    if world.stages == 1:
+        return digests[0]
+    return hashlib.sha256("".join(replicas[0] for replicas in per_stage).encode()).hexdigest()
 
 
 class Checkpointer:
@@ -126,31 +165,77 @@ class Checkpointer:
 
     @classmethod
     def for_rank(cls, world, run: RunDir, meta: dict, keep: int) -> "Checkpointer":
+        if world.stages > 1:
+            return StagedCheckpointer(run, meta, keep, world)
         return cls(run, meta, keep) if world.is_chief else NullCheckpointer(run, meta, keep)
 
     def save(self, model, position: Position, world_size: int) -> Path | None:
         """Write a checkpoint at `position` (once per global step), then prune old ones."""
         if position.global_step == self.last_step:
             return None
-        import tensorflow as tf
-        root = self.run.ensure_checkpoints()
-        final = root / f"{PREFIX}{position.global_step:08d}"
-        tmp = make_temp_dir(root)
+        tmp = make_temp_dir(self.run.ensure_checkpoints())
         try:
-            tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(str(tmp / "state"))
-            for path in tmp.iterdir():
-                os.chmod(path, file_mode())
-            write_json(tmp / "meta.json", {**self.meta, **position.meta(), "num_ranks": world_size})
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+            _write_state(model, state_path(tmp))
+            return self._commit(tmp, position, world_size)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def _commit(self, tmp: Path, position: Position, world_size: int) -> Path:
+        """meta.json last, then the rename that makes the checkpoint exist; then prune."""
+        final = tmp.parent / f"{PREFIX}{position.global_step:08d}"
+        write_json(tmp / "meta.json", {**self.meta, **position.meta(), "num_ranks": world_size})
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
         for old in list_checkpoints(self.run.path)[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         self.last_step = position.global_step
         return final
+
+
+def _write_state(model, path: Path) -> None:
+    import tensorflow as tf
+    path.parent.mkdir(exist_ok=True)
+    tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(str(path))
+    for written in path.parent.iterdir():
+        os.chmod(written, file_mode())
+
+
+class StagedCheckpointer(Checkpointer):
+    """A pipeline's checkpoint (a collective): rank 0 makes the temporary directory, each stage's first replica
+    writes its stage into it, and once all have written (agreed: a failed write fails every rank, and rank 0 removes
+    the directory) rank 0 renames it into place."""
+
+    def __init__(self, run: RunDir, meta: dict, keep: int, world):
+        super().__init__(run, meta, keep)
+        self.world = world
+
+    def save(self, model, position, world_size):
+        if position.global_step == self.last_step:
+            return None
+        w = self.world
+        tmp = Path(backend.broadcast_object(str(make_temp_dir(self.run.ensure_checkpoints())) if w.is_chief else "",
+                                            "hvdtrain.checkpoint.dir"))
+        try:
+            backend.agree_on_errors(lambda: self._write_stage(model, tmp) if w.replica == 0 else None,
+                                    "hvdtrain.checkpoint.stages")
+        except BaseException:
+            if w.is_chief:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if w.is_chief:
+            return self._commit(tmp, position, world_size)
+        self.last_step = position.global_step
+        return None
+
+    def _write_stage(self, model, tmp: Path) -> None:
+        try:
+            _write_state(model, state_path(tmp, self.world.stage))
+        except Exception as exc:   # agreed, so the other stages do not wait for this one
+            from hvdtrain.errors import first_line
+            raise UserError(f"cannot write stage {self.world.stage + 1}'s checkpoint into {tmp.parent}: "
+                            f"{first_line(exc)}") from None
 
 
 class NullCheckpointer(Checkpointer):
@@ -175,5 +260,5 @@ def resume(run: RunDir, model, world, mode: str, expected_signature: dict,
                         "use a fresh --trainer.run_dir or --resume")
     meta = read_meta(Path(found))
     check_compatible(Path(found), meta, expected_signature)
-    restore(Path(found), model, model.optimizer)
+    restore(Path(found), model, model.optimizer, world.replica_group)
     return Position(meta["epoch"], meta["step_in_epoch"], meta["global_step"]), Path(found)

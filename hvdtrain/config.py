@@ -183,12 +183,47 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    pipeline_stages: int = _f(1, "P: split the model into this many pipeline stages, one per rank of a pipeline; the "
+                                 "ranks form D = ranks / P data-parallel copies of the pipeline (1: data parallelism only)")
+    microbatches: int = _f(4, "pipeline: micro-batches per replica batch (more: a smaller idle bubble, (P-1)/(M+P-1))")
+    schedule: str = _f("1f1b", "pipeline: 1f1b (one forward, one backward: at most P micro-batches' activations kept) | "
+                               "gpipe (all forwards, then all backwards: M kept); both give the same update",
+                       choices=("1f1b", "gpipe"))
+    split: tuple = _f((), "pipeline: the layer names at which stages 2..P begin; empty or auto: balanced by parameter "
+                          "count over the places where exactly one tensor crosses", auto=True)
+
+    def __post_init__(self):
+        _require(self.pipeline_stages >= 1, "parallel.pipeline_stages must be >= 1")
+        _require(self.microbatches >= 1, "parallel.microbatches must be >= 1")
+        _require(all(isinstance(name, str) and name for name in self.split),
+                 f"parallel.split must be layer names, got {list(self.split)}")
+        if self.split:
+            _require(len(self.split) == self.pipeline_stages - 1,
+                     f"parallel.split names {len(self.split)} layer(s) but parallel.pipeline_stages="
+                     f"{self.pipeline_stages} needs {self.pipeline_stages - 1} (the first layer of each stage after "
+                     "the first), or leave it empty (auto)")
+
+    @property
+    def pipelined(self) -> bool:
+        return self.pipeline_stages > 1
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self):
+        if self.parallel.pipelined:
+            _require(self.runtime.precision == "float32", f"parallel.pipeline_stages={self.parallel.pipeline_stages} "
+                     f"trains in float32 only (runtime.precision={self.runtime.precision}); set runtime.precision=float32")
+            _require(not self.trainer.elastic, "parallel.pipeline_stages > 1 cannot be elastic (a lost rank takes a "
+                     "stage with it); set trainer.elastic=false")
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -201,7 +236,8 @@ class Config:
         return from_dict(_merge(self.to_dict(), sections))
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "trainer": TrainerConfig, "runtime": RuntimeConfig}
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "trainer": TrainerConfig,
+            "runtime": RuntimeConfig, "parallel": ParallelConfig}
 
 
 class ConfigError(UserError):
@@ -240,6 +276,8 @@ def _did_you_mean(name: str, options) -> str:
 def _coerce(where: str, value, annotation: str, meta: dict):
     """Check one value against its field's declared type; ints are accepted for floats, lists for tuples."""
     kind = {"str": str, "int": int, "float": float, "bool": bool, "tuple": tuple, "dict": dict}[annotation]
+    if meta.get("auto") and value == "auto":
+        value = []   # a list that may also be chosen automatically: `auto` is the empty list
     if kind is float and isinstance(value, str):
         value = _float_or_same(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     ok = (isinstance(value, kind) and not (kind is int and isinstance(value, bool))) \
@@ -327,8 +365,11 @@ def with_overrides(raw: dict, overrides: typing.Sequence[str] = ()) -> Config:
 
 def check_world(cfg: Config, size: int) -> None:
     """Checks that depend on the number of ranks; run on every rank so all ranks fail together."""
-    batch = cfg.trainer.global_batch_size
-    if batch % size:
+    batch, stages = cfg.trainer.global_batch_size, cfg.parallel.pipeline_stages
+    check_stages(stages, size)
+    if stages > 1:
+        _check_pipeline_batch(cfg, size // stages)
+    elif batch % size:
         lower, upper = (batch // size) * size, -(-batch // size) * size
         hint = f"{lower} or {upper}" if lower else f"{upper}"
         raise ConfigError(f"trainer.global_batch_size={batch} is not divisible by the {size} ranks; use a multiple of {size}, e.g. {hint}")
@@ -337,6 +378,22 @@ def check_world(cfg: Config, size: int) -> None:
         raise ConfigError(f"the config expects {counted(expected, 'rank')} (runtime.expected_ranks) but {size} "
                           f"{'is' if size == 1 else 'are'} running; launch with `horovodrun -np {expected} hvdtrain "
                           "train ...` (or srun)")
+
+
+def check_stages(stages: int, size: int) -> None:
+    if size % stages:
+        raise ConfigError(f"parallel.pipeline_stages={stages} does not divide the {counted(size, 'rank')}: launch a "
+                          f"multiple of {stages} ranks (each pipeline has one rank per stage) or change the stages")
+
+
+def _check_pipeline_batch(cfg: Config, replicas: int) -> None:
+    batch, micro = cfg.trainer.global_batch_size, cfg.parallel.microbatches
+    if batch % replicas:
+        raise ConfigError(f"trainer.global_batch_size={batch} is not divisible by the {replicas} pipeline replicas "
+                          f"(ranks / parallel.pipeline_stages); use a multiple of {replicas}")
+    if (batch // replicas) % micro:
+        raise ConfigError(f"parallel.microbatches={micro} does not divide the replica batch of {batch // replicas} "
+                          f"(trainer.global_batch_size / {replicas} replicas); choose a divisor of {batch // replicas}")
 
 
 def describe_fields() -> list[tuple[str, str, str]]:

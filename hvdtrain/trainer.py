@@ -6,10 +6,11 @@ loop; `summarize()` the end. Static and elastic training are two loop strategies
 from __future__ import annotations
 
 from hvdtrain import callbacks as cb
-from hvdtrain import backend, checkpoint, config, data, models, optim
+from hvdtrain import backend, checkpoint, config, data, models, optim, pipeline
 from hvdtrain import world as worlds
 from hvdtrain.errors import DataError, UserError
 from hvdtrain.inference import Evaluator
+from hvdtrain.pipeline import serving
 from hvdtrain.log import counted, get_logger
 from hvdtrain.rundir import STOP_FILE, RunDir
 from hvdtrain.session import Session, fit_segments
@@ -19,7 +20,8 @@ from hvdtrain.tasks import Task
 class Trainer:
     def __init__(self, cfg: config.Config, stop: cb.StopRequest | None = None):
         self.cfg = cfg
-        self.world = worlds.start(cfg.runtime)
+        self.world = worlds.start(cfg.runtime, stages=cfg.parallel.pipeline_stages)
+        self.data_world = self.world.data_view()   # pipeline stages read their replica's batches
         self.loop = ElasticLoop() if cfg.trainer.elastic else StaticLoop()
         self.run = RunDir(cfg.trainer.run_dir)
         self.log = get_logger(self.world.rank)
@@ -40,43 +42,57 @@ class Trainer:
         self.log.info(f"{world.describe()}; run directory {self.run}")
         for split in data.SPLITS:
             if self.source.has_split(split):
-                self.source.adopt(split, self.loop.gather(lambda s=split: self.source.validate(world, s),
+                self.source.adopt(split, self.loop.gather(lambda s=split: self.source.validate(self.data_world, s),
                                                           f"hvdtrain.validate.{split}"))
         self.task = Task.from_config(cfg.data, cfg.trainer.top_k)
         self.steps = self._agreed_steps(together)
         shape = self.source.example_shape()
         self.model = models.build_model(cfg.model, shape, self.task.outputs)
-        self.model.compile(optimizer=optim.distributed_optimizer(cfg.optim, world.size, self.steps, cfg.trainer.epochs,
-                                                                 cfg.runtime.precision, cfg.runtime.bucket_mb),
-                           loss=self.task.loss(), metrics=self.task.metrics(), jit_compile=False)
         signature = checkpoint.signature(self.model, shape, self.task.outputs, cfg.model.name)
+        optimizer = optim.distributed_optimizer(cfg.optim, world.replicas, self.steps, cfg.trainer.epochs,
+                                                cfg.runtime.precision, cfg.runtime.bucket_mb, world.replica_group)
+        self.pipeline = None
+        if cfg.parallel.pipelined:
+            self.pipeline = pipeline.build(cfg, world, self.model, self.task, self.log)
+            signature["pipeline"] = self.pipeline.layout()
+            self.model = self.pipeline.stage
+            self.model.compile(optimizer=optimizer, run_eagerly=True, jit_compile=False)
+        else:
+            self.model.compile(optimizer=optimizer, loss=self.task.loss(), metrics=self.task.metrics(),
+                               jit_compile=False)
         meta = {"data_seed": cfg.data.seed, "config": cfg.to_dict(), "classes": self.source.class_names()}
         self.session = Session(world, self.run, steps_per_epoch=self.steps, epochs=cfg.trainer.epochs,
                                global_batch=cfg.trainer.global_batch_size, options=cb.Options.from_config(cfg),
                                stop=stop, meta=meta, elastic=cfg.trainer.elastic)
         together(lambda: self.session.resume(self.model, signature, cfg.trainer.resume), "hvdtrain.resume")
-        self.evaluate = Evaluator(self.source, world, self.task, "test")
+        self.evaluate = self._evaluator(world)
+
+    def _evaluator(self, world):
+        if self.pipeline is not None:
+            return serving.PipelineEvaluator(self.source, world, self.task, "test")
+        return Evaluator(self.source, world, self.task, "test")
 
     def _agreed_steps(self, together) -> int:
         """The same number on every rank: the MIN of what each shard can feed (uneven counts make Horovod hang)."""
-        local = together(lambda: self.source.local_steps(self.world, self.cfg.trainer.global_batch_size), "hvdtrain.steps")
+        local = together(lambda: self.source.local_steps(self.data_world, self.cfg.trainer.global_batch_size),
+                         "hvdtrain.steps")
         steps = self.loop.min_over_ranks(local)
         if steps == 0:
             raise DataError(f"a rank's share of the training data has fewer than one per-rank batch of examples "
-                            f"({self.cfg.trainer.global_batch_size} // {self.world.size}); lower "
+                            f"({self.cfg.trainer.global_batch_size} // {self.data_world.size}); lower "
                             "trainer.global_batch_size or add data", agreed=True)
         return steps
 
     def batches_from(self, first_epoch: int, epochs: int, skip_steps: int):
-        return self.source.train_batches(self.world, self.cfg.trainer.global_batch_size, self.steps, first_epoch,
+        return self.source.train_batches(self.data_world, self.cfg.trainer.global_batch_size, self.steps, first_epoch,
                                          epochs, skip_steps)
 
     def rebind(self, world, position: checkpoint.Position) -> None:
         """After an elastic reset: the new world wherever it is held (session, evaluation), at the committed position."""
         config.check_world(self.cfg, world.size)
-        self.world = world
+        self.world = self.data_world = world   # elastic worlds are never pipelined
         self.session.rebind(world, position)
-        self.evaluate = Evaluator(self.source, world, self.task, "test")
+        self.evaluate = self._evaluator(world)
 
     def fit(self) -> dict:
         self.loop.run(self)
@@ -84,9 +100,11 @@ class Trainer:
 
     def summarize(self) -> dict:
         summary = self.session.finish(self.model, self.evaluate)
-        if self.world.is_chief and summary["status"] == "completed":
-            self.run.export_model(self.model)
-            self.log.info(_result_line(summary, self.task))
+        if summary["status"] == "completed":
+            whole = self.model if self.pipeline is None else serving.assemble(self.pipeline, self.world)
+            if self.world.is_chief:
+                self.run.export_model(whole)
+                self.log.info(_result_line(summary, self.task))
         return summary
 
 
@@ -126,7 +144,7 @@ class StaticLoop:
     def run(self, trainer: Trainer) -> None:
         callbacks = trainer.session.callbacks(evaluate=trainer.evaluate)
         fit_segments(trainer.model, trainer.batches_from, trainer.session, callbacks,
-                     diagnose=lambda: trainer.source.diagnose(trainer.world, "train"))
+                     diagnose=lambda: trainer.source.diagnose(trainer.data_world, "train"))
 
 
 class ElasticLoop:

@@ -25,22 +25,75 @@ class World:
     cross_rank: int = 0
     cross_size: int = 1
     controller: str = "none"
+    stages: int = 1   # pipeline stages P; the ranks are D = size / P replicas of the pipeline
 
     def __post_init__(self):
         if not (0 <= self.rank < self.size and 0 <= self.local_rank < self.local_size <= self.size
-                and 0 <= self.cross_rank < self.cross_size <= self.size):
+                and 0 <= self.cross_rank < self.cross_size <= self.size and self.stages >= 1
+                and self.size % self.stages == 0):
             raise ValueError(f"inconsistent world: {self}")
 
     @property
     def is_chief(self) -> bool:
         return self.rank == 0
 
+    # The pipeline layout: stage = rank % P, replica = rank // P. Neighbouring stages sit on neighbouring ranks, so
+    # with P ranks per node a whole pipeline stays on its node (activations over shared memory) and only each stage's
+    # gradient all-reduce crosses nodes; Megatron-LM orders its ranks the same way.
+    @property
+    def stage(self) -> int:
+        return self.rank % self.stages
+
+    @property
+    def replica(self) -> int:
+        return self.rank // self.stages
+
+    @property
+    def replicas(self) -> int:
+        return self.size // self.stages
+
+    @property
+    def first_stage(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def last_stage(self) -> bool:
+        return self.stage == self.stages - 1
+
+    @property
+    def previous_rank(self) -> int | None:
+        return None if self.first_stage else self.rank - 1
+
+    @property
+    def next_rank(self) -> int | None:
+        return None if self.last_stage else self.rank + 1
+
+    def stage_ranks(self, stage: int | None = None) -> list[int]:
+        """The ranks holding one stage (this rank's by default): the replicas its gradients are averaged over."""
+        stage = self.stage if stage is None else stage
+        return [replica * self.stages + stage for replica in range(self.replicas)]
+
+    @property
+    def replica_group(self) -> int | None:
+        """Which ranks must hold identical weights: None for all of them (data parallelism), else this stage's."""
+        return self.stage if self.stages > 1 else None
+
+    def data_view(self) -> "World":
+        """The world the data sees: one rank per replica (every stage of a pipeline reads its replica's batches)."""
+        if self.stages == 1:
+            return self
+        return World(rank=self.replica, size=self.replicas, controller=self.controller)
+
     def describe(self) -> str:
-        return f"{self.size} rank(s) on {self.cross_size} host(s), controller {self.controller}"
+        where = f"{self.size} rank(s) on {self.cross_size} host(s), controller {self.controller}"
+        if self.stages == 1:
+            return where
+        return f"{where}; {self.replicas} replica(s) of a {self.stages}-stage pipeline (this rank: stage {self.stage + 1})"
 
 
-def start(runtime_cfg=None, *, configure: bool = True) -> World:
-    """Start this rank: see the module docstring. `configure=False` leaves threads/seeds/precision alone."""
+def start(runtime_cfg=None, *, configure: bool = True, stages: int = 1) -> World:
+    """Start this rank: see the module docstring. `configure=False` leaves threads/seeds/precision alone. `stages`:
+    pipeline stages, whose process sets Horovod must know from its start."""
     from hvdtrain import backend, runtime
     from hvdtrain.config import RuntimeConfig
     runtime_cfg = runtime_cfg or RuntimeConfig()
@@ -48,7 +101,7 @@ def start(runtime_cfg=None, *, configure: bool = True) -> World:
     runtime.import_tensorflow()
     runtime.stack()
     backend.apply_comm_environment(runtime_cfg)
-    world = World(**backend.init())
+    world = World(**backend.init(stages))
     _check_launch(world)
     runtime.pin_device(world.local_rank, world.local_size)
     if configure:
@@ -68,7 +121,7 @@ def _python_stacks_on_crash() -> None:
 def current() -> World:
     """The world now (it changes after an elastic reset)."""
     from hvdtrain import backend
-    return World(**backend.topology())
+    return World(**backend.topology())   # elastic worlds are never pipelined
 
 
 def _check_launch(world: World) -> None:

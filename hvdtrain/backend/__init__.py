@@ -36,7 +36,7 @@ def _keras_layer():
 
 
 def distributed_optimizer(optimizer, *, fp16_compression: bool = False, backward_passes_per_step: int = 1,
-                          sparse_as_dense: bool = False, bucket_mb: float = 0.0):
+                          sparse_as_dense: bool = False, bucket_mb: float = 0.0, group: int | None = None):
     """`optimizer`, made to average gradients over all ranks with a fused ring all-reduce (use the returned object).
 
     fp16_compression halves the bytes sent; backward_passes_per_step accumulates gradients locally and all-reduces
@@ -44,11 +44,11 @@ def distributed_optimizer(optimizer, *, fp16_compression: bool = False, backward
     bucket_mb > 0 sends the gradients in buckets of that size as the backward pass produces them (Keras 3; on Keras 2
     Horovod fuses what arrives within one cycle, HOROVOD_FUSION_THRESHOLD).
     A LossScaleOptimizer (mixed_float16) is rebuilt around a distributed inner optimizer with an agreed finiteness
-    check, so all ranks skip the same steps.
+    check, so all ranks skip the same steps. `group` (a pipeline stage, Keras 3): average over that stage's replicas only.
     """
     return _keras_layer().distributed_optimizer(optimizer, fp16_compression=fp16_compression,
                                                 backward_passes_per_step=backward_passes_per_step,
-                                                sparse_as_dense=sparse_as_dense, bucket_mb=bucket_mb)
+                                                sparse_as_dense=sparse_as_dense, bucket_mb=bucket_mb, group=group)
 
 
 def is_distributed(optimizer) -> bool:

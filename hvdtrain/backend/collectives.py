@@ -9,10 +9,48 @@ import numpy as np
 from hvdtrain.backend._horovod import hvd
 from hvdtrain.errors import UserError
 
-def init() -> dict:
-    """Start Horovod (MPI or Gloo, as launched) and return the topology (see `topology`). Not a collective."""
-    hvd().init()
-    return topology()
+_stage_sets: list = []   # Horovod process sets, one per pipeline stage (empty: no pipeline)
+
+
+def init(stages: int = 1) -> dict:
+    """Start Horovod (MPI or Gloo, as launched) and return the topology (see `topology`). Not a collective.
+    With pipeline stages, each stage's replicas form a Horovod process set (its gradients are averaged over it), and
+    activations travel by MPI point-to-point, so the launch must be MPI's."""
+    if stages == 1:
+        hvd().init()
+        return topology()
+    from hvdtrain.backend._mpi import mpi
+    from hvdtrain.backend.environment import launched_by_mpi
+    from hvdtrain.config import check_stages
+    if not launched_by_mpi():
+        raise UserError(f"parallel.pipeline_stages={stages} sends activations between stages with MPI point-to-point "
+                        "messages: launch with MPI (scripts/launch.sh or horovodrun --mpi, mpirun, srun --mpi=pmix), "
+                        "not Gloo", agreed=True)
+    size = mpi().COMM_WORLD.Get_size()   # known before Horovod starts: the process sets are fixed at its start
+    check_stages(stages, size)
+    h = hvd()
+    if h.is_initialized():   # a second command in the same process (a test worker, a notebook)
+        if len(_stage_sets) != stages:
+            raise UserError(f"Horovod was started in this process without the process sets of {stages} pipeline "
+                            f"stages; run parallel.pipeline_stages={stages} in a new process", agreed=True)
+        return {**topology(), "stages": stages}
+    _stage_sets[:] = [h.ProcessSet([r for r in range(size) if r % stages == s]) for s in range(stages)]
+    h.init(process_sets=list(_stage_sets))
+    return {**topology(), "stages": stages}
+
+
+def _process_set(group: int | None):
+    """The Horovod process set of a replica group (a pipeline stage), or the global set for None."""
+    return hvd().global_process_set if group is None else _stage_sets[group]
+
+
+def _group_root(group: int | None) -> int:
+    """The group's first rank (global numbering, as Horovod's broadcast wants it even within a process set)."""
+    return 0 if group is None else _stage_sets[group].ranks[0]
+
+
+def _group_size(group: int | None) -> int:
+    return hvd().size() if group is None else len(_stage_sets[group].ranks)
 
 
 def topology() -> dict:
@@ -133,8 +171,9 @@ def follow_leaver(name: str) -> None:
     raise_first(allgather_object(None, name))
 
 
-def broadcast_variables(variables, name: str = "hvdtrain.broadcast") -> None:
-    """Make every rank's variables equal to rank 0's (model weights, optimizer slots).
+def broadcast_variables(variables, name: str = "hvdtrain.broadcast", group: int | None = None) -> None:
+    """Make every rank's variables equal to rank 0's (model weights, optimizer slots); with `group` (a pipeline
+    stage), every replica's equal to the stage's first replica's (a collective of that stage's ranks).
 
     One traced function assigns every variable from a broadcast of rank 0's value. The variables are captured,
     not passed in: a Keras 3 variable passed into a tf.function arrives as a tensor without `assign`, which is why
@@ -143,26 +182,30 @@ def broadcast_variables(variables, name: str = "hvdtrain.broadcast") -> None:
     import tensorflow as tf
     h = hvd()
     variables = list(variables)
-    if not variables or h.size() == 1:
+    if not variables or _group_size(group) == 1:
         return
+    root, members = _group_root(group), _process_set(group)
 
     @tf.function
-    def assign_from_rank_0():
+    def assign_from_root():
         for i, variable in enumerate(variables):
-            variable.assign(h.broadcast(tf.convert_to_tensor(variable), 0, name=f"{name}.{i}"))
-    assign_from_rank_0()
+            variable.assign(h.broadcast(tf.convert_to_tensor(variable), root, name=f"{name}.{i}", process_set=members))
+    assign_from_root()
 
 
-def variable_averager(variables, name: str):
-    """A function that sets every rank's `variables` to their average over ranks, in one grouped all-reduce (traced
-    once, the variables captured as in broadcast_variables). Calling it is the collective."""
+def variable_averager(variables, name: str, group: int | None = None):
+    """A function that sets every rank's `variables` to their average over ranks (or over a pipeline stage's
+    replicas), in one grouped all-reduce (traced once, the variables captured as in broadcast_variables). Calling it
+    is the collective."""
     import tensorflow as tf
     h = hvd()
     variables = list(variables)
+    members = _process_set(group)
 
     @tf.function
     def average():
-        averaged = h.grouped_allreduce([tf.convert_to_tensor(v) for v in variables], op=h.Average, name=name)
+        averaged = h.grouped_allreduce([tf.convert_to_tensor(v) for v in variables], op=h.Average, name=name,
+                                       process_set=members)
         for variable, value in zip(variables, averaged):
             variable.assign(value)
     return average

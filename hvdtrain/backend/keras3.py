@@ -24,14 +24,15 @@ _MARK = "_hvdtrain_distributed"
 
 
 def distributed_optimizer(optimizer, *, fp16_compression: bool = False, backward_passes_per_step: int = 1,
-                          sparse_as_dense: bool = False, bucket_mb: float = 0.0):
-    """A copy of `optimizer` (rebuilt from its config, not yet built) that averages gradients over all ranks."""
+                          sparse_as_dense: bool = False, bucket_mb: float = 0.0, group: int | None = None):
+    """A copy of `optimizer` (rebuilt from its config, not yet built) that averages gradients over all ranks (or over
+    one pipeline stage's replicas: `group`)."""
     if is_distributed(optimizer):
         return optimizer
     if isinstance(optimizer, LossScaleOptimizer):
         inner = distributed_optimizer(optimizer.inner_optimizer, fp16_compression=fp16_compression,
                                       backward_passes_per_step=backward_passes_per_step, sparse_as_dense=sparse_as_dense,
-                                      bucket_mb=bucket_mb)
+                                      bucket_mb=bucket_mb, group=group)
         return _AgreedLossScaleOptimizer(inner, initial_scale=optimizer.initial_scale,
                                          dynamic_growth_steps=optimizer.dynamic_growth_steps, name=optimizer.name)
     config = optimizer.get_config()
@@ -46,7 +47,7 @@ def distributed_optimizer(optimizer, *, fp16_compression: bool = False, backward
     except Exception as exc:  # e.g. a learning-rate schedule that is not registered as serializable
         raise UserError(f"cannot rebuild {type(optimizer).__name__} from its config to distribute it ({exc}); register "
                         "custom schedules with keras.saving.register_keras_serializable()") from None
-    distributed._hvdtrain_average = _averager(fp16_compression, sparse_as_dense, int(bucket_mb * 2**20))
+    distributed._hvdtrain_average = _averager(fp16_compression, sparse_as_dense, int(bucket_mb * 2**20), group)
     return distributed
 
 
@@ -88,19 +89,21 @@ def buckets(nbytes: list[int], limit: int) -> list[list[int]]:
     return out + ([current] if current else [])
 
 
-def _averager(fp16_compression: bool, sparse_as_dense: bool, bucket_bytes: int = 0):
+def _averager(fp16_compression: bool, sparse_as_dense: bool, bucket_bytes: int = 0, group: int | None = None):
     """grads -> their average over ranks: dense ones in grouped (fused) all-reduces, one per bucket of about
     `bucket_bytes` (0: one for all), sparse ones (IndexedSlices from embeddings) gathered, or densified first with
     sparse_as_dense. Inside the compiled train step an all-reduce waits only for its own bucket's gradients, so the
     buckets of the last layers can be on the wire while the backward pass is still computing the first layers'."""
     import tensorflow as tf
+    from hvdtrain.backend.collectives import _group_size, _process_set
     h = hvd()
     compression = h.Compression.fp16 if fp16_compression else h.Compression.none
+    members = _process_set(group)
 
     def average(grads):
         grads = list(grads)
         # Like Horovod: one rank without elasticity needs no communication (elastic jobs may grow later).
-        if h.size() == 1 and not launched_elastic():
+        if _group_size(group) == 1 and not launched_elastic():
             return grads
         if sparse_as_dense:
             grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
@@ -109,13 +112,14 @@ def _averager(fp16_compression: bool, sparse_as_dense: bool, bucket_bytes: int =
         # Bytes from static shapes (unknown: 0), the same on every rank, so every rank makes the same buckets.
         sizes = [(grads[i].shape.num_elements() or 0) * grads[i].dtype.size if bucket_bytes else 0 for i in dense]
         for bucket in buckets(sizes, bucket_bytes):
-            members = [dense[j] for j in bucket]
-            reduced = h.grouped_allreduce([grads[i] for i in members], op=h.Average, compression=compression)
-            for i, g in zip(members, reduced):
+            positions = [dense[j] for j in bucket]
+            reduced = h.grouped_allreduce([grads[i] for i in positions], op=h.Average, compression=compression,
+                                          process_set=members)
+            for i, g in zip(positions, reduced):
                 out[i] = g
         for i, g in enumerate(grads):
             if isinstance(g, tf.IndexedSlices):
-                out[i] = h.allreduce(g, op=h.Average, compression=compression)
+                out[i] = h.allreduce(g, op=h.Average, compression=compression, process_set=members)
         return out
     return average
 

@@ -50,8 +50,10 @@ def load(run: str | None, ckpt: str, overrides) -> TrainedRun:
     shape = tuple(signature.get("input_shape") or open_source(cfg.data).example_shape())
     task = Task.from_config(cfg.data, cfg.trainer.top_k)
     model = models.build_model(cfg.model, shape, task.outputs)
-    checkpoint.check_compatible(ckpt_path, meta, checkpoint.signature(model, shape, task.outputs, cfg.model.name))
-    checkpoint.restore(ckpt_path, model)
+    expected = checkpoint.signature(model, shape, task.outputs, cfg.model.name)
+    expected["pipeline"] = signature.get("pipeline")   # a pipeline's stages serve as one model
+    checkpoint.check_compatible(ckpt_path, meta, expected)
+    checkpoint.restore_model(ckpt_path, model, meta)
     run_dir = RunDir(run) if run else RunDir(ckpt_path.parent.parent)
     return TrainedRun(cfg, model, ckpt_path, shape, task, run_dir.read_classes() or meta.get("classes"))
 

@@ -20,6 +20,8 @@ class FakeHorovod:
     class Compression:
         none, fp16 = "none", "fp16"
 
+    global_process_set = "all ranks"
+
     def __init__(self, size: int = 2, peer=lambda value, name: value):
         self._size, self.peer, self.calls = size, peer, []
 
@@ -35,11 +37,11 @@ class FakeHorovod:
         p = tf.cast(tf.convert_to_tensor(self.peer(x, name)), x.dtype)
         return {"sum": x + p, "average": (x + p) / 2, "min": tf.minimum(x, p), "max": tf.maximum(x, p)}[op]
 
-    def allreduce(self, tensor, op="average", name=None, compression=None):
+    def allreduce(self, tensor, op="average", name=None, compression=None, process_set=global_process_set):
         self.calls.append(("allreduce", name))
         return self._reduce(tensor, op, name)
 
-    def grouped_allreduce(self, tensors, op="average", compression=None, name=None):
+    def grouped_allreduce(self, tensors, op="average", compression=None, name=None, process_set=global_process_set):
         self.calls.append(("grouped_allreduce", len(tensors)))
         return [self._reduce(t, op, name) for t in tensors]
 
@@ -47,7 +49,7 @@ class FakeHorovod:
         self.calls.append(("allgather_object", name))
         return [obj, self.peer(obj, name)]
 
-    def broadcast(self, tensor, root_rank=0, name=None):
+    def broadcast(self, tensor, root_rank=0, name=None, process_set=global_process_set):
         return tensor                      # rank 0's value is this rank's
 
     def broadcast_object(self, obj, root_rank=0, name=None):

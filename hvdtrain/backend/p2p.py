@@ -1,0 +1,44 @@
+"""Point-to-point messages between pipeline stages: MPI through mpi4py, since Horovod's TensorFlow ops have no
+send/recv. The channel has a communicator of its own (Horovod's collectives never see these messages). Sends are
+non-blocking, so a stage goes on computing while its activations travel and no two ranks can wait on each other's
+receive; a receive blocks until its tensor is there (the schedule has nothing else to do then). Not a collective:
+each message has one sender and one receiver."""
+from __future__ import annotations
+
+import numpy as np
+
+from hvdtrain.backend._mpi import mpi
+
+
+class Channel:
+    def __init__(self):
+        self.MPI = mpi()
+        self.comm = self.MPI.COMM_WORLD.Dup()
+        self._pending = []        # (request, buffer): a buffer must live until its send completes
+        self.sent_bytes = 0
+
+    def send(self, array, dest: int, tag: int) -> None:
+        buffer = np.ascontiguousarray(array)
+        self._pending.append((self.comm.Isend(buffer, dest=dest, tag=tag), buffer))
+        self.sent_bytes += buffer.nbytes
+
+    def recv(self, source: int, tag: int, tail_shape: tuple, dtype) -> np.ndarray:
+        """The array `source` sent with `tag`; its first dimension (the batch) is read from the message's size."""
+        status = self.MPI.Status()
+        self.comm.Probe(source=source, tag=tag, status=status)
+        dtype = np.dtype(dtype)
+        buffer = np.empty(status.Get_count(self.MPI.BYTE) // dtype.itemsize, dtype)
+        self.comm.Recv(buffer, source=source, tag=tag)
+        return buffer.reshape((-1, *tail_shape))
+
+    def send_object(self, obj, dest: int, tag: int) -> None:
+        self._pending.append((self.comm.isend(obj, dest=dest, tag=tag), None))
+
+    def recv_object(self, source: int, tag: int):
+        return self.comm.recv(source=source, tag=tag)
+
+    def flush(self) -> None:
+        """Wait until every message sent so far has left (at the end of a step, so its buffers can go)."""
+        if self._pending:
+            self.MPI.Request.Waitall([request for request, _ in self._pending])
+            self._pending.clear()

@@ -1,0 +1,47 @@
+"""Pipeline and hybrid (data x pipeline) parallelism: the model split into P stages, one per rank of a pipeline,
+micro-batches flowing through them (GPipe or 1F1B), each stage's gradients averaged over its D replicas.
+
+  schedule  the order of forwards and backwards on each stage, pure data (checked by simulation)
+  split     the model cut where exactly one tensor crosses: by layer names, or balanced by parameters
+  stage     one rank's stage as a Keras model whose train step runs the schedule (so `fit` and the controller run it)
+  serving   exact evaluation through the stages, and the whole model put back together for model.keras
+
+Ranks are numbered stage = rank % P, replica = rank // P (see world.World). Activations travel by MPI point-to-point
+(backend.p2p), gradients are averaged with Horovod on each stage's process set.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hvdtrain.errors import UserError
+
+
+@dataclass
+class Pipeline:
+    stage: object      # PipelineStage: this rank's model, trained by fit
+    whole: object      # the unsplit model (its other stages' weights are filled in only for export)
+    plan: object       # split.Plan
+    channel: object    # backend.p2p.Channel
+
+    def layout(self) -> dict:
+        """What a checkpoint must match to be restored stage by stage."""
+        return {"stages": len(self.plan.starts), "first_layers": [self.plan.layers[s] for s in self.plan.starts]}
+
+
+def build(cfg, world, whole, task, log) -> Pipeline:
+    """This rank's stage of `whole` (built alike on every rank, so every stage starts from the unsplit model's
+    initial weights), not yet compiled."""
+    from hvdtrain import runtime
+    from hvdtrain.backend.p2p import Channel
+    from hvdtrain.pipeline import split
+    from hvdtrain.pipeline.stage import PipelineStage
+    if runtime.keras_major() < 3:
+        raise UserError("parallel.pipeline_stages > 1 needs the Keras 3 stack (TensorFlow >= 2.16): the TF 2.15 stack "
+                        "trains data-parallel only", agreed=True)
+    p = cfg.parallel
+    plan, stage_models = split.plan(whole, p.pipeline_stages, p.split)
+    log.info(f"pipeline: {p.pipeline_stages} stages x {world.replicas} replica(s), {p.microbatches} micro-batches, "
+             f"{p.schedule}; {plan.describe()}")
+    stage = PipelineStage(stage_models[world.stage], world, Channel(), schedule=p.schedule,
+                          microbatches=p.microbatches, loss=task.loss(), metrics=task.metrics())
+    return Pipeline(stage=stage, whole=whole, plan=plan, channel=stage.channel)

@@ -1,0 +1,143 @@
+"""Pipeline and hybrid parallelism for real: `hvdtrain train --parallel.pipeline_stages=2` under horovodrun --mpi
+with 2 ranks (one pipeline, D=1) and 4 (D=2, oversubscribed on 2 cores). A pipeline's update is the unsplit model's:
+after one epoch (22 steps) its weights match data-parallel training of the same model, seed and data (1 rank for
+D=1, 2 ranks for D=2) within float32 rounding, for both schedules; it trains digits to the README's accuracy, its
+model.keras is a plain Keras model, a stop mid-epoch resumes bit for bit, and bad layouts stop every rank with one
+line. (Activations travel by MPI point-to-point, so the launch is MPI's.)"""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import BIN, REPO, env, horovodrun, output, printed, run_commands
+
+pytestmark = pytest.mark.keras3   # the pipeline needs the Keras 3 stack
+
+HVDTRAIN = [str(BIN / "hvdtrain"), "train", "--config", str(REPO / "configs/digits.yaml")]
+RUNS = {}
+
+
+def train(run, ranks: int, *extra, epochs: int = 1) -> dict:
+    proc = horovodrun(ranks, [*HVDTRAIN, f"--trainer.run_dir={run}", f"--trainer.epochs={epochs}", *extra], "mpi")
+    assert proc.returncode == 0, output(proc)[-4000:]
+    return json.loads((run / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Runs shared by the tests below, each trained once, on first use: {key: run directory}."""
+    root = tmp_path_factory.mktemp("pipeline")
+
+    def get(ranks: int, stages: int = 1, schedule: str = "1f1b"):
+        key = (ranks, stages, schedule)
+        if key not in RUNS:
+            RUNS[key] = root / f"r{ranks}-p{stages}-{schedule}"
+            train(RUNS[key], ranks, f"--parallel.pipeline_stages={stages}", f"--parallel.schedule={schedule}")
+        return RUNS[key]
+    return get
+
+
+def weights(run) -> list:
+    import keras
+    return keras.saving.load_model(run / "model.keras").get_weights()
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_a_pipeline_trains_exactly_as_data_parallel_training(runs, ranks, schedule):
+    pipelined, reference = runs(ranks, 2, schedule), runs(ranks // 2)
+    ours, theirs = weights(pipelined), weights(reference)
+    assert [w.shape for w in ours] == [w.shape for w in theirs]
+    for mine, expected in zip(ours, theirs):
+        assert np.max(np.abs(mine - expected)) <= 1e-5 * np.max(np.abs(expected))
+    summary = json.loads((pipelined / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["num_ranks"] == ranks and summary["optimizer_steps"] == 22
+    stages = sorted(p.name for p in (pipelined / "checkpoints" / "ckpt-00000022").iterdir())
+    assert stages == ["meta.json", "stage-0", "stage-1"]   # each stage's weights and optimizer, one checkpoint
+
+
+def test_a_stop_mid_epoch_resumes_bit_for_bit(runs, tmp_path):
+    run = tmp_path / "stopped"
+    run.mkdir()
+    (run / "STOP").touch()   # seen at the first agreement step (10), by every rank of both stages
+    first = train(run, 2, "--parallel.pipeline_stages=2")
+    assert first["status"] == "stopped" and first["global_step"] == 10 and not (run / "STOP").exists()
+    resumed = train(run, 2, "--parallel.pipeline_stages=2")
+    uninterrupted = json.loads((runs(2, 2, "1f1b") / "summary.json").read_text())
+    assert resumed["status"] == "completed" and resumed["weights_sha256"] == uninterrupted["weights_sha256"]
+
+
+PLAIN_KERAS = """
+import sys, numpy as np, keras
+assert "hvdtrain" not in sys.modules and "horovod" not in sys.modules
+model = keras.saving.load_model(sys.argv[1])
+data = np.load(sys.argv[2])
+print(int(np.sum(np.argmax(model.predict(data["x"], verbose=0), axis=-1) == data["y"])))
+"""
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_the_digits_job_reaches_the_readme_accuracy_and_exports_one_plain_keras_model(tmp_path, ranks):
+    from hvdtrain import data
+    from hvdtrain.config import DataConfig
+    summary = train(tmp_path / "run", ranks, "--parallel.pipeline_stages=2", epochs=30)
+    assert summary["status"] == "completed" and summary["test_accuracy"] >= 0.95, summary
+    source = data.open_source(DataConfig())
+    test = source.arrays("test")
+    x, y = test.x, test.y
+    np.savez(tmp_path / "test.npz", x=x, y=y)
+    plain = subprocess.run([sys.executable, "-c", PLAIN_KERAS, str(tmp_path / "run" / "model.keras"),
+                            str(tmp_path / "test.npz")], env=env(), capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert int(plain.stdout.split()[-1]) == summary["test_correct"] and len(y) == summary["test_examples"]
+    report = tmp_path / "evaluate.json"   # `hvdtrain evaluate` reads the stages' checkpoint as one model
+    evaluated = subprocess.run([str(BIN / "hvdtrain"), "evaluate", "--run", str(tmp_path / "run"), "--report",
+                                str(report)], env=env(), capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 0, output(evaluated)[-3000:]
+    metrics = json.loads(report.read_text())
+    assert (metrics["loss"], metrics["accuracy"]) == (summary["test_loss"], summary["test_accuracy"]), metrics
+
+
+CASES = {
+    "stages not dividing the ranks": (["--parallel.pipeline_stages=3"],
+                                      "parallel.pipeline_stages=3 does not divide the 2 ranks"),
+    "unknown layer": (["--parallel.pipeline_stages=2", "--parallel.split=[dense_9]"],
+                      "parallel.split: model 'mlp' has no layer 'dense_9' (did you mean 'dense_2'?)"),
+    "cut through a residual block": (["--parallel.pipeline_stages=2", "--model.name=resnet", "--model.blocks=1",
+                                      "--parallel.split=[add]"], "a cut before 'add' crosses 2 tensors"),
+    "micro-batches not dividing the batch": (["--parallel.pipeline_stages=2", "--parallel.microbatches=5"],
+                                             "parallel.microbatches=5 does not divide the replica batch of 64"),
+    "unknown schedule": (["--parallel.pipeline_stages=2", "--parallel.schedule=zigzag"],
+                         "parallel.schedule must be one of 1f1b | gpipe, got 'zigzag'"),
+    "resume without the stages": ([], "was written by a 2-stage pipeline (stages beginning at flatten, dense_1) and "
+                                      "this run is data-parallel training"),
+}
+
+
+def test_bad_layouts_stop_every_rank_with_one_line_before_any_step(tmp_path):
+    shared = tmp_path / "runs" / "resume"
+    jobs = [{"name": "pipeline", "argv": ["train", f"--trainer.run_dir={shared}", "--trainer.epochs=1",
+                                          "--parallel.pipeline_stages=2"]}]   # first: Horovod starts with its sets
+    for case, (args, _) in CASES.items():
+        run = shared if case == "resume without the stages" else tmp_path / "runs" / case.replace(" ", "-")
+        jobs.append({"name": case, "argv": ["train", f"--trainer.run_dir={run}", "--trainer.epochs=2", *args]})
+    ranks = run_commands(2, jobs, tmp_path, "mpi")
+    assert [r["pipeline"]["code"] for r in ranks] == [0, 0], printed(ranks, "pipeline")[-3000:]
+    for case, (_, message) in CASES.items():
+        text = printed(ranks, case)
+        errors = [line for line in text.splitlines() if "hvdtrain: error:" in line]
+        assert [r[case]["code"] for r in ranks] == [2, 2] and len(errors) == 1, (case, text[-3000:])
+        assert message in errors[0] and "Traceback" not in text, (case, errors)
+        assert case == "resume without the stages" or not (tmp_path / "runs" / case.replace(" ", "-")).exists()
+    assert sorted(p.name for p in (shared / "checkpoints").iterdir()) == ["ckpt-00000022"]   # untouched
+
+
+def test_a_gloo_launch_is_told_to_launch_with_mpi(tmp_path):
+    proc = horovodrun(2, [*HVDTRAIN, f"--trainer.run_dir={tmp_path / 'run'}", "--parallel.pipeline_stages=2"], "gloo")
+    text = output(proc)
+    errors = [line for line in text.splitlines() if "hvdtrain: error:" in line]
+    assert proc.returncode != 0 and len(errors) == 1, text[-3000:]
+    assert "sends activations between stages with MPI point-to-point messages: launch with MPI" in errors[0]
+    assert not (tmp_path / "run").exists()

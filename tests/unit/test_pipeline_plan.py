@@ -1,0 +1,151 @@
+"""Pipeline parallelism without ranks: the schedules (order, activations kept, the bubble by simulation), the layout
+of ranks into stages and replicas, where a model may be cut, and the one-line errors of the parallel.* settings.
+The pipeline itself runs in tests/parallel/test_pipeline.py."""
+import pytest
+
+from hvdtrain.config import ConfigError, check_world, load_config
+from hvdtrain.pipeline.schedule import bubble, peak_alive, simulate, stage_ops
+from hvdtrain.world import World
+
+keras3 = pytest.mark.keras3   # the split reads Keras 3's functional graph; pipelines need the Keras 3 stack
+
+
+# ---- schedules -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("stages,micro", [(2, 1), (2, 3), (3, 8), (4, 2), (4, 16)])
+def test_every_stage_runs_each_forward_then_its_backward_once(schedule, stages, micro):
+    for s in range(stages):
+        ops = stage_ops(schedule, s, stages, micro)
+        assert sorted(ops) == sorted([("F", m) for m in range(micro)] + [("B", m) for m in range(micro)])
+        assert all(ops.index(("F", m)) < ops.index(("B", m)) for m in range(micro))
+        assert [m for kind, m in ops if kind == "B"] == list(range(micro))   # backwards in micro-batch order
+
+
+@pytest.mark.parametrize("stages,micro", [(2, 8), (4, 8), (4, 3)])
+def test_1f1b_keeps_at_most_p_minus_s_micro_batches_and_gpipe_keeps_all(stages, micro):
+    for s in range(stages):
+        assert peak_alive(stage_ops("1f1b", s, stages, micro)) == min(stages - s, micro)
+        assert peak_alive(stage_ops("gpipe", s, stages, micro)) == micro
+
+
+def test_1f1b_warms_up_then_alternates_then_drains():
+    assert stage_ops("1f1b", 0, 3, 4) == [("F", 0), ("F", 1), ("F", 2), ("B", 0), ("F", 3), ("B", 1), ("B", 2),
+                                          ("B", 3)]
+    assert stage_ops("1f1b", 2, 3, 4) == [("F", 0), ("B", 0), ("F", 1), ("B", 1), ("F", 2), ("B", 2), ("F", 3),
+                                          ("B", 3)]
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("stages", [2, 4])
+@pytest.mark.parametrize("micro", [1, 2, 4, 8, 16])
+def test_simulated_idle_share_is_the_gpipe_bubble_and_nothing_deadlocks(schedule, stages, micro):
+    result = simulate(schedule, stages, micro)
+    assert result["idle"] == pytest.approx(bubble(stages, micro))
+    assert result["makespan"] == pytest.approx(2 * (micro + stages - 1))
+
+
+def test_a_schedule_that_runs_a_backward_before_its_forward_is_caught(monkeypatch):
+    from hvdtrain.pipeline import schedule
+    monkeypatch.setattr(schedule, "stage_ops", lambda *a: [("B", 0), ("F", 0)])
+    with pytest.raises(ValueError, match="before its forward"):
+        schedule.simulate("gpipe", 1, 1)
+
+
+# ---- the layout of ranks ---------------------------------------------------------------------------------------------
+
+def test_stages_are_neighbouring_ranks_and_replicas_read_one_shard_each():
+    worlds = [World(rank=r, size=6, local_size=6, local_rank=r, stages=3) for r in range(6)]
+    assert [(w.stage, w.replica) for w in worlds] == [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]
+    assert worlds[4].stage_ranks() == [1, 4] and worlds[4].replica_group == 1
+    assert (worlds[3].previous_rank, worlds[3].next_rank) == (None, 4)
+    assert (worlds[5].previous_rank, worlds[5].next_rank) == (4, None)
+    assert [(w.data_view().rank, w.data_view().size) for w in worlds] == [(0, 2)] * 3 + [(1, 2)] * 3
+    plain = World(rank=1, size=2, local_size=2, local_rank=1)
+    assert plain.data_view() is plain and plain.replica_group is None and plain.replicas == 2
+
+
+# ---- settings --------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides,size,message", [
+    (["--parallel.pipeline_stages=3"], 4, "parallel.pipeline_stages=3 does not divide the 4 ranks"),
+    (["--parallel.pipeline_stages=2", "--parallel.microbatches=5"], 2,
+     "parallel.microbatches=5 does not divide the replica batch of 64"),
+    (["--parallel.pipeline_stages=2", "--trainer.global_batch_size=30"], 8,
+     "trainer.global_batch_size=30 is not divisible by the 4 pipeline replicas"),
+])
+def test_layouts_that_do_not_fit_the_ranks_are_refused_with_one_line(overrides, size, message):
+    with pytest.raises(ConfigError) as err:
+        check_world(load_config(None, overrides), size)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["--parallel.schedule=zigzag"], "parallel.schedule must be one of 1f1b | gpipe, got 'zigzag'"),
+    (["--parallel.pipeline_stages=0"], "parallel.pipeline_stages must be >= 1"),
+    (["--parallel.microbatches=0"], "parallel.microbatches must be >= 1"),
+    (["--parallel.pipeline_stages=3", "--parallel.split=[dense_1]"], "parallel.split names 1 layer(s) but"),
+    (["--parallel.pipeline_stages=2", "--runtime.precision=mixed_float16"], "trains in float32 only"),
+    (["--parallel.pipeline_stages=2", "--trainer.elastic=true"], "cannot be elastic"),
+])
+def test_bad_parallel_settings_are_refused_with_one_line(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_split_auto_is_the_empty_list_and_names_are_kept():
+    assert load_config(None, ["--parallel.split=auto"]).parallel.split == ()
+    assert load_config(None, ["--parallel.pipeline_stages=2", "--parallel.split=[dense_1]"]).parallel.split == ("dense_1",)
+
+
+# ---- where a model may be cut ----------------------------------------------------------------------------------------
+
+def _model(name, **kw):
+    import keras
+    from hvdtrain import models
+    from hvdtrain.config import ModelConfig
+    keras.backend.clear_session()   # layer names count from zero again (they are numbered per session)
+    return models.build_model(ModelConfig(name=name, **kw), (8, 8, 1), 10)
+
+
+@keras3
+def test_the_mlp_is_balanced_by_parameters_and_its_stages_compose_to_the_model():
+    import numpy as np
+    from hvdtrain.pipeline import split
+    model = _model("mlp")
+    plan, stages = split.plan(model, 2)
+    assert [plan.layers[s] for s in plan.starts] == ["flatten", "dense_1"]   # 16,640 | 34,186 beats 49,536 | 1,290
+    assert plan.costs == (16640, 34186) and sum(plan.costs) == model.count_params()
+    assert [len(s.trainable_weights) for s in stages] == [2, 4]
+    x = np.random.default_rng(0).random((5, 8, 8, 1)).astype("float32")
+    np.testing.assert_array_equal(stages[1](stages[0](x)), model(x))
+    assert stages[1].get_layer("dense_1") is model.get_layer("dense_1")   # shared: one set of weights
+
+
+@keras3
+def test_a_residual_block_is_never_cut_and_named_cuts_are_checked():
+    from hvdtrain.pipeline import split
+    model = _model("resnet", blocks=1)
+    graph = split.Graph(model)
+    points = [graph.names[k] for k in graph.cut_points()]
+    assert "re_lu_2" in points and "add" not in points and "conv2d_2" not in points   # inside block 1: two cross
+    plan, stages = split.plan(model, 2, ("re_lu_2",))
+    assert [plan.layers[s] for s in plan.starts] == ["conv2d", "re_lu_2"]
+
+
+@keras3
+@pytest.mark.parametrize("model_name,stages,names,message", [
+    ("resnet", 2, ("add",), "a cut before 'add' crosses 2 tensors (from 'batch_normalization_2', 're_lu'); cut where "
+                            "exactly one crosses, e.g. before"),
+    ("mlp", 2, ("dense_9",), "model 'mlp' has no layer 'dense_9' (did you mean 'dense_2'?)"),
+    ("mlp", 2, ("flatten",), "'flatten' is the model's first layer"),
+    ("mlp", 3, ("dense_2", "dense"), "'dense' comes before 'dense_2' in the model"),
+    ("mlp", 5, (), "parallel.pipeline_stages=5 needs 4 cut(s) but model 'mlp' has 3 place(s) where exactly one tensor "
+                   "crosses (before 'dense', before 'dense_1', before 'dense_2'); use at most 4 stages"),
+])
+def test_impossible_splits_are_refused_with_one_line(model_name, stages, names, message):
+    from hvdtrain.pipeline import split
+    with pytest.raises(ConfigError) as err:
+        split.plan(_model(model_name, **({"blocks": 1} if model_name == "resnet" else {})), stages, names)
+    assert message in str(err.value) and "\n" not in str(err.value)
