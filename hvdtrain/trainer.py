@@ -56,7 +56,7 @@ class Trainer:
             self.pipeline = pipeline.build(cfg, world, self.model, self.task, self.log)
             signature["pipeline"] = self.pipeline.layout()
             self.model = self.pipeline.stage
-            self.model.compile(optimizer=optimizer, run_eagerly=True, jit_compile=False)
+            self.model.compile(optimizer=optimizer, jit_compile=False)
         else:
             self.model.compile(optimizer=optimizer, loss=self.task.loss(), metrics=self.task.metrics(),
                                jit_compile=False)

@@ -10,11 +10,15 @@ runs this stage's part of the schedule on the replica's batch:
 Summing the 1/M-scaled micro-batch gradients gives the gradient of the batch's mean loss; the distributed optimizer
 then averages it over the stage's replicas: the same update as the unsplit model on the global batch. The last stage
 computes loss and metrics and sends them to the other stages of its pipeline, so every rank logs the same values.
-The steps run eagerly (messages are Python calls between TensorFlow ops).
+
+The step is compiled like any Keras train step: the messages are `tf.numpy_function` calls, stateful, so TensorFlow
+runs them in the order the schedule wrote them (its automatic control dependencies order every stateful op), and
+sends do not wait (backend.p2p), so the step cannot deadlock.
 """
 from __future__ import annotations
 
 import keras
+import numpy as np
 
 from hvdtrain.pipeline.schedule import peak_alive, stage_ops
 
@@ -23,19 +27,24 @@ EVAL_TAG = LOGS_TAG + 1
 
 
 class _Running:
-    """The last stage's loss and metrics over the epoch, outside Keras's tracking (the stage reports them itself)."""
+    """The last stage's loss and metrics over the epoch, outside Keras's tracking (the stage reports them itself);
+    the other stages hold them too, for their names."""
 
     def __init__(self, metrics):
         self.loss = keras.metrics.Mean(name="loss")
         self.metrics = list(metrics)
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in (self.loss, *self.metrics)]
 
     def update(self, loss, y, scores) -> None:
         self.loss.update_state(loss)
         for metric in self.metrics:
             metric.update_state(y, scores)
 
-    def result(self) -> dict:
-        return {m.name: float(m.result()) for m in (self.loss, *self.metrics)}
+    def results(self) -> list:
+        return [m.result() for m in (self.loss, *self.metrics)]
 
     def reset(self) -> None:
         for m in (self.loss, *self.metrics):
@@ -50,9 +59,11 @@ class PipelineStage(keras.Model):
         self.ops = stage_ops(schedule, world.stage, world.stages, microbatches)
         self.peak_stashed = peak_alive(self.ops)
         self.loss_fn = loss
-        self.running = _Running(metrics) if world.last_stage else None
+        self.running = _Running(metrics)
         self.input_tail = tuple(stage_model.inputs[0].shape[1:])
         self.output_tail = tuple(stage_model.outputs[0].shape[1:])
+        import tensorflow as tf
+        self._infer = tf.function(lambda x: self.stage_model(x, training=False), reduce_retracing=True)
         self.built = True
 
     def call(self, x, training=False):
@@ -60,8 +71,30 @@ class PipelineStage(keras.Model):
 
     def reset_metrics(self):
         super().reset_metrics()
-        if self.running is not None:
-            self.running.reset()
+        self.running.reset()
+
+    # ---- messages, as ops of the compiled step -------------------------------------------------------------------
+
+    def _send(self, tensor, dest: int, tag: int) -> None:
+        import tensorflow as tf
+
+        def send(array):
+            self.channel.send(np.array(array), dest, tag)   # a copy: TensorFlow may reuse the tensor's memory
+            return np.int32(0)
+        tf.numpy_function(send, [tensor], tf.int32, stateful=True, name="pipeline_send")
+
+    def _receive(self, source: int, tag: int, tail: tuple, dtype=None):
+        import tensorflow as tf
+        dtype = tf.as_dtype(dtype or self.compute_dtype)
+        out = tf.numpy_function(lambda: self.channel.recv(source, tag, tail, dtype.as_numpy_dtype), [], dtype,
+                                stateful=True, name="pipeline_receive")
+        out.set_shape((None, *tail))
+        return out
+
+    def _flush(self) -> None:
+        import tensorflow as tf
+        tf.numpy_function(lambda: (self.channel.flush(), np.int32(0))[1], [], tf.int32, stateful=True,
+                          name="pipeline_flush")
 
     # ---- training ------------------------------------------------------------------------------------------------
 
@@ -80,19 +113,15 @@ class PipelineStage(keras.Model):
                 stash[m] = self._forward(m, inputs, ys[m] if w.last_stage else None)
                 if w.last_stage:
                     scores.append(stash[m].out)
-                    loss += float(stash[m].loss)
+                    loss += stash[m].loss
             else:
                 for i, g in enumerate(self._backward(m, stash.pop(m), variables)):
                     grads[i] = g if grads[i] is None else grads[i] + g
         grads = [tf.zeros_like(v) if g is None else g for v, g in zip(variables, grads)]
         self.optimizer.apply(grads, variables)   # averaged over this stage's replicas
         logs = self._shared_logs(loss, y, scores)
-        self.channel.flush()
+        self._flush()
         return logs
-
-    def _receive(self, source: int, tag: int, tail: tuple):
-        import tensorflow as tf
-        return tf.constant(self.channel.recv(source, tag, tail, self.compute_dtype))
 
     def _forward(self, m: int, inputs, y) -> "_Pass":
         import tensorflow as tf
@@ -104,7 +133,7 @@ class PipelineStage(keras.Model):
             own = tf.add_n(self.stage_model.losses) / M if self.stage_model.losses else None   # regularisation
             loss = self.loss_fn(y, out) / M if self.world.last_stage else None
         if not self.world.last_stage:
-            self.channel.send(out.numpy(), self.world.next_rank, 2 * m)
+            self._send(out, self.world.next_rank, 2 * m)
         return _Pass(tape, inputs, out, loss, own)
 
     def _backward(self, m: int, p: "_Pass", variables) -> list:
@@ -121,22 +150,24 @@ class PipelineStage(keras.Model):
         seeds = [tf.ones_like(t) if s is None else s for t, s in zip(targets, seeds)]
         grads = p.tape.gradient(targets, sources, output_gradients=seeds)
         if not w.first_stage:
-            self.channel.send(grads[-1].numpy(), w.previous_rank, 2 * m + 1)
+            self._send(grads[-1], w.previous_rank, 2 * m + 1)
             grads = grads[:-1]
         return grads
 
-    def _shared_logs(self, loss: float, y, scores) -> dict:
+    def _shared_logs(self, loss, y, scores) -> dict:
         """The epoch's running loss and metrics, computed on the last stage and sent to the pipeline's other stages."""
         import tensorflow as tf
         w = self.world
         first_of_pipeline = w.rank - w.stage
         if w.last_stage:
             self.running.update(loss, y, tf.concat(scores, axis=0))
-            logs = self.running.result()
+            values = tf.cast(tf.stack(self.running.results()), tf.float64)
             for rank in range(first_of_pipeline, w.rank):
-                self.channel.send_object(logs, rank, LOGS_TAG)
-            return logs
-        return self.channel.recv_object(first_of_pipeline + w.stages - 1, LOGS_TAG)
+                self._send(tf.reshape(values, (1, -1)), rank, LOGS_TAG)
+        else:
+            values = tf.reshape(self._receive(first_of_pipeline + w.stages - 1, LOGS_TAG, (len(self.running.names),),
+                                              np.float64), (-1,))
+        return dict(zip(self.running.names, tf.unstack(values, num=len(self.running.names))))
 
     # ---- inference -----------------------------------------------------------------------------------------------
 
@@ -144,8 +175,9 @@ class PipelineStage(keras.Model):
         """The pipeline's output for a batch on the last stage (None on the others), without training: each stage
         runs its layers on what the previous one sent. Every stage of the pipeline calls it for the same batch."""
         w = self.world
-        inputs = x if w.first_stage else self._receive(w.previous_rank, EVAL_TAG, self.input_tail)
-        out = self.stage_model(inputs, training=False)
+        inputs = x if w.first_stage else self.channel.recv(w.previous_rank, EVAL_TAG, self.input_tail,
+                                                           self.compute_dtype)
+        out = self._infer(inputs)
         if w.last_stage:
             return out
         self.channel.send(out.numpy(), w.next_rank, EVAL_TAG)
