@@ -190,8 +190,12 @@ class ParallelConfig:
     schedule: str = _f("1f1b", "pipeline: 1f1b (one forward, one backward: at most P micro-batches' activations kept) | "
                                "gpipe (all forwards, then all backwards: M kept); both give the same update",
                        choices=("1f1b", "gpipe"))
-    split: tuple = _f((), "pipeline: the layer names at which stages 2..P begin; empty or auto: balanced by parameter "
-                          "count over the places where exactly one tensor crosses", auto=True)
+    split: tuple = _f((), "pipeline: the layer names at which stages 2..P begin; empty or auto: balanced (see "
+                          "balance) over the places where exactly one tensor crosses; a resumed run keeps its "
+                          "checkpoint's split", auto=True)
+    balance: str = _f("time", "pipeline, automatic split: time (each layer's forward+backward measured on rank 0 on a "
+                              "micro-batch) | params (parameter counts: no measuring, the same split every time)",
+                      choices=("time", "params"))
 
     def __post_init__(self):
         _require(self.pipeline_stages >= 1, "parallel.pipeline_stages must be >= 1")

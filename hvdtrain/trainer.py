@@ -53,7 +53,7 @@ class Trainer:
                                                 cfg.runtime.precision, cfg.runtime.bucket_mb, world.replica_group)
         self.pipeline = None
         if cfg.parallel.pipelined:
-            self.pipeline = pipeline.build(cfg, world, self.model, self.task, self.log)
+            self.pipeline = pipeline.build(cfg, world, self.model, self.task, self.log, self.run)
             signature["pipeline"] = self.pipeline.layout()
             self.model = self.pipeline.stage
             self.model.compile(optimizer=optimizer, jit_compile=False)

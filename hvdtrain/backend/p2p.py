@@ -5,6 +5,8 @@ receive; a receive blocks until its tensor is there (the schedule has nothing el
 each message has one sender and one receiver."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from hvdtrain.backend._mpi import mpi
@@ -15,26 +17,42 @@ class Channel:
         self.MPI = mpi()
         self.comm = self.MPI.COMM_WORLD.Dup()
         self._pending = []        # (request, buffer): a buffer must live until its send completes
-        self.sent_bytes = 0
+        self.sent_bytes = 0       # counters for the benchmarks: bytes sent, seconds spent waiting to receive
+        self.waited = 0.0
 
     def send(self, array, dest: int, tag: int) -> None:
         buffer = np.ascontiguousarray(array)
         self._pending.append((self.comm.Isend(buffer, dest=dest, tag=tag), buffer))
         self.sent_bytes += buffer.nbytes
 
-    def recv(self, source: int, tag: int, tail_shape: tuple, dtype) -> np.ndarray:
-        """The array `source` sent with `tag`; its first dimension (the batch) is read from the message's size."""
-        status = self.MPI.Status()
-        self.comm.Probe(source=source, tag=tag, status=status)
+    def recv(self, source: int, tag: int, tail_shape: tuple, dtype, idle: bool = True) -> np.ndarray:
+        """The array `source` sent with `tag`; its first dimension (the batch) is read from the message's size.
+        `idle`: the wait counts as idle time of the schedule (`waited`)."""
+        started = time.perf_counter()
+        status = self._arrived(source, tag)
         dtype = np.dtype(dtype)
         buffer = np.empty(status.Get_count(self.MPI.BYTE) // dtype.itemsize, dtype)
         self.comm.Recv(buffer, source=source, tag=tag)
+        if idle:
+            self.waited += time.perf_counter() - started
         return buffer.reshape((-1, *tail_shape))
+
+    def _arrived(self, source: int, tag: int):
+        """Wait for a message without spinning: MPI's blocking probe busy-polls, taking a core from the peer whose
+        result we wait for when ranks share cores. Polls back-to-back for ~50 us, then sleeps between polls (at
+        most 200 us), so a message waits at most a sleep longer than it would have."""
+        status, pause, spin_until = self.MPI.Status(), 20e-6, time.perf_counter() + 50e-6
+        while not self.comm.Iprobe(source=source, tag=tag, status=status):
+            if time.perf_counter() > spin_until:
+                time.sleep(pause)
+                pause = min(2 * pause, 200e-6)
+        return status
 
     def send_object(self, obj, dest: int, tag: int) -> None:
         self._pending.append((self.comm.isend(obj, dest=dest, tag=tag), None))
 
     def recv_object(self, source: int, tag: int):
+        self._arrived(source, tag)
         return self.comm.recv(source=source, tag=tag)
 
     def flush(self) -> None:

@@ -7,6 +7,7 @@ matplotlib, the `[bench]` extra.
   hvdtrain bench stacks      TF 2.21 + hvdtrain's Keras 3 layer vs TF 2.15 + Horovod's  stacks.py
   hvdtrain bench predict     data-parallel inference speed-up                         predict.py
   hvdtrain bench tune        the evidence behind the communication defaults           tune.py
+  hvdtrain bench pipeline    pipeline stages: the bubble against its formula, memory   pipeline.py (+ pipeline_worker)
   hvdtrain bench report      docs/benchmarks.md from those files                      report.py
 
 Drivers (the commands above) run without a launcher and start their own ranks: `python -m hvdtrain.bench.<x>_worker`
@@ -23,7 +24,7 @@ HELP = "benchmarks: all-reduce, training throughput and scaling, stacks, inferen
 
 # Sub-command -> module of this package with HELP, add_arguments(parser), run(args) -> int and, if it can also run
 # inside the ranks of a launch, run_in_rank(args) -> int.
-SUBCOMMANDS = ("allreduce", "train", "stacks", "predict", "tune", "report")
+SUBCOMMANDS = ("allreduce", "train", "stacks", "predict", "tune", "pipeline", "report")
 
 
 def _module(name: str):

@@ -2,8 +2,8 @@
 
     hvdtrain bench report --dir docs/bench --output docs/benchmarks.md
 
-Reads allreduce.json, train.json, train-resnet50.json, train-timeline.json, stacks.json, predict.json and
-tuning.json when present (a missing one is reported as not run), and appends notes.md from the same directory (the
+Reads allreduce.json, train.json, train-resnet50.json, train-timeline.json, stacks.json, predict.json,
+tuning.json and pipeline.json when present (a missing one is reported as not run), and appends notes.md from the same directory (the
 hand-written analysis: why a goal is missed, profiles) verbatim. The files hold measurements and ratios only; the
 goals they are read against are stated here, in the text. Plots are linked, not copied.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 from hvdtrain.bench import harness, stacks
 
 HELP = "write the Markdown benchmark report (tables, plots, stacks, machine, versions) from the JSON files"
-FILES = ("allreduce", "train", "train-resnet50", "train-timeline", "stacks", "predict", "tuning")
+FILES = ("allreduce", "train", "train-resnet50", "train-timeline", "stacks", "predict", "tuning", "pipeline")
 
 
 def add_arguments(p) -> None:
@@ -31,7 +31,8 @@ def run(args) -> int:
     text = "\n\n".join(part for part in (
         _header(docs), _ratios(docs), _allreduce(docs.get("allreduce"), rel), _train(docs.get("train"), rel),
         _resnet50(docs.get("train-resnet50"), rel), _timeline(docs.get("train-timeline")),
-        _stacks(docs.get("stacks"), rel), _predict(docs.get("predict"), rel), _tuning(docs.get("tuning")),
+        _stacks(docs.get("stacks"), rel), _predict(docs.get("predict"), rel), _pipeline(docs.get("pipeline"), rel),
+        _tuning(docs.get("tuning")),
         notes.read_text().strip() if notes.is_file() else "") if part) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
@@ -227,6 +228,28 @@ def _predict(doc, rel: Path) -> str:
                       "were byte-identical (column output_sha256).", "",
                       harness.markdown_table(rows, harness.scalar_columns(rows)) if rows else "No rows.", "",
                       f"![inference]({rel / 'predict.png'})"])
+
+
+def _pipeline(doc, rel: Path) -> str:
+    if not doc:
+        return "## Pipeline stages\n\nNot run (`hvdtrain bench pipeline`)."
+    from hvdtrain.bench import pipeline
+    s, settings = _stack(doc), doc["settings"]
+    summary = doc.get("summary", {})
+    deviations = ", ".join(f"{k.split('_max')[0].replace('_', ' ')}: {v:.0%}" for k, v in summary.items()
+                           if "deviation" in k)
+    return "\n".join(["## Pipeline stages", "",
+                      f"`hvdtrain bench pipeline` (TensorFlow {s['tensorflow']}, Keras {s['keras']}): P equal blocks of "
+                      f"Dense({settings['width']}) layers, micro-batches of {settings['micro_batch']} examples, one "
+                      "thread per rank; idle = 1 - a stage's busy time / the pipeline's makespan per step, against "
+                      "GPipe's (P - 1) / (M + P - 1) (zero transfer time). Goal (issue 21): within 10 % of the "
+                      f"formula at M >= 4. Largest deviation at M >= 4, over stages: {deviations}. P = 4 runs 4 ranks "
+                      "on the 2 cores: its stages share cores, so a waiting stage lends its core to a computing one "
+                      "and its numbers are not the formula's setting. param_share / optimizer_share: a rank's bytes "
+                      "against the whole model's parameters; stashed_peak: the micro-batches whose activations a stage "
+                      "keeps at once.", "",
+                      harness.markdown_table(doc.get("rows", []), pipeline.COLUMNS), "",
+                      f"![pipeline bubble]({rel / 'pipeline.png'})"])
 
 
 def _tuning(doc) -> str:

@@ -5,6 +5,7 @@
   hvdtrain bench stacks      the TF 2.21 stack (hvdtrain's Keras 3 layer) against TF 2.15 (Horovod's Keras 2 layer)
   hvdtrain bench predict     data-parallel inference speed-up
   hvdtrain bench tune        the evidence behind the communication defaults
+  hvdtrain bench pipeline    pipeline stages: the idle bubble against (P-1)/(M+P-1), memory per rank
   hvdtrain bench report      docs/benchmarks.md from those files
 
 The plots need matplotlib: pip install "hvdtrain[bench]".

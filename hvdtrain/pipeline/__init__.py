@@ -28,9 +28,9 @@ class Pipeline:
         return {"stages": len(self.plan.starts), "first_layers": [self.plan.layers[s] for s in self.plan.starts]}
 
 
-def build(cfg, world, whole, task, log) -> Pipeline:
+def build(cfg, world, whole, task, log, run=None) -> Pipeline:
     """This rank's stage of `whole` (built alike on every rank, so every stage starts from the unsplit model's
-    initial weights), not yet compiled."""
+    initial weights), not yet compiled. `run`: the run directory, whose checkpoint's split a resume keeps."""
     from hvdtrain import runtime
     from hvdtrain.backend.p2p import Channel
     from hvdtrain.pipeline import split
@@ -39,9 +39,29 @@ def build(cfg, world, whole, task, log) -> Pipeline:
         raise UserError("parallel.pipeline_stages > 1 needs the Keras 3 stack (TensorFlow >= 2.16): the TF 2.15 stack "
                         "trains data-parallel only", agreed=True)
     p = cfg.parallel
-    plan, stage_models = split.plan(whole, p.pipeline_stages, p.split)
+    names, costs = p.split or _checkpoint_split(run, cfg, p.pipeline_stages), None
+    if not names and p.balance == "time":
+        micro_batch = cfg.trainer.global_batch_size // world.replicas // p.microbatches
+        costs = _measured(whole, micro_batch, world)
+    plan, stage_models = split.plan(whole, p.pipeline_stages, names, costs)
     log.info(f"pipeline: {p.pipeline_stages} stages x {world.replicas} replica(s), {p.microbatches} micro-batches, "
              f"{p.schedule}; {plan.describe()}")
     stage = PipelineStage(stage_models[world.stage], world, Channel(), schedule=p.schedule,
                           microbatches=p.microbatches, loss=task.loss(), metrics=task.metrics())
     return Pipeline(stage=stage, whole=whole, plan=plan, channel=stage.channel)
+
+
+def _checkpoint_split(run, cfg, stages: int) -> tuple:
+    """The split of the run's latest checkpoint, when it has one of as many stages (else empty)."""
+    from hvdtrain import checkpoint
+    latest = checkpoint.latest(run.path) if run is not None and cfg.trainer.resume != "never" else None
+    layout = checkpoint.read_meta(latest).get("signature", {}).get("pipeline") if latest else None
+    return tuple(layout["first_layers"][1:]) if layout and layout["stages"] == stages else ()
+
+
+def _measured(whole, micro_batch: int, world) -> list:
+    """Rank 0's measurement, the same split on every rank."""
+    from hvdtrain import backend
+    from hvdtrain.pipeline import split
+    return backend.broadcast_object(split.measured_costs(whole, micro_batch) if world.is_chief else None,
+                                    "hvdtrain.pipeline.costs")

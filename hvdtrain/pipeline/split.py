@@ -18,13 +18,18 @@ class Plan:
     """Where the stages begin (layer positions, first stage at 0), and what each stage costs."""
     layers: tuple          # layer names in running order
     starts: tuple          # position of each stage's first layer
-    costs: tuple           # parameters per stage
+    costs: tuple           # per stage, in `unit`
+    unit: str = "parameters"
 
     def describe(self) -> str:
-        total = max(1, sum(self.costs))
-        parts = [f"stage {i + 1}: {self.layers[s]}..{self.layers[e - 1]} ({c:,} parameters, {c / total:.0%})"
+        total = max(1e-12, sum(self.costs))
+        parts = [f"stage {i + 1}: {self.layers[s]}..{self.layers[e - 1]} ({_amount(c, self.unit)}, {c / total:.0%})"
                  for i, (s, e, c) in enumerate(zip(self.starts, (*self.starts[1:], len(self.layers)), self.costs))]
         return "; ".join(parts)
+
+
+def _amount(cost, unit: str) -> str:
+    return f"{cost:,} parameters" if unit == "parameters" else f"{cost:.2f} ms forward+backward"
 
 
 class Graph:
@@ -101,18 +106,57 @@ def _count(weight) -> int:
     return n
 
 
-def plan(model, stages: int, split: tuple = ()) -> tuple[Plan, list]:
-    """(the plan, the stage models). `split`: the first layer of stages 2..P by name; empty: balanced."""
+def plan(model, stages: int, split: tuple = (), layer_costs=None) -> tuple[Plan, list]:
+    """(the plan, the stage models). `split`: the first layer of stages 2..P by name; empty: balanced by
+    `layer_costs` (per layer, in running order: e.g. `measured_costs`'s milliseconds), else by parameters."""
     graph = Graph(model)
     names, points = graph.names, graph.cut_points()
     if len(points) < stages - 1:
         raise ConfigError(f"parallel.pipeline_stages={stages} needs {stages - 1} cut(s) but model {model.name!r} has "
                           f"{len(points)} place(s) where exactly one tensor crosses ({_listed(names, points)}); use "
                           f"at most {len(points) + 1} stages")
-    starts = [0] + (_named(graph, split, points) if split else _balanced([graph.cost(k) for k in range(len(names))],
-                                                                         points, stages))
-    costs = [sum(graph.cost(k) for k in range(s, e)) for s, e in zip(starts, (*starts[1:], len(names)))]
-    return Plan(tuple(names), tuple(starts), tuple(costs)), graph.stage_models(starts)
+    per_layer = list(layer_costs) if layer_costs is not None else [graph.cost(k) for k in range(len(names))]
+    starts = [0] + (_named(graph, split, points) if split else _balanced(per_layer, points, stages))
+    costs = [sum(per_layer[s:e]) for s, e in zip(starts, (*starts[1:], len(names)))]
+    unit = "parameters" if layer_costs is None else "ms"
+    return Plan(tuple(names), tuple(starts), tuple(costs), unit), graph.stage_models(starts)
+
+
+def measured_costs(model, batch: int, repeats: int = 3) -> list[float]:
+    """Milliseconds of each layer's forward and backward pass on a batch of `batch` random examples, in running
+    order: every layer timed alone (compiled, warmed up, the fastest of `repeats`) on the inputs it sees in the
+    model."""
+    import time
+
+    import numpy as np
+    import tensorflow as tf
+    graph = Graph(model)
+    nodes = {id(n.operation): n for n in _nodes_of(graph.output)}
+    x = np.random.default_rng(0).standard_normal((batch, *graph.input.shape[1:])).astype(graph.input.dtype)
+    values = {id(graph.input): tf.constant(x)}
+    costs = []
+    for layer in graph.layers:
+        node = nodes[id(layer)]
+        args, kwargs = node.arguments.fill_in(values)
+        inputs = [values[id(t)] for t in node.input_tensors]
+
+        @tf.function
+        def step(*_):
+            with tf.GradientTape() as tape:
+                tape.watch(inputs)
+                out = layer(*args, **kwargs)
+                total = tf.add_n([tf.reduce_sum(tf.cast(o, tf.float32)) for o in tf.nest.flatten(out)])
+            return tape.gradient(total, list(layer.trainable_weights) + inputs)
+        step()
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            tf.nest.map_structure(lambda g: g.numpy() if g is not None else None, step())
+            best = min(best, time.perf_counter() - started)
+        costs.append(1e3 * best)
+        for tensor, value in zip(node.output_tensors, tf.nest.flatten(layer(*args, **kwargs))):
+            values[id(tensor)] = value
+    return costs
 
 
 def _named(graph: Graph, split, points) -> list[int]:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from hvdtrain.bench import allreduce_worker, harness, report, stacks, timeline, train
+from hvdtrain.bench import allreduce_worker, harness, pipeline, report, stacks, timeline, train
 from conftest import hvdtrain, output
 
 
@@ -185,7 +185,7 @@ def test_timeline_breakdown_merges_overlapping_tensors_inside_the_window(tmp_pat
 def test_bench_command_lists_its_benchmarks_and_leaves_the_ranks_to_the_drivers():
     proc = hvdtrain(["bench", "--help"], timeout=120)
     assert proc.returncode == 0, output(proc)
-    for name in ("allreduce", "train", "stacks", "predict", "tune", "report"):
+    for name in ("allreduce", "train", "stacks", "predict", "tune", "pipeline", "report"):
         assert name in proc.stdout
     assert "--role" not in hvdtrain(["bench", "train", "--help"], timeout=120).stdout   # no hidden worker flags
     bad = hvdtrain(["bench", "nosuch"], timeout=120)
@@ -205,7 +205,29 @@ def test_workers_are_entry_modules_with_their_own_help():
     import subprocess
 
     from conftest import BIN, env
-    for module, flag in (("train_worker", "--role"), ("mwms_worker", "--models"), ("allreduce_worker", "--raw-only")):
+    for module, flag in (("train_worker", "--role"), ("mwms_worker", "--models"), ("allreduce_worker", "--raw-only"),
+                         ("pipeline_worker", "--micro-batch")):
         proc = subprocess.run([str(BIN / "python"), "-m", f"hvdtrain.bench.{module}", "--help"], env=env(),
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and flag in proc.stdout, output(proc)
+
+
+def test_pipeline_idle_is_measured_against_the_makespan_of_the_quietest_round():
+    """Stage busy time over the pipeline's makespan (its longest span), the round with the shortest makespan kept,
+    only replica 0's pipeline reported, and the deviation from (P-1)/(M+P-1) summarised for M >= 4."""
+    def worker_row(stage, round_, span, waited, replica=0):
+        return {"schedule": "1f1b", "micro": 4, "round": round_, "rank": stage + 2 * replica, "stage": stage,
+                "replica": replica, "schedule_ms": span, "busy_ms": span - waited, "step_ms": span + 1,
+                "p2p_bytes_per_step": 2**20, "stashed_peak": 2 - stage, "param_bytes": 50, "optimizer_bytes": 50}
+    got = {"stages": 2, "whole_param_bytes": 100, "rows": [
+        worker_row(0, 0, 100.0, 20.0), worker_row(1, 0, 90.0, 10.0),      # makespan 100: idle 0.2 and 0.2
+        worker_row(0, 1, 300.0, 0.0), worker_row(1, 1, 300.0, 0.0),       # a disturbed round: longer, dropped
+        worker_row(0, 0, 50.0, 0.0, replica=1)]}                          # another replica: not reported
+    rows = pipeline.table(got)
+    assert [(r["stage"], r["idle"], r["makespan_ms"]) for r in rows] == [(1, pytest.approx(0.2), 100.0),
+                                                                         (2, pytest.approx(0.2), 100.0)]
+    assert rows[0]["formula"] == pytest.approx(0.2) and rows[0]["param_share"] == 0.5
+    assert rows[0]["p2p_mb_per_step"] == 1.0 and rows[0]["stashed_peak"] == 2
+    summary = pipeline.summarize(rows)
+    assert summary["p2_1f1b_max_deviation_m4plus"] == pytest.approx(0.0, abs=1e-9)
+    assert summary["p2_1f1b_stashed_peak_stage1"] == 2

@@ -34,7 +34,8 @@ def runs(tmp_path_factory):
         key = (ranks, stages, schedule)
         if key not in RUNS:
             RUNS[key] = root / f"r{ranks}-p{stages}-{schedule}"
-            train(RUNS[key], ranks, f"--parallel.pipeline_stages={stages}", f"--parallel.schedule={schedule}")
+            train(RUNS[key], ranks, f"--parallel.pipeline_stages={stages}", f"--parallel.schedule={schedule}",
+                  "--parallel.balance=params")   # the same split in every run (a measured one may differ)
         return RUNS[key]
     return get
 
@@ -62,9 +63,9 @@ def test_a_stop_mid_epoch_resumes_bit_for_bit(runs, tmp_path):
     run = tmp_path / "stopped"
     run.mkdir()
     (run / "STOP").touch()   # seen at the first agreement step (10), by every rank of both stages
-    first = train(run, 2, "--parallel.pipeline_stages=2")
+    first = train(run, 2, "--parallel.pipeline_stages=2", "--parallel.balance=params")
     assert first["status"] == "stopped" and first["global_step"] == 10 and not (run / "STOP").exists()
-    resumed = train(run, 2, "--parallel.pipeline_stages=2")
+    resumed = train(run, 2, "--parallel.pipeline_stages=2")   # measured balance: the checkpoint's split is kept
     uninterrupted = json.loads((runs(2, 2, "1f1b") / "summary.json").read_text())
     assert resumed["status"] == "completed" and resumed["weights_sha256"] == uninterrupted["weights_sha256"]
 
@@ -119,7 +120,8 @@ CASES = {
 def test_bad_layouts_stop_every_rank_with_one_line_before_any_step(tmp_path):
     shared = tmp_path / "runs" / "resume"
     jobs = [{"name": "pipeline", "argv": ["train", f"--trainer.run_dir={shared}", "--trainer.epochs=1",
-                                          "--parallel.pipeline_stages=2"]}]   # first: Horovod starts with its sets
+                                          "--parallel.pipeline_stages=2", "--parallel.balance=params"]}]
+    # (first: Horovod starts with the stages' process sets)
     for case, (args, _) in CASES.items():
         run = shared if case == "resume without the stages" else tmp_path / "runs" / case.replace(" ", "-")
         jobs.append({"name": case, "argv": ["train", f"--trainer.run_dir={run}", "--trainer.epochs=2", *args]})

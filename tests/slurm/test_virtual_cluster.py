@@ -103,6 +103,22 @@ def test_two_node_job_has_one_rank_per_host_and_identical_weights(reference):
         {p.name for p in run.iterdir()}
 
 
+def test_pipeline_stages_on_two_nodes_train_as_one_process_does(vcluster, work):
+    """One stage per node (P=2, D=1, one task per node): the activations and their gradients cross the nodes' TCP
+    link by MPI point-to-point, and the model is the one a single process trains from the same job."""
+    run, single = work / "pipeline", work / "pipeline-single"
+    job_id, log = submit(vcluster, work, "pipeline", [f"--trainer.run_dir={run}", *JOB, "--parallel.pipeline_stages=2"])
+    info, text = finished(vcluster, job_id, log)
+    assert info["JobState"] == "COMPLETED", text[-3000:]
+    assert "2 rank(s) on 2 host(s), controller mpi; 1 replica(s) of a 2-stage pipeline" in text
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["status"], summary["num_hosts"], summary["global_step"]) == ("completed", 2, EPOCHS * STEPS_PER_EPOCH)
+    alone = subprocess.run([HVDTRAIN, "train", f"--trainer.run_dir={single}", *JOB], cwd=REPO, capture_output=True,
+                           text=True, timeout=600)
+    assert alone.returncode == 0, alone.stdout[-2000:] + alone.stderr[-2000:]
+    assert compare_models(run / "model.keras", single / "model.keras")["max_abs_diff"][0] < 1e-4   # float32 rounding
+
+
 def test_four_ranks_two_per_node_see_the_right_local_and_cross_ranks(vcluster, work):
     # `hvdtrain` first on PATH is a wrapper (topology_probe.py) that records each rank's topology right after
     # hvdtrain's own backend.init() and then trains exactly as hvdtrain does: the real train.sbatch, srun --mpi=pmix.

@@ -149,3 +149,14 @@ def test_impossible_splits_are_refused_with_one_line(model_name, stages, names, 
     with pytest.raises(ConfigError) as err:
         split.plan(_model(model_name, **({"blocks": 1} if model_name == "resnet" else {})), stages, names)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@keras3
+def test_a_measured_split_follows_the_layers_costs():
+    from hvdtrain.pipeline import split
+    model = _model("mlp")
+    costs = split.measured_costs(model, batch=8, repeats=1)
+    assert len(costs) == 4 and all(c > 0 for c in costs)   # flatten, dense, dense_1, dense_2: ms each
+    plan, _ = split.plan(model, 2, layer_costs=[1.0, 1.0, 1.0, 10.0])   # the head dominates: it gets a stage alone
+    assert [plan.layers[s] for s in plan.starts] == ["flatten", "dense_2"] and plan.costs == (3.0, 10.0)
+    assert "ms forward+backward" in plan.describe()

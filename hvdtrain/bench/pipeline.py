@@ -1,0 +1,109 @@
+"""Pipeline stages: the idle bubble against GPipe's formula, and what each rank holds, in one run.
+
+    hvdtrain bench pipeline --output bench/pipeline.json
+
+For P = 2 (2 ranks) and P = 4 (4 ranks, oversubscribed on a 2-core machine), a model of P equal blocks (Dense
+layers, so every stage costs the same and the formula applies) is trained with both schedules and M = 1, 2, 4, 8, 16
+micro-batches of a fixed size (the cost of a micro-batch stays fixed; the replica batch grows with M). Every stage
+starts each step's schedule together (a barrier) and times its span; its busy time is the span less the seconds it
+waited for activations or gradients, and its idle share is 1 - busy / the pipeline's makespan (the longest span),
+the quantity GPipe's (P - 1) / (M + P - 1) predicts for zero transfer time. Each configuration keeps its round with
+the shortest makespan (the machine is shared). Also per rank: parameter and optimizer bytes (against the whole
+model's), the activations a stage keeps at once (1F1B: at most P - s; GPipe: M), and the point-to-point bytes sent
+per step.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from hvdtrain.bench import harness
+
+HELP = "pipeline stages: idle bubble vs (P-1)/(M+P-1), memory per rank, point-to-point bytes (JSON + PNG + table)"
+COLUMNS = ["stages", "schedule", "micro", "stage", "idle", "formula", "idle_vs_formula", "makespan_ms", "busy_ms",
+           "stashed_peak", "param_share", "optimizer_share", "p2p_mb_per_step"]
+
+
+def add_arguments(p) -> None:
+    harness.add_common(p, "pipeline", np_=False)
+    p.add_argument("--stages", default="2,4", help="pipeline stages to measure (one rank each), comma-separated")
+    p.add_argument("--micro", default="1,2,4,8,16", help="micro-batches per step, comma-separated")
+    p.add_argument("--micro-batch", type=int, default=256, help="examples per micro-batch (default 256)")
+    p.add_argument("--width", type=int, default=1024, help="units of every Dense layer (default 1024)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per configuration and round (default 5)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds, taking turns; the shortest makespan is kept")
+
+
+def run(args) -> int:
+    rows, plans = [], {}
+    with tempfile.TemporaryDirectory(prefix="hvdtrain-bench-pipeline-") as work:
+        for stages in [int(s) for s in args.stages.split(",")]:
+            print(f"[bench] pipeline: {stages} stages on {stages} ranks ...", flush=True)
+            out = Path(work) / f"p{stages}.json"
+            harness.horovodrun(stages, "mpi", harness.worker_cmd(
+                "pipeline_worker", "--stages", stages, "--micro", args.micro, "--micro-batch", args.micro_batch,
+                "--width", args.width, "--steps", args.steps, "--rounds", args.rounds, "--output", out,
+                *args.overrides), env={"HOROVOD_CYCLE_TIME": "1"})   # Horovod is idle here: its thread need not spin
+            got = harness.read_json(out)
+            plans[stages] = got["plan"]
+            rows += table(got)
+    doc = harness.new_document("pipeline", max(r["stages"] for r in rows),
+                               {"micro_batch": args.micro_batch, "width": args.width, "steps": args.steps,
+                                "rounds": args.rounds, "intra_op_threads": 1, "inter_op_threads": 1, "plans": plans})
+    doc["rows"] = rows
+    doc["summary"] = summarize(rows)
+    return harness.finish(args.output, doc, plot, render)
+
+
+def table(got: dict) -> list[dict]:
+    """One row per (schedule, micro, stage) of pipeline replica 0, from the round with the shortest makespan."""
+    P, whole = got["stages"], got["whole_param_bytes"]
+    rows = [r for r in got["rows"] if r["replica"] == 0]
+    out = []
+    for schedule, micro in sorted({(r["schedule"], r["micro"]) for r in rows}):
+        rounds = {}
+        for r in rows:
+            if (r["schedule"], r["micro"]) == (schedule, micro):
+                rounds.setdefault(r["round"], []).append(r)
+        best = min(rounds.values(), key=lambda stages: max(s["schedule_ms"] for s in stages))
+        makespan = max(s["schedule_ms"] for s in best)
+        formula = (P - 1) / (micro + P - 1)
+        for s in sorted(best, key=lambda s: s["stage"]):
+            idle = 1 - s["busy_ms"] / makespan
+            out.append({"stages": P, "schedule": schedule, "micro": micro, "stage": s["stage"] + 1, "idle": idle,
+                        "formula": formula, "idle_vs_formula": idle / formula, "makespan_ms": makespan,
+                        "busy_ms": s["busy_ms"], "stashed_peak": s["stashed_peak"],
+                        "param_share": s["param_bytes"] / whole, "optimizer_share": s["optimizer_bytes"] / whole,
+                        "p2p_mb_per_step": s["p2p_bytes_per_step"] / 2**20})
+    return out
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per stage count and schedule: the largest |idle / formula - 1| at M >= 4 (over stages), and the peak stash."""
+    out = {}
+    for P in sorted({r["stages"] for r in rows}):
+        for schedule in sorted({r["schedule"] for r in rows}):
+            mine = [r for r in rows if r["stages"] == P and r["schedule"] == schedule]
+            out[f"p{P}_{schedule}_max_deviation_m4plus"] = max(abs(r["idle_vs_formula"] - 1) for r in mine
+                                                               if r["micro"] >= 4)
+            out[f"p{P}_{schedule}_stashed_peak_stage1"] = max(r["stashed_peak"] for r in mine if r["stage"] == 1)
+    return out
+
+
+def plot(doc: dict, path) -> None:
+    series = {}
+    for r in (r for r in doc["rows"] if r["stage"] == 1):
+        for label, y in ((f"P={r['stages']} {r['schedule']}, stage 1", r["idle"]), (f"P={r['stages']} formula", r["formula"])):
+            xs, ys = series.setdefault(label, ([], []))
+            if r["micro"] not in xs:
+                xs.append(r["micro"])
+                ys.append(y)
+    harness.plot(path, series, xlabel="micro-batches M", ylabel="idle share of the step",
+                 title="pipeline bubble: measured vs (P-1)/(M+P-1)", logx=True)
+
+
+def render(doc: dict) -> str:
+    lines = [harness.text_table(doc["rows"], COLUMNS), ""]
+    for key, value in doc["summary"].items():
+        lines.append(f"{key}: {value:.3g}")
+    return "\n".join(lines)

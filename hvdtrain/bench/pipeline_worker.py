@@ -1,0 +1,124 @@
+"""Rank-side worker of `hvdtrain bench pipeline` (run under horovodrun --mpi by the driver, bench/pipeline.py).
+
+A model of P equal blocks (each `--layers` Dense layers of `--width` units, so every stage costs the same and the
+bubble formula applies), split into P stages; for every schedule and number of micro-batches M, a fresh stage trained
+for `--warmup` then `--steps` steps on micro-batches of `--micro-batch` examples (the replica batch grows with M, the
+cost of a micro-batch stays fixed). Each rank measures the seconds it waited for activations and gradients (its idle
+time in the schedule) against the wall time of the measured steps. Rank 0 writes every rank's numbers as JSON.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--stages", type=int, required=True)
+    p.add_argument("--micro", default="1,2,4,8,16", help="numbers of micro-batches, comma-separated")
+    p.add_argument("--schedules", default="gpipe,1f1b")
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=2, help="Dense layers per stage")
+    p.add_argument("--micro-batch", type=int, default=256)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="repeat every configuration, taking turns")
+    p.add_argument("--output", required=True)
+
+
+def fixed_cost_model(stages: int, layers: int, width: int):
+    """P blocks of equal cost. A per-feature scale in front makes the first block compute its input gradient as
+    every later block does (else stage 1 would skip one matmul of its backward and wait for the others)."""
+    import keras
+
+    class Scale(keras.layers.Layer):
+        def build(self, shape):
+            self.w = self.add_weight(shape=(shape[-1],), initializer="ones")
+
+        def call(self, x):
+            return x * self.w
+    blocks = [keras.layers.Dense(width, activation="relu", name=f"block{s + 1}_dense{i + 1}")
+              for s in range(stages) for i in range(layers)]
+    return keras.Sequential([keras.Input((width,)), Scale(name="scale"), *blocks, keras.layers.Dense(10, name="head")],
+                            name="fixed_cost")
+
+
+class Timer:
+    """The schedule's span in each step: every stage starts it together (a barrier, so a stage's wait for the first
+    activation is the bubble and not the previous step's optimizer update), and it ends after the stage's last pass.
+    A stage's busy time is its span less the seconds it spent receiving; its idle share is measured against the
+    pipeline's makespan, the longest span (the bubble formula's denominator)."""
+
+    def __init__(self, channel):
+        self.channel, self.spans, self.waited, self.sent, self.steps = channel, 0.0, 0.0, 0, 0
+
+    def start(self):
+        barrier = self.channel.comm.Ibarrier()
+        while not barrier.Test():   # without spinning, which would take the core of a stage still computing
+            time.sleep(50e-6)
+        self.channel.waited, self.channel.sent_bytes = 0.0, 0
+        self.started = time.perf_counter()
+
+    def end(self):
+        self.spans += time.perf_counter() - self.started
+        self.waited += self.channel.waited
+        self.sent += self.channel.sent_bytes
+        self.steps += 1
+
+
+def run(args) -> int:
+    from hvdtrain import backend
+    from hvdtrain import world as worlds
+    from hvdtrain.backend.p2p import Channel
+    from hvdtrain.config import RuntimeConfig
+    from hvdtrain.pipeline import split
+    # One thread per rank for ops: a stage is then one sequential processor, as the bubble formula assumes.
+    world = worlds.start(RuntimeConfig(intra_op_threads=1, inter_op_threads=1), stages=args.stages)
+    whole = fixed_cost_model(args.stages, args.layers, args.width)
+    plan, stage_models = split.plan(whole, args.stages, tuple(f"block{s + 1}_dense1" for s in range(1, args.stages)))
+    channel = Channel()
+    configs = [(s, int(m)) for s in args.schedules.split(",") for m in args.micro.split(",")]
+    rows = [{**measure(stage_models[world.stage], world, channel, args, schedule, micro), "round": round_}
+            for round_ in range(args.rounds) for schedule, micro in configs]
+    every = backend.allgather_object(rows, "bench.pipeline.rows")
+    if world.rank == 0:
+        Path(args.output).write_text(json.dumps({"rows": [r for rank in every for r in rank],
+                                                 "whole_param_bytes": 4 * whole.count_params(),
+                                                 "plan": plan.describe(), "ranks": world.size, "stages": args.stages}))
+    return 0
+
+
+def measure(stage_model, world, channel, args, schedule: str, micro: int) -> dict:
+    """One configuration on this rank: a fresh stage, warmed up, then timed over --steps steps."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from hvdtrain import backend
+    from hvdtrain.pipeline.stage import PipelineStage
+    timer = Timer(channel)
+    stage = PipelineStage(stage_model, world, channel, schedule=schedule, microbatches=micro,
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), timer=timer)
+    stage.compile(optimizer=backend.distributed_optimizer(keras.optimizers.SGD(1e-4, momentum=0.9),
+                                                          group=world.replica_group),
+                  jit_compile=False)
+    batch = args.micro_batch * micro
+    rng = np.random.default_rng(world.replica)
+    data = tf.data.Dataset.from_tensors((rng.standard_normal((batch, args.width)).astype("float32"),
+                                         rng.integers(0, 10, batch))).repeat()
+    stage.fit(data, steps_per_epoch=args.warmup, epochs=1, verbose=0)
+    timer.__init__(channel)
+    started = time.perf_counter()
+    stage.fit(data, steps_per_epoch=args.steps, epochs=1, verbose=0)
+    wall = time.perf_counter() - started
+    slots = [v for v in stage.optimizer.variables if "iteration" not in v.path and "learning_rate" not in v.path]
+    return {"schedule": schedule, "micro": micro, "rank": world.rank, "stage": world.stage, "replica": world.replica,
+            "busy_ms": 1e3 * (timer.spans - timer.waited) / timer.steps, "schedule_ms": 1e3 * timer.spans / timer.steps,
+            "step_ms": 1e3 * wall / args.steps, "p2p_bytes_per_step": timer.sent / timer.steps,
+            "stashed_peak": stage.peak_stashed, "param_bytes": 4 * stage_model.count_params(),
+            "optimizer_bytes": 4 * sum(int(np.prod(v.shape)) for v in slots)}
+
+
+if __name__ == "__main__":
+    import sys
+    from hvdtrain.bench import harness
+    sys.exit(harness.worker_main(__doc__, add_arguments, run))
