@@ -7,7 +7,9 @@ layers, so every stage costs the same and the formula applies) is trained with b
 micro-batches of a fixed size (the cost of a micro-batch stays fixed; the replica batch grows with M). Every stage
 starts each step's schedule together (a barrier) and times its span; its busy time is the span less the seconds it
 waited for activations or gradients, and its idle share is 1 - busy / the pipeline's makespan (the longest span),
-the quantity GPipe's (P - 1) / (M + P - 1) predicts for zero transfer time. Each configuration keeps its round with
+the quantity GPipe's (P - 1) / (M + P - 1) predicts for equal stages and zero transfer time; `imbalance` is what a
+stage waits because another is busier ((the busiest stage's busy time - its own) / makespan), which the formula
+leaves out. Each configuration keeps its round with
 the shortest makespan (the machine is shared). Also per rank: parameter and optimizer bytes (against the whole
 model's), the activations a stage keeps at once (1F1B: at most P - s; GPipe: M), and the point-to-point bytes sent
 per step.
@@ -20,8 +22,8 @@ from pathlib import Path
 from hvdtrain.bench import harness
 
 HELP = "pipeline stages: idle bubble vs (P-1)/(M+P-1), memory per rank, point-to-point bytes (JSON + PNG + table)"
-COLUMNS = ["stages", "schedule", "micro", "stage", "idle", "formula", "idle_vs_formula", "makespan_ms", "busy_ms",
-           "stashed_peak", "param_share", "optimizer_share", "p2p_mb_per_step"]
+COLUMNS = ["stages", "schedule", "micro", "stage", "idle", "formula", "idle_vs_formula", "imbalance", "makespan_ms",
+           "busy_ms", "stashed_peak", "param_share", "optimizer_share", "p2p_mb_per_step"]
 
 
 def add_arguments(p) -> None:
@@ -66,12 +68,13 @@ def table(got: dict) -> list[dict]:
             if (r["schedule"], r["micro"]) == (schedule, micro):
                 rounds.setdefault(r["round"], []).append(r)
         best = min(rounds.values(), key=lambda stages: max(s["schedule_ms"] for s in stages))
-        makespan = max(s["schedule_ms"] for s in best)
+        makespan, busiest = max(s["schedule_ms"] for s in best), max(s["busy_ms"] for s in best)
         formula = (P - 1) / (micro + P - 1)
         for s in sorted(best, key=lambda s: s["stage"]):
             idle = 1 - s["busy_ms"] / makespan
             out.append({"stages": P, "schedule": schedule, "micro": micro, "stage": s["stage"] + 1, "idle": idle,
-                        "formula": formula, "idle_vs_formula": idle / formula, "makespan_ms": makespan,
+                        "formula": formula, "idle_vs_formula": idle / formula,
+                        "imbalance": (busiest - s["busy_ms"]) / makespan, "makespan_ms": makespan,
                         "busy_ms": s["busy_ms"], "stashed_peak": s["stashed_peak"],
                         "param_share": s["param_bytes"] / whole, "optimizer_share": s["optimizer_bytes"] / whole,
                         "p2p_mb_per_step": s["p2p_bytes_per_step"] / 2**20})

@@ -242,12 +242,14 @@ def _pipeline(doc, rel: Path) -> str:
                       f"`hvdtrain bench pipeline` (TensorFlow {s['tensorflow']}, Keras {s['keras']}): P equal blocks of "
                       f"Dense({settings['width']}) layers, micro-batches of {settings['micro_batch']} examples, one "
                       "thread per rank; idle = 1 - a stage's busy time / the pipeline's makespan per step, against "
-                      "GPipe's (P - 1) / (M + P - 1) (zero transfer time). Goal (issue 21): within 10 % of the "
-                      f"formula at M >= 4. Largest deviation at M >= 4, over stages: {deviations}. P = 4 runs 4 ranks "
-                      "on the 2 cores: its stages share cores, so a waiting stage lends its core to a computing one "
-                      "and its numbers are not the formula's setting. param_share / optimizer_share: a rank's bytes "
-                      "against the whole model's parameters; stashed_peak: the micro-batches whose activations a stage "
-                      "keeps at once.", "",
+                      "GPipe's (P - 1) / (M + P - 1), which assumes equal stages and zero transfer time; imbalance = "
+                      "(the busiest stage's busy time - this stage's) / makespan, the waiting the formula leaves out "
+                      "(the last stage also computes the loss and metrics). Goal (issue 21): within 10 % of the formula "
+                      f"at M >= 4. Largest deviation at M >= 4, over stages: {deviations}. P = 4 runs 4 ranks on the 2 "
+                      "cores: its stages share cores, so a waiting stage lends its core to a computing one and its "
+                      "numbers are not the formula's setting. param_share / optimizer_share: a rank's bytes against "
+                      "the whole model's parameters; stashed_peak: the micro-batches whose activations a stage keeps "
+                      "at once.", "",
                       harness.markdown_table(doc.get("rows", []), pipeline.COLUMNS), "",
                       f"![pipeline bubble]({rel / 'pipeline.png'})"])
 
