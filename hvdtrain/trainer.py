@@ -99,7 +99,11 @@ class Trainer:
         return self.summarize()
 
     def summarize(self) -> dict:
-        summary = self.session.finish(self.model, self.evaluate)
+        extra = None if self.pipeline is None else {"pipeline": {
+            **self.pipeline.layout(), "replicas": self.world.replicas, "schedule": self.cfg.parallel.schedule,
+            "microbatches": self.cfg.parallel.microbatches, "stage_costs": list(self.pipeline.plan.costs),
+            "cost_unit": self.pipeline.plan.unit}}
+        summary = self.session.finish(self.model, self.evaluate, extra)
         if summary["status"] == "completed":
             whole = self.model if self.pipeline is None else serving.assemble(self.pipeline, self.world)
             if self.world.is_chief:

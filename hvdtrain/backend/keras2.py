@@ -8,11 +8,16 @@ from __future__ import annotations
 import keras
 
 from hvdtrain.backend._horovod import hvd_keras
+from hvdtrain.errors import UserError
 
 
 def distributed_optimizer(optimizer, *, fp16_compression: bool = False, backward_passes_per_step: int = 1,
-                          sparse_as_dense: bool = False, bucket_mb: float = 0.0):
-    """Horovod's own Keras 2 optimizer; `bucket_mb` does not apply (it fuses what arrives within one cycle)."""
+                          sparse_as_dense: bool = False, bucket_mb: float = 0.0, group: int | None = None):
+    """Horovod's own Keras 2 optimizer; `bucket_mb` does not apply (it fuses what arrives within one cycle), and it
+    averages over all ranks only (`group`, a pipeline stage's replicas, needs the Keras 3 stack)."""
+    if group is not None:
+        raise UserError("parallel.pipeline_stages > 1 needs the Keras 3 stack (TensorFlow >= 2.16): the TF 2.15 stack "
+                        "trains data-parallel only", agreed=True)
     if is_distributed(optimizer):
         return optimizer
     h = hvd_keras()

@@ -11,8 +11,11 @@ the quantity GPipe's (P - 1) / (M + P - 1) predicts for equal stages and zero tr
 stage waits because another is busier ((the busiest stage's busy time - its own) / makespan), which the formula
 leaves out. Each configuration keeps its round with
 the shortest makespan (the machine is shared). Also per rank: parameter and optimizer bytes (against the whole
-model's), the activations a stage keeps at once (1F1B: at most P - s; GPipe: M), and the point-to-point bytes sent
-per step.
+model's), the activations a stage keeps at once (1F1B: at most P - s; GPipe: M), the point-to-point bytes it sends
+per step, and the gradient bytes it would all-reduce with D replicas per stage against a data-parallel rank's (the
+whole model's). Then, on --throughput-ranks ranks (default 4: D = 2 x P = 2), samples/s of the pipelined job against
+data parallelism of the same model and global batch on the same ranks, rounds alternating, with the point-to-point
+bytes it sends against the all-reduce bytes it saves.
 """
 from __future__ import annotations
 
@@ -22,8 +25,10 @@ from pathlib import Path
 from hvdtrain.bench import harness
 
 HELP = "pipeline stages: idle bubble vs (P-1)/(M+P-1), memory per rank, point-to-point bytes (JSON + PNG + table)"
+THROUGHPUT_COLUMNS = ["impl", "ranks", "global_batch", "samples_per_sec", "p2p_mb_per_step", "allreduce_mb_per_step"]
 COLUMNS = ["stages", "schedule", "micro", "stage", "idle", "formula", "idle_vs_formula", "imbalance", "makespan_ms",
-           "busy_ms", "stashed_peak", "param_share", "optimizer_share", "p2p_mb_per_step"]
+           "busy_ms", "stashed_peak", "param_share", "optimizer_share", "p2p_mb_per_step", "allreduce_mb_per_step",
+           "dp_allreduce_mb_per_step"]
 
 
 def add_arguments(p) -> None:
@@ -34,6 +39,8 @@ def add_arguments(p) -> None:
     p.add_argument("--width", type=int, default=1024, help="units of every Dense layer (default 1024)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration and round (default 5)")
     p.add_argument("--rounds", type=int, default=2, help="rounds, taking turns; the shortest makespan is kept")
+    p.add_argument("--throughput-ranks", type=int, default=4,
+                   help="ranks of the D x 2 against data parallelism comparison (0: skip it; default 4)")
 
 
 def run(args) -> int:
@@ -49,11 +56,21 @@ def run(args) -> int:
             got = harness.read_json(out)
             plans[stages] = got["plan"]
             rows += table(got)
+        throughput = []
+        if args.throughput_ranks:
+            print(f"[bench] pipeline: {args.throughput_ranks // 2} x 2 against data parallelism on "
+                  f"{args.throughput_ranks} ranks ...", flush=True)
+            out = Path(work) / "throughput.json"
+            harness.horovodrun(args.throughput_ranks, "mpi", harness.worker_cmd(
+                "pipeline_worker", "--stages", 2, "--throughput", "--micro-batch", args.micro_batch, "--width",
+                args.width, "--steps", args.steps, "--rounds", args.rounds, "--output", out, *args.overrides),
+                env={"HOROVOD_CYCLE_TIME": "1"})
+            throughput = throughput_table(harness.read_json(out))
     doc = harness.new_document("pipeline", max(r["stages"] for r in rows),
                                {"micro_batch": args.micro_batch, "width": args.width, "steps": args.steps,
                                 "rounds": args.rounds, "intra_op_threads": 1, "inter_op_threads": 1, "plans": plans})
-    doc["rows"] = rows
-    doc["summary"] = summarize(rows)
+    doc["rows"], doc["throughput"] = rows, throughput
+    doc["summary"] = {**summarize(rows), **throughput_summary(throughput)}
     return harness.finish(args.output, doc, plot, render)
 
 
@@ -77,8 +94,33 @@ def table(got: dict) -> list[dict]:
                         "imbalance": (busiest - s["busy_ms"]) / makespan, "makespan_ms": makespan,
                         "busy_ms": s["busy_ms"], "stashed_peak": s["stashed_peak"],
                         "param_share": s["param_bytes"] / whole, "optimizer_share": s["optimizer_bytes"] / whole,
-                        "p2p_mb_per_step": s["p2p_bytes_per_step"] / 2**20})
+                        "p2p_mb_per_step": s["p2p_bytes_per_step"] / 2**20,
+                        "allreduce_mb_per_step": s["param_bytes"] / 2**20, "dp_allreduce_mb_per_step": whole / 2**20})
     return out
+
+
+def throughput_table(got: dict) -> list[dict]:
+    """Per implementation, its best round: samples / the slowest rank's seconds; bytes summed over the ranks."""
+    best = {}
+    for impl, round_ in sorted({(r["impl"], r["round"]) for r in got["rows"]}):
+        ranks = [r for r in got["rows"] if (r["impl"], r["round"]) == (impl, round_)]
+        row = {"impl": impl, "ranks": len(ranks), "global_batch": ranks[0]["global_batch"],
+               "samples_per_sec": ranks[0]["samples"] / max(r["seconds"] for r in ranks),
+               "p2p_mb_per_step": sum(r["p2p_bytes_per_step"] for r in ranks) / 2**20,
+               "allreduce_mb_per_step": sum(r["allreduce_bytes_per_step"] for r in ranks) / 2**20}
+        if impl not in best or row["samples_per_sec"] > best[impl]["samples_per_sec"]:
+            best[impl] = row
+    return list(best.values())
+
+
+def throughput_summary(rows: list[dict]) -> dict:
+    pipelined = next((r for r in rows if r["impl"].startswith("pipeline")), None)
+    parallel = next((r for r in rows if r["impl"].startswith("data parallel")), None)
+    if not (pipelined and parallel):
+        return {}
+    saved = parallel["allreduce_mb_per_step"] - pipelined["allreduce_mb_per_step"]
+    return {"pipeline_vs_data_parallel_samples_per_sec": pipelined["samples_per_sec"] / parallel["samples_per_sec"],
+            "p2p_mb_vs_allreduce_mb_saved": pipelined["p2p_mb_per_step"] / saved if saved else None}
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -107,6 +149,8 @@ def plot(doc: dict, path) -> None:
 
 def render(doc: dict) -> str:
     lines = [harness.text_table(doc["rows"], COLUMNS), ""]
+    if doc.get("throughput"):
+        lines += [harness.text_table(doc["throughput"], THROUGHPUT_COLUMNS), ""]
     for key, value in doc["summary"].items():
-        lines.append(f"{key}: {value:.3g}")
+        lines.append(f"{key}: {value:.3g}" if value is not None else f"{key}: -")
     return "\n".join(lines)

@@ -1,10 +1,12 @@
 """Rank-side worker of `hvdtrain bench pipeline` (run under horovodrun --mpi by the driver, bench/pipeline.py).
 
-A model of P equal blocks (each `--layers` Dense layers of `--width` units, so every stage costs the same and the
+Default: the bubble. A model of P equal blocks (each `--layers` Dense layers of `--width` units, so every stage costs the same and the
 bubble formula applies), split into P stages; for every schedule and number of micro-batches M, a fresh stage trained
 for `--warmup` then `--steps` steps on micro-batches of `--micro-batch` examples (the replica batch grows with M, the
 cost of a micro-batch stays fixed). Each rank measures the seconds it waited for activations and gradients (its idle
-time in the schedule) against the wall time of the measured steps. Rank 0 writes every rank's numbers as JSON.
+time in the schedule) against the wall time of the measured steps. With --throughput instead: the same model trained
+as D x P (1F1B, 4 micro-batches) and data-parallel on all ranks with the same global batch, rounds alternating.
+Rank 0 writes every rank's numbers as JSON.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2, help="repeat every configuration, taking turns")
+    p.add_argument("--throughput", action="store_true",
+                   help="instead: samples/s of D x P against data parallelism on the same ranks, rounds alternating")
     p.add_argument("--output", required=True)
 
 
@@ -77,9 +81,13 @@ def run(args) -> int:
     whole = fixed_cost_model(args.stages, args.layers, args.width)
     plan, stage_models = split.plan(whole, args.stages, tuple(f"block{s + 1}_dense1" for s in range(1, args.stages)))
     channel = Channel()
-    configs = [(s, int(m)) for s in args.schedules.split(",") for m in args.micro.split(",")]
-    rows = [{**measure(stage_models[world.stage], world, channel, args, schedule, micro), "round": round_}
-            for round_ in range(args.rounds) for schedule, micro in configs]
+    if args.throughput:
+        rows = [{**fn(args, world, channel, stage_models[world.stage], whole), "round": round_}
+                for round_ in range(args.rounds) for fn in (pipelined_throughput, data_parallel_throughput)]
+    else:
+        configs = [(s, int(m)) for s in args.schedules.split(",") for m in args.micro.split(",")]
+        rows = [{**measure(stage_models[world.stage], world, channel, args, schedule, micro), "round": round_}
+                for round_ in range(args.rounds) for schedule, micro in configs]
     every = backend.allgather_object(rows, "bench.pipeline.rows")
     if world.rank == 0:
         Path(args.output).write_text(json.dumps({"rows": [r for rank in every for r in rank],
@@ -88,11 +96,61 @@ def run(args) -> int:
     return 0
 
 
+def _data(args, batch: int, seed: int):
+    import numpy as np
+    import tensorflow as tf
+    rng = np.random.default_rng(seed)
+    return tf.data.Dataset.from_tensors((rng.standard_normal((batch, args.width)).astype("float32"),
+                                         rng.integers(0, 10, batch))).repeat()
+
+
+def _timed_fit(model, data, args, channel) -> float:
+    """Seconds of --steps steps after --warmup, all ranks starting together."""
+    model.fit(data, steps_per_epoch=args.warmup, epochs=1, verbose=0)
+    channel.comm.Barrier()
+    started = time.perf_counter()
+    model.fit(data, steps_per_epoch=args.steps, epochs=1, verbose=0)
+    return time.perf_counter() - started
+
+
+def pipelined_throughput(args, world, channel, stage_model, whole) -> dict:
+    """D x P with 1F1B and 4 micro-batches: the global batch is D x 4 micro-batches."""
+    import keras
+    from hvdtrain import backend
+    from hvdtrain.pipeline.stage import PipelineStage
+    micro = 4
+    stage = PipelineStage(stage_model, world, channel, schedule="1f1b", microbatches=micro,
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    stage.compile(optimizer=backend.distributed_optimizer(keras.optimizers.SGD(1e-4), group=world.replica_group),
+                  jit_compile=False)
+    global_batch = world.replicas * micro * args.micro_batch
+    channel.sent_bytes = 0
+    seconds = _timed_fit(stage, _data(args, micro * args.micro_batch, world.replica), args, channel)
+    steps = args.warmup + args.steps
+    return {"impl": f"pipeline {world.replicas}x{world.stages}", "rank": world.rank, "global_batch": global_batch,
+            "seconds": seconds,
+            "samples": args.steps * global_batch, "p2p_bytes_per_step": channel.sent_bytes / steps,
+            "allreduce_bytes_per_step": 4 * stage_model.count_params() if world.replicas > 1 else 0}
+
+
+def data_parallel_throughput(args, world, channel, stage_model, whole) -> dict:
+    """The unsplit model on every rank, the same global batch dealt over all of them, gradients averaged over all."""
+    import keras
+    from hvdtrain import backend
+    global_batch = world.replicas * 4 * args.micro_batch
+    whole.compile(optimizer=backend.distributed_optimizer(keras.optimizers.SGD(1e-4)), jit_compile=False,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    seconds = _timed_fit(whole, _data(args, global_batch // world.size, world.rank), args, channel)
+    return {"impl": f"data parallel x{world.size}", "rank": world.rank, "global_batch": global_batch,
+            "seconds": seconds,
+            "samples": args.steps * global_batch, "p2p_bytes_per_step": 0,
+            "allreduce_bytes_per_step": 4 * whole.count_params()}
+
+
 def measure(stage_model, world, channel, args, schedule: str, micro: int) -> dict:
     """One configuration on this rank: a fresh stage, warmed up, then timed over --steps steps."""
     import keras
     import numpy as np
-    import tensorflow as tf
     from hvdtrain import backend
     from hvdtrain.pipeline.stage import PipelineStage
     timer = Timer(channel)
@@ -101,10 +159,7 @@ def measure(stage_model, world, channel, args, schedule: str, micro: int) -> dic
     stage.compile(optimizer=backend.distributed_optimizer(keras.optimizers.SGD(1e-4, momentum=0.9),
                                                           group=world.replica_group),
                   jit_compile=False)
-    batch = args.micro_batch * micro
-    rng = np.random.default_rng(world.replica)
-    data = tf.data.Dataset.from_tensors((rng.standard_normal((batch, args.width)).astype("float32"),
-                                         rng.integers(0, 10, batch))).repeat()
+    data = _data(args, args.micro_batch * micro, world.replica)
     stage.fit(data, steps_per_epoch=args.warmup, epochs=1, verbose=0)
     timer.__init__(channel)
     started = time.perf_counter()

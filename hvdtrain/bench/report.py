@@ -251,7 +251,20 @@ def _pipeline(doc, rel: Path) -> str:
                       "the whole model's parameters; stashed_peak: the micro-batches whose activations a stage keeps "
                       "at once.", "",
                       harness.markdown_table(doc.get("rows", []), pipeline.COLUMNS), "",
-                      f"![pipeline bubble]({rel / 'pipeline.png'})"])
+                      f"![pipeline bubble]({rel / 'pipeline.png'})", *_pipeline_throughput(doc)])
+
+
+def _pipeline_throughput(doc) -> list[str]:
+    from hvdtrain.bench import pipeline
+    rows, s = doc.get("throughput"), doc.get("summary", {})
+    if not rows:
+        return ["", "D x P against data parallelism: not run (`--throughput-ranks`)."]
+    ratio = s.get("pipeline_vs_data_parallel_samples_per_sec")
+    return ["", "The same model and global batch as D x P and as data parallelism on the same ranks (rounds "
+                f"alternating, best round each; ranks share the 2 cores): pipelined / data-parallel samples/s "
+                f"{ratio:.2f}; the pipeline sends "
+                f"{s.get('p2p_mb_vs_allreduce_mb_saved') or 0:.2f} MB point to point per MB of all-reduce it saves.",
+            "", harness.markdown_table(rows, pipeline.THROUGHPUT_COLUMNS)]
 
 
 def _tuning(doc) -> str:

@@ -4,11 +4,14 @@ The single-process run's batches (--batch-size) are dealt whole to the ranks in 
 correct, absolute error, counts) of every batch are gathered, added in batch order and divided once, so the result
 equals a single-process evaluation of the same checkpoint and data bit for bit, on any CPU.
 Every input file is read and checked first (a corrupt one is named, on every rank, before any scoring).
+With --parallel.pipeline_stages=P (an MPI launch of a multiple of P ranks) the model runs split into P stages, each
+batch passing through them (model-parallel inference); the result is the same.
 
 Examples:
   scripts/launch.sh 2 hvdtrain evaluate --run runs/digits                       # the test split of the run's data
   hvdtrain evaluate --run runs/digits --split train --report train-metrics.json
   scripts/launch.sh 4 hvdtrain evaluate --run runs/big --input 'held_out/*.tfrecord'
+  scripts/launch.sh 2 hvdtrain evaluate --run runs/digits --parallel.pipeline_stages=2     # through 2 stages
 """
 from __future__ import annotations
 
@@ -41,7 +44,12 @@ def run(args, overrides) -> int:
         return s
     dataset = backend.agree_on_errors(share, "hvdtrain.evaluate.inputs").dataset
     started = time.perf_counter()
-    metrics = exact_metrics(trained.model, dataset, world, trained.task, "hvdtrain.evaluate", f"{split} data")
+    if world.stages > 1:   # through the stages, each replica's pipeline on the replica's share
+        from hvdtrain.pipeline import serving
+        stage = serving.stage_of(trained, world)
+        metrics = serving.PipelineEvaluator(source, world, trained.task, split, args.batch_size)(stage)
+    else:
+        metrics = exact_metrics(trained.model, dataset, world, trained.task, "hvdtrain.evaluate", f"{split} data")
     seconds = time.perf_counter() - started
     name = args.input if args.input and args.input not in BUILT_IN else args.split
     shown = "  ".join(f"{name} {k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))

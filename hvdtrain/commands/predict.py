@@ -48,6 +48,10 @@ def run(args, overrides) -> int:
     from hvdtrain.inference import OrderedOutput, load_agreed, predict_to_file
 
     world, log = start(overrides)
+    if world.stages > 1:
+        from hvdtrain.errors import UserError
+        raise UserError("hvdtrain predict runs the whole model on every rank (a pipeline run's checkpoint loads as one "
+                        "model); drop --parallel.pipeline_stages (hvdtrain evaluate takes it)", agreed=True)
     trained = load_agreed(args.run, args.checkpoint, overrides, world)
     token = backend.broadcast_object(secrets.token_hex(4), "hvdtrain.predict.token")
     paths = lists_files(args.input, trained.cfg.data)

@@ -19,7 +19,7 @@ from hvdtrain.errors import UserError
 @dataclass
 class Pipeline:
     stage: object      # PipelineStage: this rank's model, trained by fit
-    whole: object      # the unsplit model (its other stages' weights are filled in only for export)
+    whole: object      # rank 0: the unsplit model (its other stages' weights are filled in for export); else None
     plan: object       # split.Plan
     channel: object    # backend.p2p.Channel
 
@@ -30,7 +30,8 @@ class Pipeline:
 
 def build(cfg, world, whole, task, log, run=None) -> Pipeline:
     """This rank's stage of `whole` (built alike on every rank, so every stage starts from the unsplit model's
-    initial weights), not yet compiled. `run`: the run directory, whose checkpoint's split a resume keeps."""
+    initial weights), not yet compiled; the rest of the model is let go, except on rank 0. `run`: the run directory,
+    whose checkpoint's split a resume keeps."""
     from hvdtrain import runtime
     from hvdtrain.backend.p2p import Channel
     from hvdtrain.pipeline import split
@@ -48,7 +49,8 @@ def build(cfg, world, whole, task, log, run=None) -> Pipeline:
              f"{p.schedule}; {plan.describe()}")
     stage = PipelineStage(stage_models[world.stage], world, Channel(), schedule=p.schedule,
                           microbatches=p.microbatches, loss=task.loss(), metrics=task.metrics())
-    return Pipeline(stage=stage, whole=whole, plan=plan, channel=stage.channel)
+    # The other stages' layers go with the whole model (only rank 0 keeps it, to write model.keras at the end).
+    return Pipeline(stage=stage, whole=whole if world.is_chief else None, plan=plan, channel=stage.channel)
 
 
 def _checkpoint_split(run, cfg, stages: int) -> tuple:

@@ -1,4 +1,5 @@
-"""Through the stages after training: exact evaluation, and the whole model put back together."""
+"""Through the stages after training: exact evaluation (during training, and of a trained run by `hvdtrain evaluate
+--parallel.pipeline_stages=P`), and the whole model put back together."""
 from __future__ import annotations
 
 import numpy as np
@@ -42,8 +43,8 @@ def assemble(pipeline, world):
     """The whole model with every stage's trained weights, on rank 0 (None elsewhere): each stage's first replica
     sends its layers' weights to rank 0. Every rank calls it."""
     stage = pipeline.stage.stage_model
-    layers = {layer.name: layer for layer in pipeline.whole.layers}
     if world.rank == 0:
+        layers = {layer.name: layer for layer in pipeline.whole.layers}
         for source in range(1, world.stages):
             for name, weights in pipeline.channel.recv_object(source, WEIGHTS_TAG).items():
                 layers[name].set_weights(weights)
@@ -53,3 +54,16 @@ def assemble(pipeline, world):
                                      0, WEIGHTS_TAG)
         pipeline.channel.flush()
     return None
+
+
+def stage_of(trained, world):
+    """This rank's stage of a trained run's model for inference: split as the run's checkpoint was (when it was a
+    pipeline of as many stages), else balanced by parameters."""
+    from hvdtrain import checkpoint
+    from hvdtrain.backend.p2p import Channel
+    from hvdtrain.pipeline import split
+    from hvdtrain.pipeline.stage import PipelineStage
+    layout = checkpoint.read_meta(trained.ckpt).get("signature", {}).get("pipeline") or {}
+    names = tuple(layout["first_layers"][1:]) if layout.get("stages") == world.stages else ()
+    _, stage_models = split.plan(trained.model, world.stages, names)
+    return PipelineStage(stage_models[world.stage], world, Channel(), schedule="gpipe", microbatches=1)

@@ -228,6 +228,21 @@ def test_pipeline_idle_is_measured_against_the_makespan_of_the_quietest_round():
                                                                          (2, pytest.approx(0.2), 100.0)]
     assert rows[0]["formula"] == pytest.approx(0.2) and rows[0]["param_share"] == 0.5
     assert rows[0]["p2p_mb_per_step"] == 1.0 and rows[0]["stashed_peak"] == 2
+    assert rows[0]["allreduce_mb_per_step"] * 2 == rows[0]["dp_allreduce_mb_per_step"] == 100 / 2**20
     summary = pipeline.summarize(rows)
     assert summary["p2_1f1b_max_deviation_m4plus"] == pytest.approx(0.0, abs=1e-9)
     assert summary["p2_1f1b_stashed_peak_stage1"] == 2
+
+
+def test_pipeline_throughput_takes_the_slowest_rank_and_sums_the_bytes():
+    def row(impl, rank, seconds, round_=0, p2p=0, allreduce=0):
+        return {"impl": impl, "rank": rank, "round": round_, "global_batch": 8, "seconds": seconds, "samples": 80,
+                "p2p_bytes_per_step": p2p, "allreduce_bytes_per_step": allreduce}
+    got = {"rows": [row("pipeline 2x2", r, 2.0 if r == 3 else 1.0, p2p=2**20, allreduce=2**20) for r in range(4)]
+           + [row("pipeline 2x2", r, 4.0, round_=1) for r in range(4)]                  # a slower round: dropped
+           + [row("data parallel x4", r, 1.0, allreduce=2 * 2**20) for r in range(4)]}
+    rows = pipeline.throughput_table(got)
+    assert [(r["impl"], r["samples_per_sec"], r["p2p_mb_per_step"], r["allreduce_mb_per_step"]) for r in rows] == [
+        ("data parallel x4", 80.0, 0.0, 8.0), ("pipeline 2x2", 40.0, 4.0, 4.0)]
+    summary = pipeline.throughput_summary(rows)
+    assert summary == {"pipeline_vs_data_parallel_samples_per_sec": 0.5, "p2p_mb_vs_allreduce_mb_saved": 1.0}

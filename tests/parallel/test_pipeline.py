@@ -55,6 +55,9 @@ def test_a_pipeline_trains_exactly_as_data_parallel_training(runs, ranks, schedu
         assert np.max(np.abs(mine - expected)) <= 1e-5 * np.max(np.abs(expected))
     summary = json.loads((pipelined / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["num_ranks"] == ranks and summary["optimizer_steps"] == 22
+    assert summary["pipeline"] == {"stages": 2, "first_layers": ["flatten", "dense_1"], "replicas": ranks // 2,
+                                   "schedule": schedule, "microbatches": 4, "stage_costs": [16640, 34186],
+                                   "cost_unit": "parameters"}
     stages = sorted(p.name for p in (pipelined / "checkpoints" / "ckpt-00000022").iterdir())
     assert stages == ["meta.json", "stage-0", "stage-1"]   # each stage's weights and optimizer, one checkpoint
 
@@ -99,6 +102,12 @@ def test_the_digits_job_reaches_the_readme_accuracy_and_exports_one_plain_keras_
     assert evaluated.returncode == 0, output(evaluated)[-3000:]
     metrics = json.loads(report.read_text())
     assert (metrics["loss"], metrics["accuracy"]) == (summary["test_loss"], summary["test_accuracy"]), metrics
+    staged = horovodrun(ranks, [str(BIN / "hvdtrain"), "evaluate", "--run", str(tmp_path / "run"), "--report",
+                                str(report), "--parallel.pipeline_stages=2"], "mpi")   # through the 2 stages
+    assert staged.returncode == 0, output(staged)[-3000:]
+    metrics = json.loads(report.read_text())
+    assert (metrics["loss"], metrics["accuracy"], metrics["ranks"]) == (summary["test_loss"],
+                                                                        summary["test_accuracy"], ranks), metrics
 
 
 CASES = {
@@ -125,8 +134,12 @@ def test_bad_layouts_stop_every_rank_with_one_line_before_any_step(tmp_path):
     for case, (args, _) in CASES.items():
         run = shared if case == "resume without the stages" else tmp_path / "runs" / case.replace(" ", "-")
         jobs.append({"name": case, "argv": ["train", f"--trainer.run_dir={run}", "--trainer.epochs=2", *args]})
+    jobs.append({"name": "predict", "argv": ["predict", "--run", str(shared), "--output", str(tmp_path / "p.csv"),
+                                             "--parallel.pipeline_stages=2"]})
     ranks = run_commands(2, jobs, tmp_path, "mpi")
     assert [r["pipeline"]["code"] for r in ranks] == [0, 0], printed(ranks, "pipeline")[-3000:]
+    assert [r["predict"]["code"] for r in ranks] == [2, 2] and not (tmp_path / "p.csv").exists()
+    assert printed(ranks, "predict").count("hvdtrain: error: hvdtrain predict runs the whole model on every rank") == 1
     for case, (_, message) in CASES.items():
         text = printed(ranks, case)
         errors = [line for line in text.splitlines() if "hvdtrain: error:" in line]

@@ -160,3 +160,12 @@ def test_a_measured_split_follows_the_layers_costs():
     plan, _ = split.plan(model, 2, layer_costs=[1.0, 1.0, 1.0, 10.0])   # the head dominates: it gets a stage alone
     assert [plan.layers[s] for s in plan.starts] == ["flatten", "dense_2"] and plan.costs == (3.0, 10.0)
     assert "ms forward+backward" in plan.describe()
+
+
+def test_the_keras_2_stack_refuses_pipeline_stages_with_one_line(monkeypatch):
+    from hvdtrain import pipeline, runtime
+    from hvdtrain.errors import UserError
+    monkeypatch.setattr(runtime, "keras_major", lambda: 2)   # what TF 2.15's stack answers
+    cfg = load_config(None, ["--parallel.pipeline_stages=2"])
+    with pytest.raises(UserError, match=r"^parallel.pipeline_stages > 1 needs the Keras 3 stack \(TensorFlow >= 2.16\)"):
+        pipeline.build(cfg, World(rank=0, size=2, local_size=2, stages=2), whole=None, task=None, log=None)
