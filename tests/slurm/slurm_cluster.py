@@ -76,6 +76,13 @@ class Cluster:
         out = self.run(["scontrol", "show", "job", "--oneliner", job_id]).stdout
         return dict(tok.split("=", 1) for tok in out.split() if "=" in tok)
 
+    def diagnosis(self, job_id: str) -> str:
+        """What Slurm says of a job: scontrol's record and its daemons' log lines naming the job (for failures)."""
+        lines = [self.run(["scontrol", "show", "job", job_id]).stdout]
+        for log in sorted((self.dir / "log").glob("*.log")):
+            lines += [f"{log.name}: {line}" for line in log.read_text(errors="replace").splitlines() if job_id in line]
+        return "\n".join(lines[-60:])
+
     def job_ids(self) -> list[str]:
         out = self.run(["scontrol", "show", "jobs", "--oneliner"]).stdout
         return [line.split()[0].split("=", 1)[1] for line in out.splitlines() if line.startswith("JobId=")]
@@ -140,12 +147,15 @@ def preempt_and_check_resume(cluster: Cluster, job_id: str, log_path: Path, run:
             job = cluster.job(job_id)
             return job.get("Restarts") == "1" and job.get("JobState") == "PENDING"
         cluster.wait_while_running(job_id, "the batch script to requeue the job", requeued, log_path)
+        # Slurm revokes the old run's credential at the requeue and refuses a launch whose credential was made in the
+        # same second (cred ctime <= revoke time): start no earlier than the next whole second.
+        time.sleep(2)
         released = cluster.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
         assert released.returncode == 0, released.stdout + released.stderr
     info = cluster.wait_done(job_id, log_path)
     log = log_path.read_text()
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
-    assert info["Restarts"] == "1", log   # requeued exactly once, by the batch script
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log + cluster.diagnosis(job_id)
+    assert info["Restarts"] == "1", log + cluster.diagnosis(job_id)   # requeued exactly once, by the batch script
 
     # First run: all ranks stopped at one agreed step and rank 0 wrote a checkpoint there.
     stopped = re.findall(r"stopped at epoch (\d+), step (\d+) on request \(SIGUSR1\)", log)
