@@ -157,11 +157,12 @@ def stop_watchdogs(callbacks) -> None:
 
 class StartCheck(keras.callbacks.Callback):
     """Before the first step: refuse what would silently train unsynchronised replicas or crash later (an optimizer
-    that is not distributed, an XLA-compiled train step), then make every rank start from rank 0's state."""
+    that is not distributed, an XLA-compiled train step), then make every rank start from rank 0's state (its
+    weights only, when each rank keeps its own optimizer state: local SGD's, restored rank by rank)."""
 
-    def __init__(self, world, elastic: bool = False):
+    def __init__(self, world, elastic: bool = False, own_optimizer_state: bool = False):
         super().__init__()
-        self.world, self.elastic = world, elastic
+        self.world, self.elastic, self.own_optimizer_state = world, elastic, own_optimizer_state
 
     def on_train_begin(self, logs=None):
         model = self.model
@@ -174,7 +175,8 @@ class StartCheck(keras.callbacks.Callback):
                             "Horovod's all-reduce has no XLA kernel; compile with jit_compile=False", agreed=True)
         optimizer = model.optimizer
         backend.build_optimizer(optimizer, model.trainable_variables)
-        backend.broadcast_variables(list(model.variables) + list(optimizer.variables), name="hvdtrain.start",
+        shared = [] if self.own_optimizer_state else list(optimizer.variables)
+        backend.broadcast_variables(list(model.variables) + shared, name="hvdtrain.start",
                                     group=self.world.replica_group)
 
 
@@ -372,12 +374,14 @@ class Controller(keras.callbacks.Callback):
     """
 
     def __init__(self, world, progress: Progress, options: Options, *, stop: StopRequest, checkpointer,
-                 global_batch: int, local_state: LocalState, evaluate=None, elastic_state=None, writers=()):
+                 global_batch: int, local_state: LocalState, sync, evaluate=None, elastic_state=None, writers=()):
         super().__init__()
         self.world, self.progress, self.options = world, progress, options
         self.checkpointer, self.global_batch, self.local_state = checkpointer, global_batch, local_state
+        self.sync = sync
         self.evaluate, self.elastic_state, self.writers = evaluate, elastic_state, list(writers)
-        self.start_check = StartCheck(world, elastic=elastic_state is not None)
+        self.start_check = StartCheck(world, elastic=elastic_state is not None,
+                                      own_optimizer_state=sync.plan.local_optimizer_state)
         self.agreement = StopAgreement(world, progress, stop)
         self.metrics = MetricAverage(world)
 
@@ -395,6 +399,7 @@ class Controller(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self.start_check.on_train_begin(logs)
         self.last_saved = self.progress.position.global_step   # a resume starts from its checkpoint
+        self.sync.begin(self.last_saved)
         self._to_writers("on_train_begin", logs)
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -409,7 +414,10 @@ class Controller(keras.callbacks.Callback):
         p.advance()
         self.epoch_steps += 1
         at, last = p.position, p.position.global_step >= p.total_steps
-        agreed = at.step_in_epoch % self.options.check_every_steps == 0 or last
+        one_model = self.sync.after_step(self.model, at.global_step)
+        # Local SGD's replicas differ between weight averages: agree (and checkpoint) only at the averages.
+        regular = at.step_in_epoch % self.options.check_every_steps == 0 or last
+        agreed = one_model and (regular or self.sync.plan.local_after(at.global_step))
         if agreed:
             self.agreement.check(self.model, logs or {})
         if p.stop_reason or last:   # a resumed run's last Keras epoch would run past the end otherwise
@@ -474,6 +482,9 @@ class Controller(keras.callbacks.Callback):
         logs["samples_per_sec_per_rank"] = logs["samples_per_sec"] / self.world.size
         logs["epoch_seconds"] = seconds
         logs["global_step"] = self.progress.position.global_step
+        sent = self.sync.communicated_bytes(self.model, self.progress.position.global_step)
+        if sent is not None:
+            logs["communicated_bytes"] = sent - self.sync.communicated_bytes(self.model, self.epoch_first.global_step)
         logs["partial"] = int(self.epoch_steps < self.progress.steps_per_epoch or self.epoch_first.step_in_epoch != 0)
 
     def _commit(self) -> None:
@@ -511,7 +522,7 @@ class Options:
 
 
 def ordered(world, progress: Progress, run_dir, options: Options, *, stop: StopRequest, checkpointer, global_batch: int,
-            local_state: LocalState, evaluate=None, elastic_state=None) -> list:
+            local_state: LocalState, sync, evaluate=None, elastic_state=None) -> list:
     """What Keras calls: the watchdog's heartbeat, then the controller, which runs the rest in its order (rank 0's
     writers are simply absent on other ranks)."""
     writers = []
@@ -523,4 +534,5 @@ def ordered(world, progress: Progress, run_dir, options: Options, *, stop: StopR
             writers.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False, profile_batch=0))
     return [Watchdog(options.stall_timeout_s, world.rank, run_dir),
             Controller(world, progress, options, stop=stop, checkpointer=checkpointer, global_batch=global_batch,
-                       local_state=local_state, evaluate=evaluate, elastic_state=elastic_state, writers=writers)]
+                       local_state=local_state, sync=sync, evaluate=evaluate, elastic_state=elastic_state,
+                       writers=writers)]

@@ -4,9 +4,10 @@ A checkpoint is a directory `checkpoints/ckpt-<global step>` holding the TensorF
 optimizer (weights, slots, step counter and hence the LR schedule position, gradient accumulators, loss scale) and
 `meta.json` (epoch, step in epoch, global step, data seed, model signature, config). It is written under a temporary
 name and renamed into place, so a kill at any moment leaves the previous checkpoint loadable; readers ignore
-temporary directories. The same format serves `hvdtrain train`, the Keras API and predict/evaluate. A pipeline's
-checkpoint holds one `stage-<s>/state` per stage instead (each written by the stage's first replica, in the same
-temporary directory, renamed by rank 0 once every stage has written).
+temporary directories. The same format serves `hvdtrain train`, the Keras API and predict/evaluate. A checkpoint may
+come in parts instead, written in the same temporary directory and renamed by rank 0 once every part is written: a
+pipeline's one `stage-<s>/state` per stage (written by the stage's first replica), local SGD's with optimizer state
+kept local one `rank-<r>/state` per rank (the same weights, each rank's own optimizer state).
 """
 from __future__ import annotations
 
@@ -79,6 +80,10 @@ def check_compatible(ckpt, meta: dict, expected: dict) -> None:
         raise UserError(f"checkpoint {ckpt} was written by {_layout(found.get('pipeline'))} and this run is "
                         f"{_layout(expected.get('pipeline'))}; resume with the parallel.pipeline_stages and "
                         "parallel.split that wrote it, or use a fresh --trainer.run_dir")
+    if found.get("per_rank") != expected.get("per_rank"):
+        raise UserError(f"checkpoint {ckpt} holds {_optimizer_state(found.get('per_rank'))} and this run keeps "
+                        f"{_optimizer_state(expected.get('per_rank'))}; resume with the ranks and "
+                        "trainer.sync_optimizer_state that wrote it, or use a fresh --trainer.run_dir")
     for key in ("model", "input_shape", "num_classes"):
         if found.get(key) != expected[key]:
             raise UserError(f"checkpoint {ckpt} belongs to another model ({key} is {found.get(key)!r}, this run has "
@@ -95,22 +100,33 @@ def check_compatible(ckpt, meta: dict, expected: dict) -> None:
                         f"{len(ours)} here); use a fresh --trainer.run_dir or the config that wrote it")
 
 
+def _optimizer_state(per_rank) -> str:
+    return f"each of {per_rank} ranks' own optimizer state (local SGD)" if per_rank else "one optimizer state"
+
+
 def _layout(pipeline) -> str:
     if not pipeline:
         return "data-parallel training (no pipeline stages)"
     return f"a {pipeline['stages']}-stage pipeline (stages beginning at {', '.join(pipeline['first_layers'])})"
 
 
-def state_path(ckpt, stage: int | None = None) -> Path:
-    """Where model and optimizer are stored: `state`, or one stage's `stage-<s>/state`."""
-    return Path(ckpt) / "state" if stage is None else Path(ckpt) / f"stage-{stage}" / "state"
+def state_path(ckpt, part: str | None = None) -> Path:
+    """Where model and optimizer are stored: `state`, or one part's `<part>/state` (`stage-1`, `rank-0`)."""
+    return Path(ckpt) / "state" if part is None else Path(ckpt) / part / "state"
 
 
-def restore(ckpt, model, optimizer=None, stage: int | None = None) -> None:
+def part_of(world, per_rank: bool = False) -> str | None:
+    """The part of a checkpoint this rank writes and restores: its pipeline stage's, its own (per_rank), or None."""
+    if world.stages > 1:
+        return f"stage-{world.stage}"
+    return f"rank-{world.rank}" if per_rank else None
+
+
+def restore(ckpt, model, optimizer=None, part: str | None = None) -> None:
     import tensorflow as tf
     parts = {"model": model} if optimizer is None else {"model": model, "optimizer": optimizer}
     try:
-        status = tf.train.Checkpoint(**parts).read(str(state_path(ckpt, stage)))
+        status = tf.train.Checkpoint(**parts).read(str(state_path(ckpt, part)))
         status.assert_existing_objects_matched() if optimizer is not None else status.expect_partial()
     except (ValueError, AssertionError, tf.errors.OpError) as exc:
         raise UserError(f"cannot restore checkpoint {ckpt}: {str(exc).splitlines()[0]}") from None
@@ -120,6 +136,8 @@ def restore_model(ckpt, model, meta: dict) -> None:
     """The trained weights (no optimizer) into the whole `model`: from `state`, or from a pipeline's stages (each
     stage's part of the model restored from its `stage-<s>/state`), so serving works the same for both."""
     layout = meta.get("signature", {}).get("pipeline")
+    if meta.get("signature", {}).get("per_rank"):
+        return restore(ckpt, model, part="rank-0")   # every rank's part holds the same weights
     if not layout:
         return restore(ckpt, model)
     import keras
@@ -131,7 +149,7 @@ def restore_model(ckpt, model, meta: dict) -> None:
             self.stage_model = stage_model
     _, stage_models = plan(model, layout["stages"], tuple(layout["first_layers"][1:]))
     for s, stage_model in enumerate(stage_models):
-        restore(ckpt, Stage(stage_model), stage=s)
+        restore(ckpt, Stage(stage_model), part=f"stage-{s}")
 
 
 def weights_digest(model) -> str:
@@ -164,9 +182,11 @@ class Checkpointer:
         self.last_step = -1
 
     @classmethod
-    def for_rank(cls, world, run: RunDir, meta: dict, keep: int) -> "Checkpointer":
-        if world.stages > 1:
-            return StagedCheckpointer(run, meta, keep, world)
+    def for_rank(cls, world, run: RunDir, meta: dict, keep: int, per_rank: bool = False) -> "Checkpointer":
+        """per_rank: every rank writes its own part (local SGD with local optimizer state)."""
+        part = part_of(world, per_rank)
+        if part is not None:
+            return PartedCheckpointer(run, meta, keep, world, part, writes=per_rank or world.replica == 0)
         return cls(run, meta, keep) if world.is_chief else NullCheckpointer(run, meta, keep)
 
     def save(self, model, position: Position, world_size: int) -> Path | None:
@@ -202,14 +222,14 @@ def _write_state(model, path: Path) -> None:
         os.chmod(written, file_mode())
 
 
-class StagedCheckpointer(Checkpointer):
-    """A pipeline's checkpoint (a collective): rank 0 makes the temporary directory, each stage's first replica
-    writes its stage into it, and once all have written (agreed: a failed write fails every rank, and rank 0 removes
-    the directory) rank 0 renames it into place."""
+class PartedCheckpointer(Checkpointer):
+    """A checkpoint in parts (a collective): rank 0 makes the temporary directory, the ranks that `write` write their
+    `part` into it, and once all have written (agreed: a failed write fails every rank, and rank 0 removes the
+    directory) rank 0 renames it into place."""
 
-    def __init__(self, run: RunDir, meta: dict, keep: int, world):
+    def __init__(self, run: RunDir, meta: dict, keep: int, world, part: str, writes: bool):
         super().__init__(run, meta, keep)
-        self.world = world
+        self.world, self.part, self.writes = world, part, writes
 
     def save(self, model, position, world_size):
         if position.global_step == self.last_step:
@@ -218,8 +238,8 @@ class StagedCheckpointer(Checkpointer):
         tmp = Path(backend.broadcast_object(str(make_temp_dir(self.run.ensure_checkpoints())) if w.is_chief else "",
                                             "hvdtrain.checkpoint.dir"))
         try:
-            backend.agree_on_errors(lambda: self._write_stage(model, tmp) if w.replica == 0 else None,
-                                    "hvdtrain.checkpoint.stages")
+            backend.agree_on_errors(lambda: self._write_part(model, tmp) if self.writes else None,
+                                    "hvdtrain.checkpoint.parts")
         except BaseException:
             if w.is_chief:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -229,13 +249,12 @@ class StagedCheckpointer(Checkpointer):
         self.last_step = position.global_step
         return None
 
-    def _write_stage(self, model, tmp: Path) -> None:
+    def _write_part(self, model, tmp: Path) -> None:
         try:
-            _write_state(model, state_path(tmp, self.world.stage))
-        except Exception as exc:   # agreed, so the other stages do not wait for this one
+            _write_state(model, state_path(tmp, self.part))
+        except Exception as exc:   # agreed, so the other parts' writers do not wait for this one
             from hvdtrain.errors import first_line
-            raise UserError(f"cannot write stage {self.world.stage + 1}'s checkpoint into {tmp.parent}: "
-                            f"{first_line(exc)}") from None
+            raise UserError(f"cannot write the checkpoint's {self.part} into {tmp.parent}: {first_line(exc)}") from None
 
 
 class NullCheckpointer(Checkpointer):
@@ -260,5 +279,5 @@ def resume(run: RunDir, model, world, mode: str, expected_signature: dict,
                         "use a fresh --trainer.run_dir or --resume")
     meta = read_meta(Path(found))
     check_compatible(Path(found), meta, expected_signature)
-    restore(Path(found), model, model.optimizer, world.replica_group)
+    restore(Path(found), model, model.optimizer, part_of(world, bool(expected_signature.get("per_rank"))))
     return Position(meta["epoch"], meta["step_in_epoch"], meta["global_step"]), Path(found)

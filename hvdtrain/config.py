@@ -136,6 +136,19 @@ class TrainerConfig:
     elastic: bool = _f(False, "Horovod Elastic: survive workers leaving/joining (horovodrun --gloo --min-np/--max-np "
                               "--host-discovery-script); in-memory data sources only")
     tensorboard: bool = _f(True, "write TensorBoard logs under run_dir/tensorboard (rank 0)")
+    sync: str = _f("every_step", "how replicas stay one model: every_step (average the gradients at every step) | "
+                                 "local_sgd (each rank takes sync_period steps on its own, then the weights are "
+                                 "averaged: fewer bytes sent, for slow links; an epoch's end always averages)",
+                   choices=("every_step", "local_sgd"))
+    sync_period: int = _f(8, "local_sgd: steps each rank takes on its own between weight averages (H); stops and "
+                             "checkpoints happen at averages")
+    sync_warmup_steps: int = _f(0, "local_sgd: average the gradients at every step for this many steps first "
+                                   "(post-local SGD)")
+    sync_optimizer_state: str = _f("local", "local_sgd: optimizer state (momentum, Adam's moments) at a weight "
+                                            "average: local (each rank keeps its own, as in Lin et al. and PyTorch's "
+                                            "PostLocalSGDOptimizer; checkpointed rank by rank) | average (averaged "
+                                            "with the weights: with momentum, twice the bytes)",
+                                   choices=("local", "average"))
     progress: str = _f("auto", "rank 0 progress display: auto (bar on a terminal, one line per epoch otherwise) | bar | epoch | none",
                        choices=("auto", "bar", "epoch", "none"))
 
@@ -148,6 +161,14 @@ class TrainerConfig:
         _require(self.check_every_steps >= 1, "trainer.check_every_steps must be >= 1")
         _require(self.checkpoint_every_steps >= 0 and self.top_k >= 0,
                  "trainer.checkpoint_every_steps and trainer.top_k must be >= 0")
+        _require(self.sync_period >= 1, f"trainer.sync_period must be >= 1 (steps between weight averages), got "
+                                        f"{self.sync_period}")
+        _require(self.sync_warmup_steps >= 0, f"trainer.sync_warmup_steps must be >= 0, got {self.sync_warmup_steps}")
+        if self.sync == "every_step":
+            for name in ("sync_period", "sync_warmup_steps", "sync_optimizer_state"):
+                _require(getattr(self, name) == getattr(TrainerConfig, name),
+                         f"trainer.{name} applies to trainer.sync=local_sgd only (this run averages every step); "
+                         f"set trainer.sync=local_sgd or leave trainer.{name} out")
 
 
 @dataclass(frozen=True)
@@ -228,6 +249,13 @@ class Config:
                      f"trains in float32 only (runtime.precision={self.runtime.precision}); set runtime.precision=float32")
             _require(not self.trainer.elastic, "parallel.pipeline_stages > 1 cannot be elastic (a lost rank takes a "
                      "stage with it); set trainer.elastic=false")
+        if self.trainer.sync == "local_sgd":
+            _require(not self.parallel.pipelined, "trainer.sync=local_sgd averages whole models, not pipeline "
+                     "stages; use trainer.sync=every_step with parallel.pipeline_stages > 1")
+            _require(not self.trainer.elastic, "trainer.sync=local_sgd cannot be elastic yet (a worker that joins "
+                     "between averages has no model to average); set trainer.elastic=false")
+            _require(self.optim.backward_passes_per_step == 1, "trainer.sync=local_sgd already takes steps without "
+                     "communicating; set optim.backward_passes_per_step=1 (or a larger trainer.global_batch_size)")
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))

@@ -61,13 +61,13 @@ def build_optimizer(optim_cfg, size: int, steps_per_epoch: int, epochs: int):
 
 
 def distributed_optimizer(optim_cfg, size: int, steps_per_epoch: int, epochs: int, precision: str = "float32",
-                          bucket_mb: float = 0.0, group: int | None = None):
+                          bucket_mb: float = 0.0, group: int | None = None, switch=None):
     """The configured optimizer, averaging gradients over all ranks (and loss-scaled for mixed_float16, with the
     skip-this-step decision agreed by all ranks). `size`: the replicas the learning rate scales with; `group`: a
-    pipeline stage, whose replicas alone are averaged over."""
+    pipeline stage, whose replicas alone are averaged over; `switch`: local SGD's (see sync.Synchronizer)."""
     optimizer = backend.distributed_optimizer(build_optimizer(optim_cfg, size, steps_per_epoch, epochs),
                                            fp16_compression=optim_cfg.fp16_compression,
                                            backward_passes_per_step=optim_cfg.backward_passes_per_step,
                                            sparse_as_dense=optim_cfg.sparse_as_dense, bucket_mb=bucket_mb,
-                                           group=group)
+                                           group=group, switch=switch)
     return backend.loss_scale(optimizer) if precision == "mixed_float16" else optimizer

@@ -77,6 +77,12 @@ def _filtered_stderr(noise):
             sys.stderr.flush()
 
 
+def without_lines(*noise):
+    """A block whose C++ stderr lines containing any of `noise` are dropped (TensorFlow and TFLite print some banners
+    outside any log level); other lines pass."""
+    return _filtered_stderr(noise)
+
+
 def _drop_slow_callback_warning(record: logging.LogRecord) -> bool:
     """Keras's "callback is slow compared to the batch time": the agreement steps always trigger it."""
     return "is slow compared to the batch time" not in record.getMessage()

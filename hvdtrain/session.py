@@ -13,16 +13,20 @@ from hvdtrain.checkpoint import Checkpointer, Position
 from hvdtrain.errors import NonFiniteLoss
 from hvdtrain.log import get_logger
 from hvdtrain.rundir import RunDir
+from hvdtrain.sync import Synchronizer, SyncPlan
 
 
 class Session:
     def __init__(self, world, run: RunDir, *, steps_per_epoch: int, epochs: int, global_batch: int,
-                 options: cb.Options, stop: cb.StopRequest, meta: dict, elastic: bool = False):
+                 options: cb.Options, stop: cb.StopRequest, meta: dict, elastic: bool = False,
+                 sync: Synchronizer | None = None):
         self.world, self.run, self.options, self.stop = world, run, options, stop
+        self.sync = sync or Synchronizer(SyncPlan(steps_per_epoch=steps_per_epoch), world)
+        self.per_rank = self.sync.plan.local_optimizer_state
         self.elastic = elastic   # Horovod Elastic (trainer.elastic): it resets on failures and agrees by committing
         self.global_batch = global_batch
         self.progress = cb.Progress(steps_per_epoch, epochs)
-        self.checkpointer = Checkpointer.for_rank(world, run, meta, options.keep_checkpoints)
+        self.checkpointer = Checkpointer.for_rank(world, run, meta, options.keep_checkpoints, self.per_rank)
         self.local_state = cb.LocalState(world)
         self.start = Position()
         self.resumed_from = None
@@ -33,6 +37,8 @@ class Session:
         """Restore the latest checkpoint (model + optimizer) on every rank alike; returns where training continues."""
         optimizer = model.optimizer
         backend.build_optimizer(optimizer, model.trainable_variables)   # slots must exist before a restore
+        if self.per_rank:
+            signature = {**signature, "per_rank": self.world.size}
         self.checkpointer.meta["signature"] = signature
         self.start, self.resumed_from = checkpoint.resume(self.run, model, self.world, mode, signature,
                                                           agree=not self.elastic)
@@ -57,7 +63,8 @@ class Session:
     def callbacks(self, evaluate=None, elastic_state=None) -> list:
         return cb.ordered(self.world, self.progress, self.run.path, self.options, stop=self.stop,
                           checkpointer=self.checkpointer, global_batch=self.global_batch,
-                          local_state=self.local_state, evaluate=evaluate, elastic_state=elastic_state)
+                          local_state=self.local_state, sync=self.sync, evaluate=evaluate,
+                          elastic_state=elastic_state)
 
     @contextlib.contextmanager
     def guard(self, callbacks, diagnose=None):
@@ -106,9 +113,13 @@ class Session:
             "step_in_epoch": p.position.step_in_epoch, "global_step": p.position.global_step,
             "global_batch_size": self.global_batch, "optimizer_steps": int(model.optimizer.iterations.numpy()),
             "samples_per_sec": sum(h["samples_per_sec"] for h in steady) / max(1, len(steady)),
+            "sync": self.sync.plan.describe(),
             "train_loss": epochs_run[-1]["loss"] if epochs_run else None,
             "weights_sha256": digest, "wall_seconds": time.perf_counter() - self.started,
         }
+        sent = self.sync.communicated_bytes(model, p.position.global_step)
+        if sent is not None:
+            summary["communicated_bytes"] = sent
         summary.update({f"test_{k}": v for k, v in (test or {}).items()})
         summary.update(extra or {})
         if self.world.is_chief:

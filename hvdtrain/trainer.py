@@ -14,6 +14,7 @@ from hvdtrain.pipeline import serving
 from hvdtrain.log import counted, get_logger
 from hvdtrain.rundir import STOP_FILE, RunDir
 from hvdtrain.session import Session, fit_segments
+from hvdtrain.sync import Synchronizer, SyncPlan
 from hvdtrain.tasks import Task
 
 
@@ -49,8 +50,10 @@ class Trainer:
         shape = self.source.example_shape()
         self.model = models.build_model(cfg.model, shape, self.task.outputs)
         signature = checkpoint.signature(self.model, shape, self.task.outputs, cfg.model.name)
+        sync = Synchronizer.for_plan(SyncPlan.from_config(cfg.trainer, self.steps), world, cfg.optim.fp16_compression)
         optimizer = optim.distributed_optimizer(cfg.optim, world.replicas, self.steps, cfg.trainer.epochs,
-                                                cfg.runtime.precision, cfg.runtime.bucket_mb, world.replica_group)
+                                                cfg.runtime.precision, cfg.runtime.bucket_mb, world.replica_group,
+                                                sync.switch)
         self.pipeline = None
         if cfg.parallel.pipelined:
             self.pipeline = pipeline.build(cfg, world, self.model, self.task, self.log, self.run)
@@ -63,7 +66,7 @@ class Trainer:
         meta = {"data_seed": cfg.data.seed, "config": cfg.to_dict(), "classes": self.source.class_names()}
         self.session = Session(world, self.run, steps_per_epoch=self.steps, epochs=cfg.trainer.epochs,
                                global_batch=cfg.trainer.global_batch_size, options=cb.Options.from_config(cfg),
-                               stop=stop, meta=meta, elastic=cfg.trainer.elastic)
+                               stop=stop, meta=meta, elastic=cfg.trainer.elastic, sync=sync)
         together(lambda: self.session.resume(self.model, signature, cfg.trainer.resume), "hvdtrain.resume")
         self.evaluate = self._evaluator(world)
 

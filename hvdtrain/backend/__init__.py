@@ -36,7 +36,8 @@ def _keras_layer():
 
 
 def distributed_optimizer(optimizer, *, fp16_compression: bool = False, backward_passes_per_step: int = 1,
-                          sparse_as_dense: bool = False, bucket_mb: float = 0.0, group: int | None = None):
+                          sparse_as_dense: bool = False, bucket_mb: float = 0.0, group: int | None = None,
+                          switch=None):
     """`optimizer`, made to average gradients over all ranks with a fused ring all-reduce (use the returned object).
 
     fp16_compression halves the bytes sent; backward_passes_per_step accumulates gradients locally and all-reduces
@@ -45,10 +46,12 @@ def distributed_optimizer(optimizer, *, fp16_compression: bool = False, backward
     Horovod fuses what arrives within one cycle, HOROVOD_FUSION_THRESHOLD).
     A LossScaleOptimizer (mixed_float16) is rebuilt around a distributed inner optimizer with an agreed finiteness
     check, so all ranks skip the same steps. `group` (a pipeline stage, Keras 3): average over that stage's replicas only.
+    `switch` (a boolean variable, Keras 3): average only in the steps where it is true (local SGD's warm-up).
     """
     return _keras_layer().distributed_optimizer(optimizer, fp16_compression=fp16_compression,
                                                 backward_passes_per_step=backward_passes_per_step,
-                                                sparse_as_dense=sparse_as_dense, bucket_mb=bucket_mb, group=group)
+                                                sparse_as_dense=sparse_as_dense, bucket_mb=bucket_mb, group=group,
+                                                switch=switch)
 
 
 def is_distributed(optimizer) -> bool:

@@ -12,12 +12,17 @@ from hvdtrain.errors import UserError
 
 
 def distributed_optimizer(optimizer, *, fp16_compression: bool = False, backward_passes_per_step: int = 1,
-                          sparse_as_dense: bool = False, bucket_mb: float = 0.0, group: int | None = None):
+                          sparse_as_dense: bool = False, bucket_mb: float = 0.0, group: int | None = None,
+                          switch=None):
     """Horovod's own Keras 2 optimizer; `bucket_mb` does not apply (it fuses what arrives within one cycle), and it
-    averages over all ranks only (`group`, a pipeline stage's replicas, needs the Keras 3 stack)."""
+    averages over all ranks at every step only (`group`, a pipeline stage's replicas, and `switch`, local SGD's
+    gradient switch, need the Keras 3 stack)."""
     if group is not None:
         raise UserError("parallel.pipeline_stages > 1 needs the Keras 3 stack (TensorFlow >= 2.16): the TF 2.15 stack "
                         "trains data-parallel only", agreed=True)
+    if switch is not None:
+        raise UserError("trainer.sync=local_sgd needs the Keras 3 stack (TensorFlow >= 2.16): the TF 2.15 stack "
+                        "averages gradients at every step only", agreed=True)
     if is_distributed(optimizer):
         return optimizer
     h = hvd_keras()

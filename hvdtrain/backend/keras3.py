@@ -24,15 +24,16 @@ _MARK = "_hvdtrain_distributed"
 
 
 def distributed_optimizer(optimizer, *, fp16_compression: bool = False, backward_passes_per_step: int = 1,
-                          sparse_as_dense: bool = False, bucket_mb: float = 0.0, group: int | None = None):
+                          sparse_as_dense: bool = False, bucket_mb: float = 0.0, group: int | None = None,
+                          switch=None):
     """A copy of `optimizer` (rebuilt from its config, not yet built) that averages gradients over all ranks (or over
-    one pipeline stage's replicas: `group`)."""
+    one pipeline stage's replicas: `group`); with `switch` (a boolean variable), only in the steps where it is true."""
     if is_distributed(optimizer):
         return optimizer
     if isinstance(optimizer, LossScaleOptimizer):
         inner = distributed_optimizer(optimizer.inner_optimizer, fp16_compression=fp16_compression,
                                       backward_passes_per_step=backward_passes_per_step, sparse_as_dense=sparse_as_dense,
-                                      bucket_mb=bucket_mb, group=group)
+                                      bucket_mb=bucket_mb, group=group, switch=switch)
         return _AgreedLossScaleOptimizer(inner, initial_scale=optimizer.initial_scale,
                                          dynamic_growth_steps=optimizer.dynamic_growth_steps, name=optimizer.name)
     config = optimizer.get_config()
@@ -47,7 +48,7 @@ def distributed_optimizer(optimizer, *, fp16_compression: bool = False, backward
     except Exception as exc:  # e.g. a learning-rate schedule that is not registered as serializable
         raise UserError(f"cannot rebuild {type(optimizer).__name__} from its config to distribute it ({exc}); register "
                         "custom schedules with keras.saving.register_keras_serializable()") from None
-    distributed._hvdtrain_average = _averager(fp16_compression, sparse_as_dense, int(bucket_mb * 2**20), group)
+    distributed._hvdtrain_average = _averager(fp16_compression, sparse_as_dense, int(bucket_mb * 2**20), group, switch)
     return distributed
 
 
@@ -89,11 +90,14 @@ def buckets(nbytes: list[int], limit: int) -> list[list[int]]:
     return out + ([current] if current else [])
 
 
-def _averager(fp16_compression: bool, sparse_as_dense: bool, bucket_bytes: int = 0, group: int | None = None):
+def _averager(fp16_compression: bool, sparse_as_dense: bool, bucket_bytes: int = 0, group: int | None = None,
+              switch=None):
     """grads -> their average over ranks: dense ones in grouped (fused) all-reduces, one per bucket of about
     `bucket_bytes` (0: one for all), sparse ones (IndexedSlices from embeddings) gathered, or densified first with
     sparse_as_dense. Inside the compiled train step an all-reduce waits only for its own bucket's gradients, so the
-    buckets of the last layers can be on the wire while the backward pass is still computing the first layers'."""
+    buckets of the last layers can be on the wire while the backward pass is still computing the first layers'.
+    With `switch` (local SGD's warm-up), the average runs in the steps where the variable is true, else the rank's own
+    gradients pass through; every rank holds the same value, so all take the same branch."""
     import tensorflow as tf
     from hvdtrain.backend.collectives import _group_size, _process_set
     h = hvd()
@@ -107,6 +111,16 @@ def _averager(fp16_compression: bool, sparse_as_dense: bool, bucket_bytes: int =
             return grads
         if sparse_as_dense:
             grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
+        if switch is None:
+            return reduce(grads)
+        present = [i for i, g in enumerate(grads) if g is not None]
+        chosen = tf.cond(switch, lambda: reduce([grads[i] for i in present]), lambda: [grads[i] for i in present])
+        out = list(grads)
+        for i, g in zip(present, chosen):
+            out[i] = g
+        return out
+
+    def reduce(grads):
         dense = [i for i, g in enumerate(grads) if g is not None and not isinstance(g, tf.IndexedSlices)]
         out = list(grads)
         # Bytes from static shapes (unknown: 0), the same on every rank, so every rank makes the same buckets.

@@ -6,6 +6,7 @@ COMMANDS = {
     "train": "hvdtrain.commands.train",
     "evaluate": "hvdtrain.commands.evaluate",
     "predict": "hvdtrain.commands.predict",
+    "export": "hvdtrain.commands.export",
     "sweep": "hvdtrain.commands.sweep",
     "slurm": "hvdtrain.commands.slurm",
     "config": "hvdtrain.commands.config",

@@ -51,7 +51,8 @@ def load(run: str | None, ckpt: str, overrides) -> TrainedRun:
     task = Task.from_config(cfg.data, cfg.trainer.top_k)
     model = models.build_model(cfg.model, shape, task.outputs)
     expected = checkpoint.signature(model, shape, task.outputs, cfg.model.name)
-    expected["pipeline"] = signature.get("pipeline")   # a pipeline's stages serve as one model
+    # A pipeline's stages, and local SGD's per-rank parts (the same weights), serve as one model.
+    expected.update({key: signature.get(key) for key in ("pipeline", "per_rank")})
     checkpoint.check_compatible(ckpt_path, meta, expected)
     checkpoint.restore_model(ckpt_path, model, meta)
     run_dir = RunDir(run) if run else RunDir(ckpt_path.parent.parent)

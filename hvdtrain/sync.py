@@ -1,0 +1,158 @@
+"""How the replicas stay one model, and what that costs in bytes (trainer.sync).
+
+every_step  data parallelism: every optimizer step averages the gradients over the replicas (one grouped all-reduce).
+local_sgd   each rank takes `period` steps on its own, then the weights are averaged (Lin et al., ICLR 2020); with
+            `warmup_steps`, every-step averaging first ("post-local SGD"). An epoch's end always averages too, so the
+            epoch's evaluation, checkpoint and the final model see one model. Between averages the replicas differ:
+            the ranks agree on stops and write checkpoints only where they are one model again (at an average), so a
+            resume continues exactly. Optimizer state (momentum, Adam's moments) is kept local (Lin et al.; PyTorch's
+            PostLocalSGDOptimizer), and every rank checkpoints its own; or it is averaged with the weights.
+
+The plan is a pure function of the global step, so a resumed run makes the same averages, and the bytes sent are
+counted from it: the payload each rank contributes to all-reduces of gradients and weights (a ring all-reduce puts
+2(n-1)/n of it on the wire); control messages of a few bytes (stop agreement, metrics) are not counted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hvdtrain import backend
+
+MODES = ("every_step", "local_sgd")
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    mode: str = "every_step"
+    period: int = 1            # H: local steps between weight averages
+    warmup_steps: int = 0      # every-step averaging for this many steps first
+    optimizer_state: str = "local"
+    steps_per_epoch: int = 1
+
+    @classmethod
+    def from_config(cls, trainer_cfg, steps_per_epoch: int) -> "SyncPlan":
+        t = trainer_cfg
+        if t.sync == "every_step":
+            return cls(steps_per_epoch=steps_per_epoch)
+        return cls(t.sync, t.sync_period, t.sync_warmup_steps, t.sync_optimizer_state, steps_per_epoch)
+
+    @property
+    def local(self) -> bool:
+        return self.mode == "local_sgd"
+
+    @property
+    def local_optimizer_state(self) -> bool:
+        """Does each rank keep its own optimizer state (so it is checkpointed, and resumed, rank by rank)?"""
+        return self.local and self.optimizer_state == "local"
+
+    def averages_gradients(self, step: int) -> bool:
+        """Does optimizer step `step` (0-based) average its gradients?"""
+        return not self.local or step < self.warmup_steps
+
+    def averages_weights_after(self, done: int) -> bool:
+        """Are the weights averaged once `done` steps have run?"""
+        if not self.local or done <= self.warmup_steps:
+            return False
+        return (done - self.warmup_steps) % self.period == 0 or done % self.steps_per_epoch == 0
+
+    def local_after(self, done: int) -> bool:
+        """Was the `done`-th step a local one (its gradients not averaged)?"""
+        return not self.averages_gradients(done - 1)
+
+    def apart_after(self, done: int) -> bool:
+        """Do the replicas differ after `done` steps (local steps since the last average)?"""
+        return self.local_after(done) and not self.averages_weights_after(done)
+
+    def gradient_averages(self, done: int) -> int:
+        return done if not self.local else min(done, self.warmup_steps)
+
+    def weight_averages(self, done: int) -> int:
+        """How many weight averages the first `done` steps made: every period after the warm-up, plus the epoch ends
+        that fall between them."""
+        if not self.local or done <= self.warmup_steps:
+            return 0
+        w, spe = self.warmup_steps, self.steps_per_epoch
+        periodic = (done - w) // self.period
+        epoch_ends = range((w // spe + 1) * spe, done + 1, spe)
+        return periodic + sum(1 for end in epoch_ends if (end - w) % self.period)
+
+    def communicated_bytes(self, done: int, gradient_bytes: int, weight_bytes: int) -> int:
+        return self.gradient_averages(done) * gradient_bytes + self.weight_averages(done) * weight_bytes
+
+    def describe(self) -> dict:
+        if not self.local:
+            return {"mode": self.mode}
+        return {"mode": self.mode, "period": self.period, "warmup_steps": self.warmup_steps,
+                "optimizer_state": self.optimizer_state}
+
+
+def nbytes(variables, element_bytes: int | None = None) -> int:
+    """The payload of these variables (element_bytes: as sent, e.g. 2 with fp16 compression)."""
+    import numpy as np
+    return sum(int(np.prod(v.shape)) * (element_bytes or np.dtype(_dtype_name(v)).itemsize) for v in variables)
+
+
+def _dtype_name(variable) -> str:
+    return str(getattr(variable.dtype, "name", variable.dtype))
+
+
+def _float(variables) -> list:
+    return [v for v in variables if "float" in _dtype_name(v)]
+
+
+class Synchronizer:
+    """The plan, carried out on every rank (a collective at every average): the gradient switch of the distributed
+    optimizer set for each step, the weights averaged when due, and the bytes counted."""
+
+    def __init__(self, plan: SyncPlan, world, switch=None, fp16_compression: bool = False):
+        self.plan, self.world, self.switch = plan, world, switch
+        self.fp16_compression = fp16_compression
+        self._average = None
+        self._bytes = None   # (gradient payload, weight payload) per average, once the model is known
+
+    @classmethod
+    def for_plan(cls, plan: SyncPlan, world, fp16_compression: bool = False) -> "Synchronizer":
+        """With local SGD, a switch (a boolean variable read inside the compiled train step) turns the optimizer's
+        gradient average on for the warm-up and off after it."""
+        switch = None
+        if plan.local:
+            import tensorflow as tf
+            switch = tf.Variable(plan.warmup_steps > 0, trainable=False, name="hvdtrain_average_gradients")
+        return cls(plan, world, switch, fp16_compression)
+
+    def begin(self, done: int) -> None:
+        """Before the first step of a fit (a resume starts at a position where the replicas are one model)."""
+        if self.switch is not None:
+            self.switch.assign(self.plan.averages_gradients(done))
+
+    def after_step(self, model, done: int) -> bool:
+        """After `done` steps: average the weights if due, set the switch for the next step. Returns whether the
+        replicas are one model now."""
+        if self.plan.averages_weights_after(done):
+            self._averager(model)()
+        if self.switch is not None and self.plan.averages_gradients(done) != self.plan.averages_gradients(done - 1):
+            self.switch.assign(self.plan.averages_gradients(done))
+        return not self.plan.apart_after(done)
+
+    def _averager(self, model):
+        if self._average is None:
+            variables = list(model.trainable_variables) + _float(model.non_trainable_variables)
+            if self.plan.optimizer_state == "average":
+                variables += _float(model.optimizer.variables)
+            self._average = backend.variable_averager(variables, "hvdtrain.local_sgd", self.world.replica_group)
+        return self._average
+
+    def communicated_bytes(self, model, done: int) -> int | None:
+        """What this rank has contributed to all-reduces of gradients and weights in the first `done` steps (None for
+        a pipeline: its ranks hold different stages, and its activations travel point-to-point)."""
+        if self.world.stages > 1:
+            return None
+        if self.world.replicas == 1:
+            return 0
+        if self._bytes is None:
+            gradients = nbytes(model.trainable_variables, 2 if self.fp16_compression else None)
+            weights = list(model.trainable_variables) + _float(model.non_trainable_variables)
+            if self.plan.optimizer_state == "average" and self.plan.local:
+                weights += _float(model.optimizer.variables)
+            self._bytes = (gradients, nbytes(weights))
+        return self.plan.communicated_bytes(done, *self._bytes)

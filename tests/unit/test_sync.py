@@ -1,0 +1,90 @@
+"""trainer.sync's plan: which steps average gradients, after which steps the weights are averaged, where the ranks may
+agree, and the bytes it costs; checked against a step-by-step count written independently of the closed forms. The
+settings' bad values and combinations each stop with one line."""
+import pytest
+
+from hvdtrain.config import ConfigError, load_config
+from hvdtrain.sync import SyncPlan
+
+
+def step_by_step(plan: SyncPlan, done: int) -> tuple[int, int]:
+    """(gradient averages, weight averages) in the first `done` steps, walking the steps one by one."""
+    gradients = weights = 0
+    for step in range(done):
+        completed = step + 1
+        if plan.mode == "every_step" or step < plan.warmup_steps:
+            gradients += 1
+        elif (completed - plan.warmup_steps) % plan.period == 0 or completed % plan.steps_per_epoch == 0:
+            weights += 1
+    return gradients, weights
+
+
+@pytest.mark.parametrize("period,warmup,steps_per_epoch", [(1, 0, 22), (8, 0, 22), (4, 22, 22), (16, 5, 7),
+                                                            (3, 100, 10), (22, 0, 22), (5, 3, 1)])
+def test_the_counts_match_a_step_by_step_walk(period, warmup, steps_per_epoch):
+    plan = SyncPlan("local_sgd", period, warmup, "local", steps_per_epoch)
+    for done in range(0, 5 * steps_per_epoch + 3):
+        assert (plan.gradient_averages(done), plan.weight_averages(done)) == step_by_step(plan, done), done
+        assert plan.communicated_bytes(done, 10, 1000) == 10 * plan.gradient_averages(done) + \
+            1000 * plan.weight_averages(done)
+
+
+def test_local_sgd_averages_the_weights_every_period_and_at_every_epoch_end_after_the_warmup():
+    plan = SyncPlan("local_sgd", period=8, warmup_steps=4, steps_per_epoch=22)
+    assert [s for s in range(8) if plan.averages_gradients(s)] == [0, 1, 2, 3]
+    averaged = [done for done in range(1, 45) if plan.averages_weights_after(done)]
+    assert averaged == [12, 20, 22, 28, 36, 44]
+    # The replicas are one model during the warm-up and right after each average, apart in between.
+    apart = [done for done in range(1, 45) if plan.apart_after(done)]
+    assert apart == [d for d in range(5, 45) if d not in averaged]
+
+
+def test_every_step_averages_every_gradient_and_never_the_weights():
+    plan = SyncPlan(steps_per_epoch=22)
+    assert all(plan.averages_gradients(s) and not plan.averages_weights_after(s + 1) for s in range(100))
+    assert plan.communicated_bytes(660, 203_304, 999) == 660 * 203_304
+    assert plan.describe() == {"mode": "every_step"}
+
+
+def test_the_plan_comes_from_the_trainer_settings():
+    cfg = load_config(None, ["--trainer.sync=local_sgd", "--trainer.sync_period=4", "--trainer.sync_warmup_steps=30",
+                             "--trainer.sync_optimizer_state=average"])
+    plan = SyncPlan.from_config(cfg.trainer, steps_per_epoch=22)
+    assert plan == SyncPlan("local_sgd", 4, 30, "average", 22)
+    assert plan.describe() == {"mode": "local_sgd", "period": 4, "warmup_steps": 30, "optimizer_state": "average"}
+    assert load_config(None, ["--trainer.sync=local_sgd"]).trainer.sync_optimizer_state == "local"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["--trainer.sync=local_sgd", "--trainer.sync_period=0"],
+     "trainer.sync_period must be >= 1 (steps between weight averages), got 0"),
+    (["--trainer.sync=local_sgd", "--trainer.sync_warmup_steps=-1"], "trainer.sync_warmup_steps must be >= 0, got -1"),
+    (["--trainer.sync_period=4"], "trainer.sync_period applies to trainer.sync=local_sgd only (this run averages "
+                                  "every step); set trainer.sync=local_sgd or leave trainer.sync_period out"),
+    (["--trainer.sync_optimizer_state=average"], "trainer.sync_optimizer_state applies to trainer.sync=local_sgd only"),
+    (["--trainer.sync=local_sgd", "--parallel.pipeline_stages=2"],
+     "trainer.sync=local_sgd averages whole models, not pipeline stages; use trainer.sync=every_step with "
+     "parallel.pipeline_stages > 1"),
+    (["--trainer.sync=local_sgd", "--trainer.elastic=true"], "trainer.sync=local_sgd cannot be elastic yet"),
+    (["--trainer.sync=local_sgd", "--optim.backward_passes_per_step=2"],
+     "trainer.sync=local_sgd already takes steps without communicating; set optim.backward_passes_per_step=1"),
+    (["--trainer.sync=fedsgd"], "trainer.sync must be one of every_step | local_sgd, got 'fedsgd'"),
+])
+def test_bad_sync_settings_stop_with_one_line(overrides, message):
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, overrides)
+    assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
+
+
+def test_the_keras_2_stack_refuses_local_sgd_with_one_line(monkeypatch):
+    import tensorflow as tf
+    import keras
+    from hvdtrain import backend, runtime
+    from hvdtrain.errors import UserError
+    monkeypatch.setattr(runtime, "keras_major", lambda: 2)   # what TF 2.15's stack answers
+    backend._keras_layer.cache_clear()
+    try:
+        with pytest.raises(UserError, match=r"^trainer.sync=local_sgd needs the Keras 3 stack \(TensorFlow >= 2.16\)"):
+            backend.distributed_optimizer(keras.optimizers.SGD(0.1), switch=tf.Variable(True))
+    finally:
+        backend._keras_layer.cache_clear()
