@@ -55,6 +55,7 @@ bench: $(STACK) $(OLD_STACK)
 	$(VENV)/bin/hvdtrain bench stacks --np $(NP) --old-venv $(OLD_VENV) --rounds 3 --output $(BENCH_DIR)/stacks.json
 	$(VENV)/bin/hvdtrain bench predict --output $(BENCH_DIR)/predict.json
 	$(VENV)/bin/hvdtrain bench pipeline --output $(BENCH_DIR)/pipeline.json
+	$(VENV)/bin/hvdtrain bench sync --np $(NP) --output $(BENCH_DIR)/sync.json
 	$(VENV)/bin/hvdtrain bench report --dir $(BENCH_DIR) --output docs/benchmarks.md
 
 ## The evidence for the communication defaults (one setting changed at a time; ~20 min), then the report again.

@@ -25,6 +25,7 @@ from hvdtrain import backend
 from hvdtrain.checkpoint import Position
 from hvdtrain.config import RuntimeConfig, TrainerConfig
 from hvdtrain.errors import CollectiveFailure, DataError, UserError
+from hvdtrain.sync import float_variables
 
 
 @dataclass
@@ -265,12 +266,16 @@ class LocalState:
     def __init__(self, world):
         self.world, self._average, self._step = world, None, None
 
+    def synced_at(self, step: int) -> None:
+        """The state was averaged at `step` already (with local SGD's weights)."""
+        self._step = step
+
     def sync(self, model, step: int) -> None:
         """A collective for models with local state: every rank calls it at the same step."""
         if self.world.replicas == 1 or step == self._step:
             return
         if self._average is None:
-            local = [v for v in model.non_trainable_variables if "float" in str(getattr(v.dtype, "name", v.dtype))]
+            local = float_variables(model.non_trainable_variables)
             self._average = backend.variable_averager(local, "hvdtrain.local_state", self.world.replica_group) \
                 if local else (lambda: None)
         self._average()
@@ -414,10 +419,12 @@ class Controller(keras.callbacks.Callback):
         p.advance()
         self.epoch_steps += 1
         at, last = p.position, p.position.global_step >= p.total_steps
-        one_model = self.sync.after_step(self.model, at.global_step)
+        averaged = self.sync.after_step(self.model, at.global_step)
+        if averaged:
+            self.local_state.synced_at(at.global_step)   # the weight average covered the batch-norm statistics
         # Local SGD's replicas differ between weight averages: agree (and checkpoint) only at the averages.
-        regular = at.step_in_epoch % self.options.check_every_steps == 0 or last
-        agreed = one_model and (regular or self.sync.plan.local_after(at.global_step))
+        agreed = averaged if self.sync.plan.local_after(at.global_step) else \
+            at.step_in_epoch % self.options.check_every_steps == 0 or last
         if agreed:
             self.agreement.check(self.model, logs or {})
         if p.stop_reason or last:   # a resumed run's last Keras epoch would run past the end otherwise

@@ -263,10 +263,11 @@ class NullCheckpointer(Checkpointer):
         return None
 
 
-def resume(run: RunDir, model, world, mode: str, expected_signature: dict,
-           agree: bool = True) -> tuple[Position, Path | None]:
+def resume(run: RunDir, model, world, mode: str, expected_signature: dict, agree: bool = True,
+           per_rank: bool = False) -> tuple[Position, Path | None]:
     """Restore the run's latest checkpoint into model and optimizer, on every rank alike (rank 0's choice decides:
-    ranks without the shared file system cannot disagree silently). mode: auto | never | always."""
+    ranks without the shared file system cannot disagree silently). mode: auto | never | always. per_rank: each rank
+    restores its own part (local SGD's local optimizer state)."""
     found = str(latest(run.path) or "")
     if agree:
         found = backend.broadcast_object(found, "hvdtrain.latest")
@@ -279,5 +280,5 @@ def resume(run: RunDir, model, world, mode: str, expected_signature: dict,
                         "use a fresh --trainer.run_dir or --resume")
     meta = read_meta(Path(found))
     check_compatible(Path(found), meta, expected_signature)
-    restore(Path(found), model, model.optimizer, part_of(world, bool(expected_signature.get("per_rank"))))
+    restore(Path(found), model, model.optimizer, part_of(world, per_rank))
     return Position(meta["epoch"], meta["step_in_epoch"], meta["global_step"]), Path(found)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,8 +56,14 @@ class DataConfig:
     tfds_name: str = _f("", "tfds: dataset name, e.g. cifar10 or my_set:1.0.0, already prepared in data.path (never downloaded)")
     train_split: str = _f("train", "tfds: split to train on")
     test_split: str = _f("test", "tfds: held-out split (empty: none)")
+    partition: str = _f("iid", "fedavg: how the training examples are split over the clients: iid | labels:k (each "
+                               "client mostly k labels, McMahan et al.'s non-IID split) | dirichlet:alpha (label "
+                               "shares drawn from Dirichlet(alpha); small alpha: more skewed); written to "
+                               "run_dir/partition.json")
 
     def __post_init__(self):
+        _require(_valid_partition(self.partition), f"data.partition must be iid, labels:K (K >= 1) or dirichlet:ALPHA "
+                                                   f"(ALPHA > 0), got {self.partition!r}")
         _require(self.num_classes >= (2 if self.task == "classification" else 1),
                  "data.num_classes must be >= 2 for classification and >= 1 otherwise")
         _require(self.synthetic_samples >= 1, "data.synthetic_samples must be >= 1")
@@ -138,8 +145,10 @@ class TrainerConfig:
     tensorboard: bool = _f(True, "write TensorBoard logs under run_dir/tensorboard (rank 0)")
     sync: str = _f("every_step", "how replicas stay one model: every_step (average the gradients at every step) | "
                                  "local_sgd (each rank takes sync_period steps on its own, then the weights are "
-                                 "averaged: fewer bytes sent, for slow links; an epoch's end always averages)",
-                   choices=("every_step", "local_sgd"))
+                                 "averaged: fewer bytes sent, for slow links; an epoch's end always averages) | "
+                                 "fedavg (federated averaging of simulated clients, see fedavg.*; an epoch is a "
+                                 "communication round)",
+                   choices=("every_step", "local_sgd", "fedavg"))
     sync_period: int = _f(8, "local_sgd: steps each rank takes on its own between weight averages (H); stops and "
                              "checkpoints happen at averages")
     sync_warmup_steps: int = _f(0, "local_sgd: average the gradients at every step for this many steps first "
@@ -164,10 +173,10 @@ class TrainerConfig:
         _require(self.sync_period >= 1, f"trainer.sync_period must be >= 1 (steps between weight averages), got "
                                         f"{self.sync_period}")
         _require(self.sync_warmup_steps >= 0, f"trainer.sync_warmup_steps must be >= 0, got {self.sync_warmup_steps}")
-        if self.sync == "every_step":
+        if self.sync != "local_sgd":
             for name in ("sync_period", "sync_warmup_steps", "sync_optimizer_state"):
                 _require(getattr(self, name) == getattr(TrainerConfig, name),
-                         f"trainer.{name} applies to trainer.sync=local_sgd only (this run averages every step); "
+                         f"trainer.{name} applies to trainer.sync=local_sgd only (this run's sync is {self.sync}); "
                          f"set trainer.sync=local_sgd or leave trainer.{name} out")
 
 
@@ -235,6 +244,30 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class FedavgConfig:
+    clients: int = _f(100, "fedavg: K simulated clients, each holding a share of the training data (data.partition); "
+                           "the ranks train the round's clients side by side")
+    fraction: float = _f(0.1, "fedavg: C, the share of clients sampled each round (at least one; seeded, the same on "
+                              "every rank)")
+    local_epochs: int = _f(1, "fedavg: E, passes a sampled client makes over its data each round")
+    local_batch_size: int = _f(10, "fedavg: B, a client's batch size (0: all its examples in one batch, FedSGD's "
+                                   "B = infinity)")
+
+    def __post_init__(self):
+        _require(self.clients >= 1, f"fedavg.clients must be >= 1, got {self.clients}")
+        _require(0 < self.fraction <= 1, f"fedavg.fraction must be in (0, 1] (the share of clients sampled per "
+                                         f"round), got {self.fraction}")
+        _require(self.local_epochs >= 1, f"fedavg.local_epochs must be >= 1, got {self.local_epochs}")
+        _require(self.local_batch_size >= 0, f"fedavg.local_batch_size must be >= 0 (0: whole client), got "
+                                             f"{self.local_batch_size}")
+
+    @property
+    def per_round(self) -> int:
+        """Clients sampled each round: max(1, round(C * K))."""
+        return max(1, round(self.fraction * self.clients))
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -242,6 +275,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    fedavg: FedavgConfig = field(default_factory=FedavgConfig)
 
     def __post_init__(self):
         if self.parallel.pipelined:
@@ -254,8 +288,27 @@ class Config:
                      "stages; use trainer.sync=every_step with parallel.pipeline_stages > 1")
             _require(not self.trainer.elastic, "trainer.sync=local_sgd cannot be elastic yet (a worker that joins "
                      "between averages has no model to average); set trainer.elastic=false")
+            _require(self.runtime.precision != "mixed_float16", "trainer.sync=local_sgd with mixed_float16 would "
+                     "agree on the loss scale with an all-reduce at every local step; use float32 or mixed_bfloat16")
             _require(self.optim.backward_passes_per_step == 1, "trainer.sync=local_sgd already takes steps without "
                      "communicating; set optim.backward_passes_per_step=1 (or a larger trainer.global_batch_size)")
+        if self.trainer.sync == "fedavg":
+            self._check_fedavg()
+        else:
+            fedavg_only = [("data.partition", self.data.partition, DataConfig.partition)] + [
+                (f"fedavg.{f.name}", getattr(self.fedavg, f.name), f.default) for f in dataclasses.fields(FedavgConfig)]
+            for key, value, default in fedavg_only:
+                _require(value == default, f"{key} applies to trainer.sync=fedavg only (this run's sync is "
+                                           f"{self.trainer.sync}); set trainer.sync=fedavg or leave {key} out")
+
+    def _check_fedavg(self) -> None:
+        _require(not self.parallel.pipelined, "trainer.sync=fedavg averages whole models, not pipeline stages; "
+                 "set parallel.pipeline_stages=1")
+        _require(not self.trainer.elastic, "trainer.sync=fedavg cannot be elastic; set trainer.elastic=false")
+        _require(self.runtime.precision != "mixed_float16", "trainer.sync=fedavg trains its clients in float32 or "
+                 "mixed_bfloat16 (mixed_float16's loss scaling is agreed step by step); set runtime.precision")
+        _require(self.optim.backward_passes_per_step == 1, "trainer.sync=fedavg trains each client with plain "
+                 "local steps; set optim.backward_passes_per_step=1 (or a larger fedavg.local_batch_size)")
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -269,7 +322,7 @@ class Config:
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "trainer": TrainerConfig,
-            "runtime": RuntimeConfig, "parallel": ParallelConfig}
+            "runtime": RuntimeConfig, "parallel": ParallelConfig, "fedavg": FedavgConfig}
 
 
 class ConfigError(UserError):
@@ -277,6 +330,13 @@ class ConfigError(UserError):
 
     def __init__(self, message: str, agreed: bool = True):
         super().__init__(message, agreed=True)
+
+
+_PARTITION = re.compile(r"^(iid|labels:[1-9][0-9]*|dirichlet:(?:[0-9]*\.)?[0-9]+(?:e-?[0-9]+)?)$")
+
+
+def _valid_partition(spec: str) -> bool:
+    return bool(_PARTITION.match(spec)) and not (spec.startswith("dirichlet:") and float(spec.split(":")[1]) <= 0)
 
 
 def _require(ok: bool, message: str) -> None:

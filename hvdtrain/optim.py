@@ -52,7 +52,11 @@ def lr_schedule(optim_cfg, size: int, steps_per_epoch: int, epochs: int) -> Warm
 
 def build_optimizer(optim_cfg, size: int, steps_per_epoch: int, epochs: int):
     """The plain Keras optimizer (not yet distributed)."""
-    lr = lr_schedule(optim_cfg, size, steps_per_epoch, epochs)
+    return optimizer_with(optim_cfg, lr_schedule(optim_cfg, size, steps_per_epoch, epochs))
+
+
+def optimizer_with(optim_cfg, lr):
+    """The configured optimizer with this learning rate: a schedule, or a number (a variable the caller may set)."""
     if optim_cfg.name == "sgd":
         return keras.optimizers.SGD(lr, momentum=optim_cfg.momentum)
     if optim_cfg.name == "adam":

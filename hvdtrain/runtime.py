@@ -37,7 +37,7 @@ def import_tensorflow():
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    banners = contextlib.nullcontext() if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0" else _filtered_stderr(_IMPORT_NOISE)
+    banners = contextlib.nullcontext() if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0" else without_lines(*_IMPORT_NOISE)
     with banners, _hidden(_UNUSED_AT_KERAS_IMPORT):
         import tensorflow
         import keras  # noqa: F401  (imported here so that the two modules above stay hidden from it)
@@ -59,8 +59,9 @@ def _hidden(modules):
 
 
 @contextlib.contextmanager
-def _filtered_stderr(noise):
-    """Capture file descriptor 2 (C++ writes there directly) and replay every line that is not noise."""
+def without_lines(*noise):
+    """A block whose stderr lines containing any of `noise` are dropped: file descriptor 2 is captured (TensorFlow's
+    and TFLite's C++ write banners there, outside any log level) and every other line replayed after it."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as capture:
@@ -75,12 +76,6 @@ def _filtered_stderr(noise):
                     if not any(mark in line for mark in noise)]
             sys.stderr.write("".join(kept))
             sys.stderr.flush()
-
-
-def without_lines(*noise):
-    """A block whose C++ stderr lines containing any of `noise` are dropped (TensorFlow and TFLite print some banners
-    outside any log level); other lines pass."""
-    return _filtered_stderr(noise)
 
 
 def _drop_slow_callback_warning(record: logging.LogRecord) -> bool:

@@ -41,7 +41,7 @@ class Session:
             signature = {**signature, "per_rank": self.world.size}
         self.checkpointer.meta["signature"] = signature
         self.start, self.resumed_from = checkpoint.resume(self.run, model, self.world, mode, signature,
-                                                          agree=not self.elastic)
+                                                          agree=not self.elastic, per_rank=self.per_rank)
         self.progress.position = self.start
         self.checkpointer.last_step = self.start.global_step if self.resumed_from else -1
         if self.resumed_from:
@@ -54,7 +54,8 @@ class Session:
         """After an elastic reset: the new world (rank 0 may be another process now) and the committed position."""
         last = self.checkpointer.last_step
         self.world = world
-        self.checkpointer = Checkpointer.for_rank(world, self.run, self.checkpointer.meta, self.options.keep_checkpoints)
+        self.checkpointer = Checkpointer.for_rank(world, self.run, self.checkpointer.meta, self.options.keep_checkpoints,
+                                                  self.per_rank)
         self.checkpointer.last_step = last
         self.local_state = cb.LocalState(world)
         self.progress.position = position
@@ -113,7 +114,7 @@ class Session:
             "step_in_epoch": p.position.step_in_epoch, "global_step": p.position.global_step,
             "global_batch_size": self.global_batch, "optimizer_steps": int(model.optimizer.iterations.numpy()),
             "samples_per_sec": sum(h["samples_per_sec"] for h in steady) / max(1, len(steady)),
-            "sync": self.sync.plan.describe(),
+            "sync": self.sync.describe(),
             "train_loss": epochs_run[-1]["loss"] if epochs_run else None,
             "weights_sha256": digest, "wall_seconds": time.perf_counter() - self.started,
         }

@@ -5,8 +5,10 @@ loop; `summarize()` the end. Static and elastic training are two loop strategies
 """
 from __future__ import annotations
 
+import dataclasses
+
 from hvdtrain import callbacks as cb
-from hvdtrain import backend, checkpoint, config, data, models, optim, pipeline
+from hvdtrain import backend, checkpoint, config, data, federated, models, optim, pipeline
 from hvdtrain import world as worlds
 from hvdtrain.errors import DataError, UserError
 from hvdtrain.inference import Evaluator
@@ -23,7 +25,8 @@ class Trainer:
         self.cfg = cfg
         self.world = worlds.start(cfg.runtime, stages=cfg.parallel.pipeline_stages)
         self.data_world = self.world.data_view()   # pipeline stages read their replica's batches
-        self.loop = ElasticLoop() if cfg.trainer.elastic else StaticLoop()
+        self.fedavg = cfg.trainer.sync == "fedavg"
+        self.loop = ElasticLoop() if cfg.trainer.elastic else FederatedLoop() if self.fedavg else StaticLoop()
         self.run = RunDir(cfg.trainer.run_dir)
         self.log = get_logger(self.world.rank)
         try:
@@ -46,14 +49,20 @@ class Trainer:
                 self.source.adopt(split, self.loop.gather(lambda s=split: self.source.validate(self.data_world, s),
                                                           f"hvdtrain.validate.{split}"))
         self.task = Task.from_config(cfg.data, cfg.trainer.top_k)
-        self.steps = self._agreed_steps(together)
+        self.steps = 1 if self.fedavg else self._agreed_steps(together)   # fedavg: a round per epoch
         shape = self.source.example_shape()
         self.model = models.build_model(cfg.model, shape, self.task.outputs)
         signature = checkpoint.signature(self.model, shape, self.task.outputs, cfg.model.name)
-        sync = Synchronizer.for_plan(SyncPlan.from_config(cfg.trainer, self.steps), world, cfg.optim.fp16_compression)
-        optimizer = optim.distributed_optimizer(cfg.optim, world.replicas, self.steps, cfg.trainer.epochs,
-                                                cfg.runtime.precision, cfg.runtime.bucket_mb, world.replica_group,
-                                                sync.switch)
+        plan = SyncPlan.from_config(cfg.trainer, self.steps, cfg.optim.backward_passes_per_step)
+        sync = Synchronizer.for_plan(plan, world, cfg.optim.fp16_compression)
+        if self.fedavg:   # clients train alone; the rounds average (federated.py)
+            self.shares = together(lambda: federated.client_shares(cfg, self.source, self.run, world),
+                                   "hvdtrain.fedavg.clients")
+            optimizer = optim.optimizer_with(cfg.optim, cfg.optim.lr)
+        else:
+            optimizer = optim.distributed_optimizer(cfg.optim, world.replicas, self.steps, cfg.trainer.epochs,
+                                                    cfg.runtime.precision, cfg.runtime.bucket_mb,
+                                                    world.replica_group, sync.switch)
         self.pipeline = None
         if cfg.parallel.pipelined:
             self.pipeline = pipeline.build(cfg, world, self.model, self.task, self.log, self.run)
@@ -102,10 +111,15 @@ class Trainer:
         return self.summarize()
 
     def summarize(self) -> dict:
-        extra = None if self.pipeline is None else {"pipeline": {
-            **self.pipeline.layout(), "replicas": self.world.replicas, "schedule": self.cfg.parallel.schedule,
-            "microbatches": self.cfg.parallel.microbatches, "stage_costs": list(self.pipeline.plan.costs),
-            "cost_unit": self.pipeline.plan.unit}}
+        extra = {}
+        if self.pipeline is not None:
+            extra["pipeline"] = {
+                **self.pipeline.layout(), "replicas": self.world.replicas, "schedule": self.cfg.parallel.schedule,
+                "microbatches": self.cfg.parallel.microbatches, "stage_costs": list(self.pipeline.plan.costs),
+                "cost_unit": self.pipeline.plan.unit}
+        if self.fedavg:
+            extra["fedavg"] = {**dataclasses.asdict(self.cfg.fedavg), "per_round": self.cfg.fedavg.per_round,
+                               "partition": self.cfg.data.partition}
         summary = self.session.finish(self.model, self.evaluate, extra)
         if summary["status"] == "completed":
             whole = self.model if self.pipeline is None else serving.assemble(self.pipeline, self.world)
@@ -152,6 +166,14 @@ class StaticLoop:
         callbacks = trainer.session.callbacks(evaluate=trainer.evaluate)
         fit_segments(trainer.model, trainer.batches_from, trainer.session, callbacks,
                      diagnose=lambda: trainer.source.diagnose(trainer.data_world, "train"))
+
+
+class FederatedLoop(StaticLoop):
+    """Federated averaging: rounds of simulated clients instead of Keras epochs (federated.py)."""
+
+    def run(self, trainer: Trainer) -> None:
+        with trainer.session.guard([]):
+            federated.Rounds(trainer).run()
 
 
 class ElasticLoop:

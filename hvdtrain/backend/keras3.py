@@ -49,6 +49,7 @@ def distributed_optimizer(optimizer, *, fp16_compression: bool = False, backward
         raise UserError(f"cannot rebuild {type(optimizer).__name__} from its config to distribute it ({exc}); register "
                         "custom schedules with keras.saving.register_keras_serializable()") from None
     distributed._hvdtrain_average = _averager(fp16_compression, sparse_as_dense, int(bucket_mb * 2**20), group, switch)
+    distributed._hvdtrain_fp16 = fp16_compression   # what it sends, for the bytes counted (sync.py)
     return distributed
 
 
@@ -109,7 +110,7 @@ def _averager(fp16_compression: bool, sparse_as_dense: bool, bucket_bytes: int =
         # Like Horovod: one rank without elasticity needs no communication (elastic jobs may grow later).
         if _group_size(group) == 1 and not launched_elastic():
             return grads
-        if sparse_as_dense:
+        if sparse_as_dense or switch is not None:   # both branches of the switch must give the same kinds
             grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
         if switch is None:
             return reduce(grads)

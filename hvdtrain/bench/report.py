@@ -3,7 +3,7 @@
     hvdtrain bench report --dir docs/bench --output docs/benchmarks.md
 
 Reads allreduce.json, train.json, train-resnet50.json, train-timeline.json, stacks.json, predict.json,
-tuning.json and pipeline.json when present (a missing one is reported as not run), and appends notes.md from the same directory (the
+tuning.json, pipeline.json and sync.json when present (a missing one is reported as not run), and appends notes.md from the same directory (the
 hand-written analysis: why a goal is missed, profiles) verbatim. The files hold measurements and ratios only; the
 goals they are read against are stated here, in the text. Plots are linked, not copied.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 from hvdtrain.bench import harness, stacks
 
 HELP = "write the Markdown benchmark report (tables, plots, stacks, machine, versions) from the JSON files"
-FILES = ("allreduce", "train", "train-resnet50", "train-timeline", "stacks", "predict", "tuning", "pipeline")
+FILES = ("allreduce", "train", "train-resnet50", "train-timeline", "stacks", "predict", "tuning", "pipeline", "sync")
 
 
 def add_arguments(p) -> None:
@@ -32,7 +32,7 @@ def run(args) -> int:
         _header(docs), _ratios(docs), _allreduce(docs.get("allreduce"), rel), _train(docs.get("train"), rel),
         _resnet50(docs.get("train-resnet50"), rel), _timeline(docs.get("train-timeline")),
         _stacks(docs.get("stacks"), rel), _predict(docs.get("predict"), rel), _pipeline(docs.get("pipeline"), rel),
-        _tuning(docs.get("tuning")),
+        _sync(docs.get("sync"), rel), _tuning(docs.get("tuning")),
         notes.read_text().strip() if notes.is_file() else "") if part) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
@@ -265,6 +265,26 @@ def _pipeline_throughput(doc) -> list[str]:
                 f"{ratio:.2f}; the pipeline sends "
                 f"{s.get('p2p_mb_vs_allreduce_mb_saved') or 0:.2f} MB point to point per MB of all-reduce it saves.",
             "", harness.markdown_table(rows, pipeline.THROUGHPUT_COLUMNS)]
+
+
+def _sync(doc, rel: Path) -> str:
+    if not doc:
+        return "## Communicating less: FedAvg and local SGD\n\nNot run (`hvdtrain bench sync`)."
+    from hvdtrain.bench import sync
+    s, settings = _stack(doc), doc["settings"]
+    return "\n".join(["## Communicating less: FedAvg and local SGD", "",
+                      f"`hvdtrain bench sync` (TensorFlow {s['tensorflow']}, Keras {s['keras']}, {doc['np']} ranks): "
+                      f"communication rounds until the global model first reaches test accuracy {settings['target']} "
+                      f"on digits, {settings['clients']} clients, {settings['per_round']} a round, at most "
+                      f"{settings['rounds']} rounds (empty: not reached); speedup = FedSGD's rounds / these, on the "
+                      "same clients (McMahan et al., 2017, Table 2 in small). B = all: a client's examples in one "
+                      "batch (FedSGD: one step per client and round). mb_to_target: what each rank all-reduced until "
+                      "then.", "",
+                      harness.markdown_table(doc.get("rows", []), sync.FEDAVG_COLUMNS), "",
+                      f"![FedAvg rounds]({rel / 'sync.png'})", "",
+                      "Local SGD (configs/digits.yaml, 30 epochs): test accuracy against the bytes each rank "
+                      "all-reduced (summary.json's communicated_bytes), every-step averaging first.", "",
+                      harness.markdown_table(doc.get("local_sgd", []), sync.LOCAL_COLUMNS)])
 
 
 def _tuning(doc) -> str:

@@ -35,6 +35,7 @@ class Agreement:
     largest_difference: float
     keras_accuracy: float | None
     exported_accuracy: float | None
+    scale: float = 1.0   # the largest |output| of the Keras model, at least 1
 
     def describe(self) -> str:
         accuracy = "" if self.keras_accuracy is None else \
@@ -59,14 +60,16 @@ def model_file(run: Path) -> Path:
 
 
 def export(run: Path, fmt: str, quantize: str | None, output: Path, overrides=(), limit: int = 1000) -> Agreement:
-    """Export and check; the result appears at `output` only if the check passes."""
+    """Export and check; the result appears at `output` only if the check passes (replacing an earlier export)."""
     import keras
     if quantize and fmt != "tflite":
         raise UserError(f"--quantize {quantize} applies to --format tflite (a SavedModel keeps float weights)")
     model = keras.saving.load_model(model_file(run))
+    check_output(output, fmt, run)
     cfg = config.load_config(run / "config.yaml", overrides)
     task = Task.from_config(cfg.data, cfg.trainer.top_k)
     split, x, y = held_out(cfg, limit)
+    created = _outermost_missing(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(output.parent)
     try:
@@ -75,17 +78,52 @@ def export(run: Path, fmt: str, quantize: str | None, output: Path, overrides=()
         if fmt == "saved_model":
             exported, built = _saved_model_outputs(saved, x), saved
         else:
-            built = tmp / output.name
-            built.write_bytes(_tflite(saved, quantize))
-            exported = _tflite_outputs(built.read_bytes(), x)
+            content = _tflite(saved, quantize)
+            exported, built = _tflite_outputs(content, x), tmp / output.name
+            built.write_bytes(content)
         agreement = _compare(task, split, np.asarray(model.predict(x, batch_size=256, verbose=0)), exported, y)
         _check(agreement, quantize, fmt)
-        if output.exists():
-            shutil.rmtree(output) if output.is_dir() else output.unlink()
-        os.replace(built, output)
-    finally:
+        _put_in_place(built, output, tmp)
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created:   # nothing left behind, not even the folders made for it
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
     return agreement
+
+
+def check_output(output: Path, fmt: str, run: Path) -> None:
+    """Refuse an output that would replace anything but an earlier export of the same kind (never the run itself)."""
+    resolved, run_dir = output.resolve(), run.resolve()
+    if resolved == run_dir or run_dir.is_relative_to(resolved):
+        raise UserError(f"--output {output} would replace the run directory {run}; choose a path for the export, "
+                        "e.g. the default RUN_DIR/export/...")
+    if not output.exists():
+        return
+    earlier = (output / "saved_model.pb").is_file() if fmt == "saved_model" else         output.is_file() and output.suffix == ".tflite"
+    if not earlier:
+        kind = "a SavedModel directory" if fmt == "saved_model" else "a .tflite file"
+        raise UserError(f"--output {output} exists and is not {kind} from an earlier export; choose a new path "
+                        "(only an earlier export is replaced)")
+
+
+def _outermost_missing(path: Path) -> Path | None:
+    """The outermost directory that creating `path`'s parent would make (None: it exists)."""
+    missing = None
+    for parent in path.absolute().parents:   # innermost first
+        if parent.exists():
+            break
+        missing = parent
+    return missing
+
+
+def _put_in_place(built: Path, output: Path, tmp: Path) -> None:
+    """Rename into place; an earlier export is moved aside first and removed after, so one of them always exists."""
+    aside = tmp / "earlier"
+    if output.exists():
+        os.replace(output, aside)
+    os.replace(built, output)
 
 
 def held_out(cfg, limit: int) -> tuple[str, np.ndarray, np.ndarray]:
@@ -126,9 +164,14 @@ def _tflite(saved: Path, quantize: str | None) -> bytes:
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))
     if quantize == "dynamic":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]   # weights to int8, computation in float
+    from hvdtrain.errors import first_line
     from hvdtrain.runtime import without_lines
-    with without_lines(""):   # the converter's op summary (TF 2.15 prints it); a failure raises with its reason
-        return converter.convert()
+    try:
+        with without_lines(""):   # the converter's op summary (TF 2.15 prints it); a failure raises with its reason
+            return converter.convert()
+    except Exception as exc:   # e.g. an op TFLite has no kernel for
+        raise UserError(f"TFLite cannot convert this model: {first_line(exc)}; export --format saved_model "
+                        "instead") from None
 
 
 def _tflite_outputs(content: bytes, x: np.ndarray) -> np.ndarray:
@@ -150,21 +193,21 @@ def _compare(task: Task, split: str, keras_out: np.ndarray, exported: np.ndarray
     if keras_out.shape != exported.shape:
         raise UserError(f"the exported model's outputs have shape {list(exported.shape)}, the Keras model's "
                         f"{list(keras_out.shape)}; this is a bug, please report it")
-    scale = max(1.0, float(np.max(np.abs(keras_out))))
-    difference = float(np.max(np.abs(keras_out - exported))) / scale
     accuracies = (None, None)
     if task.kind == "classification":
         labels = y.reshape(-1)
         accuracies = tuple(float(np.mean(np.argmax(out, axis=-1) == labels)) for out in (keras_out, exported))
-    return Agreement(split, len(y), difference, *accuracies)
+    return Agreement(split, len(y), float(np.max(np.abs(keras_out - exported))), *accuracies,
+                     scale=max(1.0, float(np.max(np.abs(keras_out)))))
 
 
 def _check(agreement: Agreement, quantize: str | None, fmt: str) -> None:
+    """Tolerances relative to the outputs' scale (at least 1: probabilities are compared as they are)."""
     a = agreement
     if quantize and a.keras_accuracy is not None:
         ok = a.keras_accuracy - a.exported_accuracy <= QUANTIZED_ACCURACY_DROP
     else:
-        ok = a.largest_difference <= (QUANTIZED_TOLERANCE if quantize else FLOAT_TOLERANCE)
+        ok = a.largest_difference <= (QUANTIZED_TOLERANCE if quantize else FLOAT_TOLERANCE) * a.scale
     if not ok:
         raise UserError(f"the exported {fmt}{' (' + quantize + ' quantization)' if quantize else ''} does not agree "
                         f"with the Keras model {a.describe()}; nothing was written (try without --quantize)")

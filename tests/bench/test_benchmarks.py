@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from hvdtrain.bench import allreduce_worker, harness, pipeline, report, stacks, timeline, train
+from hvdtrain.bench import allreduce_worker, harness, pipeline, report, stacks, sync, timeline, train
 from conftest import hvdtrain, output
 
 
@@ -185,7 +185,7 @@ def test_timeline_breakdown_merges_overlapping_tensors_inside_the_window(tmp_pat
 def test_bench_command_lists_its_benchmarks_and_leaves_the_ranks_to_the_drivers():
     proc = hvdtrain(["bench", "--help"], timeout=120)
     assert proc.returncode == 0, output(proc)
-    for name in ("allreduce", "train", "stacks", "predict", "tune", "pipeline", "report"):
+    for name in ("allreduce", "train", "stacks", "predict", "tune", "pipeline", "sync", "report"):
         assert name in proc.stdout
     assert "--role" not in hvdtrain(["bench", "train", "--help"], timeout=120).stdout   # no hidden worker flags
     bad = hvdtrain(["bench", "nosuch"], timeout=120)
@@ -246,3 +246,30 @@ def test_pipeline_throughput_takes_the_slowest_rank_and_sums_the_bytes():
         ("data parallel x4", 80.0, 0.0, 8.0), ("pipeline 2x2", 40.0, 4.0, 4.0)]
     summary = pipeline.throughput_summary(rows)
     assert summary == {"pipeline_vs_data_parallel_samples_per_sec": 0.5, "p2p_mb_vs_allreduce_mb_saved": 1.0}
+
+
+def test_sync_counts_rounds_to_the_target_and_compares_with_fedsgd_and_every_step(tmp_path):
+    """Rounds to the target: the first round whose evaluation reaches it (never: None, and no speed-up); the speed-up
+    is FedSGD's rounds on the same clients over these; local SGD's bytes against every-step averaging's."""
+    def metrics(name, accuracies):
+        run = tmp_path / name
+        run.mkdir()
+        lines = ["global_step,val_accuracy,communicated_bytes"]
+        lines += [f"{i + 1},{a},{2 ** 20}" for i, a in enumerate(accuracies)]
+        (run / "metrics.csv").write_text("\n".join(lines) + "\n")
+        return run
+    rows = [sync.fedavg_row("FedSGD", 1, 0, "iid", metrics("sgd", [0.5, 0.9, 0.94, 0.96, 0.97]), 0.95),
+            sync.fedavg_row("FedAvg", 5, 10, "iid", metrics("avg", [0.8, 0.96, 0.94, 0.97]), 0.95),
+            sync.fedavg_row("FedAvg", 1, 10, "iid", metrics("slow", [0.5, 0.6]), 0.95)]
+    summaries = []
+    for name, sync_mode, sent in (("every", "every_step", 8 * 2**20), ("h4", "local_sgd", 2 * 2**20)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(
+            {"test_accuracy": 0.97, "communicated_bytes": sent, "samples_per_sec": 100.0, "sync": {"mode": sync_mode}}))
+        summaries.append(sync.local_row(None if name == "every" else 4, tmp_path / name))
+    sync.add_ratios(rows, summaries)
+    assert [(r["rounds_to_target"], r["speedup"], r["mb_to_target"], r["B"]) for r in rows] == [
+        (4, 1.0, 4.0, "all"), (2, 2.0, 2.0, 10), (None, None, None, 10)]
+    assert [(r["sync"], r["H"], r["bytes_vs_every_step"]) for r in summaries] == [
+        ("every_step", 1, 1.0), ("local_sgd", 4, 0.25)]
+    assert sync.summarize(rows, summaries)["FedAvg_E5_B10_iid_rounds"] == 2

@@ -113,3 +113,34 @@ def test_an_export_that_disagrees_is_refused():
         _check(Agreement("test", 360, 4e-3, 0.975, 0.900), "dynamic", "tflite")
     with pytest.raises(UserError, match=r"^the exported saved_model does not agree"):
         _check(Agreement("test", 360, 2e-3, 0.975, 0.975), None, "saved_model")
+
+
+def test_a_failed_check_writes_nothing_and_keeps_the_earlier_export(run, tmp_path, monkeypatch):
+    from hvdtrain.errors import UserError
+    from hvdtrain.inference import export as exporting
+    earlier = tmp_path / "kept.tflite"
+    assert export(run, "--format", "tflite", "--output", str(earlier)).returncode == 0
+    before = earlier.read_bytes()
+    monkeypatch.setattr(exporting, "FLOAT_TOLERANCE", -1.0)   # no export can agree now
+    for output in (earlier, tmp_path / "new" / "folder" / "m.tflite"):
+        with pytest.raises(UserError, match=r"^the exported tflite does not agree with the Keras model on 360 test "
+                                            r"examples: .*; nothing was written"):
+            exporting.export(run, "tflite", None, output)
+    assert earlier.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["kept.tflite"]
+
+
+def test_an_output_that_is_not_an_earlier_export_is_never_replaced(run, tmp_path):
+    (tmp_path / "notes").mkdir()
+    cases = {("--format", "saved_model", "--output", str(tmp_path / "notes")):
+             f"--output {tmp_path / 'notes'} exists and is not a SavedModel directory from an earlier export; choose a "
+             "new path (only an earlier export is replaced)",
+             ("--format", "tflite", "--output", str(run / "config.yaml")):
+             f"--output {run / 'config.yaml'} exists and is not a .tflite file from an earlier export; choose a new "
+             "path (only an earlier export is replaced)",
+             ("--format", "saved_model", "--output", str(run.parent)):
+             f"--output {run.parent} would replace the run directory {run}; choose a path for the export, e.g. the "
+             "default RUN_DIR/export/..."}
+    for args, message in cases.items():
+        proc = export(run, *args)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"hvdtrain: error: {message}", output(proc)
+    assert (run / "config.yaml").is_file() and (tmp_path / "notes").is_dir() and (run / "model.keras").is_file()

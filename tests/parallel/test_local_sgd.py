@@ -35,18 +35,22 @@ def checkpoint_tensors(state_prefix, prefix: str) -> dict:
 
 
 def model_bytes(run) -> int:
+    """The float32 bytes of the model's weights (the digits MLP has no others: gradients and weights alike)."""
     import keras
-    return 4 * keras.saving.load_model(run / "model.keras").count_params()   # float32 weights, as all-reduced
+    model = keras.saving.load_model(run / "model.keras")
+    assert not model.non_trainable_weights
+    return 4 * model.count_params()
 
 
 def test_local_sgd_reaches_the_readme_accuracy_with_a_quarter_of_the_bytes(tmp_path):
     every = train(tmp_path / "every", epochs=30, launcher="mpi")
     local = train(tmp_path / "local", *LOCAL, "--trainer.sync_period=8", epochs=30, launcher="mpi")
     assert local["status"] == "completed" and local["test_accuracy"] >= 0.95
-    assert local["sync"] == {"mode": "local_sgd", "period": 8, "warmup_steps": 0, "optimizer_state": "local"}
-    params = model_bytes(tmp_path / "local")
     steps = 30 * STEPS_PER_EPOCH
     averages = sum(1 for done in range(1, steps + 1) if done % 8 == 0 or done % STEPS_PER_EPOCH == 0)
+    assert local["sync"] == {"mode": "local_sgd", "period": 8, "warmup_steps": 0, "optimizer_state": "local",
+                             "weight_averages_this_run": averages}   # the averages it made: the plan, carried out
+    params = model_bytes(tmp_path / "local")
     assert every["communicated_bytes"] == steps * params
     assert local["communicated_bytes"] == averages * params <= every["communicated_bytes"] / 4
     with open(tmp_path / "local" / "metrics.csv") as f:
@@ -62,7 +66,7 @@ def test_a_period_of_one_with_plain_sgd_is_every_step_averaging(tmp_path):
     plain = ["--optim.momentum=0.0"]   # no optimizer state: the weights are all there is
     every = train(tmp_path / "every", *plain)
     local = train(tmp_path / "local", *plain, *LOCAL, "--trainer.sync_period=1")
-    assert local["weights_sha256"] != every["weights_sha256"]   # another computation...
+    assert local["sync"]["weight_averages_this_run"] == 2 * STEPS_PER_EPOCH   # another computation...
     import keras
     ours = keras.saving.load_model(tmp_path / "local" / "model.keras").get_weights()
     theirs = keras.saving.load_model(tmp_path / "every" / "model.keras").get_weights()
@@ -79,7 +83,7 @@ def test_the_warmup_averages_gradients_as_every_step_training_does_then_goes_loc
     ours = checkpoint_tensors(tmp_path / "local" / first_epoch / "rank-0" / "state", WEIGHTS)
     assert theirs and ours.keys() == theirs.keys()
     assert all(np.array_equal(ours[k], theirs[k]) for k in theirs)   # the warm-up: bit for bit every-step training
-    assert local["weights_sha256"] != every["weights_sha256"]        # then local steps
+    assert local["sync"]["weight_averages_this_run"] == 6                # then local steps and averages
     assert local["test_accuracy"] >= 0.85
     params = model_bytes(tmp_path / "local")
     # Warm-up: 22 gradient averages; then weights at 26, 30, 34, 38, 42 and the epoch's end, 44.
@@ -95,6 +99,7 @@ def test_a_stop_between_averages_waits_for_the_next_average_and_resumes_bit_for_
     (run / "STOP").touch()   # seen after the first step; the ranks agree at the first average, step 8
     first = train(run, *settings)
     assert first["status"] == "stopped" and first["global_step"] == 8 and not (run / "STOP").exists()
+    assert first["sync"]["weight_averages_this_run"] == 1
     parts = sorted(p.name for p in (run / "checkpoints" / "ckpt-00000008").iterdir())
     if optimizer_state == "local":   # one part per rank: the same weights, each rank's own momentum
         assert parts == ["meta.json", "rank-0", "rank-1"]
@@ -110,6 +115,7 @@ def test_a_stop_between_averages_waits_for_the_next_average_and_resumes_bit_for_
     resumed = train(run, *settings)
     assert resumed["status"] == "completed" and resumed["weights_sha256"] == uninterrupted["weights_sha256"]
     assert resumed["communicated_bytes"] == uninterrupted["communicated_bytes"]
+    assert resumed["sync"]["weight_averages_this_run"] == uninterrupted["sync"]["weight_averages_this_run"] - 1
 
 
 def test_resuming_with_another_optimizer_state_layout_stops_with_one_line(tmp_path):

@@ -46,6 +46,15 @@ def test_every_step_averages_every_gradient_and_never_the_weights():
     assert plan.describe() == {"mode": "every_step"}
 
 
+def test_fedavg_averages_the_weights_once_a_round_and_never_a_gradient():
+    plan = SyncPlan("fedavg", steps_per_epoch=1)
+    assert not any(plan.averages_gradients(s) for s in range(10))
+    assert plan.communicated_bytes(60, 999, 406_624) == 60 * 406_624 and plan.describe() == {"mode": "fedavg"}
+    cfg = load_config(None, ["--trainer.sync=fedavg", "--fedavg.clients=30", "--fedavg.fraction=0.2"])
+    assert SyncPlan.from_config(cfg.trainer, 1) == plan and cfg.fedavg.per_round == 6
+    assert load_config(None, ["--trainer.sync=fedavg", "--fedavg.fraction=0.001"]).fedavg.per_round == 1
+
+
 def test_the_plan_comes_from_the_trainer_settings():
     cfg = load_config(None, ["--trainer.sync=local_sgd", "--trainer.sync_period=4", "--trainer.sync_warmup_steps=30",
                              "--trainer.sync_optimizer_state=average"])
@@ -59,8 +68,22 @@ def test_the_plan_comes_from_the_trainer_settings():
     (["--trainer.sync=local_sgd", "--trainer.sync_period=0"],
      "trainer.sync_period must be >= 1 (steps between weight averages), got 0"),
     (["--trainer.sync=local_sgd", "--trainer.sync_warmup_steps=-1"], "trainer.sync_warmup_steps must be >= 0, got -1"),
-    (["--trainer.sync_period=4"], "trainer.sync_period applies to trainer.sync=local_sgd only (this run averages "
-                                  "every step); set trainer.sync=local_sgd or leave trainer.sync_period out"),
+    (["--trainer.sync_period=4"], "trainer.sync_period applies to trainer.sync=local_sgd only (this run's sync is "
+                                  "every_step); set trainer.sync=local_sgd or leave trainer.sync_period out"),
+    (["--trainer.sync=fedavg", "--trainer.sync_warmup_steps=5"], "trainer.sync_warmup_steps applies to "
+     "trainer.sync=local_sgd only (this run's sync is fedavg)"),
+    (["--trainer.sync=local_sgd", "--fedavg.local_epochs=5"], "fedavg.local_epochs applies to trainer.sync=fedavg "
+     "only (this run's sync is local_sgd); set trainer.sync=fedavg or leave fedavg.local_epochs out"),
+    (["--data.partition=labels:2"], "data.partition applies to trainer.sync=fedavg only"),
+    (["--trainer.sync=fedavg", "--data.partition=labels:0"],
+     "data.partition must be iid, labels:K (K >= 1) or dirichlet:ALPHA (ALPHA > 0), got 'labels:0'"),
+    (["--trainer.sync=fedavg", "--fedavg.fraction=1.5"],
+     "fedavg.fraction must be in (0, 1] (the share of clients sampled per round), got 1.5"),
+    (["--trainer.sync=fedavg", "--fedavg.clients=0"], "fedavg.clients must be >= 1, got 0"),
+    (["--trainer.sync=fedavg", "--runtime.precision=mixed_float16"], "trainer.sync=fedavg trains its clients in "
+     "float32 or mixed_bfloat16"),
+    (["--trainer.sync=fedavg", "--parallel.pipeline_stages=2"], "trainer.sync=fedavg averages whole models, not "
+     "pipeline stages; set parallel.pipeline_stages=1"),
     (["--trainer.sync_optimizer_state=average"], "trainer.sync_optimizer_state applies to trainer.sync=local_sgd only"),
     (["--trainer.sync=local_sgd", "--parallel.pipeline_stages=2"],
      "trainer.sync=local_sgd averages whole models, not pipeline stages; use trainer.sync=every_step with "
@@ -68,7 +91,7 @@ def test_the_plan_comes_from_the_trainer_settings():
     (["--trainer.sync=local_sgd", "--trainer.elastic=true"], "trainer.sync=local_sgd cannot be elastic yet"),
     (["--trainer.sync=local_sgd", "--optim.backward_passes_per_step=2"],
      "trainer.sync=local_sgd already takes steps without communicating; set optim.backward_passes_per_step=1"),
-    (["--trainer.sync=fedsgd"], "trainer.sync must be one of every_step | local_sgd, got 'fedsgd'"),
+    (["--trainer.sync=fedsgd"], "trainer.sync must be one of every_step | local_sgd | fedavg, got 'fedsgd'"),
 ])
 def test_bad_sync_settings_stop_with_one_line(overrides, message):
     with pytest.raises(ConfigError) as raised:
