@@ -309,6 +309,12 @@ class Config:
                  "mixed_bfloat16 (mixed_float16's loss scaling is agreed step by step); set runtime.precision")
         _require(self.optim.backward_passes_per_step == 1, "trainer.sync=fedavg trains each client with plain "
                  "local steps; set optim.backward_passes_per_step=1 (or a larger fedavg.local_batch_size)")
+        _require(self.optim.warmup_epochs == 0 and self.optim.lr_scaling == "none", "trainer.sync=fedavg trains "
+                 "every client with optim.lr (optim.schedule=cosine decays it over the rounds); set "
+                 "optim.warmup_epochs=0 and optim.lr_scaling=none")
+        _require(self.data.partition == "iid" or self.data.task == "classification", f"data.partition="
+                 f"{self.data.partition} splits the clients by class label; a {self.data.task} task has none: use "
+                 "data.partition=iid")
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -461,7 +467,7 @@ def check_world(cfg: Config, size: int) -> None:
     check_stages(stages, size)
     if stages > 1:
         _check_pipeline_batch(cfg, size // stages)
-    elif batch % size:
+    elif batch % size and cfg.trainer.sync != "fedavg":   # fedavg's clients have their own batch size
         lower, upper = (batch // size) * size, -(-batch // size) * size
         hint = f"{lower} or {upper}" if lower else f"{upper}"
         raise ConfigError(f"trainer.global_batch_size={batch} is not divisible by the {size} ranks; use a multiple of {size}, e.g. {hint}")

@@ -10,7 +10,8 @@ round (what an epoch is here)
      metrics.csv row, and checkpoints it (so a resume continues with the next round, bit for bit).
 
 FedSGD, the paper's baseline, is E = 1 and B = 0 (a client's whole data in one batch). The learning rate follows
-the optimizer settings with rounds as epochs (optim.warmup_epochs, optim.schedule), without scaling by ranks.
+optim.lr and optim.schedule with rounds as epochs (cosine decays over the rounds). Random layers (Dropout) draw from
+seeds derived from (data.seed, round, client), so a client trains alike on any rank and after a resume.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import keras
 import numpy as np
 
 from hvdtrain import backend, optim
+from hvdtrain.checkpoint import latest
 from hvdtrain import callbacks as cb
 from hvdtrain.data import partition
 from hvdtrain.errors import UserError
@@ -37,15 +39,22 @@ def client_shares(cfg, source, run, world) -> list[np.ndarray]:
     shares = partition.partition(labels, cfg.fedavg.clients, cfg.data.partition, cfg.data.seed)
     record = {"partition": cfg.data.partition, "seed": cfg.data.seed, **partition.describe(shares, labels)}
     path = run.path / "partition.json"
-    if path.exists():
-        import json
-        if json.loads(path.read_text()) != record:
+    if path.exists() and latest(run.path) is not None:   # a resume: its clients must be the same
+        if _read(path) != record:
             raise UserError(f"{path} holds another split of the clients than data.partition={cfg.data.partition}, "
                             f"fedavg.clients={cfg.fedavg.clients} and data.seed={cfg.data.seed} give; resume with the "
                             "config that wrote it, or use a fresh --trainer.run_dir")
     elif world.is_chief:
         write_json(path, record)
     return shares
+
+
+def _read(path):
+    import json
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path} ({exc}); restore it or use a fresh --trainer.run_dir") from None
 
 
 def sampled(clients: int, per_round: int, seed: int, round_: int) -> list[int]:
@@ -59,19 +68,22 @@ class Rounds:
     def __init__(self, trainer):
         cfg = trainer.cfg
         self.cfg, self.fed, self.world, self.model = cfg, cfg.fedavg, trainer.world, trainer.model
-        self.session, self.evaluate, self.log = trainer.session, trainer.evaluate, trainer.log
+        self.session, self.evaluate = trainer.session, trainer.evaluate
         self.shares = trainer.shares
         arrays = trainer.source.arrays("train")
         self.x, self.y = arrays.x, arrays.y
         self.schedule = optim.lr_schedule(cfg.optim, 1, 1, cfg.trainer.epochs)   # rounds as epochs
         self.weights = model_state(self.model)
         self.options = trainer.session.options
+        # Random layers' generators (Keras 3 keeps their state in int variables, outside the weights)
+        self.seed_states = [v for v in self.model.variables
+                            if "seed_generator_state" in (getattr(v, "path", None) or v.name)]
 
     def run(self) -> None:
         p, world, model = self.session.progress, self.world, self.model
         backend.broadcast_variables(model.variables, name="hvdtrain.fedavg.start")   # a fresh run: rank 0's weights
         watchdog = cb.Watchdog(self.options.stall_timeout_s, world.rank, self.session.run.path)
-        writers = RoundWriters(world, self.session, p.epochs) if world.is_chief else None
+        writers = RoundWriters(self.session, p.epochs) if world.is_chief else None
         agreement = cb.StopAgreement(world, p, self.session.stop)
         watchdog.on_train_begin()
         try:
@@ -93,14 +105,18 @@ class Rounds:
         start = [v.numpy() for v in self.weights]
         sums = [np.zeros(w.shape, np.float64) for w in start]
         examples = loss = 0.0
-        for client in chosen[self.world.rank::self.world.size]:
+        size = self.world.size
+        for client in [c for i, c in enumerate(chosen) if (i + r) % size == self.world.rank]:   # dealt in turn
             client_loss = self.train_client(client, r, start, watchdog)
             n = len(self.shares[client])
             for total, v in zip(sums, self.weights):
-                total += n * v.numpy()
+                total += n * v.numpy().astype(np.float64)
             examples, loss = examples + n, loss + n * client_loss
         flat = np.concatenate([s.ravel() for s in sums] + [np.array([examples, loss])])
+        watchdog.armed = False   # waiting for peers whose clients are larger is not a stall
         total = backend.allreduce_sum(flat, "hvdtrain.fedavg.round")
+        watchdog.beat()
+        watchdog.armed = True
         examples, loss = total[-2], total[-1]
         offset = 0
         for v, w in zip(self.weights, start):   # the weighted average, into every rank's model
@@ -120,7 +136,11 @@ class Rounds:
             v.assign(value)
         for v in optimizer.variables:   # FedAvg's clients start without momentum or moments
             v.assign(tf.zeros_like(v))
-        optimizer.learning_rate = float(self.schedule(r))
+        optimizer.learning_rate = float(self.schedule(r))   # after the zeroing: Keras 3 counts it among the variables
+        seed = int(np.random.default_rng([self.cfg.data.seed, 13, r, client]).integers(2**31 - 1))
+        for i, state in enumerate(self.seed_states):
+            state.assign(np.array([seed + i, 0], dtype=state.dtype))   # Keras 3: the dtype is a name
+        tf.random.set_seed(seed)
         mine = self.shares[client]
         rng = np.random.default_rng([self.cfg.data.seed, r, client])
         batch = self.fed.local_batch_size or len(mine)
@@ -155,7 +175,7 @@ class RoundWriters:
 
     SHOWN = ("loss", "val_loss", "val_accuracy", "val_mae")
 
-    def __init__(self, world, session, rounds: int):
+    def __init__(self, session, rounds: int):
         self.rounds, self.mode = rounds, session.options.progress
         self.csv = keras.callbacks.CSVLogger(str(session.run.path / "metrics.csv"), append=True) \
             if session.options.csv else None

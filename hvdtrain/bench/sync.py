@@ -91,7 +91,8 @@ def add_ratios(fedavg: list[dict], local: list[dict]) -> None:
             if base["rounds_to_target"] and row["rounds_to_target"] else None
     every = next((r for r in local if r["sync"] == "every_step"), None)
     for row in local:
-        row["bytes_vs_every_step"] = row["communicated_mb"] / every["communicated_mb"] if every else None
+        row["bytes_vs_every_step"] = row["communicated_mb"] / every["communicated_mb"] \
+            if every and every["communicated_mb"] else None   # one rank sends nothing
 
 
 def summarize(fedavg: list[dict], local: list[dict]) -> dict:

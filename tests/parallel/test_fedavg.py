@@ -4,34 +4,39 @@ round (1 and 2 ranks train the same clients into the same model); a stop after a
 are one weighted all-reduce of the model per round; a share that would be empty stops every rank with one line."""
 import csv
 import json
+import subprocess
 
 import numpy as np
 import pytest
 
-from conftest import BIN, REPO, hvdtrain, horovodrun, output
+from conftest import BIN, KERAS_MAJOR, REPO, env, horovodrun, output
 
 CONFIG = str(REPO / "configs/digits-fedavg.yaml")
 HVDTRAIN = [str(BIN / "hvdtrain"), "train", "--config", CONFIG, "--trainer.progress=epoch"]
+# A model with Dropout, by import path: every rank (and the single process) imports it. Keras 3 keeps its generators'
+# state in variables, which each client's training seeds; Keras 2's generators are not reachable so: the MLP there.
+DROPOUT = ["env", f"PYTHONPATH={REPO / 'tests' / 'fixtures'}", *HVDTRAIN, "--model.name=user_models:dropout_classifier"] \
+    if KERAS_MAJOR >= 3 else HVDTRAIN
 RUNS = {}
 
 
-def train(run, ranks: int, *extra) -> dict:
-    args = [f"--trainer.run_dir={run}", *extra]
-    proc = horovodrun(ranks, [*HVDTRAIN, *args], "gloo") if ranks > 1 else hvdtrain(["train", "--config", CONFIG,
-                                                                                      "--trainer.progress=epoch", *args])
+def train(run, ranks: int, *extra, command=HVDTRAIN) -> dict:
+    argv = [*command, f"--trainer.run_dir={run}", *extra]
+    proc = horovodrun(ranks, argv, "gloo") if ranks > 1 else \
+        subprocess.run(argv, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, output(proc)[-4000:]
     return json.loads((run / "summary.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def five_rounds(tmp_path_factory):
-    """5-round runs on 1 and 2 ranks, each trained once, on first use."""
+    """5-round runs of a model with Dropout on 1 and 2 ranks, each trained once, on first use."""
     root = tmp_path_factory.mktemp("fedavg")
 
     def get(ranks: int):
         if ranks not in RUNS:
             RUNS[ranks] = root / f"r{ranks}"
-            train(RUNS[ranks], ranks, "--trainer.epochs=5")
+            train(RUNS[ranks], ranks, "--trainer.epochs=5", command=DROPOUT)
         return RUNS[ranks]
     return get
 
@@ -59,21 +64,22 @@ def test_fedavg_on_two_label_clients_reaches_90_percent(tmp_path):
 def test_the_ranks_share_a_rounds_clients_and_change_nothing_else(five_rounds):
     import keras
     one, two = (keras.saving.load_model(five_rounds(n) / "model.keras").get_weights() for n in (1, 2))
-    for a, b in zip(one, two):   # the same clients from the same start; only the order of the float64 sum differs
+    # The same clients from the same start with the same dropout masks; only the order of the float64 sum differs.
+    for a, b in zip(one, two):
         assert np.max(np.abs(a - b)) <= 1e-6 * np.max(np.abs(a))
     accuracy = [[float(r["val_accuracy"]) for r in csv.DictReader((five_rounds(n) / "metrics.csv").open())]
                 for n in (1, 2)]
-    assert accuracy[0] == accuracy[1] and len(accuracy[0]) == 5
+    assert len(accuracy[0]) == 5 and np.allclose(accuracy[0], accuracy[1], atol=1.01 / 360)   # at most one example
 
 
 def test_a_stop_after_a_round_resumes_bit_for_bit(five_rounds, tmp_path):
     run = tmp_path / "stopped"
     run.mkdir()
     (run / "STOP").touch()   # seen at the end of round 1, where the ranks agree
-    first = train(run, 2, "--trainer.epochs=5")
+    first = train(run, 2, "--trainer.epochs=5", command=DROPOUT)
     assert first["status"] == "stopped" and first["global_step"] == 1 and not (run / "STOP").exists()
     assert (run / "checkpoints" / "ckpt-00000001").is_dir()
-    resumed = train(run, 2, "--trainer.epochs=5")
+    resumed = train(run, 2, "--trainer.epochs=5", command=DROPOUT)   # dropout's generators: seeded per client
     uninterrupted = json.loads((five_rounds(2) / "summary.json").read_text())
     assert resumed["status"] == "completed" and resumed["weights_sha256"] == uninterrupted["weights_sha256"]
     rows = list(csv.DictReader((run / "metrics.csv").open()))

@@ -82,6 +82,11 @@ def test_the_plan_comes_from_the_trainer_settings():
     (["--trainer.sync=fedavg", "--fedavg.clients=0"], "fedavg.clients must be >= 1, got 0"),
     (["--trainer.sync=fedavg", "--runtime.precision=mixed_float16"], "trainer.sync=fedavg trains its clients in "
      "float32 or mixed_bfloat16"),
+    (["--trainer.sync=fedavg", "--optim.warmup_epochs=1"], "trainer.sync=fedavg trains every client with optim.lr "
+     "(optim.schedule=cosine decays it over the rounds); set optim.warmup_epochs=0 and optim.lr_scaling=none"),
+    (["--trainer.sync=fedavg", "--data.source=synthetic", "--data.input_shape=[4]", "--data.task=regression",
+      "--data.num_classes=1", "--data.partition=dirichlet:0.5"], "data.partition=dirichlet:0.5 splits the clients by "
+     "class label; a regression task has none: use data.partition=iid"),
     (["--trainer.sync=fedavg", "--parallel.pipeline_stages=2"], "trainer.sync=fedavg averages whole models, not "
      "pipeline stages; set parallel.pipeline_stages=1"),
     (["--trainer.sync_optimizer_state=average"], "trainer.sync_optimizer_state applies to trainer.sync=local_sgd only"),
