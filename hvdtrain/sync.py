@@ -20,9 +20,6 @@ from dataclasses import dataclass
 
 from hvdtrain import backend
 
-MODES = ("every_step", "local_sgd", "fedavg")
-
-
 @dataclass(frozen=True)
 class SyncPlan:
     mode: str = "every_step"
@@ -63,10 +60,6 @@ class SyncPlan:
     def local_after(self, done: int) -> bool:
         """Was the `done`-th step a local one (its gradients not averaged)?"""
         return not self.averages_gradients(done - 1)
-
-    def apart_after(self, done: int) -> bool:
-        """Do the replicas differ after `done` steps (local steps since the last average)?"""
-        return self.local_after(done) and not self.averages_weights_after(done)
 
     def gradient_averages(self, done: int) -> int:
         return {"every_step": done // self.accumulation, "fedavg": 0}.get(self.mode, min(done, self.warmup_steps))

@@ -35,7 +35,7 @@ def test_local_sgd_averages_the_weights_every_period_and_at_every_epoch_end_afte
     averaged = [done for done in range(1, 45) if plan.averages_weights_after(done)]
     assert averaged == [12, 20, 22, 28, 36, 44]
     # The replicas are one model during the warm-up and right after each average, apart in between.
-    apart = [done for done in range(1, 45) if plan.apart_after(done)]
+    apart = [done for done in range(1, 45) if plan.local_after(done) and not plan.averages_weights_after(done)]
     assert apart == [d for d in range(5, 45) if d not in averaged]
 
 
