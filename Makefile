@@ -43,15 +43,16 @@ test-slurm: $(SLURM)
 test-tf2.15: $(OLD_STACK)
 	@scripts/test.sh $(OLD_VENV):unit $(OLD_VENV):stacks
 
-## Benchmarks on $(NP) local ranks (~40 min): $(BENCH_DIR)/*.json|png, then docs/benchmarks.md. Includes ResNet-50
+## Benchmarks on $(NP) local ranks (about an hour): $(BENCH_DIR)/*.json|png, then docs/benchmarks.md. Includes ResNet-50
 ## at 64x64 and the side-by-side run of both stacks ($(OLD_VENV) is the TF 2.15 one).
 BENCH_DIR ?= docs/bench
 bench: $(STACK) $(OLD_STACK)
 	$(VENV)/bin/hvdtrain bench allreduce --np $(NP) --output $(BENCH_DIR)/allreduce.json
 	$(VENV)/bin/hvdtrain bench train --np $(NP) --rounds 3 --output $(BENCH_DIR)/train.json
 	$(VENV)/bin/hvdtrain bench train --np $(NP) --impls hvdtrain --timeline --output $(BENCH_DIR)/train-timeline.json
-	$(VENV)/bin/hvdtrain bench train --np $(NP) --models resnet50 --impls single,hvdtrain --image-size 64 --batch 16 \
+	$(VENV)/bin/hvdtrain bench train --np $(NP) --models resnet50 --impls single,hvdtrain,horovod --image-size 64 --batch 16 \
 	  --steps 10 --warmup 3 --rounds 2 --output $(BENCH_DIR)/train-resnet50.json
+	$(VENV)/bin/hvdtrain bench averaging --np $(NP) --rounds 2 --output $(BENCH_DIR)/averaging.json
 	$(VENV)/bin/hvdtrain bench stacks --np $(NP) --old-venv $(OLD_VENV) --rounds 3 --output $(BENCH_DIR)/stacks.json
 	$(VENV)/bin/hvdtrain bench predict --output $(BENCH_DIR)/predict.json
 	$(VENV)/bin/hvdtrain bench pipeline --output $(BENCH_DIR)/pipeline.json

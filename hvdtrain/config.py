@@ -191,9 +191,13 @@ class RuntimeConfig:
     # cost training throughput (docs/benchmarks.md, tuning).
     cycle_time_ms: float = _f(0.05, "HOROVOD_CYCLE_TIME: how often Horovod's background thread batches tensors")
     fusion_threshold_mb: float = _f(64.0, "HOROVOD_FUSION_THRESHOLD: tensors are fused into buffers up to this size")
+    # 0: on 2 CPU ranks no bucket size beat one group beyond run-to-run noise (docs/benchmarks.md, bench averaging):
+    # the overlapped all-reduce is CPU work on the cores the backward pass needs. Where communication has its own
+    # hardware (NCCL on GPUs, a NIC between nodes) buckets let it run during the backward pass.
     bucket_mb: float = _f(0.0, "Keras 3: average gradients in buckets of this many MB as the backward pass produces them "
                                "(the last layers' first, each bucket's all-reduce free to start while earlier layers "
-                               "are computed); 0: one group for all")
+                               "are computed; a gradient this large or larger goes alone); 0: one group for all; "
+                               "below the smallest gradient: one request per tensor")
     cpu_operations: str = _f("auto", "HOROVOD_CPU_OPERATIONS: auto | mpi | gloo (auto: mpi when launched with MPI, else gloo)",
                              choices=("auto", "mpi", "gloo"))
     mpi_yield_when_idle: bool = _f(True, "OMPI_MCA_mpi_yield_when_idle: MPI waits yield the CPU instead of spinning "

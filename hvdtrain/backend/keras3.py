@@ -77,12 +77,18 @@ def _distributed_class(base: type) -> type:
 
 def buckets(nbytes: list[int], limit: int) -> list[list[int]]:
     """Positions of gradients of these sizes, in buckets of at least `limit` bytes (the last one may be smaller),
-    filled in the order the backward pass produces them: the last layer's first. 0: one bucket for all."""
+    filled in the order the backward pass produces them: the last layer's first. A gradient of `limit` bytes or more
+    goes alone: Horovod reduces a lone tensor in place, without the copies into and out of its fusion buffer that a
+    group of several costs. 0: one bucket for all."""
     order = list(reversed(range(len(nbytes))))
     if limit <= 0:
         return [order] if order else []
     out, current, filled = [], [], 0
     for i in order:
+        if nbytes[i] >= limit:
+            out += [current, [i]] if current else [[i]]
+            current, filled = [], 0
+            continue
         current.append(i)
         filled += nbytes[i]
         if filled >= limit:

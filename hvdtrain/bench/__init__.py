@@ -3,7 +3,8 @@ docs/benchmarks.md. `hvdtrain bench` is this package (hvdtrain/commands/bench.py
 matplotlib, the `[bench]` extra.
 
   hvdtrain bench allreduce   all-reduce latency/bandwidth vs raw MPI_Allreduce        allreduce.py (+ allreduce_worker)
-  hvdtrain bench train       throughput and weak scaling, mlp/cnn/resnet50, vs MWMS   train.py (+ train_worker, mwms_worker)
+  hvdtrain bench train       throughput and weak scaling vs plain Horovod and MWMS    train.py (+ train_, horovod_, mwms_worker)
+  hvdtrain bench averaging   one group vs buckets vs per tensor vs fp16, exposed comm  averaging.py
   hvdtrain bench stacks      TF 2.21 + hvdtrain's Keras 3 layer vs TF 2.15 + Horovod's  stacks.py
   hvdtrain bench predict     data-parallel inference speed-up                         predict.py
   hvdtrain bench tune        the evidence behind the communication defaults           tune.py
@@ -25,7 +26,7 @@ HELP = "benchmarks: all-reduce, training throughput and scaling, stacks, inferen
 
 # Sub-command -> module of this package with HELP, add_arguments(parser), run(args) -> int and, if it can also run
 # inside the ranks of a launch, run_in_rank(args) -> int.
-SUBCOMMANDS = ("allreduce", "train", "stacks", "predict", "tune", "pipeline", "sync", "report")
+SUBCOMMANDS = ("allreduce", "train", "averaging", "stacks", "predict", "tune", "pipeline", "sync", "report")
 
 
 def _module(name: str):

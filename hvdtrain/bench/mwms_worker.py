@@ -2,12 +2,16 @@
 (collective all-reduce over gRPC), N workers on localhost told about each other through TF_CONFIG.
 
     python -m hvdtrain.bench.mwms_worker --output part.json [--models mlp,cnn ...]   (one per worker, TF_CONFIG set)
+    python -m hvdtrain.bench.mwms_worker --stock-fit-only --output stock.json        (the same; Keras 3 only)
 
 `launch` starts the workers (driver side); each worker then measures the same models as hvdtrain/bench/train_worker.py,
-with the strategy's scope and a dataset per input pipeline. Nothing else in hvdtrain uses tf.distribute.
+with the strategy's scope and a dataset per input pipeline. Keras 3's own model.fit fails under this strategy, so
+the measured fit works around it (see _around_keras3_failures); --stock-fit-only records how stock model.fit fails.
+Nothing else in hvdtrain uses tf.distribute.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import socket
 import subprocess
@@ -16,8 +20,9 @@ import sys
 from hvdtrain.bench import harness
 
 
-def launch(np_: int, worker_args: list) -> None:
-    """np_ workers on localhost with their TF_CONFIG; fails (and stops the others) if one fails."""
+def launch(np_: int, worker_args: list, timeout: float = harness.TIMEOUT) -> None:
+    """np_ workers on localhost with their TF_CONFIG; fails (and stops the others) if one fails, or raises
+    subprocess.TimeoutExpired if one is still running after `timeout` seconds."""
     workers = [f"localhost:{_free_port()}" for _ in range(np_)]
     cmd, procs = harness.worker_cmd("mwms_worker", *worker_args), []
     try:
@@ -26,7 +31,7 @@ def launch(np_: int, worker_args: list) -> None:
             procs.append(subprocess.Popen(cmd, env=harness.rank_env({"TF_CONFIG": json.dumps(config)}),
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         for proc in procs:
-            out, _ = proc.communicate(timeout=harness.TIMEOUT)
+            out, _ = proc.communicate(timeout=timeout)
             harness.check(subprocess.CompletedProcess(cmd, proc.returncode, out, ""), cmd)
     finally:
         for proc in procs:
@@ -44,13 +49,14 @@ class MwmsSession:
     """The session interface of train_worker.measure, on MultiWorkerMirroredStrategy."""
     parts = False   # no comm-free step or pipeline timing: those are hvdtrain's diagnostics
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, keras3_workarounds: bool = True):
         import tensorflow as tf
 
         from hvdtrain.world import World
         tf.config.threading.set_intra_op_parallelism_threads(threads)   # before the strategy starts the runtime
         self.strategy = tf.distribute.MultiWorkerMirroredStrategy()
         self.world = World(rank=self.strategy.cluster_resolver.task_id, size=self.strategy.num_replicas_in_sync)
+        self.keras3_workarounds = keras3_workarounds
 
     def scope(self):
         return self.strategy.scope()
@@ -70,7 +76,7 @@ class MwmsSession:
         dataset = self.strategy.distribute_datasets_from_function(
             lambda ctx: make(World(rank=ctx.input_pipeline_id, size=ctx.num_input_pipelines)))
         with self.strategy.scope():
-            if hasattr(model, "_distribute_strategy"):
+            if self.keras3_workarounds and hasattr(model, "_distribute_strategy"):
                 _around_keras3_failures(model)
             model.fit(dataset, **kwargs)
 
@@ -97,13 +103,41 @@ def _around_keras3_failures(model) -> None:
 def add_arguments(p) -> None:
     from hvdtrain.bench import train
     p.add_argument("--output", required=True, metavar="FILE.json")
+    p.add_argument("--stock-fit-only", action="store_true",
+                   help="measure nothing: run Keras's own model.fit on mlp for 2 steps without the Keras 3 "
+                        'workarounds; worker 0 writes {"stock_fit": "works" or "fails: <error>"}')
     train.add_workload_arguments(p)
 
 
 def run(args) -> int:
     from hvdtrain.bench import train_worker
     from hvdtrain.config import load_config
-    return train_worker.measure(args, load_config(None, args.overrides), MwmsSession(args.threads), "mwms")
+    cfg = load_config(None, args.overrides)
+    if args.stock_fit_only:
+        return _try_stock_fit(args, cfg)
+    return train_worker.measure(args, cfg, MwmsSession(args.threads), "mwms")
+
+
+def _try_stock_fit(args, cfg) -> int:
+    """Stock model.fit on the model measure() builds, for 2 steps: the outcome a Keras 3 user of the strategy gets."""
+    from hvdtrain.bench import train_worker
+    session = MwmsSession(args.threads, keras3_workarounds=False)
+    two_steps = argparse.Namespace(**{**vars(args), "models": "mlp", "warmup": 1, "steps": 1})
+    try:
+        train_worker.measure(two_steps, cfg, session, "mwms")
+        outcome = "works"
+    except Exception as exc:   # any failure is the finding, not an error of this benchmark
+        outcome = f"fails: {type(exc).__name__}: {_short_message(exc)}"
+    if session.world.rank == 0:
+        harness.write_json(args.output, {"stock_fit": outcome})   # replaces the rows measure() wrote if fit worked
+    return 0
+
+
+def _short_message(exc: Exception, limit: int = 160) -> str:
+    """The message on one line; TensorFlow puts whole tensors in the middle of some (a PerReplica's values)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
+    text = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     hvdtrain bench report --dir docs/bench --output docs/benchmarks.md
 
-Reads allreduce.json, train.json, train-resnet50.json, train-timeline.json, stacks.json, predict.json,
+Reads allreduce.json, train.json, train-resnet50.json, train-timeline.json, averaging.json, stacks.json, predict.json,
 tuning.json, pipeline.json and sync.json when present (a missing one is reported as not run), and appends notes.md from the same directory (the
 hand-written analysis: why a goal is missed, profiles) verbatim. The files hold measurements and ratios only; the
 goals they are read against are stated here, in the text. Plots are linked, not copied.
@@ -15,7 +15,7 @@ from pathlib import Path
 from hvdtrain.bench import harness, stacks
 
 HELP = "write the Markdown benchmark report (tables, plots, stacks, machine, versions) from the JSON files"
-FILES = ("allreduce", "train", "train-resnet50", "train-timeline", "stacks", "predict", "tuning", "pipeline", "sync")
+FILES = ("allreduce", "train", "train-resnet50", "train-timeline", "averaging", "stacks", "predict", "tuning", "pipeline", "sync")
 
 
 def add_arguments(p) -> None:
@@ -31,6 +31,7 @@ def run(args) -> int:
     text = "\n\n".join(part for part in (
         _header(docs), _ratios(docs), _allreduce(docs.get("allreduce"), rel), _train(docs.get("train"), rel),
         _resnet50(docs.get("train-resnet50"), rel), _timeline(docs.get("train-timeline")),
+        _averaging(docs.get("averaging"), rel),
         _stacks(docs.get("stacks"), rel), _predict(docs.get("predict"), rel), _pipeline(docs.get("pipeline"), rel),
         _sync(docs.get("sync"), rel), _tuning(docs.get("tuning")),
         notes.read_text().strip() if notes.is_file() else "") if part) + "\n"
@@ -47,8 +48,9 @@ def _stack(doc: dict) -> dict:
 
 def _header(docs: dict) -> str:
     lines = ["# Benchmarks", "",
-             "Made by `make bench` (`hvdtrain bench allreduce`, `train`, `stacks`, `predict`, then `hvdtrain bench "
-             "report`); the JSON files and plots are in [bench/](bench/). **The machine was shared** with other "
+             "Made by `make bench` (`hvdtrain bench allreduce`, `train`, `averaging`, `stacks`, `predict`, "
+             "`pipeline`, `sync`, then `hvdtrain bench report`; `make bench-tune` for the tuning sweep); the JSON "
+             "files and plots are in [bench/](bench/). **The machine was shared** with other "
              "engineers' test runs while these numbers were taken, so absolute numbers are noisy: compare the "
              "ratios, which were measured side by side in the same run. The load average is recorded with every run."]
     first = next(iter(docs.values()), None)
@@ -80,23 +82,42 @@ def _ratios(docs: dict) -> str:
              "issue 4: <= 100")]
     for model, goal in (("mlp", ">= 0.6"), ("cnn", ">= 0.9"), ("resnet50", "")):
         source = "train-resnet50" if model == "resnet50" else "train"
+        ceiling = {"mlp": "issue 23: >= 0.85", "cnn": "issue 23: >= 0.98"}.get(model, "")
+        peer = "issue 23: >= 1.2" if model != "resnet50" else ""
         rows += [(f"{model}: weak-scaling efficiency T(n)/(n T(1))", get(source, "summary", model, "efficiency_hvdtrain"),
-                  f"issue 4: {goal}" if goal else "")]
+                  f"issue 4: {goal}" if goal else ""),
+                 (f"{model}: efficiency against the concurrency ceiling (local step / step)",
+                  get(source, "summary", model, "vs_ceiling"), ceiling),
+                 (f"{model}: exposed communication ms (step - local step)", get(source, "summary", model, "exposed_ms"), ""),
+                 (f"{model}: hvdtrain / plain Horovod Keras 3 loop samples/s",
+                  get(source, "summary", model, "hvdtrain_vs_horovod"), peer),
+                 (f"{model}: hvdtrain / the same loop with hvdtrain's settings samples/s",
+                  get(source, "summary", model, "hvdtrain_vs_horovod-tuned"), ""),
+                 (f"{model}: hvdtrain / MultiWorkerMirroredStrategy samples/s",
+                  get(source, "summary", model, "hvdtrain_vs_mwms"), "issue 4: >= 1.3" if model != "resnet50" else ""),
+                 (f"{model}: fastest exact averaging / one group, exposed communication",
+                  _fastest_exposed(docs.get("averaging"), model), "issue 23: <= 0.5" if model == "mlp" else "")]
     for model in ("mlp", "cnn"):
-        rows += [(f"{model}: hvdtrain / MultiWorkerMirroredStrategy samples/s", get("train", "summary", model,
-                  "hvdtrain_vs_mwms"), "issue 4: >= 1.3"),
-                 (f"{model}: tf.data delivery / training consumption", get("train", "summary", model, "pipeline_ratio"),
+        rows += [(f"{model}: tf.data delivery / training consumption", get("train", "summary", model, "pipeline_ratio"),
                   "issue 4: >= 3"),
                  (f"{model}: new stack / old stack samples/s (best rounds)", get("stacks", "summary", model, "new_vs_old"),
                   "issue 10: >= 0.95")]
     rows += [("inference speed-up at 2 ranks", get("predict", "summary", "speedup_np2"), "issue 5: >= 1.8")]
     table = [{"ratio": name, "measured": "not measured" if value is None else f"{value:.3g}", "goal": goal}
-             for name, value, goal in rows]
+             for name, value, goal in rows if value is not None or goal]
     return "\n".join([
         "## The ratios at a glance (2 ranks on this machine)", "",
         "Measured values only; the goals are those the issues set for this 2-core machine. Where one is missed, the "
         "notes at the end say by how much and why.", "",
         harness.markdown_table(table, ["ratio", "measured", "goal"])])
+
+
+def _fastest_exposed(doc, model: str):
+    """Exposed communication of the fastest exact way to average, against one group's (bench averaging)."""
+    if not doc or model not in doc.get("summary", {}):
+        return None
+    way = doc["summary"][model]["fastest_exact"]
+    return doc["summary"][model].get(f"{way}_exposed_vs_one_group")
 
 
 # ---------------------------------------------------------------- sections
@@ -142,13 +163,25 @@ def _train(doc, rel: Path) -> str:
         "## Training throughput and scaling", "",
         f"`hvdtrain bench train --np {doc['np']}`: synthetic data, the same per-rank batch on every rank (weak "
         "scaling), one intra-op thread per rank; each row is the best of the rounds. `single` is plain Keras in one "
-        f"process (T(1)); `hvdtrain` is `horovodrun -np {doc['np']} --mpi` with the tuned defaults; `mwms` is "
-        "TensorFlow's MultiWorkerMirroredStrategy with TF_CONFIG workers on localhost. efficiency = T(n)/(n T(1)). "
+        f"process (T(1)); `hvdtrain` is `horovodrun -np {doc['np']} --mpi` with the tuned defaults; `horovod` is "
+        "plain Horovod as a Keras 3 user must write it (`hvd.DistributedGradientTape` and horovod.tensorflow.keras "
+        "fail on Keras 3): a custom loop with `tf.GradientTape` and one `hvd.grouped_allreduce`, Horovod's and "
+        "OpenMPI's defaults; `horovod-tuned` the same loop with hvdtrain's HOROVOD_*/OMPI_* settings, so what is left "
+        "is the code path; `mwms` is TensorFlow's MultiWorkerMirroredStrategy with TF_CONFIG workers on localhost"
+        f"{_stock_fit(doc)}. efficiency = T(n)/(n T(1)). "
         "`local_step_ms` is the same step without the all-reduce, run on all ranks at once, so "
         "comm_share = 1 - local/step is the share of the step spent communicating. `pipeline_*` is tf.data "
         "alone, per rank, against what one rank's training consumes.", "",
         harness.markdown_table(rows, TRAIN_COLUMNS), "",
         f"![training speed-up]({rel / 'train.png'})"])
+
+
+def _stock_fit(doc) -> str:
+    stock = doc["settings"].get("mwms", {}).get("stock_fit")
+    if not stock:
+        return ""
+    return (f" (Keras 3's stock `model.fit` under the strategy {stock}; the row is `fit` with two workarounds, "
+            "hvdtrain/bench/mwms_worker.py)")
 
 
 def _resnet50(doc, rel: Path) -> str:
@@ -188,6 +221,29 @@ def _timeline(doc) -> str:
         "until every rank has asked (cycle tick and slower ranks); `allreduce` is the work: memcpy into the fusion "
         "buffer, `mpi_allreduce` itself, memcpy out. Intervals of overlapping tensors are merged.", "",
         harness.markdown_table(rows, columns)])
+
+
+def _averaging(doc, rel: Path) -> str:
+    if not doc:
+        return "### Ways to average gradients\n\nNot run (`hvdtrain bench averaging`)."
+    from hvdtrain.bench import averaging
+    rounds = max(r["round"] for r in doc["runs"]) + 1
+    fastest = ", ".join(f"{model}: {s['fastest_exact']}" for model, s in doc["summary"].items() if "fastest_exact" in s)
+    settings = "; ".join(f"{way}: {' '.join(flags)}" for way, flags in doc["settings"].items())
+    return "\n".join([
+        "### Ways to average gradients", "",
+        f"`hvdtrain bench averaging --rounds {rounds}` ({doc['np']} ranks, the ways taking turns, best round each): "
+        "one grouped all-reduce for the whole step (`one-group`), buckets filled in the order the backward pass "
+        "produces gradients (`bucket-<N>MB`), one request per tensor as Horovod's own Keras layer sends them "
+        "(`per-tensor`), and one group in float16 (`fp16`, lossy). exposed_ms = step_ms - local_step_ms, the "
+        "fastest step without communication in the run; speed_vs_one_group > 1 is faster. Fastest exact way: "
+        f"{fastest}. Settings: {settings}.", "",
+        harness.markdown_table(doc["rows"], averaging.COLUMNS), "",
+        "The MLP once more per way with a Horovod timeline: `timeline_overlapped_ms` is all-reduce work that ran "
+        "before the step's last request, i.e. while the backward pass was still computing the first layers' "
+        "gradients; `timeline_steps_overlapped` the share of steps where any did.", "",
+        harness.markdown_table(doc.get("timeline", []), averaging.TIMELINE_COLUMNS), "",
+        f"![ways to average]({rel / 'averaging.png'})"])
 
 
 def _stacks(doc, rel: Path) -> str:

@@ -54,3 +54,31 @@ def breakdown(path, window_us: tuple[float, float], steps: int) -> dict:
         if inside:
             out[f"{name.lower()}_ms"] = _union_length(inside) / 1e3 / steps
     return out
+
+
+def overlap(path, step_ends_us: list[float]) -> dict:
+    """Does communication start before the backward pass ends? Per step (between consecutive `step_ends_us`), the
+    last all-reduce request marks the end of the backward pass (the first layers' gradients are the last a step asks
+    to average); all-reduce work before that moment ran while the backward pass was still computing.
+    overlapped_ms: that work per step; steps_overlapped: the share of steps with any."""
+    spans = intervals(path)
+    requests = sorted(a for a, _ in spans.get("NEGOTIATE_ALLREDUCE", []))
+    work = spans.get("ALLREDUCE", [])
+    overlapped = []
+    for lo, hi in zip(step_ends_us, step_ends_us[1:]):
+        last = max((t for t in requests if lo < t <= hi), default=None)
+        if last is not None:
+            overlapped.append(_union_length([(max(a, lo), min(b, last)) for a, b in work if a < last and b > lo]))
+    if not overlapped:
+        return {}
+    return {"overlapped_ms": sum(overlapped) / len(overlapped) / 1e3,
+            "steps_overlapped": sum(1 for x in overlapped if x > 0) / len(overlapped)}
+
+
+def annotate(rows: list[dict], path) -> None:
+    """Add the timeline's breakdown (timeline_*) and overlap (timeline_overlapped_ms, ...) of its timed steps to each
+    row train_worker wrote."""
+    for row in rows:
+        ends = row["step_ends_epoch_us"]
+        found = {**breakdown(path, (ends[0], ends[-1]), row["steps"]), **overlap(path, ends)}
+        row.update({f"timeline_{k}": v for k, v in found.items()})

@@ -1,4 +1,5 @@
-"""Training throughput and weak scaling: hvdtrain on 1 and N ranks, against MultiWorkerMirroredStrategy.
+"""Training throughput and weak scaling: hvdtrain on 1 and N ranks, against plain Horovod and
+MultiWorkerMirroredStrategy.
 
     hvdtrain bench train --np 2 --output bench/train.json
     hvdtrain bench train --np 2 --models resnet50 --impls single,hvdtrain --image-size 64 --batch 16 --steps 10
@@ -7,8 +8,13 @@ It runs each implementation in fresh processes, one after the other (and again f
 one's best round):
   single    one process, plain Keras (no Horovod): the 1-rank baseline T(1)          hvdtrain/bench/train_worker.py
   hvdtrain  `horovodrun -np N --mpi`: hvdtrain's data pipeline, model, optimizer and settings   (the same module)
+  horovod   `horovodrun -np N --mpi`: plain horovod.tensorflow, Horovod's defaults, the custom training loop a
+            Keras 3 user must write (hvd.grouped_allreduce of the gradients)       hvdtrain/bench/horovod_worker.py
+  horovod-tuned  the same loop started with hvdtrain's HOROVOD_*/OMPI_* settings: what is left is the code path
   mwms      N TensorFlow workers on localhost (TF_CONFIG), tf.distribute.MultiWorkerMirroredStrategy
                                                                                       hvdtrain/bench/mwms_worker.py
+On Keras 3, stock model.fit fails under MultiWorkerMirroredStrategy: the mwms run works around it, and records
+first, in its rows' stock_fit column and its settings, how 2 steps of stock model.fit on mlp fail.
 Every rank gets the same per-rank batch (weak scaling) and --threads intra-op threads; efficiency is
 T(N) / (N * T(1)) in samples/s (images/s for resnet50). Models (synthetic data):
   mlp       1024-2048-2048-10 (6.3M parameters: communication-heavy)
@@ -21,16 +27,20 @@ pipeline alone, so pipeline_ratio = what tf.data delivers / what training consum
 """
 from __future__ import annotations
 
+import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from hvdtrain.bench import harness, mwms_worker
 
-HELP = "training throughput and weak-scaling efficiency: 1 vs N ranks, hvdtrain vs MultiWorkerMirroredStrategy"
+HELP = ("training throughput and weak-scaling efficiency: 1 vs N ranks, hvdtrain vs plain Horovod and "
+        "MultiWorkerMirroredStrategy")
 COLUMNS = ["model", "impl", "np", "input", "global_batch", "step_ms", "samples_per_sec", "per_rank_samples_per_sec",
            "efficiency", "comm_share", "pipeline_ratio"]
-IMPLS = ("single", "hvdtrain", "mwms")
+IMPLS = ("single", "hvdtrain", "horovod", "horovod-tuned", "mwms")
+PEERS = ("horovod", "horovod-tuned", "mwms")   # what hvdtrain is compared with
+STOCK_FIT_TIMEOUT = 300       # seconds: a stock fit that hangs in a collective must not stall the benchmark
 
 
 @dataclass(frozen=True)
@@ -66,7 +76,7 @@ def add_workload_arguments(p) -> None:
 def add_arguments(p) -> None:
     harness.add_common(p, "train", rounds=1, controller=True)
     add_workload_arguments(p)
-    p.add_argument("--impls", default=",".join(IMPLS), help="comma list of single, hvdtrain, mwms")
+    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {', '.join(IMPLS)}")
     p.add_argument("--timeline", action="store_true",
                    help="record a Horovod timeline in the hvdtrain run and break its communication time down per step")
 
@@ -85,6 +95,7 @@ def run(args) -> int:
                         f"models {', '.join(WORKLOADS)}")
     runs, rows, parts = [], [], {}
     with tempfile.TemporaryDirectory(prefix="hvdtrain-bench-train-") as work:
+        findings = {"mwms": {"stock_fit": _stock_fit(args, Path(work))}} if "mwms" in impls and _keras3() else {}
         for round_ in range(args.rounds):
             for impl in impls:
                 print(f"[bench] train: {impl}{'' if impl == 'single' else f' on {args.np} ranks'} "
@@ -92,6 +103,7 @@ def run(args) -> int:
                 before, part = harness.loadavg(), Path(work) / f"{impl}-{round_}.json"
                 _launch(args, impl, part)
                 parts[impl] = got = harness.read_json(part)
+                _add_findings(got, findings.get(impl, {}))
                 runs.append({"impl": impl, "round": round_, "loadavg_before": before,
                              "loadavg_after": harness.loadavg(), "settings": got["settings"]})
                 rows += got["rows"]
@@ -106,23 +118,57 @@ def _launch(args, impl: str, part: Path) -> None:
     own = ["--output", part, *harness.forward(args, WORKLOAD_ARGS), *args.overrides]
     if impl == "mwms":
         return mwms_worker.launch(args.np, own)
+    if impl in ("horovod", "horovod-tuned"):
+        tuned = ["--hvdtrain-settings"] if impl == "horovod-tuned" else []
+        return harness.horovodrun(args.np, args.controller, harness.worker_cmd("horovod_worker", *tuned, *own))
     cmd = harness.worker_cmd("train_worker", "--role", impl, *own)
     if impl == "single":
         return harness.run_checked(cmd)
-    trace = part.with_suffix(".timeline.json")
-    harness.horovodrun(args.np, args.controller, cmd, env={"HOROVOD_TIMELINE": str(trace)} if args.timeline else None)
-    if args.timeline:   # add the breakdown of the timed steps to the rows the ranks wrote
-        from hvdtrain.bench import timeline
-        doc = harness.read_json(part)
-        for row in doc["rows"]:
-            row.update({f"timeline_{k}": v for k, v in
-                        timeline.breakdown(trace, row["timed_window_epoch_us"], row["steps"]).items()})
-        harness.write_json(part, doc)
+    launch_hvdtrain(args.np, args.controller, cmd, part, trace=args.timeline)
+
+
+def launch_hvdtrain(np_: int, controller: str, cmd: list, part: Path, *, trace: bool = False) -> None:
+    """hvdtrain's ranks (train_worker); with `trace`, under a Horovod timeline whose breakdown and overlap of the
+    timed steps (timeline.py) are added to the rows they wrote to `part`."""
+    from hvdtrain.bench import timeline
+    path = part.with_suffix(".timeline.json")
+    harness.horovodrun(np_, controller, cmd, env={"HOROVOD_TIMELINE": str(path)} if trace else None)
+    doc = harness.read_json(part)
+    if trace:
+        timeline.annotate(doc["rows"], path)
+    for row in doc["rows"]:
+        row.pop("step_ends_epoch_us")   # only the timeline needs them
+    harness.write_json(part, doc)
+
+
+def _add_findings(part: dict, findings: dict) -> None:
+    """What was found about an impl besides its speed goes into its settings and every row of it."""
+    part["settings"].update(findings)
+    for row in part["rows"]:
+        row.update(findings)
+
+
+def _keras3() -> bool:
+    """Does this virtualenv (the workers' too) have Keras 3? stack_of names every Keras 3 stack tf2.21."""
+    return harness.stack_of(harness.versions())["name"] == "tf2.21"
+
+
+def _stock_fit(args, work: Path) -> str:
+    """How Keras 3's stock model.fit fares under MultiWorkerMirroredStrategy: "works", "fails: <error>" or "hangs"."""
+    print("[bench] train: mwms, stock model.fit on Keras 3 ...", flush=True)
+    part = work / "mwms-stock-fit.json"
+    try:
+        mwms_worker.launch(args.np, ["--stock-fit-only", "--output", part, "--threads", args.threads, *args.overrides],
+                           timeout=STOCK_FIT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return f"hangs: stopped after {STOCK_FIT_TIMEOUT} s"
+    return harness.read_json(part)["stock_fit"]
 
 
 def summarize(rows: list[dict]) -> dict:
     """Per model: weak-scaling efficiency T(n)/(n*T(1)) of each distributed impl (added to its row too),
-    hvdtrain / mwms, and hvdtrain's comm_share and pipeline_ratio."""
+    hvdtrain / each peer in samples/s, and hvdtrain's comm_share, pipeline_ratio, efficiency against the concurrency
+    ceiling (local step / step) and exposed communication (step - local step, ms)."""
     out = {}
     for model in sorted({r["model"] for r in rows}):
         by_impl = {r["impl"]: r for r in rows if r["model"] == model}
@@ -130,12 +176,16 @@ def summarize(rows: list[dict]) -> dict:
         for impl, row in by_impl.items():
             if single and impl != "single":
                 row["efficiency"] = row["samples_per_sec"] / (row["np"] * single["samples_per_sec"])
-        entry = {f"efficiency_{impl}": by_impl[impl].get("efficiency") for impl in ("hvdtrain", "mwms") if impl in by_impl}
-        if "hvdtrain" in by_impl and "mwms" in by_impl:
-            entry["hvdtrain_vs_mwms"] = by_impl["hvdtrain"]["samples_per_sec"] / by_impl["mwms"]["samples_per_sec"]
-        if "hvdtrain" in by_impl:
-            entry.update(comm_share=by_impl["hvdtrain"].get("comm_share"),
-                         pipeline_ratio=by_impl["hvdtrain"].get("pipeline_ratio"))
+        entry = {f"efficiency_{impl}": by_impl[impl].get("efficiency") for impl in IMPLS[1:] if impl in by_impl}
+        for peer in PEERS:
+            if "hvdtrain" in by_impl and peer in by_impl:
+                entry[f"hvdtrain_vs_{peer}"] = by_impl["hvdtrain"]["samples_per_sec"] / by_impl[peer]["samples_per_sec"]
+        mine = by_impl.get("hvdtrain")
+        if mine:
+            entry.update(comm_share=mine.get("comm_share"), pipeline_ratio=mine.get("pipeline_ratio"))
+        if mine and mine.get("local_step_ms"):   # against the same steps without communication: the ceiling
+            entry.update(vs_ceiling=min(1.0, mine["local_step_ms"] / mine["step_ms"]),
+                         exposed_ms=max(0.0, mine["step_ms"] - mine["local_step_ms"]))
         out[model] = entry
     return out
 
@@ -161,4 +211,7 @@ def render(doc: dict) -> str:
     for model, s in doc["summary"].items():
         parts = [f"{k} {v:.2f}" for k, v in s.items() if isinstance(v, float)]
         lines.append(f"{model}: {', '.join(parts)}")
+    stock_fit = doc["settings"].get("mwms", {}).get("stock_fit")
+    if stock_fit:
+        lines.append(f"mwms, stock model.fit on Keras 3: {stock_fit}")
     return "\n".join(lines)

@@ -3,8 +3,9 @@
     python -m hvdtrain.bench.train_worker --role single --output part.json [--models mlp,cnn ...]
     horovodrun -np 2 --mpi python -m hvdtrain.bench.train_worker --role hvdtrain --output part.json [--section.key=value]
 
-Rank 0 writes one row per model, and the stack it ran on, to --output. `measure` is shared with the
-MultiWorkerMirroredStrategy peer (hvdtrain/bench/mwms_worker.py), which brings its own session.
+Rank 0 writes one row per model, and the stack it ran on, to --output. `measure` is shared with the peers,
+plain Horovod (hvdtrain/bench/horovod_worker.py) and MultiWorkerMirroredStrategy (hvdtrain/bench/mwms_worker.py),
+which bring their own sessions.
 """
 from __future__ import annotations
 
@@ -102,8 +103,9 @@ class StepTimer:
         timed = self.ends[self.warmup - 1:]
         return (timed[-1] - timed[0]) / (len(timed) - 1)
 
-    def window_epoch_us(self) -> list[float]:
-        return [self.epoch_ends[self.warmup - 1] * 1e6, self.epoch_ends[-1] * 1e6]
+    def step_ends_epoch_us(self) -> list[float]:
+        """The timed steps' ends, and the end of the step before them, in epoch microseconds."""
+        return [t * 1e6 for t in self.epoch_ends[self.warmup - 1:]]
 
 
 def _measure_model(args, cfg, name: str, session, impl: str) -> dict:
@@ -147,7 +149,7 @@ def _measure_model(args, cfg, name: str, session, impl: str) -> dict:
            "input": "x".join(map(str, shape)), "classes": work.classes, "per_rank_batch": per_rank,
            "global_batch": global_batch, "steps": args.steps, "step_ms": step * 1e3,
            "samples_per_sec": global_batch / step, "per_rank_samples_per_sec": per_rank / step,
-           "loadavg": harness.loadavg(), "timed_window_epoch_us": timer.window_epoch_us()}
+           "loadavg": harness.loadavg(), "step_ends_epoch_us": timer.step_ends_epoch_us()}
     if session.parts:
         if world.size > 1:   # the same steps without communication, all ranks at once
             local = session.slowest(timed_fit(compiled(False), []).step_seconds())

@@ -78,6 +78,17 @@ def test_the_stack_is_named_from_package_versions():
     assert new["source"] == old["source"] == "package metadata"
 
 
+def test_train_summary_compares_hvdtrain_with_each_peer_and_with_one_rank():
+    def row(impl, np_, samples_per_sec):
+        return {"model": "mlp", "impl": impl, "np": np_, "samples_per_sec": samples_per_sec}
+    rows = [row("single", 1, 100.0), row("hvdtrain", 2, 180.0), row("horovod", 2, 120.0), row("mwms", 2, 90.0)]
+    s = train.summarize(rows)["mlp"]
+    assert s["efficiency_hvdtrain"] == pytest.approx(0.9) and s["efficiency_horovod"] == pytest.approx(0.6)
+    assert s["efficiency_mwms"] == pytest.approx(0.45)
+    assert s["hvdtrain_vs_horovod"] == pytest.approx(1.5) and s["hvdtrain_vs_mwms"] == pytest.approx(2.0)
+    assert rows[2]["efficiency"] == pytest.approx(0.6)   # each distributed row gets its efficiency too
+
+
 def stack_rows(new_sps, old_sps, new_us, old_us):
     """Two rounds of both stacks: a model (samples/s, steps without all-reduce) and one all-reduce size."""
     rows = []
@@ -185,7 +196,7 @@ def test_timeline_breakdown_merges_overlapping_tensors_inside_the_window(tmp_pat
 def test_bench_command_lists_its_benchmarks_and_leaves_the_ranks_to_the_drivers():
     proc = hvdtrain(["bench", "--help"], timeout=120)
     assert proc.returncode == 0, output(proc)
-    for name in ("allreduce", "train", "stacks", "predict", "tune", "pipeline", "sync", "report"):
+    for name in ("allreduce", "train", "averaging", "stacks", "predict", "tune", "pipeline", "sync", "report"):
         assert name in proc.stdout
     assert "--role" not in hvdtrain(["bench", "train", "--help"], timeout=120).stdout   # no hidden worker flags
     bad = hvdtrain(["bench", "nosuch"], timeout=120)
@@ -205,7 +216,8 @@ def test_workers_are_entry_modules_with_their_own_help():
     import subprocess
 
     from conftest import BIN, env
-    for module, flag in (("train_worker", "--role"), ("mwms_worker", "--models"), ("allreduce_worker", "--raw-only"),
+    for module, flag in (("train_worker", "--role"), ("horovod_worker", "--models"),
+                         ("mwms_worker", "--stock-fit-only"), ("allreduce_worker", "--raw-only"),
                          ("pipeline_worker", "--micro-batch")):
         proc = subprocess.run([str(BIN / "python"), "-m", f"hvdtrain.bench.{module}", "--help"], env=env(),
                               capture_output=True, text=True, timeout=120)
@@ -273,3 +285,39 @@ def test_sync_counts_rounds_to_the_target_and_compares_with_fedsgd_and_every_ste
     assert [(r["sync"], r["H"], r["bytes_vs_every_step"]) for r in summaries] == [
         ("every_step", 1, 1.0), ("local_sgd", 4, 0.25)]
     assert sync.summarize(rows, summaries)["FedAvg_E5_B10_iid_rounds"] == 2
+
+
+def test_timeline_overlap_counts_allreduce_work_before_each_steps_last_request(tmp_path):
+    """Step 1: a bucket's all-reduce (100-300) runs before the last request (250): 150 us overlapped. Step 2: one
+    group, requested at 1100, reduced after: nothing overlapped."""
+    events = [{"name": "process_name", "ph": "M", "pid": 0, "args": {"start_time_since_epoch_in_micros": 0}}]
+    for pid, (asked, began, ended) in ((1, (50, 100, 300)), (2, (250, 320, 400)), (3, (1100, 1150, 1300))):
+        events += [{"ph": "B", "name": "NEGOTIATE_ALLREDUCE", "ts": asked, "pid": pid}, {"ph": "E", "ts": began, "pid": pid},
+                   {"ph": "B", "name": "ALLREDUCE", "ts": began, "pid": pid}, {"ph": "E", "ts": ended, "pid": pid}]
+    path = tmp_path / "timeline.json"
+    path.write_text(json.dumps(events))
+    got = timeline.overlap(path, [0, 1000, 2000])
+    assert got == {"overlapped_ms": pytest.approx(0.150 / 2), "steps_overlapped": 0.5}
+    assert timeline.overlap(path, [5000, 6000]) == {}   # no request in the window
+
+
+def test_averaging_measures_every_way_against_one_group_and_the_fastest_local_step():
+    from hvdtrain.bench import averaging
+
+    def row(way, round_, step, local, model="mlp"):
+        return {"model": model, "way": way, "round": round_, "step_ms": step, "local_step_ms": local,
+                "samples_per_sec": 1000 / step, "loadavg": [1.0, 1.0, 1.0]}
+    rows = averaging.best_rows([row("one-group", 0, 40.0, 22.0), row("one-group", 1, 30.0, 21.0),
+                                row("bucket-4MB", 0, 25.0, 20.0), row("fp16", 0, 24.0, 25.0),
+                                row("per-tensor", 1, 35.0, 20.0)])
+    by_way = {r["way"]: r for r in rows}
+    assert [r["way"] for r in rows] == ["one-group", "bucket-4MB", "per-tensor", "fp16"]   # the WAYS order
+    assert all("loadavg" not in r for r in rows)   # lists stay out of the table
+    assert by_way["one-group"]["step_ms"] == 30.0 and by_way["one-group"]["local_step_ms"] == 20.0   # best round; fastest local
+    assert by_way["one-group"]["launch_local_step_ms"] == 21.0
+    assert by_way["bucket-4MB"]["exposed_ms"] == pytest.approx(5.0)
+    assert by_way["bucket-4MB"]["exposed_vs_one_group"] == pytest.approx(5.0 / 10.0)
+    assert by_way["per-tensor"]["speed_vs_one_group"] == pytest.approx(30.0 / 35.0)
+    summary = averaging.summarize(rows, [])
+    assert summary["mlp"]["fastest_exact"] == "bucket-4MB"   # fp16 is faster but lossy: never the default
+    assert summary["mlp"]["per-tensor_exposed_vs_one_group"] == pytest.approx(15.0 / 10.0)

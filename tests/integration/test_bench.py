@@ -64,14 +64,15 @@ def test_allreduce_writes_a_plot_and_prints_a_table(allreduce_doc):
     assert "busbw_gbps" in proc.stdout and "hvdtrain-mpi: 4 KB latency" in proc.stdout
 
 
-def test_train_bench_compares_single_hvdtrain_and_mwms(tmp_path):
+def test_train_bench_compares_single_hvdtrain_horovod_and_mwms(tmp_path):
     out = tmp_path / "train.json"
     proc = hvdtrain(["bench", "train", "--np", "2", "--steps", "2", "--warmup", "2", "--batch", "8",
                      "--output", str(out)], timeout=1200)
     assert proc.returncode == 0, output(proc)
     doc = json.loads(out.read_text())
     got = {(r["model"], r["impl"], r["np"]) for r in doc["rows"]}
-    assert got == {(m, i, n) for m in ("mlp", "cnn") for i, n in (("single", 1), ("hvdtrain", 2), ("mwms", 2))}
+    assert got == {(m, i, n) for m in ("mlp", "cnn")
+                   for i, n in (("single", 1), ("hvdtrain", 2), ("horovod", 2), ("horovod-tuned", 2), ("mwms", 2))}
     for row in doc["rows"]:
         assert row["samples_per_sec"] > 0 and row["global_batch"] == 8 * row["np"]
         assert row["per_rank_samples_per_sec"] == pytest.approx(row["samples_per_sec"] / row["np"])
@@ -79,12 +80,38 @@ def test_train_bench_compares_single_hvdtrain_and_mwms(tmp_path):
             assert row["efficiency"] > 0
         if row["impl"] == "hvdtrain":
             assert 0.0 <= row["comm_share"] < 1.0 and row["pipeline_ratio"] > 0
+        if row["impl"] == "mwms" and doc["stack"]["name"] == "tf2.21":   # Keras 3: stock model.fit is recorded
+            assert row["stock_fit"].startswith("fails: ValueError: Attempt to convert a value (PerReplica")
     mlp = next(r for r in doc["rows"] if r["model"] == "mlp")
     assert 6_000_000 < mlp["params"] < 6_500_000   # the communication-heavy model really is ~6M parameters
     assert set(doc["summary"]) == {"mlp", "cnn"} and doc["summary"]["mlp"]["hvdtrain_vs_mwms"] > 0
+    assert doc["summary"]["mlp"]["hvdtrain_vs_horovod"] > 0 and doc["summary"]["mlp"]["efficiency_horovod"] > 0
     assert doc["settings"]["hvdtrain"]["intra_op_threads"] == 1
     assert doc["settings"]["hvdtrain"]["HOROVOD_CPU_OPERATIONS"] == "MPI"
+    # The plain loop starts with Horovod's and OpenMPI's defaults, the tuned one with hvdtrain's settings.
+    assert doc["settings"]["horovod-tuned"]["OMPI_MCA_mpi_yield_when_idle"] == "1"
+    assert "OMPI_MCA_mpi_yield_when_idle" not in doc["settings"]["horovod"]
     assert_rank_stack(doc["stack"])
+    assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_averaging_bench_compares_the_ways_and_finds_overlap_in_the_timeline(tmp_path):
+    out = tmp_path / "averaging.json"
+    proc = hvdtrain(["bench", "averaging", "--np", "2", "--models", "mlp", "--ways", "one-group,bucket-4MB",
+                     "--rounds", "1", "--steps", "4", "--warmup", "2", "--output", str(out)], timeout=1200)
+    assert proc.returncode == 0, output(proc)
+    doc = json.loads(out.read_text())
+    rows = {r["way"]: r for r in doc["rows"]}
+    assert set(rows) == {"one-group", "bucket-4MB"} and {r["model"] for r in doc["rows"]} == {"mlp"}
+    for row in rows.values():
+        assert row["local_step_ms"] <= row["launch_local_step_ms"]
+        assert row["exposed_ms"] == pytest.approx(max(0.0, row["step_ms"] - row["local_step_ms"]))
+    assert rows["one-group"]["speed_vs_one_group"] == 1.0
+    assert doc["summary"]["mlp"]["fastest_exact"] in rows
+    traced = {r["way"]: r for r in doc["timeline"]}
+    assert set(traced) == set(rows) and all(r["timeline_allreduce_ms"] > 0 for r in traced.values())
+    # One group is requested once its last gradient exists: nothing of it can run during the backward pass.
+    assert traced["one-group"]["timeline_overlapped_ms"] == 0
     assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
 
 
