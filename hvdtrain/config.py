@@ -196,7 +196,7 @@ class RuntimeConfig:
     # hardware (NCCL on GPUs, a NIC between nodes) buckets let it run during the backward pass.
     bucket_mb: float = _f(0.0, "Keras 3: average gradients in buckets of this many MB as the backward pass produces them "
                                "(the last layers' first, each bucket's all-reduce free to start while earlier layers "
-                               "are computed; a gradient this large or larger goes alone); 0: one group for all; "
+                               "are computed); 0: one group for all; "
                                "below the smallest gradient: one request per tensor")
     cpu_operations: str = _f("auto", "HOROVOD_CPU_OPERATIONS: auto | mpi | gloo (auto: mpi when launched with MPI, else gloo)",
                              choices=("auto", "mpi", "gloo"))

@@ -54,6 +54,13 @@ def distributed_optimizer(optimizer, *, fp16_compression: bool = False, backward
                                                 switch=switch)
 
 
+def gradient_buckets(variables, bucket_mb: float) -> list[list[int]] | None:
+    """The positions of these variables' gradients in each all-reduce of a step with this runtime.bucket_mb (Keras 3;
+    None on Keras 2, where Horovod's layer sends one request per tensor)."""
+    layer = _keras_layer()
+    return layer.gradient_buckets(variables, bucket_mb) if hasattr(layer, "gradient_buckets") else None
+
+
 def is_distributed(optimizer) -> bool:
     return _keras_layer().is_distributed(optimizer)
 

@@ -13,6 +13,7 @@ LossScaleOptimizer made here agrees on finiteness over all ranks (a MIN-reduce),
 """
 from __future__ import annotations
 
+import math
 
 from keras.optimizers import LossScaleOptimizer
 
@@ -48,7 +49,7 @@ def distributed_optimizer(optimizer, *, fp16_compression: bool = False, backward
     except Exception as exc:  # e.g. a learning-rate schedule that is not registered as serializable
         raise UserError(f"cannot rebuild {type(optimizer).__name__} from its config to distribute it ({exc}); register "
                         "custom schedules with keras.saving.register_keras_serializable()") from None
-    distributed._hvdtrain_average = _averager(fp16_compression, sparse_as_dense, int(bucket_mb * 2**20), group, switch)
+    distributed._hvdtrain_average = _averager(fp16_compression, sparse_as_dense, _bytes(bucket_mb), group, switch)
     distributed._hvdtrain_fp16 = fp16_compression   # what it sends, for the bytes counted (sync.py)
     return distributed
 
@@ -75,20 +76,24 @@ def _distributed_class(base: type) -> type:
                                          "__module__": base.__module__, "__doc__": base.__doc__})
 
 
+def _bytes(mb: float) -> int:
+    return math.ceil(mb * 2**20)   # rounded up: any size above 0 makes buckets, one per tensor below a byte
+
+
+def gradient_buckets(variables, bucket_mb: float) -> list[list[int]]:
+    """The buckets the averager makes for these (dense) variables' gradients."""
+    import tensorflow as tf
+    return buckets([int(tf.size(v.value)) * tf.as_dtype(v.dtype).size for v in variables], _bytes(bucket_mb))
+
+
 def buckets(nbytes: list[int], limit: int) -> list[list[int]]:
     """Positions of gradients of these sizes, in buckets of at least `limit` bytes (the last one may be smaller),
-    filled in the order the backward pass produces them: the last layer's first. A gradient of `limit` bytes or more
-    goes alone: Horovod reduces a lone tensor in place, without the copies into and out of its fusion buffer that a
-    group of several costs. 0: one bucket for all."""
+    filled in the order the backward pass produces them: the last layer's first. 0: one bucket for all."""
     order = list(reversed(range(len(nbytes))))
     if limit <= 0:
         return [order] if order else []
     out, current, filled = [], [], 0
     for i in order:
-        if nbytes[i] >= limit:
-            out += [current, [i]] if current else [[i]]
-            current, filled = [], 0
-            continue
         current.append(i)
         filled += nbytes[i]
         if filled >= limit:

@@ -61,7 +61,7 @@ def _header(docs: dict) -> str:
                   "- stack of each file (TensorFlow, Keras, Horovod Keras layer; seen by a rank or read from package "
                   "metadata): " + "; ".join(f"{name}: TF {s['tensorflow']}, Keras {s['keras']}, {s['integration']} "
                                            f"({s['source']})" for name, s in ((n, _stack(d)) for n, d in docs.items())),
-                  "- load average (1/5/15 min) when each benchmark started: " +
+                  "- load average (1/5/15 min) when each file was written (each run also records it around every launch): " +
                   "; ".join(f"{name} {d['machine']['loadavg']}" for name, d in docs.items())]
     return "\n".join(lines)
 
@@ -228,20 +228,30 @@ def _averaging(doc, rel: Path) -> str:
         return "### Ways to average gradients\n\nNot run (`hvdtrain bench averaging`)."
     from hvdtrain.bench import averaging
     rounds = max(r["round"] for r in doc["runs"]) + 1
-    fastest = ", ".join(f"{model}: {s['fastest_exact']}" for model, s in doc["summary"].items() if "fastest_exact" in s)
+    summary = {m: s for m, s in doc["summary"].items() if "fastest_exact" in s}
+    fastest = ", ".join(f"{model}: {s['fastest_exact']}" for model, s in summary.items())
+    noise = ", ".join(f"{model}: {lo:.2f}-{hi:.2f}" for model, s in summary.items() if s.get("noise_band")
+                      for lo, hi in [s["noise_band"]])
     settings = "; ".join(f"{way}: {' '.join(flags)}" for way, flags in doc["settings"].items())
     return "\n".join([
         "### Ways to average gradients", "",
         f"`hvdtrain bench averaging --rounds {rounds}` ({doc['np']} ranks, the ways taking turns, best round each): "
         "one grouped all-reduce for the whole step (`one-group`), buckets filled in the order the backward pass "
         "produces gradients (`bucket-<N>MB`), one request per tensor as Horovod's own Keras layer sends them "
-        "(`per-tensor`), and one group in float16 (`fp16`, lossy). exposed_ms = step_ms - local_step_ms, the "
-        "fastest step without communication in the run; speed_vs_one_group > 1 is faster. Fastest exact way: "
-        f"{fastest}. Settings: {settings}.", "",
+        "(`per-tensor`), and one group in float16 (`fp16`, lossy). exposed_ms = step_ms - local_step_ms, both from "
+        "the same launch; speed_vs_one_group > 1 is faster; exposed_vs_one_group is left out where one group "
+        "exposes under 1 ms. `same_as_one_group`: the way's buckets hold every gradient in one, so it sends exactly "
+        "what one group sends: those rows measure the run's noise (speed against one group: "
+        f"{noise or 'none'}). Fastest exact way that sends something else (or one group): {fastest}. "
+        f"Settings: {settings}.", "",
         harness.markdown_table(doc["rows"], averaging.COLUMNS), "",
-        "The MLP once more per way with a Horovod timeline: `timeline_overlapped_ms` is all-reduce work that ran "
-        "before the step's last request, i.e. while the backward pass was still computing the first layers' "
-        "gradients; `timeline_steps_overlapped` the share of steps where any did.", "",
+        "The MLP once more per way with a Horovod timeline, ms per step. A step's all-reduces are placed by when "
+        "their work starts; the last of their requests marks the end of the backward pass. Horovod stamps a "
+        "request when its background thread takes it from the queue, which waits while the thread reduces, so "
+        "`timeline_overlapped_max_ms` (all-reduce work before that stamp) is an upper bound on the work done during "
+        "the backward pass, and `timeline_overlapped_ms` (work that ended before the thread last sat idle for "
+        "0.2 ms before the stamp) a lower bound; `timeline_steps_overlapped` is the share of steps with a lower "
+        "bound above 0.", "",
         harness.markdown_table(doc.get("timeline", []), averaging.TIMELINE_COLUMNS), "",
         f"![ways to average]({rel / 'averaging.png'})"])
 

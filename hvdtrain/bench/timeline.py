@@ -21,17 +21,26 @@ def _events(path) -> tuple[int, list[dict]]:
     return start, events
 
 
-def intervals(path) -> dict[str, list[tuple[int, int]]]:
-    """Activity name -> [(start, end)] in microseconds since the epoch, from the nested B/E events of each tensor."""
+def _spans(path) -> list[tuple[int, str, int, int]]:
+    """(tensor row, activity, start, end) in microseconds since the epoch, in the order they end, from the nested
+    B/E events of each tensor's row."""
     start, events = _events(path)
     open_: dict[int, list] = defaultdict(list)
-    out: dict[str, list] = defaultdict(list)
+    out = []
     for e in events:
         if e.get("ph") == "B":
             open_[e["pid"]].append((e["name"], e["ts"]))
         elif e.get("ph") == "E" and open_[e["pid"]]:
             name, began = open_[e["pid"]].pop()
-            out[name].append((start + began, start + e["ts"]))
+            out.append((e["pid"], name, start + began, start + e["ts"]))
+    return out
+
+
+def intervals(path) -> dict[str, list[tuple[int, int]]]:
+    """Activity name -> [(start, end)] in microseconds since the epoch."""
+    out: dict[str, list] = defaultdict(list)
+    for _, name, a, b in _spans(path):
+        out[name].append((a, b))
     return out
 
 
@@ -56,23 +65,52 @@ def breakdown(path, window_us: tuple[float, float], steps: int) -> dict:
     return out
 
 
-def overlap(path, step_ends_us: list[float]) -> dict:
-    """Does communication start before the backward pass ends? Per step (between consecutive `step_ends_us`), the
-    last all-reduce request marks the end of the backward pass (the first layers' gradients are the last a step asks
-    to average); all-reduce work before that moment ran while the backward pass was still computing.
-    overlapped_ms: that work per step; steps_overlapped: the share of steps with any."""
-    spans = intervals(path)
-    requests = sorted(a for a, _ in spans.get("NEGOTIATE_ALLREDUCE", []))
-    work = spans.get("ALLREDUCE", [])
-    overlapped = []
+def overlap(path, step_ends_us: list[float], idle_us: float = 200.0) -> dict:
+    """Does communication start before the backward pass ends? A step's all-reduces are those whose work (ALLREDUCE)
+    starts between its end and the previous step's (a step cannot end before its own, nor start them before the
+    previous one ended); the last of their requests (NEGOTIATE_ALLREDUCE starts) marks the end of the first rank's
+    backward pass, the first layers' gradients being the last a step asks to average. Horovod stamps a request when
+    its background thread takes it from the queue, which waits while the thread is reducing: work up to that stamp
+    is an upper bound on the overlap (overlapped_max_ms). Work that ended before the thread last sat idle for
+    `idle_us` (many cycles: a waiting request would have been taken) before the stamp certainly ran during the
+    backward pass: the lower bound (overlapped_ms). steps_overlapped: the share of steps with a lower bound > 0."""
+    spans = _spans(path)
+    by_row: dict[int, list] = defaultdict(list)
+    for row, name, a, _ in spans:
+        if name in ("NEGOTIATE_ALLREDUCE", "ALLREDUCE"):
+            by_row[row].append((a, name))
+    request = {}   # (row, ALLREDUCE start) -> its request time: the row's NEGOTIATE start just before
+    for row, mine in by_row.items():
+        asked = None
+        for a, name in sorted(mine):
+            if name == "NEGOTIATE_ALLREDUCE":
+                asked = a
+            elif asked is not None:
+                request[row, a] = asked
+    lower, upper = [], []
     for lo, hi in zip(step_ends_us, step_ends_us[1:]):
-        last = max((t for t in requests if lo < t <= hi), default=None)
-        if last is not None:
-            overlapped.append(_union_length([(max(a, lo), min(b, last)) for a, b in work if a < last and b > lo]))
-    if not overlapped:
+        work = [(a, b, request[row, a]) for row, name, a, b in spans
+                if name == "ALLREDUCE" and lo < a <= hi and (row, a) in request]
+        if work:
+            last = max(asked for *_, asked in work)
+            before = [(a, min(b, last)) for a, b, _ in work if a < last]
+            upper.append(_union_length(before))
+            lower.append(_union_length([(a, b) for a, b in before if b <= _last_idle(before, last, idle_us)]))
+    if not upper:
         return {}
-    return {"overlapped_ms": sum(overlapped) / len(overlapped) / 1e3,
-            "steps_overlapped": sum(1 for x in overlapped if x > 0) / len(overlapped)}
+    return {"overlapped_ms": sum(lower) / len(lower) / 1e3, "overlapped_max_ms": sum(upper) / len(upper) / 1e3,
+            "steps_overlapped": sum(1 for x in lower if x > 0) / len(lower)}
+
+
+def _last_idle(work: list[tuple[int, int]], until: float, idle_us: float) -> float:
+    """The start of the last stretch of at least `idle_us` without work before `until` (-inf if none)."""
+    ends = sorted(work)
+    for i in range(len(ends) - 1, -1, -1):
+        busy_until = max(b for _, b in ends[:i + 1])
+        next_start = ends[i + 1][0] if i + 1 < len(ends) else until
+        if next_start - busy_until >= idle_us:
+            return busy_until
+    return float("-inf")
 
 
 def annotate(rows: list[dict], path) -> None:

@@ -106,7 +106,7 @@ def run(args) -> int:
                 _add_findings(got, findings.get(impl, {}))
                 runs.append({"impl": impl, "round": round_, "loadavg_before": before,
                              "loadavg_after": harness.loadavg(), "settings": got["settings"]})
-                rows += got["rows"]
+                rows += [{k: v for k, v in r.items() if k != "step_ends_epoch_us"} for r in got["rows"]]   # timeline's
     stack = parts.get("hvdtrain", next(iter(parts.values())))["stack"]
     doc = harness.new_document("train", args.np, {impl: part["settings"] for impl, part in parts.items()}, stack)
     doc["runs"], doc["rows"] = runs, harness.best_by(rows, ("model", "impl"), "samples_per_sec")
@@ -133,12 +133,10 @@ def launch_hvdtrain(np_: int, controller: str, cmd: list, part: Path, *, trace: 
     from hvdtrain.bench import timeline
     path = part.with_suffix(".timeline.json")
     harness.horovodrun(np_, controller, cmd, env={"HOROVOD_TIMELINE": str(path)} if trace else None)
-    doc = harness.read_json(part)
     if trace:
+        doc = harness.read_json(part)
         timeline.annotate(doc["rows"], path)
-    for row in doc["rows"]:
-        row.pop("step_ends_epoch_us")   # only the timeline needs them
-    harness.write_json(part, doc)
+        harness.write_json(part, doc)
 
 
 def _add_findings(part: dict, findings: dict) -> None:
@@ -149,12 +147,14 @@ def _add_findings(part: dict, findings: dict) -> None:
 
 
 def _keras3() -> bool:
-    """Does this virtualenv (the workers' too) have Keras 3? stack_of names every Keras 3 stack tf2.21."""
-    return harness.stack_of(harness.versions())["name"] == "tf2.21"
+    """Does this virtualenv (the workers' too) have Keras 3?"""
+    major = harness.versions().get("keras", "0").split(".")[0]
+    return major.isdigit() and int(major) >= 3
 
 
 def _stock_fit(args, work: Path) -> str:
     """How Keras 3's stock model.fit fares under MultiWorkerMirroredStrategy: "works", "fails: <error>" or "hangs"."""
+    from hvdtrain.errors import UserError
     print("[bench] train: mwms, stock model.fit on Keras 3 ...", flush=True)
     part = work / "mwms-stock-fit.json"
     try:
@@ -162,6 +162,8 @@ def _stock_fit(args, work: Path) -> str:
                            timeout=STOCK_FIT_TIMEOUT)
     except subprocess.TimeoutExpired:
         return f"hangs: stopped after {STOCK_FIT_TIMEOUT} s"
+    except UserError as exc:   # a worker that crashed outright is the finding too
+        return f"fails: {str(exc).splitlines()[0]}"
     return harness.read_json(part)["stock_fit"]
 
 

@@ -64,6 +64,13 @@ class HorovodSession:
     def fit(self, model, make, **kwargs):
         model.fit(make(self.world), **kwargs)
 
+    def bucket_layout(self, model) -> str | None:
+        """The step's all-reduces, as the positions of the gradients in each ('5,4|3,2,1,0': two buckets)."""
+        if not self.distributed:
+            return None
+        layout = self.backend.gradient_buckets(model.trainable_variables, self.runtime_cfg.bucket_mb)
+        return "|".join(",".join(map(str, bucket)) for bucket in layout) if layout else None
+
     def settings(self) -> dict:
         if not self.distributed:
             return {}
@@ -151,6 +158,7 @@ def _measure_model(args, cfg, name: str, session, impl: str) -> dict:
            "samples_per_sec": global_batch / step, "per_rank_samples_per_sec": per_rank / step,
            "loadavg": harness.loadavg(), "step_ends_epoch_us": timer.step_ends_epoch_us()}
     if session.parts:
+        row["bucket_layout"] = session.bucket_layout(model)
         if world.size > 1:   # the same steps without communication, all ranks at once
             local = session.slowest(timed_fit(compiled(False), []).step_seconds())
             row.update(local_step_ms=local * 1e3, comm_share=max(0.0, 1.0 - local / step))

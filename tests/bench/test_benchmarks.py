@@ -287,37 +287,46 @@ def test_sync_counts_rounds_to_the_target_and_compares_with_fedsgd_and_every_ste
     assert sync.summarize(rows, summaries)["FedAvg_E5_B10_iid_rounds"] == 2
 
 
-def test_timeline_overlap_counts_allreduce_work_before_each_steps_last_request(tmp_path):
-    """Step 1: a bucket's all-reduce (100-300) runs before the last request (250): 150 us overlapped. Step 2: one
-    group, requested at 1100, reduced after: nothing overlapped."""
+def test_timeline_overlap_is_bounded_by_the_requests_and_the_background_threads_idle_time(tmp_path):
+    """Step 1: a bucket reduced (100-300), then the thread idle until the last request (700): 200 us certainly
+    overlapped. Step 2: one group, reduced after its requests: none. Step 3: the last request stamped the moment a
+    reduce ends (2500): it may have waited in the queue, so 400 us at most, none for certain. Step 2's requests
+    came before the step began (a faster peer): its work, not its requests, places it in its step."""
     events = [{"name": "process_name", "ph": "M", "pid": 0, "args": {"start_time_since_epoch_in_micros": 0}}]
-    for pid, (asked, began, ended) in ((1, (50, 100, 300)), (2, (250, 320, 400)), (3, (1100, 1150, 1300))):
+    for pid, (asked, began, ended) in ((1, (50, 100, 300)), (2, (700, 720, 800)), (3, (990, 1150, 1300)),
+                                       (4, (2050, 2100, 2500)), (5, (2500, 2510, 2600))):
         events += [{"ph": "B", "name": "NEGOTIATE_ALLREDUCE", "ts": asked, "pid": pid}, {"ph": "E", "ts": began, "pid": pid},
-                   {"ph": "B", "name": "ALLREDUCE", "ts": began, "pid": pid}, {"ph": "E", "ts": ended, "pid": pid}]
+                   {"ph": "B", "name": "ALLREDUCE", "ts": began, "pid": pid},
+                   {"ph": "B", "name": "MPI_ALLREDUCE", "ts": began + 1, "pid": pid}, {"ph": "E", "ts": ended - 1, "pid": pid},
+                   {"ph": "E", "ts": ended, "pid": pid}]
     path = tmp_path / "timeline.json"
     path.write_text(json.dumps(events))
-    got = timeline.overlap(path, [0, 1000, 2000])
-    assert got == {"overlapped_ms": pytest.approx(0.150 / 2), "steps_overlapped": 0.5}
-    assert timeline.overlap(path, [5000, 6000]) == {}   # no request in the window
+    got = timeline.overlap(path, [0, 1000, 2000, 3000])
+    assert got == {"overlapped_ms": pytest.approx(0.200 / 3), "overlapped_max_ms": pytest.approx(0.600 / 3),
+                   "steps_overlapped": pytest.approx(1 / 3)}
+    assert timeline.overlap(path, [5000, 6000]) == {}   # no all-reduce in the window
 
 
-def test_averaging_measures_every_way_against_one_group_and_the_fastest_local_step():
+def test_averaging_measures_every_way_against_one_group_and_keeps_identical_ways_as_noise_controls():
     from hvdtrain.bench import averaging
 
-    def row(way, round_, step, local, model="mlp"):
-        return {"model": model, "way": way, "round": round_, "step_ms": step, "local_step_ms": local,
-                "samples_per_sec": 1000 / step, "loadavg": [1.0, 1.0, 1.0]}
-    rows = averaging.best_rows([row("one-group", 0, 40.0, 22.0), row("one-group", 1, 30.0, 21.0),
-                                row("bucket-4MB", 0, 25.0, 20.0), row("fp16", 0, 24.0, 25.0),
-                                row("per-tensor", 1, 35.0, 20.0)])
+    def row(way, round_, step, local, layout="1,0"):
+        return {"model": "mlp", "way": way, "round": round_, "step_ms": step, "local_step_ms": local,
+                "bucket_layout": layout, "samples_per_sec": 1000 / step, "loadavg": [1.0, 1.0, 1.0]}
+    rows = averaging.best_rows([row("one-group", 0, 40.0, 22.0), row("one-group", 1, 30.0, 20.0),
+                                row("bucket-4MB", 0, 25.0, 20.0, "1|0"), row("fp16", 0, 24.0, 20.0),
+                                row("bucket-25MB", 0, 20.0, 19.0), row("per-tensor", 1, 35.0, 20.0, "1|0")])
     by_way = {r["way"]: r for r in rows}
-    assert [r["way"] for r in rows] == ["one-group", "bucket-4MB", "per-tensor", "fp16"]   # the WAYS order
+    assert [r["way"] for r in rows] == ["one-group", "bucket-4MB", "bucket-25MB", "per-tensor", "fp16"]   # WAYS order
     assert all("loadavg" not in r for r in rows)   # lists stay out of the table
-    assert by_way["one-group"]["step_ms"] == 30.0 and by_way["one-group"]["local_step_ms"] == 20.0   # best round; fastest local
-    assert by_way["one-group"]["launch_local_step_ms"] == 21.0
-    assert by_way["bucket-4MB"]["exposed_ms"] == pytest.approx(5.0)
-    assert by_way["bucket-4MB"]["exposed_vs_one_group"] == pytest.approx(5.0 / 10.0)
-    assert by_way["per-tensor"]["speed_vs_one_group"] == pytest.approx(30.0 / 35.0)
-    summary = averaging.summarize(rows, [])
-    assert summary["mlp"]["fastest_exact"] == "bucket-4MB"   # fp16 is faster but lossy: never the default
-    assert summary["mlp"]["per-tensor_exposed_vs_one_group"] == pytest.approx(15.0 / 10.0)
+    assert by_way["one-group"]["step_ms"] == 30.0 and by_way["one-group"]["exposed_ms"] == 10.0   # its best round
+    assert by_way["bucket-25MB"]["same_as_one_group"] and not by_way["bucket-4MB"]["same_as_one_group"]
+    assert not by_way["fp16"]["same_as_one_group"]   # the same buckets, but other bytes
+    # One group's best is the 25 MB launch (20 ms, 1 ms exposed): it sent exactly one group.
+    assert by_way["one-group"]["speed_vs_one_group"] == pytest.approx(20.0 / 30.0)
+    assert by_way["bucket-4MB"]["speed_vs_one_group"] == pytest.approx(20.0 / 25.0)
+    assert by_way["bucket-4MB"]["exposed_vs_one_group"] == pytest.approx(5.0 / 1.0)
+    summary = averaging.summarize(rows, [])["mlp"]
+    # The fastest row is one group under another name and fp16 is lossy: neither is the evidence for a default.
+    assert summary["fastest_exact"] == "bucket-4MB"
+    assert summary["noise_band"] == [pytest.approx(20.0 / 30.0), 1.0]

@@ -81,7 +81,7 @@ def test_train_bench_compares_single_hvdtrain_horovod_and_mwms(tmp_path):
         if row["impl"] == "hvdtrain":
             assert 0.0 <= row["comm_share"] < 1.0 and row["pipeline_ratio"] > 0
         if row["impl"] == "mwms" and doc["stack"]["name"] == "tf2.21":   # Keras 3: stock model.fit is recorded
-            assert row["stock_fit"].startswith("fails: ValueError: Attempt to convert a value (PerReplica")
+            assert row["stock_fit"].startswith("fails: ")   # keras-team/keras#20585
     mlp = next(r for r in doc["rows"] if r["model"] == "mlp")
     assert 6_000_000 < mlp["params"] < 6_500_000   # the communication-heavy model really is ~6M parameters
     assert set(doc["summary"]) == {"mlp", "cnn"} and doc["summary"]["mlp"]["hvdtrain_vs_mwms"] > 0
@@ -104,14 +104,17 @@ def test_averaging_bench_compares_the_ways_and_finds_overlap_in_the_timeline(tmp
     rows = {r["way"]: r for r in doc["rows"]}
     assert set(rows) == {"one-group", "bucket-4MB"} and {r["model"] for r in doc["rows"]} == {"mlp"}
     for row in rows.values():
-        assert row["local_step_ms"] <= row["launch_local_step_ms"]
         assert row["exposed_ms"] == pytest.approx(max(0.0, row["step_ms"] - row["local_step_ms"]))
-    assert rows["one-group"]["speed_vs_one_group"] == 1.0
+    # The MLP's 6 gradients (3 kernels, 3 biases): one group, or the 16 MB kernel closing the first 4 MB bucket.
+    assert rows["one-group"]["bucket_layout"] == "5,4,3,2,1,0" and rows["bucket-4MB"]["bucket_layout"] == "5,4,3,2|1,0"
+    assert rows["one-group"]["speed_vs_one_group"] == 1.0 and rows["bucket-4MB"]["same_as_one_group"] is False
     assert doc["summary"]["mlp"]["fastest_exact"] in rows
     traced = {r["way"]: r for r in doc["timeline"]}
     assert set(traced) == set(rows) and all(r["timeline_allreduce_ms"] > 0 for r in traced.values())
+    for r in traced.values():
+        assert 0 <= r["timeline_overlapped_ms"] <= r["timeline_overlapped_max_ms"]
     # One group is requested once its last gradient exists: nothing of it can run during the backward pass.
-    assert traced["one-group"]["timeline_overlapped_ms"] == 0
+    assert traced["one-group"]["timeline_overlapped_max_ms"] == 0
     assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
 
 

@@ -59,6 +59,10 @@ def test_horovod_and_mpi4py_are_imported_in_one_module_each():
                 if any(m == package or m.startswith(package + ".") for m in imports(path))}
     assert importers("horovod") == {"hvdtrain.backend._horovod"}
     assert importers("mpi4py") == {"hvdtrain.backend._mpi"}
+    # Outside the backend, only the plain-Horovod peer benchmark reaches Horovod itself: it is the peer.
+    outside = {name for private in ("hvdtrain.backend._horovod", "hvdtrain.backend._mpi")
+               for name in importers(private) if not name.startswith("hvdtrain.backend.")}
+    assert outside == {"hvdtrain.bench.horovod_worker"}
 
 
 def test_the_command_line_and_config_checks_load_without_the_heavy_packages():

@@ -203,7 +203,6 @@ def test_buckets_fill_in_backward_order_up_to_their_size():
     assert buckets([4, 4, 4], 0) == [[2, 1, 0]]                    # one group, the last layer's gradient first
     assert buckets([4, 4, 4, 4], 8) == [[3, 2], [1, 0]]
     assert buckets([4, 20, 4, 4], 8) == [[3, 2], [1], [0]]          # a big gradient fills a bucket alone
-    assert buckets([4, 2, 20, 2, 8], 8) == [[4], [3], [2], [1, 0]]   # ... and closes the small ones before it
     assert buckets([4, 4, 4], 100) == [[2, 1, 0]] and buckets([], 8) == []
 
 
@@ -225,8 +224,11 @@ def test_bucketed_averaging_gives_the_same_update_in_more_all_reduces(fake):
     whole = train(0)
     assert fake.calls == [("grouped_allreduce", 4)]
     fake.calls.clear()
-    split = train(600 / 2**20)   # 600-byte buckets: the last bias and kernel with the first bias, then its kernel
-    assert fake.calls == [("grouped_allreduce", 3), ("grouped_allreduce", 1)]
+    split = train(128 / 2**20)   # 128-byte buckets: the last bias and kernel, then the first bias, then its kernel
+    assert fake.calls == [("grouped_allreduce", 2), ("grouped_allreduce", 1), ("grouped_allreduce", 1)]
+    fake.calls.clear()
+    train(1e-9)                  # less than a byte: one request per tensor, never one group
+    assert fake.calls == [("grouped_allreduce", 1)] * 4
     for a, b in zip(whole, split):
         np.testing.assert_array_equal(a, b)
 
