@@ -12,9 +12,9 @@ Each way is `bench train`'s hvdtrain ranks (hvdtrain/bench/train_worker.py) with
 The ways take turns, the order reversed every round, each keeping its best round. In every launch each rank also
 times the same steps without communication; exposed_ms = step_ms - local_step_ms is the communication the step
 waits for. A way whose buckets put every gradient in one (a bucket larger than the model) sends exactly what one
-group sends: such rows measure the run's noise, and one group's speed is the best of them all. ResNet-50 (64x64, batch 16) runs in a launch of its own with
-a quarter of the steps. Last, one launch per way on the MLP with a Horovod timeline shows whether all-reduce work
-starts before the backward pass ends (timeline.overlap).
+group sends: such rows measure the run's noise, and one group's speed is the best of them all. ResNet-50 (64x64,
+batch 16) runs in a launch of its own with a quarter of the steps. Last, one launch per way on the MLP with a
+Horovod timeline shows whether all-reduce work starts before the backward pass ends (timeline.overlap).
 """
 from __future__ import annotations
 

@@ -74,12 +74,18 @@ def _first_line(cmd: list[str]) -> str:
     return text.strip().splitlines()[0] if text.strip() else "unavailable"
 
 
+def keras_major(versions_: dict) -> int:
+    """Keras's major version from package versions (0 if unknown)."""
+    major = versions_.get("keras", "?").split(".")[0]
+    return int(major) if major.isdigit() else 0
+
+
 def stack_of(versions_: dict) -> dict:
     """The stack named by package versions (what a driver knows without importing TensorFlow)."""
     from hvdtrain.runtime import KERAS_LAYERS
     tf = versions_.get("tensorflow-cpu") or versions_.get("tensorflow", "?")
     keras = versions_.get("keras", "?")
-    name = "tf2.21" if keras.split(".")[0].isdigit() and int(keras.split(".")[0]) >= 3 else "tf2.15"
+    name = "tf2.21" if keras_major(versions_) >= 3 else "tf2.15"
     return {"name": name, "tensorflow": tf, "keras": keras, "integration": KERAS_LAYERS[name], "source": "package metadata"}
 
 

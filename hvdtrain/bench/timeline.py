@@ -21,9 +21,9 @@ def _events(path) -> tuple[int, list[dict]]:
     return start, events
 
 
-def _spans(path) -> list[tuple[int, str, int, int]]:
+def spans(path) -> list[tuple[int, str, int, int]]:
     """(tensor row, activity, start, end) in microseconds since the epoch, in the order they end, from the nested
-    B/E events of each tensor's row."""
+    B/E events of each tensor's row: what breakdown and overlap read (a trace is parsed once)."""
     start, events = _events(path)
     open_: dict[int, list] = defaultdict(list)
     out = []
@@ -33,14 +33,6 @@ def _spans(path) -> list[tuple[int, str, int, int]]:
         elif e.get("ph") == "E" and open_[e["pid"]]:
             name, began = open_[e["pid"]].pop()
             out.append((e["pid"], name, start + began, start + e["ts"]))
-    return out
-
-
-def intervals(path) -> dict[str, list[tuple[int, int]]]:
-    """Activity name -> [(start, end)] in microseconds since the epoch."""
-    out: dict[str, list] = defaultdict(list)
-    for _, name, a, b in _spans(path):
-        out[name].append((a, b))
     return out
 
 
@@ -54,18 +46,18 @@ def _union_length(spans: list[tuple[int, int]]) -> int:
     return total
 
 
-def breakdown(path, window_us: tuple[float, float], steps: int) -> dict:
-    """Milliseconds per step of each activity inside [start, end] (epoch microseconds), e.g. the timed steps."""
+def breakdown(trace: list, window_us: tuple[float, float], steps: int) -> dict:
+    """Milliseconds per step of each activity of `trace` (spans()) inside [start, end] (epoch microseconds), e.g.
+    the timed steps."""
     lo, hi = window_us
-    out = {}
-    for name, spans in sorted(intervals(path).items()):
-        inside = [(max(a, lo), min(b, hi)) for a, b in spans if b > lo and a < hi]
-        if inside:
-            out[f"{name.lower()}_ms"] = _union_length(inside) / 1e3 / steps
-    return out
+    inside: dict[str, list] = defaultdict(list)
+    for _, name, a, b in trace:
+        if b > lo and a < hi:
+            inside[name].append((max(a, lo), min(b, hi)))
+    return {f"{name.lower()}_ms": _union_length(found) / 1e3 / steps for name, found in sorted(inside.items())}
 
 
-def overlap(path, step_ends_us: list[float], idle_us: float = 200.0) -> dict:
+def overlap(trace: list, step_ends_us: list[float], idle_us: float = 200.0) -> dict:
     """Does communication start before the backward pass ends? A step's all-reduces are those whose work (ALLREDUCE)
     starts between its end and the previous step's (a step cannot end before its own, nor start them before the
     previous one ended); the last of their requests (NEGOTIATE_ALLREDUCE starts) marks the end of the first rank's
@@ -74,23 +66,9 @@ def overlap(path, step_ends_us: list[float], idle_us: float = 200.0) -> dict:
     is an upper bound on the overlap (overlapped_max_ms). Work that ended before the thread last sat idle for
     `idle_us` (many cycles: a waiting request would have been taken) before the stamp certainly ran during the
     backward pass: the lower bound (overlapped_ms). steps_overlapped: the share of steps with a lower bound > 0."""
-    spans = _spans(path)
-    by_row: dict[int, list] = defaultdict(list)
-    for row, name, a, _ in spans:
-        if name in ("NEGOTIATE_ALLREDUCE", "ALLREDUCE"):
-            by_row[row].append((a, name))
-    request = {}   # (row, ALLREDUCE start) -> its request time: the row's NEGOTIATE start just before
-    for row, mine in by_row.items():
-        asked = None
-        for a, name in sorted(mine):
-            if name == "NEGOTIATE_ALLREDUCE":
-                asked = a
-            elif asked is not None:
-                request[row, a] = asked
-    lower, upper = [], []
+    lower, upper, reduced = [], [], _requested_work(trace)
     for lo, hi in zip(step_ends_us, step_ends_us[1:]):
-        work = [(a, b, request[row, a]) for row, name, a, b in spans
-                if name == "ALLREDUCE" and lo < a <= hi and (row, a) in request]
+        work = [(a, b, asked) for a, b, asked in reduced if lo < a <= hi]
         if work:
             last = max(asked for *_, asked in work)
             before = [(a, min(b, last)) for a, b, _ in work if a < last]
@@ -102,21 +80,38 @@ def overlap(path, step_ends_us: list[float], idle_us: float = 200.0) -> dict:
             "steps_overlapped": sum(1 for x in lower if x > 0) / len(lower)}
 
 
+def _requested_work(trace: list) -> list[tuple[int, int, int]]:
+    """(start, end, request time) of every ALLREDUCE: its tensor row's NEGOTIATE_ALLREDUCE start just before."""
+    by_row: dict[int, list] = defaultdict(list)
+    for row, name, a, b in trace:
+        if name in ("NEGOTIATE_ALLREDUCE", "ALLREDUCE"):
+            by_row[row].append((a, name, b))
+    out = []
+    for mine in by_row.values():
+        asked = None
+        for a, name, b in sorted(mine):
+            if name == "NEGOTIATE_ALLREDUCE":
+                asked = a
+            elif asked is not None:
+                out.append((a, b, asked))
+    return out
+
+
 def _last_idle(work: list[tuple[int, int]], until: float, idle_us: float) -> float:
     """The start of the last stretch of at least `idle_us` without work before `until` (-inf if none)."""
-    ends = sorted(work)
-    for i in range(len(ends) - 1, -1, -1):
-        busy_until = max(b for _, b in ends[:i + 1])
-        next_start = ends[i + 1][0] if i + 1 < len(ends) else until
-        if next_start - busy_until >= idle_us:
-            return busy_until
-    return float("-inf")
+    boundary, busy = float("-inf"), None
+    for a, b in sorted(work):
+        if busy is not None and a - busy >= idle_us:
+            boundary = busy
+        busy = b if busy is None else max(busy, b)
+    return busy if busy is not None and until - busy >= idle_us else boundary
 
 
 def annotate(rows: list[dict], path) -> None:
     """Add the timeline's breakdown (timeline_*) and overlap (timeline_overlapped_ms, ...) of its timed steps to each
     row train_worker wrote."""
+    trace = spans(path)
     for row in rows:
         ends = row["step_ends_epoch_us"]
-        found = {**breakdown(path, (ends[0], ends[-1]), row["steps"]), **overlap(path, ends)}
+        found = {**breakdown(trace, (ends[0], ends[-1]), row["steps"]), **overlap(trace, ends)}
         row.update({f"timeline_{k}": v for k, v in found.items()})

@@ -95,7 +95,7 @@ def run(args) -> int:
                         f"models {', '.join(WORKLOADS)}")
     runs, rows, parts = [], [], {}
     with tempfile.TemporaryDirectory(prefix="hvdtrain-bench-train-") as work:
-        findings = {"mwms": {"stock_fit": _stock_fit(args, Path(work))}} if "mwms" in impls and _keras3() else {}
+        findings = {"mwms": {"stock_fit": _stock_fit(args, Path(work))}} if "mwms" in impls and harness.keras_major(harness.versions()) >= 3 else {}
         for round_ in range(args.rounds):
             for impl in impls:
                 print(f"[bench] train: {impl}{'' if impl == 'single' else f' on {args.np} ranks'} "
@@ -106,7 +106,8 @@ def run(args) -> int:
                 _add_findings(got, findings.get(impl, {}))
                 runs.append({"impl": impl, "round": round_, "loadavg_before": before,
                              "loadavg_after": harness.loadavg(), "settings": got["settings"]})
-                rows += [{k: v for k, v in r.items() if k != "step_ends_epoch_us"} for r in got["rows"]]   # timeline's
+                # The per-step end times are for the timeline (launch_hvdtrain), not for the table.
+                rows += [{k: v for k, v in r.items() if k != "step_ends_epoch_us"} for r in got["rows"]]
     stack = parts.get("hvdtrain", next(iter(parts.values())))["stack"]
     doc = harness.new_document("train", args.np, {impl: part["settings"] for impl, part in parts.items()}, stack)
     doc["runs"], doc["rows"] = runs, harness.best_by(rows, ("model", "impl"), "samples_per_sec")
@@ -144,12 +145,6 @@ def _add_findings(part: dict, findings: dict) -> None:
     part["settings"].update(findings)
     for row in part["rows"]:
         row.update(findings)
-
-
-def _keras3() -> bool:
-    """Does this virtualenv (the workers' too) have Keras 3?"""
-    major = harness.versions().get("keras", "0").split(".")[0]
-    return major.isdigit() and int(major) >= 3
 
 
 def _stock_fit(args, work: Path) -> str:

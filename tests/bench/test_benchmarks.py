@@ -189,7 +189,7 @@ def test_timeline_breakdown_merges_overlapping_tensors_inside_the_window(tmp_pat
                    {"ph": "E", "ts": b - 10, "pid": pid}, {"ph": "E", "ts": b, "pid": pid}]
     path = tmp_path / "timeline.json"
     path.write_text("[\n" + ",\n".join(json.dumps(e) for e in events) + ",")   # still being written: no "]"
-    got = timeline.breakdown(path, (1000 + 0, 1000 + 1000), steps=2)
+    got = timeline.breakdown(timeline.spans(path), (1000 + 0, 1000 + 1000), steps=2)
     assert got == {"allreduce_ms": pytest.approx(0.300 / 2), "mpi_allreduce_ms": pytest.approx(0.280 / 2)}
 
 
@@ -301,10 +301,10 @@ def test_timeline_overlap_is_bounded_by_the_requests_and_the_background_threads_
                    {"ph": "E", "ts": ended, "pid": pid}]
     path = tmp_path / "timeline.json"
     path.write_text(json.dumps(events))
-    got = timeline.overlap(path, [0, 1000, 2000, 3000])
+    got = timeline.overlap(timeline.spans(path), [0, 1000, 2000, 3000])
     assert got == {"overlapped_ms": pytest.approx(0.200 / 3), "overlapped_max_ms": pytest.approx(0.600 / 3),
                    "steps_overlapped": pytest.approx(1 / 3)}
-    assert timeline.overlap(path, [5000, 6000]) == {}   # no all-reduce in the window
+    assert timeline.overlap(timeline.spans(path), [5000, 6000]) == {}   # no all-reduce in the window
 
 
 def test_averaging_measures_every_way_against_one_group_and_keeps_identical_ways_as_noise_controls():
