@@ -12,8 +12,8 @@ from hvdtrain import backend, checkpoint, config, data, federated, models, optim
 from hvdtrain import world as worlds
 from hvdtrain.errors import DataError, UserError
 from hvdtrain.inference import Evaluator
-from hvdtrain.pipeline import serving
 from hvdtrain.log import counted, get_logger
+from hvdtrain.pipeline import serving
 from hvdtrain.rundir import STOP_FILE, RunDir
 from hvdtrain.session import Session, fit_segments
 from hvdtrain.sync import Synchronizer, SyncPlan
@@ -51,7 +51,8 @@ class Trainer:
         self.task = Task.from_config(cfg.data, cfg.trainer.top_k)
         self.steps = 1 if self.fedavg else self._agreed_steps(together)   # fedavg: a round per epoch
         shape = self.source.example_shape()
-        self.model = models.build_model(cfg.model, shape, self.task.outputs)
+        build = (lambda: models.build_model(cfg.model, shape, self.task.outputs))
+        self.model = pipeline.build_whole(build, world) if cfg.parallel.pipelined else build()
         signature = checkpoint.signature(self.model, shape, self.task.outputs, cfg.model.name)
         plan = SyncPlan.from_config(cfg.trainer, self.steps, cfg.optim.backward_passes_per_step)
         sync = Synchronizer.for_plan(plan, world, cfg.optim.fp16_compression)
@@ -78,6 +79,10 @@ class Trainer:
                                stop=stop, meta=meta, elastic=cfg.trainer.elastic, sync=sync)
         together(lambda: self.session.resume(self.model, signature, cfg.trainer.resume), "hvdtrain.resume")
         self.evaluate = self._evaluator(world)
+
+    def own_callbacks(self) -> list:
+        """After the session's: the pipeline's measured balance (its epoch-end line follows the epoch's line)."""
+        return [] if self.pipeline is None else [self.pipeline.balance]
 
     def _evaluator(self, world):
         if self.pipeline is not None:
@@ -113,10 +118,7 @@ class Trainer:
     def summarize(self) -> dict:
         extra = {}
         if self.pipeline is not None:
-            extra["pipeline"] = {
-                **self.pipeline.layout(), "replicas": self.world.replicas, "schedule": self.cfg.parallel.schedule,
-                "microbatches": self.cfg.parallel.microbatches, "stage_costs": list(self.pipeline.plan.costs),
-                "cost_unit": self.pipeline.plan.unit}
+            extra["pipeline"] = self.pipeline.summary(self.world, self.cfg.parallel)
         if self.fedavg:
             extra["fedavg"] = {**dataclasses.asdict(self.cfg.fedavg), "per_round": self.cfg.fedavg.per_round,
                                "partition": self.cfg.data.partition}
@@ -163,7 +165,7 @@ class StaticLoop:
         config.check_world(cfg, world.size)
 
     def run(self, trainer: Trainer) -> None:
-        callbacks = trainer.session.callbacks(evaluate=trainer.evaluate)
+        callbacks = trainer.session.callbacks(evaluate=trainer.evaluate) + trainer.own_callbacks()
         fit_segments(trainer.model, trainer.batches_from, trainer.session, callbacks,
                      diagnose=lambda: trainer.source.diagnose(trainer.data_world, "train"))
 

@@ -1,12 +1,14 @@
 """Rank-side worker of `hvdtrain bench pipeline` (run under horovodrun --mpi by the driver, bench/pipeline.py).
 
-Default: the bubble. A model of P equal blocks (each `--layers` Dense layers of `--width` units, so every stage costs the same and the
-bubble formula applies), split into P stages; for every schedule and number of micro-batches M, a fresh stage trained
-for `--warmup` then `--steps` steps on micro-batches of `--micro-batch` examples (the replica batch grows with M, the
-cost of a micro-batch stays fixed). Each rank measures the seconds it waited for activations and gradients (its idle
-time in the schedule) against the wall time of the measured steps. With --throughput instead: the same model trained
-as D x P (1F1B, 4 micro-batches) and data-parallel on all ranks with the same global batch, rounds alternating.
-Rank 0 writes every rank's numbers as JSON.
+Default: the bubble. A model of P equal blocks, split into P stages; for every schedule and number of micro-batches
+M, a fresh stage trained for `--warmup` then `--steps` steps on micro-batches of `--micro-batch` examples (the replica
+batch grows with M, the cost of a micro-batch stays fixed). `--cost fixed`: each block holds its thread for
+`--forward-ms` in its forward and `--backward-ms` in its backward (a sleep beside a small Dense layer), so every stage
+costs exactly that even when ranks share cores: the formula's setting. `--cost dense`: each block is `--layers` Dense
+layers of `--width` units computing for real. Each rank measures the seconds it waited for activations and gradients
+(its idle time in the schedule) against the wall time of the measured steps. With --throughput instead: the dense
+model trained as D x P (1F1B, 4 micro-batches) and data-parallel on all ranks with the same global batch, rounds
+alternating. Rank 0 writes every rank's numbers as JSON.
 """
 from __future__ import annotations
 
@@ -19,6 +21,10 @@ def add_arguments(p) -> None:
     p.add_argument("--stages", type=int, required=True)
     p.add_argument("--micro", default="1,2,4,8,16", help="numbers of micro-batches, comma-separated")
     p.add_argument("--schedules", default="gpipe,1f1b")
+    p.add_argument("--cost", choices=("fixed", "dense"), default="fixed",
+                   help="blocks of fixed, known cost (a sleep) or of real Dense compute")
+    p.add_argument("--forward-ms", type=float, default=60.0, help="--cost fixed: a block's forward per micro-batch")
+    p.add_argument("--backward-ms", type=float, default=120.0, help="--cost fixed: a block's backward per micro-batch")
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--layers", type=int, default=2, help="Dense layers per stage")
     p.add_argument("--micro-batch", type=int, default=256)
@@ -31,8 +37,8 @@ def add_arguments(p) -> None:
 
 
 def fixed_cost_model(stages: int, layers: int, width: int):
-    """P blocks of equal cost. A per-feature scale in front makes the first block compute its input gradient as
-    every later block does (else stage 1 would skip one matmul of its backward and wait for the others)."""
+    """P blocks of equal, real compute. A per-feature scale in front makes the first block compute its input gradient
+    as every later block does (else stage 1 would skip one matmul of its backward and wait for the others)."""
     import keras
 
     class Scale(keras.layers.Layer):
@@ -45,6 +51,38 @@ def fixed_cost_model(stages: int, layers: int, width: int):
               for s in range(stages) for i in range(layers)]
     return keras.Sequential([keras.Input((width,)), Scale(name="scale"), *blocks, keras.layers.Dense(10, name="head")],
                             name="fixed_cost")
+
+
+def hold(seconds: float) -> None:
+    """Return `seconds` from now, precisely: sleep until shortly before (a sleep can overrun by a scheduler tick on
+    a busy machine), then poll the clock for the rest."""
+    deadline = time.perf_counter() + seconds
+    time.sleep(max(0.0, seconds - 1e-3))
+    while time.perf_counter() < deadline:
+        pass
+
+
+def held_model(stages: int, width: int, forward_ms: float, backward_ms: float):
+    """P blocks of a known cost: a Dense layer (its weights give the stage something to update), then a hold of
+    forward_ms in the forward and backward_ms in the backward. The hold sleeps, so it costs the same wall time
+    whatever else runs on the machine; it comes after the Dense, so every stage's backward runs it."""
+    import keras
+    import tensorflow as tf
+
+    def held(t, seconds):
+        out = tf.numpy_function(lambda a: (hold(seconds), a)[1], [t], t.dtype, stateful=True)
+        out.set_shape(t.shape)
+        return out
+
+    class Hold(keras.layers.Layer):
+        def call(self, x):
+            @tf.custom_gradient
+            def hold(x):
+                return held(x, forward_ms / 1e3), lambda dy: held(dy, backward_ms / 1e3)
+            return hold(x)
+    blocks = [layer for s in range(stages) for layer in (keras.layers.Dense(width, name=f"block{s + 1}_dense1"),
+                                                         Hold(name=f"block{s + 1}_hold"))]
+    return keras.Sequential([keras.Input((width,)), *blocks, keras.layers.Dense(10, name="head")], name="held")
 
 
 class Timer:
@@ -78,7 +116,10 @@ def run(args) -> int:
     from hvdtrain.pipeline import split
     # One thread per rank for ops: a stage is then one sequential processor, as the bubble formula assumes.
     world = worlds.start(RuntimeConfig(intra_op_threads=1, inter_op_threads=1), stages=args.stages)
-    whole = fixed_cost_model(args.stages, args.layers, args.width)
+    if args.cost == "fixed" and not args.throughput:
+        whole = held_model(args.stages, args.width, args.forward_ms, args.backward_ms)
+    else:
+        whole = fixed_cost_model(args.stages, args.layers, args.width)
     plan, stage_models = split.plan(whole, args.stages, tuple(f"block{s + 1}_dense1" for s in range(1, args.stages)))
     channel = Channel()
     if args.throughput:
@@ -92,7 +133,8 @@ def run(args) -> int:
     if world.rank == 0:
         Path(args.output).write_text(json.dumps({"rows": [r for rank in every for r in rank],
                                                  "whole_param_bytes": 4 * whole.count_params(),
-                                                 "plan": plan.describe(), "ranks": world.size, "stages": args.stages}))
+                                                 "plan": plan.describe(), "ranks": world.size, "stages": args.stages,
+                                                 "cost": args.cost}))
     return 0
 
 

@@ -305,17 +305,21 @@ def _pipeline(doc, rel: Path) -> str:
     deviations = ", ".join(f"{k.split('_max')[0].replace('_', ' ')}: {v:.0%}" for k, v in summary.items()
                            if "deviation" in k)
     return "\n".join(["## Pipeline stages", "",
-                      f"`hvdtrain bench pipeline` (TensorFlow {s['tensorflow']}, Keras {s['keras']}): P equal blocks of "
-                      f"Dense({settings['width']}) layers, micro-batches of {settings['micro_batch']} examples, one "
-                      "thread per rank; idle = 1 - a stage's busy time / the pipeline's makespan per step, against "
-                      "GPipe's (P - 1) / (M + P - 1), which assumes equal stages and zero transfer time; imbalance = "
-                      "(the busiest stage's busy time - this stage's) / makespan, the waiting the formula leaves out "
-                      "(the last stage also computes the loss and metrics). Goal (issue 21): within 10 % of the formula "
-                      f"at M >= 4. Largest deviation at M >= 4, over stages: {deviations}. P = 4 runs 4 ranks on the 2 "
-                      "cores: its stages share cores, so a waiting stage lends its core to a computing one and its "
-                      "numbers are not the formula's setting. param_share / optimizer_share: a rank's bytes against "
-                      "the whole model's parameters; stashed_peak: the micro-batches whose activations a stage keeps "
-                      "at once.", "",
+                      f"`hvdtrain bench pipeline` (TensorFlow {s['tensorflow']}, Keras {s['keras']}): P equal blocks, "
+                      f"micro-batches of {settings['micro_batch']} examples, one thread per rank. Cost `fixed`: each "
+                      f"block holds its thread {settings.get('forward_ms', '-')} ms in its forward and "
+                      f"{settings.get('backward_ms', '-')} ms in its backward per micro-batch (beside a "
+                      f"Dense({settings.get('fixed_width', '-')})), so every stage costs the same even where ranks share "
+                      f"cores: the formula's setting. Cost `dense`: Dense({settings['width']}) layers computing for "
+                      "real on the shared cores. Idle = 1 - a stage's busy time / the pipeline's makespan per step, "
+                      "against GPipe's (P - 1) / (M + P - 1), which assumes equal stages and zero transfer time; "
+                      "imbalance = (the busiest stage's busy time - this stage's) / makespan, the waiting the formula "
+                      "leaves out (the last stage also computes the loss and metrics). Goal (issue 21): within 10 % of "
+                      f"the formula at M >= 4. Largest deviation at M >= 4, over stages: {deviations}. A message costs "
+                      "about 0.3 ms and 1F1B's steady state has two on its critical path per micro-batch, so the "
+                      "deviation grows as passes get shorter (notes.md). P = 4 runs 4 ranks on the 2 cores. "
+                      "param_share / optimizer_share: a rank's bytes against the whole model's parameters; "
+                      "stashed_peak: the micro-batches whose activations a stage keeps at once.", "",
                       harness.markdown_table(doc.get("rows", []), pipeline.COLUMNS), "",
                       f"![pipeline bubble]({rel / 'pipeline.png'})", *_pipeline_throughput(doc)])
 

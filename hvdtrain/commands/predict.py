@@ -19,6 +19,10 @@ Examples:
   scripts/launch.sh 4 hvdtrain predict --run runs/digits --input new.npz --output preds.npy --fields class
   scripts/launch.sh 2 hvdtrain predict --run runs/flowers --input photos/ --output p.csv --fields name,probs
   hvdtrain predict --checkpoint runs/x/checkpoints/ckpt-00000420 --input 'shards/*.tfrecord' --output p.jsonl
+  scripts/launch.sh 4 hvdtrain predict --run runs/digits --output preds.csv --parallel.pipeline_stages=2
+
+With --parallel.pipeline_stages=P (an MPI launch of a multiple of P ranks) the model runs split into P stages, each
+batch passing through them (model-parallel inference): the output is the same bytes.
 
 Every input is read and checked before anything is written; throughput (samples/s per rank and in total) is
 printed at the end. The output's directory must be shared by all ranks (each rank writes a hidden part file there
@@ -45,14 +49,11 @@ def run(args, overrides) -> int:
     from hvdtrain import backend
     from hvdtrain.commands.common import inputs_source, start, write_report
     from hvdtrain.data.inputs import BUILT_IN, is_unlabelled, lists_files
-    from hvdtrain.inference import OrderedOutput, load_agreed, predict_to_file
+    from hvdtrain.inference import OrderedOutput, load_agreed
 
     world, log = start(overrides)
-    if world.stages > 1:
-        from hvdtrain.errors import UserError
-        raise UserError("hvdtrain predict runs the whole model on every rank (a pipeline run's checkpoint loads as one "
-                        "model); drop --parallel.pipeline_stages (hvdtrain evaluate takes it)", agreed=True)
     trained = load_agreed(args.run, args.checkpoint, overrides, world)
+    readers = world.data_view()   # a pipeline's stages all see their replica's batches
     token = backend.broadcast_object(secrets.token_hex(4), "hvdtrain.predict.token")
     paths = lists_files(args.input, trained.cfg.data)
     fields = args.fields.split(",") if args.fields else trained.task.default_fields() + (("path",) if paths else ())
@@ -62,30 +63,46 @@ def run(args, overrides) -> int:
         backend.agree_on_errors(out.check_shared, "hvdtrain.predict.shared")
 
         if is_unlabelled(args.input):
-            got = backend.agree_on_errors(lambda: _unlabelled(args.input, trained, world, args.batch_size),
-                                       "hvdtrain.predict.inputs")
+            got = backend.agree_on_errors(lambda: _unlabelled(args.input, trained, world, readers, args.batch_size),
+                                          "hvdtrain.predict.inputs")
         else:
             source = backend.agree_on_errors(lambda: inputs_source(trained, args.input), "hvdtrain.predict.source")
             split = "test" if args.input and args.input not in BUILT_IN else args.split
             source.adopt(split, backend.gather_agreed(lambda: source.validate(world, split), "hvdtrain.predict.validate"))
-            got = backend.agree_on_errors(lambda: _checked(source.predict_share(world, split, args.batch_size), trained,
-                                                        args.input or source.cfg.source), "hvdtrain.predict.share")
-        log.info(f"predicting with {trained.ckpt} on {world.size} rank(s)")
-        report = predict_to_file(trained.model, got, world, out, trained.task, trained.input_shape, trained.class_names)
+            got = backend.agree_on_errors(lambda: _checked(source.predict_share(readers, split, args.batch_size),
+                                                           trained, args.input or source.cfg.source),
+                                          "hvdtrain.predict.share")
+        through = f", {world.replicas} replica(s) of a {world.stages}-stage pipeline" if world.stages > 1 else ""
+        log.info(f"predicting with {trained.ckpt} on {world.size} rank(s){through}")
+        report = _predict(trained, got, world, out)
     finally:
         out.discard()
-    ranks = ", ".join(f"rank {r['rank']}: {r['samples_per_sec']:,.0f}/s" for r in report["per_rank"])
+    ranks = ", ".join(f"rank {r['rank']}: {r['samples_per_sec']:,.0f}/s" for r in report["per_rank"]
+                      if r["examples"] or world.stages == 1)   # a pipeline's last stages write its rows
     log.info(f"wrote {args.output}: {report['examples']} rows ({', '.join(out.fields)}) in {report['seconds']:.2f} s, "
              f"{report['samples_per_sec']:,.0f} samples/s on {world.size} rank(s) ({ranks})")
     write_report(args.report, {**report, "output": args.output, "checkpoint": str(trained.ckpt)}, world)
     return 0
 
 
-def _unlabelled(source: str, trained, world, batch: int):
+def _predict(trained, share, world, out) -> dict:
+    """Data-parallel: every rank scores its batches with the whole model. Through P stages: each replica's pipeline
+    scores the replica's batches and its last stage writes them (model-parallel inference)."""
+    from hvdtrain.inference import predict_to_file, write_predictions
+    if world.stages == 1:
+        return predict_to_file(trained.model, share, world, out, trained.task, trained.input_shape,
+                               trained.class_names)
+    from hvdtrain.pipeline import serving
+    stage = serving.stage_of(trained, world)
+    return write_predictions(serving.predictions_through(stage, share, trained.task), share, world, out,
+                             trained.class_names, writers=serving.last_stages(range(world.size), world))
+
+
+def _unlabelled(source: str, trained, world, readers, batch: int):
     from hvdtrain.data.inputs import check_images, unlabelled_share
     if not source.endswith(".npz"):
         check_images(source, world, trained.cfg.data)
-    return _checked(unlabelled_share(source, trained.cfg.data, world, batch), trained, source)
+    return _checked(unlabelled_share(source, trained.cfg.data, readers, batch), trained, source)
 
 
 def _checked(share, trained, where):

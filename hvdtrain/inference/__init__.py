@@ -8,8 +8,8 @@ single-process run's batches are dealt whole to the ranks (data.sharding.dealt_b
 The commands that use them are hvdtrain/commands/predict.py and evaluate.py; which inputs they read, data/inputs.py.
 """
 from hvdtrain.inference.evaluate import Evaluator, exact_metrics
-from hvdtrain.inference.predict import OrderedOutput, predict_ordered, predict_to_file
+from hvdtrain.inference.predict import OrderedOutput, predict_ordered, predict_to_file, write_predictions
 from hvdtrain.inference.run import TrainedRun, load, load_agreed, locate
 
 __all__ = ["Evaluator", "OrderedOutput", "TrainedRun", "exact_metrics", "load", "load_agreed", "locate",
-           "predict_ordered", "predict_to_file"]
+           "predict_ordered", "predict_to_file", "write_predictions"]

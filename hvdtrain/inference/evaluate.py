@@ -6,6 +6,8 @@ an all-reduce of per-rank totals would not be). Errors while reading a share (a 
 stops with that rank's message instead of waiting for it in the gather."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from hvdtrain import backend
@@ -33,20 +35,33 @@ def batch_sums(model, dataset, task, where: str = "held-out data", diagnose=None
                expected: int | None = None) -> list[np.ndarray]:
     """The task's sums of each batch of this rank's share; a read error becomes a DataError naming the file when
     `diagnose()` (a re-check of this rank's inputs) can find it, else what was being read."""
-    import tensorflow as tf
     step = _sum_step(model, task)
-    try:
+    with read_errors(where, diagnose):
         sums = [step(x, y).numpy() for x, y in dataset]
+    check_count(sums, task, where, diagnose, expected)
+    return sums
+
+
+@contextlib.contextmanager
+def read_errors(where: str, diagnose=None):
+    """A read error of the inputs (TensorFlow's) as a DataError naming the file when `diagnose()` (a re-check of
+    this rank's inputs) can find it, else what was being read."""
+    import tensorflow as tf
+    try:
+        yield
     except tf.errors.OpError as exc:
         kind = "corrupt" if isinstance(exc, tf.errors.DataLossError) else "unreadable or malformed"
         found = diagnose() if diagnose else None
         raise DataError(f"{found or f'{kind} {where} ({first_line(exc)})'}; found while evaluating") from None
+
+
+def check_count(sums: list, task, where: str, diagnose=None, expected: int | None = None) -> None:
+    """A file that shrank or grew since validation stops the evaluation: never a silent result."""
     examples = int(sum(s[task.sum_names().index("examples")] for s in sums))
-    if expected is not None and examples != expected:   # a file shrank or grew since validation: never a silent result
+    if expected is not None and examples != expected:
         found = diagnose() if diagnose else None
         raise DataError(f"{found or f'{where} changed since the start ({examples} examples now, {expected} then)'}; "
                         "found while evaluating: rerun to check the inputs again")
-    return sums
 
 
 def exact_metrics(model, dataset, world, task, name: str = "hvdtrain.evaluate", where: str = "held-out data",

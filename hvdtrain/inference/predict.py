@@ -31,17 +31,10 @@ def scorer(model, task, input_shape: tuple):
     return step
 
 
-def _scores(step, batches, class_names):
+def _scores(step, batches):
     import tensorflow as tf
-    try:
-        for x in batches:
-            values = {k: v.numpy() for k, v in step(tf.cast(x, tf.float32)).items()}
-            if "class" in values:
-                values["name"] = class_names[values["class"]] if class_names is not None else values["class"].astype(str)
-            yield values
-    except tf.errors.OpError as exc:
-        kind = "corrupt" if isinstance(exc, tf.errors.DataLossError) else "unreadable or malformed"
-        raise DataError(f"{kind} input data while predicting ({first_line(exc)})") from None
+    for x in batches:
+        yield {k: v.numpy() for k, v in step(tf.cast(x, tf.float32)).items()}
 
 
 class OrderedOutput:
@@ -109,20 +102,22 @@ class OrderedOutput:
             self._file.close()
             self._file = None
 
-    def merge(self, total: int, lengths: list[list[int]]) -> None:
-        """Rank 0: header, then every batch in batch order (lengths[r]: rank r's batches' bytes), streamed, into a
-        temporary file renamed into place."""
+    def merge(self, total: int, lengths: list[list[int]], writers=None) -> None:
+        """Rank 0: header, then every batch in batch order, streamed, into a temporary file renamed into place.
+        lengths[r]: rank r's batches' bytes; `writers`: the ranks holding the dealt batches, in dealing order (default
+        every rank)."""
+        writers = range(self.world.size) if writers is None else writers
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f"{TMP_PREFIX}{self.path.name}.merge")
         try:
             os.fchmod(fd, file_mode())  # the permissions of an ordinary new file, not mkstemp's 0600
             with os.fdopen(fd, "wb") as out:
                 out.write(self.format.header(total))
-                parts = [open(self.part(rank), "rb") for rank in range(self.world.size)]
+                parts = {rank: open(self.part(rank), "rb") for rank in writers}
                 try:
-                    for rank, n in in_batch_order([[(r, n) for n in ns] for r, ns in enumerate(lengths)]):
+                    for rank, n in in_batch_order([[(r, n) for n in lengths[r]] for r in writers]):
                         _copy(parts[rank], out, n)
                 finally:
-                    for part in parts:
+                    for part in parts.values():
                         part.close()
                 out.flush()
                 os.fsync(out.fileno())
@@ -150,28 +145,50 @@ def _copy(src, dst, n: int, chunk: int = 1 << 20) -> None:
 
 def predict_to_file(model, share, world, out: OrderedOutput, task, input_shape, class_names=None) -> dict:
     """Score this rank's batches into `out` (already opened), then merge on rank 0. Returns the throughput report."""
-    step = scorer(model, task, input_shape)
+    return write_predictions(_scores(scorer(model, task, input_shape), share.dataset), share, world, out, class_names)
+
+
+def write_predictions(batches, share, world, out: OrderedOutput, class_names=None, writers=None) -> dict:
+    """Each batch's prediction fields (`batches`, one dict per batch of `share`, this rank's; a rank that writes
+    none, e.g. a pipeline's earlier stage, runs its part inside the iteration) into `out`, then merged on rank 0
+    from the `writers` (the ranks holding the dealt batches in dealing order; default every rank). Returns the
+    throughput report."""
+    import tensorflow as tf
+    writers = list(range(world.size)) if writers is None else list(writers)
     names = np.asarray(class_names) if class_names is not None else None
     out.begin(share.paths)
 
     def score():
-        written = 0
-        for (start, stop), values in zip(share.spans, _scores(step, share.dataset, names)):
-            index, values = _identified(share, start, stop, values, out.fields)
-            out.write(index, values)
-            written += len(index)
+        written, spans = 0, iter(share.spans)
+        try:
+            for values in batches:
+                index, values = _identified(share, *next(spans), _named(values, names), out.fields)
+                out.write(index, values)
+                written += len(index)
+        except tf.errors.OpError as exc:
+            kind = "corrupt" if isinstance(exc, tf.errors.DataLossError) else "unreadable or malformed"
+            raise DataError(f"{kind} input data while predicting ({first_line(exc)})") from None
         out.close()
-        if written != share.count:   # an input changed since it was listed or validated
+        if world.rank in writers and written != share.count:   # an input changed since it was listed or validated
             raise DataError(f"the inputs changed since the start ({written} examples read, {share.count} listed); "
                             "rerun to check them again")
 
     started, cpu_started = time.perf_counter(), time.process_time()
     backend.agree_on_errors(score, "hvdtrain.predict.score")
-    mine = (share.count, out.lengths, (time.perf_counter() - started, time.process_time() - cpu_started))
+    mine = (share.count if world.rank in writers else 0, out.lengths,
+            (time.perf_counter() - started, time.process_time() - cpu_started))
     ranks = backend.allgather_object(mine, "hvdtrain.predict.written")
     counts, lengths, times = (list(column) for column in zip(*ranks))
-    backend.agree_on_errors(lambda: out.merge(sum(counts), lengths) if world.is_chief else None, "hvdtrain.predict.merge")
+    backend.agree_on_errors(lambda: out.merge(sum(counts), lengths, writers) if world.is_chief else None,
+                            "hvdtrain.predict.merge")
     return throughput(counts, times)
+
+
+def _named(values: dict, names) -> dict:
+    """The class's name beside its number (the class folders' names, else the number as text)."""
+    if "class" in values:
+        values["name"] = names[values["class"]] if names is not None else values["class"].astype(str)
+    return values
 
 
 def _identified(share, start: int, stop: int, values: dict, fields) -> tuple[np.ndarray, dict]:

@@ -2,9 +2,10 @@
 micro-batches flowing through them (GPipe or 1F1B), each stage's gradients averaged over its D replicas.
 
   schedule  the order of forwards and backwards on each stage, pure data (checked by simulation)
-  split     the model cut where exactly one tensor crosses: by layer names, or balanced by parameters
+  split     the model cut where exactly one tensor crosses: by layer names, or balanced by measured time or parameters
   stage     one rank's stage as a Keras model whose train step runs the schedule (so `fit` and the controller run it)
-  serving   exact evaluation through the stages, and the whole model put back together for model.keras
+  balance   each stage's measured share of its steps spent waiting, logged at every epoch end
+  serving   exact evaluation and prediction through the stages, and the whole model put back together
 
 Ranks are numbered stage = rank % P, replica = rank // P (see world.World). Activations travel by MPI point-to-point
 (backend.p2p), gradients are averaged with Horovod on each stage's process set.
@@ -22,19 +23,74 @@ class Pipeline:
     whole: object      # rank 0: the unsplit model (its other stages' weights are filled in for export); else None
     plan: object       # split.Plan
     channel: object    # backend.p2p.Channel
+    balance: object    # balance.MeasuredBalance: a callback for fit
+    built: int         # parameters of the whole model this rank made (rank 0: all; the others: their stage's)
 
     def layout(self) -> dict:
         """What a checkpoint must match to be restored stage by stage."""
         return {"stages": len(self.plan.starts), "first_layers": [self.plan.layers[s] for s in self.plan.starts]}
 
+    def summary(self, world, parallel) -> dict:
+        """summary.json's `pipeline` entry (a collective): the layout and settings, each rank's parameters made and
+        trained, and its measured idle share."""
+        from hvdtrain import backend
+        return {**self.layout(), "replicas": world.replicas, "schedule": parallel.schedule,
+                "microbatches": parallel.microbatches, "stage_costs": list(self.plan.costs), "cost_unit": self.plan.unit,
+                "built_parameters": backend.allgather_object(self.built, "hvdtrain.pipeline.built"),
+                "stage_parameters": backend.allgather_object(self.stage.stage_model.count_params(),
+                                                             "hvdtrain.pipeline.trained"),
+                "idle_share": self.balance.idle_shares()}
+
+
+_SET_BY_BUILDER = {}   # id(weight) -> the value the model's builder gave it (pretrained weights), until made
+
+
+def build_whole(builder, world):
+    """The whole model, every weight of it only on rank 0. Other ranks build it without making its weights (Keras's
+    stateless scope defers them), so `build` can make just their stage's: a rank never holds another stage's
+    weights, even for a moment. Deferred weights get the values they would have had (an initializer draws its seed
+    when it is made, not when it runs; a value the builder set, such as pretrained weights, is kept aside for its
+    weight), so every stage starts from the unsplit model's initial weights."""
+    import keras
+    if world.is_chief:
+        return builder()
+    with keras.StatelessScope(initialize_variables=False) as scope:
+        whole = builder()
+    _SET_BY_BUILDER.update(scope.state_mapping)
+    return whole
+
+
+def _made_here(stage_model) -> None:
+    """Make the stage's deferred weights (see build_whole) and drop every reference to the rest, so they go with the
+    whole model."""
+    for variable in stage_model.variables:   # weights, and state such as a Dropout's seed
+        if getattr(variable, "_value", True) is None:
+            variable._deferred_initialize()
+            if id(variable) in _SET_BY_BUILDER:
+                variable.assign(_SET_BY_BUILDER[id(variable)])
+    _SET_BY_BUILDER.clear()
+    _forget_deferred()
+
+
+def _forget_deferred() -> None:
+    from keras.src.backend.common import global_state   # Keras keeps every deferred weight in this list
+    global_state.set_global_attribute("uninitialized_variables", [])
+
+
+def held_parameters(whole) -> int:
+    """Parameters this rank holds of the whole model (made weights only)."""
+    from hvdtrain.pipeline.split import parameters
+    return sum(parameters(w) for w in whole.weights if getattr(w, "_value", True) is not None)
+
 
 def build(cfg, world, whole, task, log, run=None) -> Pipeline:
-    """This rank's stage of `whole` (built alike on every rank, so every stage starts from the unsplit model's
-    initial weights), not yet compiled; the rest of the model is let go, except on rank 0. `run`: the run directory,
-    whose checkpoint's split a resume keeps."""
+    """This rank's stage of `whole` (from build_whole: every stage starts from the unsplit model's initial weights),
+    not yet compiled; the rest of the model is let go, except on rank 0. `run`: the run directory, whose
+    checkpoint's split a resume keeps."""
     from hvdtrain import runtime
     from hvdtrain.backend.p2p import Channel
     from hvdtrain.pipeline import split
+    from hvdtrain.pipeline.balance import MeasuredBalance
     from hvdtrain.pipeline.stage import PipelineStage
     if runtime.keras_major() < 3:
         raise UserError("parallel.pipeline_stages > 1 needs the Keras 3 stack (TensorFlow >= 2.16): the TF 2.15 stack "
@@ -45,12 +101,14 @@ def build(cfg, world, whole, task, log, run=None) -> Pipeline:
         micro_batch = cfg.trainer.global_batch_size // world.replicas // p.microbatches
         costs = _measured(whole, micro_batch, world)
     plan, stage_models = split.plan(whole, p.pipeline_stages, names, costs)
+    _made_here(stage_models[world.stage])
     log.info(f"pipeline: {p.pipeline_stages} stages x {world.replicas} replica(s), {p.microbatches} micro-batches, "
              f"{p.schedule}; {plan.describe()}")
     stage = PipelineStage(stage_models[world.stage], world, Channel(), schedule=p.schedule,
                           microbatches=p.microbatches, loss=task.loss(), metrics=task.metrics())
     # The other stages' layers go with the whole model (only rank 0 keeps it, to write model.keras at the end).
-    return Pipeline(stage=stage, whole=whole if world.is_chief else None, plan=plan, channel=stage.channel)
+    return Pipeline(stage=stage, whole=whole if world.is_chief else None, plan=plan, channel=stage.channel,
+                    balance=MeasuredBalance(stage.channel, world, p.microbatches, log), built=held_parameters(whole))
 
 
 def _checkpoint_split(run, cfg, stages: int) -> tuple:

@@ -1,42 +1,83 @@
 """Through the stages after training: exact evaluation (during training, and of a trained run by `hvdtrain evaluate
---parallel.pipeline_stages=P`), and the whole model put back together."""
+--parallel.pipeline_stages=P`), prediction (`hvdtrain predict --parallel.pipeline_stages=P`), and the whole model
+put back together."""
 from __future__ import annotations
 
 import numpy as np
 
 from hvdtrain import backend
 from hvdtrain.data.sharding import in_batch_order
-from hvdtrain.inference.evaluate import ordered_total
+from hvdtrain.inference.evaluate import check_count, ordered_total, read_errors
+from hvdtrain.pipeline.stage import StageStopped
 
 WEIGHTS_TAG = (1 << 20) + 2
 
 
 class PipelineEvaluator:
     """Like inference.Evaluator, through the pipeline: each replica's pipeline evaluates the replica's share (the
-    single-process run's batches, dealt whole over the replicas); the last stages' batch sums are added in batch
-    order, so the result is bit for bit one process's."""
+    single-process run's batches, dealt whole over the replicas)."""
 
     def __init__(self, source, world, task, split: str = "test", batch: int = 256):
-        self.world, self.task, self.split = world, task, split
+        self.source, self.world, self.task, self.split = source, world, task, split
         self.share = source.eval_share(world.data_view(), split, batch) if source.has_split(split) else None
 
     def __call__(self, stage) -> dict | None:
         if self.share is None:
             return None
-        w = self.world
+        return exact_metrics_through(stage, self.share.dataset, self.world, self.task,
+                                     f"hvdtrain.pipeline.evaluate.{self.split}", f"{self.split} data",
+                                     diagnose=lambda: self.source.diagnose(self.world.data_view(), self.split),
+                                     expected=self.share.count)
 
-        def read():
-            sums = []
-            for x, y in self.share.dataset:
-                scores = stage.forward(x)
-                if scores is not None:
-                    sums.append(np.stack([np.asarray(s) for s in self.task.batch_sums(scores, y)]))
-            stage.channel.flush()
-            return sums
-        parts = backend.gather_agreed(read, f"hvdtrain.pipeline.evaluate.{self.split}")
-        last_stages = [parts[replica * w.stages + w.stages - 1] for replica in range(w.replicas)]
-        total = ordered_total(in_batch_order(last_stages), len(self.task.sum_names()))
-        return self.task.metrics_from_sums(total)
+
+def exact_metrics_through(stage, dataset, world, task, name: str = "hvdtrain.evaluate", where: str = "held-out data",
+                          diagnose=None, expected: int | None = None) -> dict:
+    """inference.exact_metrics through the stages: `dataset` is this replica's batches (x, y), passed on every stage
+    of its pipeline (the first stage reads the inputs, the last the labels). The last stages' batch sums are added in
+    batch order (replica d's k-th batch is batch d + k*D), so the result is bit for bit one process's."""
+    def read():
+        with read_errors(where, diagnose):
+            sums = [np.stack([np.asarray(s) for s in task.batch_sums(scores, y)])
+                    for (_, y), scores in through(stage, dataset) if scores is not None]
+        stage.channel.flush()
+        if world.last_stage:
+            check_count(sums, task, where, diagnose, expected)
+        return sums
+    parts = backend.gather_agreed(read, f"{name}.read")
+    return task.metrics_from_sums(ordered_total(in_batch_order(last_stages(parts, world)), len(task.sum_names())))
+
+
+def predictions_through(stage, share, task):
+    """The prediction fields of each batch of this replica's share, on the last stage (nothing on the others):
+    inference.write_predictions' batches. The first stage reads the inputs; the others only count the batches."""
+    batches = ((x,) for x in share.dataset) if stage.world.first_stage else ((None,) for _ in share.spans)
+    for _, scores in through(stage, batches):
+        if scores is not None:
+            yield {k: v.numpy() for k, v in task.predictions(scores).items()}
+
+
+def through(stage, batches):
+    """Each item of `batches` (one per batch of the replica, the batch's input first; read on the first stage
+    only) with the pipeline's scores of it (None but on the last stage). A stage that fails tells the next, which
+    stops too (StageStopped) and tells its own next: no stage waits for a batch that will not come."""
+    items = iter(batches)
+    while True:
+        try:
+            item = next(items, None)
+            if item is None:
+                return
+            scores = stage.forward(item[0])
+        except StageStopped:   # already passed on
+            raise
+        except Exception:
+            stage.stop_next()
+            raise
+        yield item, scores
+
+
+def last_stages(parts: list, world) -> list:
+    """Of one item per rank, the last stages' items in replica order."""
+    return [parts[replica * world.stages + world.stages - 1] for replica in range(world.replicas)]
 
 
 def assemble(pipeline, world):

@@ -72,7 +72,7 @@ class Graph:
         return [k for k in range(1, len(self.layers)) if len(self.crossing(k)) == 1]
 
     def cost(self, k: int) -> int:
-        return int(sum(_count(w) for w in self.layers[k].weights))
+        return int(sum(parameters(w) for w in self.layers[k].weights))
 
     def stage_models(self, starts) -> list:
         """The sub-models between the cuts, in order (each shares its layers with the whole model)."""
@@ -99,7 +99,7 @@ def _nodes_of(output) -> list:
     return nodes
 
 
-def _count(weight) -> int:
+def parameters(weight) -> int:
     n = 1
     for d in weight.shape:
         n *= int(d)

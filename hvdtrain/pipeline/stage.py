@@ -23,6 +23,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from hvdtrain.errors import UserError
 from hvdtrain.pipeline.schedule import peak_alive, stage_ops
 
 LOGS_TAG = 1 << 20   # message tags: 2m forward activations, 2m + 1 backward gradients, then these
@@ -207,11 +208,26 @@ class PipelineStage(keras.Model):
         w = self.world
         inputs = x if w.first_stage else self.channel.recv(w.previous_rank, EVAL_TAG, self.input_tail,
                                                            self.compute_dtype)
+        if len(inputs) == 0:   # the previous stage's stop: no batch will come
+            self.stop_next()
+            raise StageStopped(f"stage {w.stage + 1} of pipeline {w.replica + 1} stopped because the stage before it "
+                               "failed")
         out = self._infer(inputs)
         if w.last_stage:
             return out
         self.channel.send(out.numpy(), w.next_rank, EVAL_TAG)
         return None
+
+    def stop_next(self) -> None:
+        """Tell the next stage that no more batches come (an empty batch), so it never waits for one: a stage that
+        failed reading its inputs sends it, and every later stage passes it on."""
+        if not self.world.last_stage:
+            self.channel.send(np.zeros((0, *self.output_tail), self.compute_dtype), self.world.next_rank, EVAL_TAG)
+
+
+class StageStopped(UserError):
+    """A stage stopped because an earlier one failed; the agreement reports the earlier stage's error (its rank is
+    lower), this one only if it is alone."""
 
 
 class _Pass:

@@ -231,7 +231,7 @@ def test_pipeline_idle_is_measured_against_the_makespan_of_the_quietest_round():
         return {"schedule": "1f1b", "micro": 4, "round": round_, "rank": stage + 2 * replica, "stage": stage,
                 "replica": replica, "schedule_ms": span, "busy_ms": span - waited, "step_ms": span + 1,
                 "p2p_bytes_per_step": 2**20, "stashed_peak": 2 - stage, "param_bytes": 50, "optimizer_bytes": 50}
-    got = {"stages": 2, "whole_param_bytes": 100, "rows": [
+    got = {"stages": 2, "whole_param_bytes": 100, "cost": "fixed", "rows": [
         worker_row(0, 0, 100.0, 20.0), worker_row(1, 0, 90.0, 10.0),      # makespan 100: idle 0.2 and 0.2
         worker_row(0, 1, 300.0, 0.0), worker_row(1, 1, 300.0, 0.0),       # a disturbed round: longer, dropped
         worker_row(0, 0, 50.0, 0.0, replica=1)]}                          # another replica: not reported
@@ -244,6 +244,8 @@ def test_pipeline_idle_is_measured_against_the_makespan_of_the_quietest_round():
     summary = pipeline.summarize(rows)
     assert summary["p2_1f1b_max_deviation_m4plus"] == pytest.approx(0.0, abs=1e-9)
     assert summary["p2_1f1b_stashed_peak_stage1"] == 2
+    dense = pipeline.summarize(pipeline.table({**got, "cost": "dense"}))   # real compute: reported apart
+    assert set(dense) == {"dense_p2_1f1b_max_deviation_m4plus", "dense_p2_1f1b_stashed_peak_stage1"}
 
 
 def test_pipeline_throughput_takes_the_slowest_rank_and_sums_the_bytes():

@@ -169,3 +169,92 @@ def test_the_keras_2_stack_refuses_pipeline_stages_with_one_line(monkeypatch):
     cfg = load_config(None, ["--parallel.pipeline_stages=2"])
     with pytest.raises(UserError, match=r"^parallel.pipeline_stages > 1 needs the Keras 3 stack \(TensorFlow >= 2.16\)"):
         pipeline.build(cfg, World(rank=0, size=2, local_size=2, stages=2), whole=None, task=None, log=None)
+
+
+# ---- a stage that fails while serving --------------------------------------------------------------------------------
+
+class _Loopback:
+    """Messages to this process, by tag: the transport replaced by queues, so the stop protocol runs without ranks."""
+
+    def __init__(self):
+        import collections
+        self.queues = collections.defaultdict(collections.deque)
+
+    def send(self, array, dest, tag):
+        self.queues[tag].append(array)
+
+    def recv(self, source, tag, tail, dtype, idle=True):
+        return self.queues[tag].popleft().reshape((-1, *tail))
+
+
+@keras3
+@pytest.mark.parametrize("stage", [0, 1])
+def test_a_failing_stage_stops_the_next_one_instead_of_leaving_it_waiting(stage):
+    import numpy as np
+
+    from hvdtrain.pipeline import serving, split
+    from hvdtrain.pipeline.stage import EVAL_TAG, PipelineStage, StageStopped
+    _, stages = split.plan(_model("mlp"), 3, ("dense", "dense_1"))
+    world = World(rank=stage, size=3, local_size=3, stages=3)   # stage 1 reads the inputs; stage 2 receives them
+    channel = _Loopback()
+    served = PipelineStage(stages[stage], world, channel, schedule="gpipe", microbatches=1)
+
+    def batches():   # the second batch cannot be read
+        yield (np.zeros((4, 8, 8, 1), "float32"),)
+        raise ValueError("unreadable input")
+    if stage == 1:   # the first stage sends one batch's activation, then its stop
+        channel.send(np.zeros((4, *served.input_tail), "float32"), 0, EVAL_TAG)
+        channel.send(np.zeros((0, *served.input_tail), "float32"), 0, EVAL_TAG)
+    with pytest.raises(ValueError if stage == 0 else StageStopped) as err:
+        list(serving.through(served, batches() if stage == 0 else ((None,) for _ in range(3))))
+    if stage == 1:
+        assert str(err.value) == "stage 2 of pipeline 1 stopped because the stage before it failed"
+    sent = list(channel.queues[EVAL_TAG])   # what the next stage gets: the batch it can use, then the stop
+    assert [len(a) for a in sent] == [4, 0] and sent[0].shape[1:] == served.output_tail
+
+
+# ---- building only the stage -----------------------------------------------------------------------------------------
+
+@keras3
+def test_a_rank_other_than_0_makes_only_its_stage_weights_with_the_unsplit_models_values():
+    import keras
+    import numpy as np
+
+    from hvdtrain import models, pipeline
+    from hvdtrain.config import ModelConfig
+    from hvdtrain.pipeline import split
+
+    def build():   # without clearing the session, which would end the stateless scope too
+        keras.utils.set_random_seed(7)
+        return models.build_model(ModelConfig(name="mlp"), (8, 8, 1), 10)
+    keras.backend.clear_session()
+    expected = {w.path: w.numpy() for w in build().weights}
+    keras.backend.clear_session()   # the same layer names again
+    whole = pipeline.build_whole(build, World(rank=1, size=2, local_size=2, stages=2))
+    assert pipeline.held_parameters(whole) == 0   # nothing made yet
+    _, stages = split.plan(whole, 2, ("dense_1",))
+    pipeline._made_here(stages[1])
+    assert pipeline.held_parameters(whole) == stages[1].count_params() < whole.count_params()
+    assert all(np.array_equal(w.numpy(), expected[w.path]) for w in stages[1].weights)
+
+
+@keras3
+def test_weights_the_builder_sets_are_kept_for_the_stage_that_makes_them():
+    import keras
+    import numpy as np
+
+    from hvdtrain import models, pipeline
+    from hvdtrain.config import ModelConfig
+    from hvdtrain.pipeline import split
+
+    def pretrained():   # e.g. keras.applications with weights="imagenet"
+        model = models.build_model(ModelConfig(name="mlp"), (8, 8, 1), 10)
+        model.set_weights([np.full(w.shape, 0.5, "float32") for w in model.weights])
+        return model
+    keras.backend.clear_session()
+    whole = pipeline.build_whole(pretrained, World(rank=1, size=2, local_size=2, stages=2))
+    _, stages = split.plan(whole, 2, ("dense_1",))
+    pipeline._made_here(stages[1])
+    assert pipeline.held_parameters(whole) == stages[1].count_params()
+    assert all(np.all(w.numpy() == 0.5) for w in stages[1].weights)
+    assert not keras.src.backend.common.global_state.get_global_attribute("uninitialized_variables")
