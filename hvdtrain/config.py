@@ -230,6 +230,8 @@ class ParallelConfig:
     balance: str = _f("time", "pipeline, automatic split: time (each layer's forward+backward measured on rank 0 on a "
                               "micro-batch) | params (parameter counts: no measuring, the same split every time)",
                       choices=("time", "params"))
+    stage_only: bool = _f(True, "pipeline: ranks other than 0 make only their stage's weights (false: every rank makes "
+                                "the whole model's, for a model builder whose weights Keras cannot defer)")
 
     def __post_init__(self):
         _require(self.pipeline_stages >= 1, "parallel.pipeline_stages must be >= 1")

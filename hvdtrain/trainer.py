@@ -52,7 +52,8 @@ class Trainer:
         self.steps = 1 if self.fedavg else self._agreed_steps(together)   # fedavg: a round per epoch
         shape = self.source.example_shape()
         build = (lambda: models.build_model(cfg.model, shape, self.task.outputs))
-        self.model = pipeline.build_whole(build, world) if cfg.parallel.pipelined else build()
+        self.model = together(lambda: pipeline.build_whole(build, world, cfg.parallel.stage_only),
+                              "hvdtrain.pipeline.whole") if cfg.parallel.pipelined else build()
         signature = checkpoint.signature(self.model, shape, self.task.outputs, cfg.model.name)
         plan = SyncPlan.from_config(cfg.trainer, self.steps, cfg.optim.backward_passes_per_step)
         sync = Synchronizer.for_plan(plan, world, cfg.optim.fp16_compression)
@@ -66,7 +67,8 @@ class Trainer:
                                                     world.replica_group, sync.switch)
         self.pipeline = None
         if cfg.parallel.pipelined:
-            self.pipeline = pipeline.build(cfg, world, self.model, self.task, self.log, self.run)
+            self.pipeline = together(lambda: pipeline.build(cfg, world, self.model, self.task, self.log, self.run),
+                                     "hvdtrain.pipeline.build")
             signature["pipeline"] = self.pipeline.layout()
             self.model = self.pipeline.stage
             self.model.compile(optimizer=optimizer, jit_compile=False)

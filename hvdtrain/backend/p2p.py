@@ -55,8 +55,10 @@ class Channel:
         self._arrived(source, tag)
         return self.comm.recv(source=source, tag=tag)
 
-    def flush(self) -> None:
-        """Wait until every message sent so far has left (at the end of a step, so its buffers can go)."""
-        if self._pending:
-            self.MPI.Request.Waitall([request for request, _ in self._pending])
-            self._pending.clear()
+    def flush(self, keep: int = 0) -> None:
+        """Wait until every message sent so far but the last `keep` has left (at the end of a step, so its buffers
+        can go; while streaming, so they do not pile up)."""
+        done = self._pending[:len(self._pending) - keep] if keep else self._pending
+        if done:
+            self.MPI.Request.Waitall([request for request, _ in done])
+            self._pending = self._pending[len(done):]

@@ -39,7 +39,7 @@ def add_arguments(p) -> None:
     p.add_argument("--stages", default="2,4", help="pipeline stages to measure (one rank each), comma-separated")
     p.add_argument("--dense-stages", default="2",
                    help="stage counts measured again with real Dense compute, comma-separated (empty: none)")
-        # Long against a message's ~0.3 ms: 1F1B puts two messages on its critical path per micro-batch, which the
+    # Long against a message's ~0.3 ms: 1F1B puts two messages on its critical path per micro-batch, which the
     # formula (zero transfer time) leaves out.
     p.add_argument("--forward-ms", type=float, default=60.0,
                    help="fixed cost of a block's forward per micro-batch (default 60)")

@@ -36,23 +36,34 @@ def batch_sums(model, dataset, task, where: str = "held-out data", diagnose=None
     """The task's sums of each batch of this rank's share; a read error becomes a DataError naming the file when
     `diagnose()` (a re-check of this rank's inputs) can find it, else what was being read."""
     step = _sum_step(model, task)
-    with read_errors(where, diagnose):
-        sums = [step(x, y).numpy() for x, y in dataset]
+    sums = [step(x, y).numpy() for x, y in reading(dataset, lambda: read_errors(where, diagnose))]
     check_count(sums, task, where, diagnose, expected)
     return sums
 
 
 @contextlib.contextmanager
-def read_errors(where: str, diagnose=None):
+def read_errors(where: str, diagnose=None, doing: str = "evaluating"):
     """A read error of the inputs (TensorFlow's) as a DataError naming the file when `diagnose()` (a re-check of
-    this rank's inputs) can find it, else what was being read."""
+    this rank's inputs) can find it, else what was being read. Around reading only: a model's own error is not
+    the data's."""
     import tensorflow as tf
     try:
         yield
     except tf.errors.OpError as exc:
         kind = "corrupt" if isinstance(exc, tf.errors.DataLossError) else "unreadable or malformed"
         found = diagnose() if diagnose else None
-        raise DataError(f"{found or f'{kind} {where} ({first_line(exc)})'}; found while evaluating") from None
+        raise DataError(f"{found or f'{kind} {where} ({first_line(exc)})'}; found while {doing}") from None
+
+
+def reading(items, context):
+    """The items of `items`, each read inside `context()` (e.g. read_errors), nothing else inside it."""
+    items = iter(items)
+    while True:
+        with context():
+            item = next(items, None)
+        if item is None:
+            return
+        yield item
 
 
 def check_count(sums: list, task, where: str, diagnose=None, expected: int | None = None) -> None:

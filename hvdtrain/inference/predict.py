@@ -5,6 +5,7 @@ on any machine. The results are written once, in input order; nothing is padded 
 than ranks)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -14,7 +15,8 @@ import numpy as np
 
 from hvdtrain import backend
 from hvdtrain.data.sharding import in_batch_order
-from hvdtrain.errors import DataError, UserError, first_line
+from hvdtrain.errors import DataError, UserError
+from hvdtrain.inference.evaluate import read_errors, reading
 from hvdtrain.inference.formats import FORMATS
 from hvdtrain.rundir import TMP_PREFIX, file_mode
 
@@ -33,8 +35,12 @@ def scorer(model, task, input_shape: tuple):
 
 def _scores(step, batches):
     import tensorflow as tf
-    for x in batches:
+    for x in reading(batches, predict_read_errors):
         yield {k: v.numpy() for k, v in step(tf.cast(x, tf.float32)).items()}
+
+
+def predict_read_errors():
+    return read_errors("input data", doing="predicting")
 
 
 class OrderedOutput:
@@ -153,24 +159,25 @@ def write_predictions(batches, share, world, out: OrderedOutput, class_names=Non
     none, e.g. a pipeline's earlier stage, runs its part inside the iteration) into `out`, then merged on rank 0
     from the `writers` (the ranks holding the dealt batches in dealing order; default every rank). Returns the
     throughput report."""
-    import tensorflow as tf
     writers = list(range(world.size)) if writers is None else list(writers)
     names = np.asarray(class_names) if class_names is not None else None
     out.begin(share.paths)
 
     def score():
-        written, spans = 0, iter(share.spans)
-        try:
+        written, spans, extra = 0, iter(share.spans), False
+        with contextlib.closing(batches):   # a pipeline's stream is finished even when writing fails
             for values in batches:
-                index, values = _identified(share, *next(spans), _named(values, names), out.fields)
+                span = next(spans, None)
+                if span is None:   # more batches than listed
+                    extra = True
+                    break
+                index, values = _identified(share, *span, _named(values, names), out.fields)
                 out.write(index, values)
                 written += len(index)
-        except tf.errors.OpError as exc:
-            kind = "corrupt" if isinstance(exc, tf.errors.DataLossError) else "unreadable or malformed"
-            raise DataError(f"{kind} input data while predicting ({first_line(exc)})") from None
         out.close()
-        if world.rank in writers and written != share.count:   # an input changed since it was listed or validated
-            raise DataError(f"the inputs changed since the start ({written} examples read, {share.count} listed); "
+        if world.rank in writers and (extra or written != share.count):   # an input changed since it was listed
+            read = f"more than {written}" if extra else written
+            raise DataError(f"the inputs changed since the start ({read} examples read, {share.count} listed); "
                             "rerun to check them again")
 
     started, cpu_started = time.perf_counter(), time.process_time()

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hvdtrain.errors import UserError
+from hvdtrain.errors import UserError, first_line
+from hvdtrain.log import get_logger
 
 
 @dataclass
@@ -34,42 +35,55 @@ class Pipeline:
         """summary.json's `pipeline` entry (a collective): the layout and settings, each rank's parameters made and
         trained, and its measured idle share."""
         from hvdtrain import backend
+        mine = (self.built, self.stage.stage_model.count_params(), self.balance.idle_share())
+        built, trained, idle = zip(*backend.allgather_object(mine, "hvdtrain.pipeline.summary"))
         return {**self.layout(), "replicas": world.replicas, "schedule": parallel.schedule,
                 "microbatches": parallel.microbatches, "stage_costs": list(self.plan.costs), "cost_unit": self.plan.unit,
-                "built_parameters": backend.allgather_object(self.built, "hvdtrain.pipeline.built"),
-                "stage_parameters": backend.allgather_object(self.stage.stage_model.count_params(),
-                                                             "hvdtrain.pipeline.trained"),
-                "idle_share": self.balance.idle_shares()}
+                "built_parameters": list(built), "stage_parameters": list(trained), "idle_share": list(idle)}
 
 
 _SET_BY_BUILDER = {}   # id(weight) -> the value the model's builder gave it (pretrained weights), until made
+CANNOT_DEFER = "set parallel.stage_only=false (every rank then makes the whole model's weights)"
 
 
-def build_whole(builder, world):
-    """The whole model, every weight of it only on rank 0. Other ranks build it without making its weights (Keras's
-    stateless scope defers them), so `build` can make just their stage's: a rank never holds another stage's
-    weights, even for a moment. Deferred weights get the values they would have had (an initializer draws its seed
-    when it is made, not when it runs; a value the builder set, such as pretrained weights, is kept aside for its
-    weight), so every stage starts from the unsplit model's initial weights."""
+def build_whole(builder, world, stage_only: bool = True):
+    """The whole model; on ranks other than 0 (with stage_only) without its weights: Keras's stateless scope defers
+    them, so `build` makes just this rank's stage's and the other stages' are never made. A deferred weight gets
+    the value it would have had (an initializer draws its seed when it is made, not when it runs); a value the
+    builder sets, such as a pretrained weight, is kept aside until its stage's weights are made. So every stage
+    starts from the unsplit model's initial weights."""
     import keras
-    if world.is_chief:
+    if world.is_chief or not stage_only:
         return builder()
-    with keras.StatelessScope(initialize_variables=False) as scope:
-        whole = builder()
+    _SET_BY_BUILDER.clear()
+    try:
+        with keras.StatelessScope(initialize_variables=False) as scope:
+            whole = builder()
+    except ValueError as exc:   # e.g. a weight made from a value, not an initializer
+        raise UserError(f"ranks other than 0 could not build the model without its weights ({first_line(exc)}); "
+                        f"{CANNOT_DEFER}") from None
     _SET_BY_BUILDER.update(scope.state_mapping)
+    if held_parameters(whole):   # the builder ended the scope (keras.backend.clear_session): nothing was deferred
+        get_logger(world.rank).warning(f"pipeline: rank {world.rank} made the whole model's weights (its builder "
+                                       "ended Keras's stateless scope), not only its stage's")
     return whole
 
 
 def _made_here(stage_model) -> None:
     """Make the stage's deferred weights (see build_whole) and drop every reference to the rest, so they go with the
     whole model."""
-    for variable in stage_model.variables:   # weights, and state such as a Dropout's seed
-        if getattr(variable, "_value", True) is None:
-            variable._deferred_initialize()
-            if id(variable) in _SET_BY_BUILDER:
-                variable.assign(_SET_BY_BUILDER[id(variable)])
-    _SET_BY_BUILDER.clear()
-    _forget_deferred()
+    try:
+        for variable in stage_model.variables:   # weights, and state such as a Dropout's seed
+            if getattr(variable, "_value", True) is None:
+                variable._deferred_initialize()
+                if id(variable) in _SET_BY_BUILDER:
+                    variable.assign(_SET_BY_BUILDER[id(variable)])
+    except Exception as exc:   # e.g. an initializer seeded by a SeedGenerator made in the builder
+        raise UserError(f"could not make this rank's stage's weights apart from the model's ({first_line(exc)}); "
+                        f"{CANNOT_DEFER}") from None
+    finally:
+        _SET_BY_BUILDER.clear()
+        _forget_deferred()
 
 
 def _forget_deferred() -> None:
@@ -84,9 +98,9 @@ def held_parameters(whole) -> int:
 
 
 def build(cfg, world, whole, task, log, run=None) -> Pipeline:
-    """This rank's stage of `whole` (from build_whole: every stage starts from the unsplit model's initial weights),
-    not yet compiled; the rest of the model is let go, except on rank 0. `run`: the run directory, whose
-    checkpoint's split a resume keeps."""
+    """This rank's stage of `whole` (the same model on every rank: from build_whole, or built whole, as the Keras
+    API's user does), not yet compiled; the rest of the model is let go, except on rank 0. `run`: the run
+    directory, whose checkpoint's split a resume keeps."""
     from hvdtrain import runtime
     from hvdtrain.backend.p2p import Channel
     from hvdtrain.pipeline import split

@@ -37,7 +37,6 @@ class MeasuredBalance(keras.callbacks.Callback):
         self.log.info(f"pipeline balance, epoch {epoch + 1}: share of the steps each stage waited: {stages} (equal "
                       f"stages: {bubble(w.stages, self.microbatches):.0%})")
 
-    def idle_shares(self) -> list[float]:
-        """Every rank's idle share over the run (a collective)."""
-        return backend.allgather_object(self.waiting / self.stepping if self.stepping else 0.0,
-                                        "hvdtrain.pipeline.idle")
+    def idle_share(self) -> float:
+        """This rank's idle share over the run."""
+        return self.waiting / self.stepping if self.stepping else 0.0

@@ -3,14 +3,15 @@
 put back together."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from hvdtrain import backend
 from hvdtrain.data.sharding import in_batch_order
-from hvdtrain.inference.evaluate import check_count, ordered_total, read_errors
-from hvdtrain.pipeline.stage import StageStopped
-
-WEIGHTS_TAG = (1 << 20) + 2
+from hvdtrain.inference.evaluate import check_count, ordered_total, read_errors, reading
+from hvdtrain.inference.predict import predict_read_errors
+from hvdtrain.pipeline.stage import WEIGHTS_TAG
 
 
 class PipelineEvaluator:
@@ -32,14 +33,12 @@ class PipelineEvaluator:
 
 def exact_metrics_through(stage, dataset, world, task, name: str = "hvdtrain.evaluate", where: str = "held-out data",
                           diagnose=None, expected: int | None = None) -> dict:
-    """inference.exact_metrics through the stages: `dataset` is this replica's batches (x, y), passed on every stage
-    of its pipeline (the first stage reads the inputs, the last the labels). The last stages' batch sums are added in
-    batch order (replica d's k-th batch is batch d + k*D), so the result is bit for bit one process's."""
+    """inference.exact_metrics through the stages: `dataset` is this replica's batches (x, y), read by the first
+    stage only (the labels travel with the activations). The last stages' batch sums are added in batch order
+    (replica d's k-th batch is batch d + k*D), so the result is bit for bit one process's."""
     def read():
-        with read_errors(where, diagnose):
-            sums = [np.stack([np.asarray(s) for s in task.batch_sums(scores, y)])
-                    for (_, y), scores in through(stage, dataset) if scores is not None]
-        stage.channel.flush()
+        sums = [np.stack([np.asarray(s) for s in task.batch_sums(scores, y)])
+                for y, scores in through(stage, dataset, lambda: read_errors(where, diagnose)) if scores is not None]
         if world.last_stage:
             check_count(sums, task, where, diagnose, expected)
         return sums
@@ -49,30 +48,45 @@ def exact_metrics_through(stage, dataset, world, task, name: str = "hvdtrain.eva
 
 def predictions_through(stage, share, task):
     """The prediction fields of each batch of this replica's share, on the last stage (nothing on the others):
-    inference.write_predictions' batches. The first stage reads the inputs; the others only count the batches."""
-    batches = ((x,) for x in share.dataset) if stage.world.first_stage else ((None,) for _ in share.spans)
-    for _, scores in through(stage, batches):
+    inference.write_predictions' batches. The first stage reads the inputs."""
+    for _, scores in through(stage, ((x,) for x in share.dataset), predict_read_errors):
         if scores is not None:
             yield {k: v.numpy() for k, v in task.predictions(scores).items()}
 
 
-def through(stage, batches):
-    """Each item of `batches` (one per batch of the replica, the batch's input first; read on the first stage
-    only) with the pipeline's scores of it (None but on the last stage). A stage that fails tells the next, which
-    stops too (StageStopped) and tells its own next: no stage waits for a batch that will not come."""
-    items = iter(batches)
-    while True:
+def through(stage, batches, context=contextlib.nullcontext):
+    """(labels, scores) of each batch of the replica, scores on the last stage only (None elsewhere). The first
+    stage reads `batches` ((x,) or (x, y) items; inside `context()`) and ends the stream after the last one; the
+    others take what the previous stage sends until the stream ends. Every stage ends the stream for the next, also
+    when it fails, and receives to its end, so no stage waits for a batch that will not come and no message is left
+    behind for the next call. A failure is raised after that: the agreement then names it."""
+    if stage.world.first_stage:
+        yield from _reading(stage, batches, context)
+    else:
+        yield from _receiving(stage)
+
+
+def _reading(stage, batches, context):
+    try:
+        for item in reading(batches, context):
+            y = item[1] if len(item) > 1 else None
+            yield y, stage.serve(item[0], y)
+    finally:
+        stage.end_stream()
+
+
+def _receiving(stage):
+    failure = None
+    while (batch := stage.receive()) is not None:
+        if failure is not None:
+            continue   # drained: the previous stage's sends complete, nothing stays queued
         try:
-            item = next(items, None)
-            if item is None:
-                return
-            scores = stage.forward(item[0])
-        except StageStopped:   # already passed on
-            raise
-        except Exception:
-            stage.stop_next()
-            raise
-        yield item, scores
+            yield batch[1], stage.serve(*batch)
+        except (Exception, GeneratorExit) as exc:   # this stage, or its consumer, failed: finish the stream first
+            failure = exc
+    stage.end_stream()
+    if failure is not None:
+        raise failure
 
 
 def last_stages(parts: list, world) -> list:

@@ -23,11 +23,12 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from hvdtrain.errors import UserError
 from hvdtrain.pipeline.schedule import peak_alive, stage_ops
 
 LOGS_TAG = 1 << 20   # message tags: 2m forward activations, 2m + 1 backward gradients, then these
-EVAL_TAG = LOGS_TAG + 1
+EVAL_TAG = LOGS_TAG + 1   # serving: a batch's activations, then its labels
+WEIGHTS_TAG = LOGS_TAG + 2   # a stage's trained weights, to rank 0 for model.keras
+LABELS_TAG = LOGS_TAG + 3
 
 
 class _Running:
@@ -202,32 +203,31 @@ class PipelineStage(keras.Model):
 
     # ---- inference -----------------------------------------------------------------------------------------------
 
-    def forward(self, x):
-        """The pipeline's output for a batch on the last stage (None on the others), without training: each stage
-        runs its layers on what the previous one sent. Every stage of the pipeline calls it for the same batch."""
-        w = self.world
-        inputs = x if w.first_stage else self.channel.recv(w.previous_rank, EVAL_TAG, self.input_tail,
-                                                           self.compute_dtype)
-        if len(inputs) == 0:   # the previous stage's stop: no batch will come
-            self.stop_next()
-            raise StageStopped(f"stage {w.stage + 1} of pipeline {w.replica + 1} stopped because the stage before it "
-                               "failed")
-        out = self._infer(inputs)
-        if w.last_stage:
+    def serve(self, x, y=None):
+        """One batch through this stage without training: its output (and the batch's labels, when given) sent to
+        the next stage; on the last stage, returned. The first stage passes the batch's inputs, the others what
+        `receive` gave them."""
+        out = self._infer(x)
+        if self.world.last_stage:
             return out
-        self.channel.send(out.numpy(), w.next_rank, EVAL_TAG)
+        self.channel.send(out.numpy(), self.world.next_rank, EVAL_TAG)
+        self.channel.send_object(None if y is None else np.asarray(y), self.world.next_rank, LABELS_TAG)
+        self.channel.flush(keep=2)   # the previous batch's sends done: a stream keeps two messages in flight
         return None
 
-    def stop_next(self) -> None:
-        """Tell the next stage that no more batches come (an empty batch), so it never waits for one: a stage that
-        failed reading its inputs sends it, and every later stage passes it on."""
+    def receive(self):
+        """The next batch from the previous stage, (inputs, labels or None); None when the stream has ended."""
+        w = self.world
+        inputs = self.channel.recv(w.previous_rank, EVAL_TAG, self.input_tail, self.compute_dtype)
+        if len(inputs) == 0:
+            return None
+        return inputs, self.channel.recv_object(w.previous_rank, LABELS_TAG)
+
+    def end_stream(self) -> None:
+        """Tell the next stage that no batch follows (an empty batch); after the last batch, and after a failure."""
         if not self.world.last_stage:
             self.channel.send(np.zeros((0, *self.output_tail), self.compute_dtype), self.world.next_rank, EVAL_TAG)
-
-
-class StageStopped(UserError):
-    """A stage stopped because an earlier one failed; the agreement reports the earlier stage's error (its rank is
-    lower), this one only if it is alone."""
+        self.channel.flush()
 
 
 class _Pass:

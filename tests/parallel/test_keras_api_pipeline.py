@@ -96,6 +96,7 @@ def test_a_stop_mid_epoch_resumes_to_the_uninterrupted_runs_bits(launched):
 
 
 MISUSES = {
+    "unreadable data": "unreadable or malformed held-out data",   # the first stage's error, on every rank
     "unknown layer": "parallel.split: model 'digits_mlp' has no layer 'hiden' (did you mean 'hidden'?)",
     "micro-batches": "parallel.microbatches=5 does not divide the replica batch of 64",
     "schedule": "parallel.schedule must be one of 1f1b | gpipe, got 'zigzag'",

@@ -174,43 +174,73 @@ def test_the_keras_2_stack_refuses_pipeline_stages_with_one_line(monkeypatch):
 # ---- a stage that fails while serving --------------------------------------------------------------------------------
 
 class _Loopback:
-    """Messages to this process, by tag: the transport replaced by queues, so the stop protocol runs without ranks."""
+    """The transport replaced by queues (by peer and tag), so the serving protocol runs without ranks."""
 
     def __init__(self):
         import collections
         self.queues = collections.defaultdict(collections.deque)
 
     def send(self, array, dest, tag):
-        self.queues[tag].append(array)
+        self.queues[dest, tag].append(array)
+
+    send_object = send
 
     def recv(self, source, tag, tail, dtype, idle=True):
-        return self.queues[tag].popleft().reshape((-1, *tail))
+        return self.queues[source, tag].popleft().reshape((-1, *tail))
+
+    def recv_object(self, source, tag):
+        return self.queues[source, tag].popleft()
+
+    def flush(self, keep=0):
+        pass
+
+
+def _served(stage: int):
+    import numpy as np
+
+    from hvdtrain.pipeline import split
+    from hvdtrain.pipeline.stage import PipelineStage
+    _, stages = split.plan(_model("mlp"), 3, ("dense", "dense_1"))
+    world = World(rank=stage, size=3, local_size=3, stages=3)   # stage 1 reads; 2 receives from rank 0, sends to 2
+    served = PipelineStage(stages[stage], world, _Loopback(), schedule="gpipe", microbatches=1)
+    return served, np.zeros((4, *served.input_tail), "float32")
 
 
 @keras3
-@pytest.mark.parametrize("stage", [0, 1])
-def test_a_failing_stage_stops_the_next_one_instead_of_leaving_it_waiting(stage):
+def test_a_stage_that_cannot_read_ends_the_stream_for_the_next_after_what_it_sent():
     import numpy as np
 
-    from hvdtrain.pipeline import serving, split
-    from hvdtrain.pipeline.stage import EVAL_TAG, PipelineStage, StageStopped
-    _, stages = split.plan(_model("mlp"), 3, ("dense", "dense_1"))
-    world = World(rank=stage, size=3, local_size=3, stages=3)   # stage 1 reads the inputs; stage 2 receives them
-    channel = _Loopback()
-    served = PipelineStage(stages[stage], world, channel, schedule="gpipe", microbatches=1)
+    from hvdtrain.pipeline import serving
+    from hvdtrain.pipeline.stage import EVAL_TAG, LABELS_TAG
+    served, _ = _served(0)
 
     def batches():   # the second batch cannot be read
-        yield (np.zeros((4, 8, 8, 1), "float32"),)
+        yield np.zeros((4, 8, 8, 1), "float32"), np.arange(4)
         raise ValueError("unreadable input")
-    if stage == 1:   # the first stage sends one batch's activation, then its stop
-        channel.send(np.zeros((4, *served.input_tail), "float32"), 0, EVAL_TAG)
-        channel.send(np.zeros((0, *served.input_tail), "float32"), 0, EVAL_TAG)
-    with pytest.raises(ValueError if stage == 0 else StageStopped) as err:
-        list(serving.through(served, batches() if stage == 0 else ((None,) for _ in range(3))))
-    if stage == 1:
-        assert str(err.value) == "stage 2 of pipeline 1 stopped because the stage before it failed"
-    sent = list(channel.queues[EVAL_TAG])   # what the next stage gets: the batch it can use, then the stop
+    with pytest.raises(ValueError, match="unreadable input"):
+        list(serving.through(served, batches()))
+    sent = served.channel.queues[1, EVAL_TAG]   # the batch the next stage can use, then the end of the stream
     assert [len(a) for a in sent] == [4, 0] and sent[0].shape[1:] == served.output_tail
+    assert [list(y) for y in served.channel.queues[1, LABELS_TAG]] == [[0, 1, 2, 3]]   # labels travel along
+
+
+@keras3
+def test_a_stage_that_fails_receives_to_the_end_of_the_stream_and_ends_it_for_the_next():
+    from hvdtrain.pipeline import serving
+    from hvdtrain.pipeline.stage import EVAL_TAG, LABELS_TAG
+    served, batch = _served(1)
+    for _ in range(3):   # three batches from the previous stage, then the end of the stream
+        served.channel.send(batch, 0, EVAL_TAG)
+        served.channel.send(None, 0, LABELS_TAG)
+    served.channel.send(batch[:0], 0, EVAL_TAG)
+
+    def out_of_memory(x):
+        raise MemoryError("no room for the batch")
+    served._infer = out_of_memory   # this stage's own failure, e.g. a batch too large
+    with pytest.raises(MemoryError):
+        list(serving.through(served, None))
+    assert not served.channel.queues[0, EVAL_TAG] and not served.channel.queues[0, LABELS_TAG]   # all received
+    assert [len(a) for a in served.channel.queues[2, EVAL_TAG]] == [0]   # the next stage: only the end
 
 
 # ---- building only the stage -----------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ process sets, so the data-parallel phase comes last):
   pipeline  the example's command with 2 stages (D=1), 2 epochs                 -> OUT/pipeline/ (summary, model.keras)
   stopped   the same in OUT/stopped, whose STOP file (made by the test) stops it mid-epoch
   resumed   the same again in OUT/stopped: resumes there, keeping the checkpoint's split (balance=time)
-  errors    misuses, each stopped with one line on every rank
+  errors    misuses, each stopped with one line on every rank; an evaluation whose data fails on the first stage,
+            and the same stage's next evaluation, unchanged
   dp        the same script data-parallel (no stages, D=2) on the same global batches   -> OUT/dp/
             then OUT/pipeline/model.keras evaluated exactly, and a data-parallel resume of OUT/pipeline refused
 Writes OUT/rank<R>.json: the summaries, the errors, the whole model's exact metrics.
@@ -22,6 +23,7 @@ import hvdtrain.keras as hk  # noqa: E402
 import keras  # noqa: E402
 import keras_pipeline as example  # noqa: E402
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from hvdtrain.errors import UserError  # noqa: E402
 
@@ -37,6 +39,12 @@ def refused(fn) -> str:
     return "not refused"
 
 
+def only_the_first(index, batch):
+    """A batch that cannot be read after the first (a read error, as tf.data raises for a corrupt file)."""
+    with tf.control_dependencies([tf.debugging.assert_less(index, tf.constant(1, tf.int64))]):
+        return tf.nest.map_structure(tf.identity, batch)
+
+
 def misuses(world, out: Path) -> dict:
     """Each misuse's error, in a pipelined world."""
     _, steps, test = example.data(world, GLOBAL_BATCH)
@@ -50,7 +58,13 @@ def misuses(world, out: Path) -> dict:
         s = stage()
         s.compile(hk.distribute(keras.optimizers.SGD(0.05)), jit_compile=False)   # no world=world
         run.resume(s)
+    served = stage()   # one stage, one channel: a failed evaluation must leave nothing behind in it
+    before = hk.evaluate(served, test, world)
+    failing = test.enumerate().map(only_the_first)
+    failed = refused(lambda: hk.evaluate(served, failing, world))   # the first stage cannot read the second batch
+    after = hk.evaluate(served, test, world)
     return {
+        "unreadable data": failed if before == after else f"the next evaluation differs: {before} {after}",
         "unknown layer": refused(lambda: stage(split=["hiden"])),
         "micro-batches": refused(lambda: stage(microbatches=5)),
         "schedule": refused(lambda: stage(schedule="zigzag")),
