@@ -172,7 +172,6 @@ class _Staged:
     """What `pipeline` keeps on the stage it returns, for Run and evaluate."""
     pipeline: object                 # pipeline.Pipeline; on rank 0 with the whole model, for model.keras
     signature: dict                  # the whole model's checkpoint signature, with the stages' layout
-    parallel: ParallelConfig
 
 
 def pipeline(model, run: "Run", *, loss, metrics=(), microbatches: int = ParallelConfig.microbatches,
@@ -196,12 +195,11 @@ def pipeline(model, run: "Run", *, loss, metrics=(), microbatches: int = Paralle
                                     "schedule": schedule, "split": split or (), "balance": balance},
                           trainer={"global_batch_size": run.session.global_batch})
         config.check_world(cfg, world.size)   # e.g. micro-batches that do not divide the replica batch
-        built = pipelines.build(cfg, world, model, _objective(loss, metrics), get_logger(world.rank), run.run)
-        return built, cfg.parallel
-    built, parallel = backend.agree_on_errors(build, "hvdtrain.keras.pipeline")
+        return pipelines.build(cfg, world, model, _objective(loss, metrics), get_logger(world.rank), run.run)
+    built = backend.agree_on_errors(build, "hvdtrain.keras.pipeline")
     signature = _signature(model)
     signature["pipeline"] = built.layout()   # checkpoints hold its stages; a resume into another layout is refused
-    built.stage._hvdtrain_staged = _Staged(built, signature, parallel)
+    built.stage._hvdtrain_staged = _Staged(built, signature)
     return built.stage
 
 
@@ -257,9 +255,9 @@ def _checked_signature(model, world: World) -> dict:
     return staged.signature
 
 
-def _pipeline_summary(staged: _Staged | None, world: World) -> dict:
+def _pipeline_summary(staged: _Staged | None) -> dict:
     """summary.json's pipeline entry, as `hvdtrain train` writes it."""
-    return {} if staged is None else {"pipeline": staged.pipeline.summary(world, staged.parallel)}
+    return {} if staged is None else {"pipeline": staged.pipeline.summary()}
 
 
 class Run:
@@ -315,7 +313,7 @@ class Run:
         """Checkpoint, replica check, summary.json (rank 0), model.keras when complete (a pipeline's stages put
         back together into the whole model); returns the summary."""
         staged = _staged(model, self.world)
-        summary = self.session.finish(model, self._evaluate, _pipeline_summary(staged, self.world))
+        summary = self.session.finish(model, self._evaluate, _pipeline_summary(staged))
         if export and summary["status"] == "completed":
             whole = model if staged is None else _assembled(staged, self.world)
             if self.world.is_chief:

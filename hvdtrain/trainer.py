@@ -120,7 +120,7 @@ class Trainer:
     def summarize(self) -> dict:
         extra = {}
         if self.pipeline is not None:
-            extra["pipeline"] = self.pipeline.summary(self.world, self.cfg.parallel)
+            extra["pipeline"] = self.pipeline.summary()
         if self.fedavg:
             extra["fedavg"] = {**dataclasses.asdict(self.cfg.fedavg), "per_round": self.cfg.fedavg.per_round,
                                "partition": self.cfg.data.partition}

@@ -36,7 +36,7 @@ def add_arguments(p) -> None:
     p.add_argument("--output", required=True)
 
 
-def fixed_cost_model(stages: int, layers: int, width: int):
+def dense_model(stages: int, layers: int, width: int):
     """P blocks of equal, real compute. A per-feature scale in front makes the first block compute its input gradient
     as every later block does (else stage 1 would skip one matmul of its backward and wait for the others)."""
     import keras
@@ -119,7 +119,7 @@ def run(args) -> int:
     if args.cost == "fixed" and not args.throughput:
         whole = held_model(args.stages, args.width, args.forward_ms, args.backward_ms)
     else:
-        whole = fixed_cost_model(args.stages, args.layers, args.width)
+        whole = dense_model(args.stages, args.layers, args.width)
     plan, stage_models = split.plan(whole, args.stages, tuple(f"block{s + 1}_dense1" for s in range(1, args.stages)))
     channel = Channel()
     if args.throughput:

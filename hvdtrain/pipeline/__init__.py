@@ -26,19 +26,21 @@ class Pipeline:
     channel: object    # backend.p2p.Channel
     balance: object    # balance.MeasuredBalance: a callback for fit
     built: int         # parameters of the whole model this rank made (rank 0: all; the others: their stage's)
+    parallel: object   # config.ParallelConfig: the settings it was built with
 
     def layout(self) -> dict:
         """What a checkpoint must match to be restored stage by stage."""
         return {"stages": len(self.plan.starts), "first_layers": [self.plan.layers[s] for s in self.plan.starts]}
 
-    def summary(self, world, parallel) -> dict:
+    def summary(self) -> dict:
         """summary.json's `pipeline` entry (a collective): the layout and settings, each rank's parameters made and
         trained, and its measured idle share."""
         from hvdtrain import backend
         mine = (self.built, self.stage.stage_model.count_params(), self.balance.idle_share())
         built, trained, idle = zip(*backend.allgather_object(mine, "hvdtrain.pipeline.summary"))
-        return {**self.layout(), "replicas": world.replicas, "schedule": parallel.schedule,
-                "microbatches": parallel.microbatches, "stage_costs": list(self.plan.costs), "cost_unit": self.plan.unit,
+        return {**self.layout(), "replicas": self.stage.world.replicas, "schedule": self.parallel.schedule,
+                "microbatches": self.parallel.microbatches, "stage_costs": list(self.plan.costs),
+                "cost_unit": self.plan.unit,
                 "built_parameters": list(built), "stage_parameters": list(trained), "idle_share": list(idle)}
 
 
@@ -122,7 +124,8 @@ def build(cfg, world, whole, task, log, run=None) -> Pipeline:
                           microbatches=p.microbatches, loss=task.loss(), metrics=task.metrics())
     # The other stages' layers go with the whole model (only rank 0 keeps it, to write model.keras at the end).
     return Pipeline(stage=stage, whole=whole if world.is_chief else None, plan=plan, channel=stage.channel,
-                    balance=MeasuredBalance(stage.channel, world, p.microbatches, log), built=held_parameters(whole))
+                    balance=MeasuredBalance(stage.channel, world, p.microbatches, log), built=held_parameters(whole),
+                    parallel=p)
 
 
 def _checkpoint_split(run, cfg, stages: int) -> tuple:

@@ -30,8 +30,8 @@ class MeasuredBalance(keras.callbacks.Callback):
         self.waiting += self.channel.waited - self.waited_before
 
     def on_epoch_end(self, epoch, logs=None):
-        stepping, waiting = self.stepping - self.epoch[0], self.waiting - self.epoch[1]
-        shares = backend.allgather_object(waiting / stepping if stepping else 0.0, "hvdtrain.pipeline.balance")
+        share = _share(self.stepping - self.epoch[0], self.waiting - self.epoch[1])
+        shares = backend.allgather_object(share, "hvdtrain.pipeline.balance")
         w = self.world
         stages = ", ".join(f"stage {s + 1} {shares[s]:.0%}" for s in range(w.stages))   # pipeline 1 (ranks 0..P-1)
         self.log.info(f"pipeline balance, epoch {epoch + 1}: share of the steps each stage waited: {stages} (equal "
@@ -39,4 +39,8 @@ class MeasuredBalance(keras.callbacks.Callback):
 
     def idle_share(self) -> float:
         """This rank's idle share over the run."""
-        return self.waiting / self.stepping if self.stepping else 0.0
+        return _share(self.stepping, self.waiting)
+
+
+def _share(stepping: float, waiting: float) -> float:
+    return waiting / stepping if stepping else 0.0
