@@ -173,11 +173,6 @@ class TrainerConfig:
         _require(self.sync_period >= 1, f"trainer.sync_period must be >= 1 (steps between weight averages), got "
                                         f"{self.sync_period}")
         _require(self.sync_warmup_steps >= 0, f"trainer.sync_warmup_steps must be >= 0, got {self.sync_warmup_steps}")
-        if self.sync != "local_sgd":
-            for name in ("sync_period", "sync_warmup_steps", "sync_optimizer_state"):
-                _require(getattr(self, name) == getattr(TrainerConfig, name),
-                         f"trainer.{name} applies to trainer.sync=local_sgd only (this run's sync is {self.sync}); "
-                         f"set trainer.sync=local_sgd or leave trainer.{name} out")
 
 
 @dataclass(frozen=True)
@@ -284,43 +279,57 @@ class Config:
     fedavg: FedavgConfig = field(default_factory=FedavgConfig)
 
     def __post_init__(self):
-        if self.parallel.pipelined:
-            _require(self.runtime.precision == "float32", f"parallel.pipeline_stages={self.parallel.pipeline_stages} "
-                     f"trains in float32 only (runtime.precision={self.runtime.precision}); set runtime.precision=float32")
-            _require(not self.trainer.elastic, "parallel.pipeline_stages > 1 cannot be elastic (a lost rank takes a "
-                     "stage with it); set trainer.elastic=false")
-        if self.trainer.sync == "local_sgd":
-            _require(not self.parallel.pipelined, "trainer.sync=local_sgd averages whole models, not pipeline "
-                     "stages; use trainer.sync=every_step with parallel.pipeline_stages > 1")
-            _require(not self.trainer.elastic, "trainer.sync=local_sgd cannot be elastic yet (a worker that joins "
-                     "between averages has no model to average); set trainer.elastic=false")
-            _require(self.runtime.precision != "mixed_float16", "trainer.sync=local_sgd with mixed_float16 would "
-                     "agree on the loss scale with an all-reduce at every local step; use float32 or mixed_bfloat16")
-            _require(self.optim.backward_passes_per_step == 1, "trainer.sync=local_sgd already takes steps without "
-                     "communicating; set optim.backward_passes_per_step=1 (or a larger trainer.global_batch_size)")
-        if self.trainer.sync == "fedavg":
-            self._check_fedavg()
+        for ok, message in self._combinations():
+            _require(ok, message)
+
+    def _combinations(self):
+        """(allowed?, the one line that says why not and what to do) for every combination of strategies and
+        settings across sections: the one place they are checked. The first refusal is raised."""
+        p, t, o, r = self.parallel, self.trainer, self.optim, self.runtime
+        sync = t.sync
+        if sync != "local_sgd":
+            for name in ("sync_period", "sync_warmup_steps", "sync_optimizer_state"):
+                yield (getattr(t, name) == getattr(TrainerConfig, name),
+                       f"trainer.{name} applies to trainer.sync=local_sgd only (this run's sync is {sync}); set "
+                       f"trainer.sync=local_sgd or leave trainer.{name} out")
+        if p.pipelined:
+            yield (r.precision == "float32", f"parallel.pipeline_stages={p.pipeline_stages} trains in float32 only "
+                   f"(runtime.precision={r.precision}); set runtime.precision=float32")
+            yield not t.elastic, ("parallel.pipeline_stages > 1 cannot be elastic (a lost rank takes a stage with "
+                                  "it); set trainer.elastic=false")
+        if sync == "local_sgd":
+            yield not p.pipelined, ("trainer.sync=local_sgd averages whole models, not pipeline stages; use "
+                                    "trainer.sync=every_step with parallel.pipeline_stages > 1")
+            yield not t.elastic, ("trainer.sync=local_sgd cannot be elastic yet (a worker that joins between averages "
+                                  "has no model to average); set trainer.elastic=false")
+            yield r.precision != "mixed_float16", ("trainer.sync=local_sgd with mixed_float16 would agree on the loss "
+                                                   "scale with an all-reduce at every local step; use float32 or "
+                                                   "mixed_bfloat16")
+            yield o.backward_passes_per_step == 1, ("trainer.sync=local_sgd already takes steps without "
+                                                    "communicating; set optim.backward_passes_per_step=1 (or a "
+                                                    "larger trainer.global_batch_size)")
+        if sync == "fedavg":
+            yield not p.pipelined, ("trainer.sync=fedavg averages whole models, not pipeline stages; set "
+                                    "parallel.pipeline_stages=1")
+            yield not t.elastic, "trainer.sync=fedavg cannot be elastic; set trainer.elastic=false"
+            yield r.precision != "mixed_float16", ("trainer.sync=fedavg trains its clients in float32 or "
+                                                   "mixed_bfloat16 (mixed_float16's loss scaling is agreed step by "
+                                                   "step); set runtime.precision")
+            yield o.backward_passes_per_step == 1, ("trainer.sync=fedavg trains each client with plain local steps; "
+                                                    "set optim.backward_passes_per_step=1 (or a larger "
+                                                    "fedavg.local_batch_size)")
+            yield o.warmup_epochs == 0 and o.lr_scaling == "none", (
+                "trainer.sync=fedavg trains every client with optim.lr (optim.schedule=cosine decays it over the "
+                "rounds); set optim.warmup_epochs=0 and optim.lr_scaling=none")
+            yield self.data.partition == "iid" or self.data.task == "classification", (
+                f"data.partition={self.data.partition} splits the clients by class label; a {self.data.task} task "
+                "has none: use data.partition=iid")
         else:
             fedavg_only = [("data.partition", self.data.partition, DataConfig.partition)] + [
                 (f"fedavg.{f.name}", getattr(self.fedavg, f.name), f.default) for f in dataclasses.fields(FedavgConfig)]
             for key, value, default in fedavg_only:
-                _require(value == default, f"{key} applies to trainer.sync=fedavg only (this run's sync is "
-                                           f"{self.trainer.sync}); set trainer.sync=fedavg or leave {key} out")
-
-    def _check_fedavg(self) -> None:
-        _require(not self.parallel.pipelined, "trainer.sync=fedavg averages whole models, not pipeline stages; "
-                 "set parallel.pipeline_stages=1")
-        _require(not self.trainer.elastic, "trainer.sync=fedavg cannot be elastic; set trainer.elastic=false")
-        _require(self.runtime.precision != "mixed_float16", "trainer.sync=fedavg trains its clients in float32 or "
-                 "mixed_bfloat16 (mixed_float16's loss scaling is agreed step by step); set runtime.precision")
-        _require(self.optim.backward_passes_per_step == 1, "trainer.sync=fedavg trains each client with plain "
-                 "local steps; set optim.backward_passes_per_step=1 (or a larger fedavg.local_batch_size)")
-        _require(self.optim.warmup_epochs == 0 and self.optim.lr_scaling == "none", "trainer.sync=fedavg trains "
-                 "every client with optim.lr (optim.schedule=cosine decays it over the rounds); set "
-                 "optim.warmup_epochs=0 and optim.lr_scaling=none")
-        _require(self.data.partition == "iid" or self.data.task == "classification", f"data.partition="
-                 f"{self.data.partition} splits the clients by class label; a {self.data.task} task has none: use "
-                 "data.partition=iid")
+                yield value == default, (f"{key} applies to trainer.sync=fedavg only (this run's sync is {sync}); "
+                                         f"set trainer.sync=fedavg or leave {key} out")
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -472,7 +481,7 @@ def check_world(cfg: Config, size: int) -> None:
     batch, stages = cfg.trainer.global_batch_size, cfg.parallel.pipeline_stages
     check_stages(stages, size)
     if stages > 1:
-        _check_pipeline_batch(cfg, size // stages)
+        check_pipeline_batch(batch, cfg.parallel.microbatches, size // stages)
     elif batch % size and cfg.trainer.sync != "fedavg":   # fedavg's clients have their own batch size
         lower, upper = (batch // size) * size, -(-batch // size) * size
         hint = f"{lower} or {upper}" if lower else f"{upper}"
@@ -490,8 +499,7 @@ def check_stages(stages: int, size: int) -> None:
                           f"multiple of {stages} ranks (each pipeline has one rank per stage) or change the stages")
 
 
-def _check_pipeline_batch(cfg: Config, replicas: int) -> None:
-    batch, micro = cfg.trainer.global_batch_size, cfg.parallel.microbatches
+def check_pipeline_batch(batch: int, micro: int, replicas: int) -> None:
     if batch % replicas:
         raise ConfigError(f"trainer.global_batch_size={batch} is not divisible by the {replicas} pipeline replicas "
                           f"(ranks / parallel.pipeline_stages); use a multiple of {replicas}")

@@ -73,6 +73,10 @@ class World:
         stage = self.stage if stage is None else stage
         return [replica * self.stages + stage for replica in range(self.replicas)]
 
+    def replica_sets(self) -> list[list[int]]:
+        """The ranks holding each part of the model (one part per stage), each list the replicas of that part."""
+        return [self.stage_ranks(s) for s in range(self.stages)]
+
     @property
     def replica_group(self) -> int | None:
         """Which ranks must hold identical weights: None for all of them (data parallelism), else this stage's."""

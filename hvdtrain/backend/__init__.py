@@ -21,6 +21,7 @@ from hvdtrain.backend.collectives import (agree_on_errors, all_agree, allgather_
                                        allreduce_sum, barrier, broadcast_object, broadcast_variables, build_info,
                                        collective_failure, follow_leaver, from_horovod, gather_agreed, init, join,
                                        leave_with, raise_first, topology, variable_averager)
+from hvdtrain.backend.traffic import sent as sent_bytes
 from hvdtrain.backend.environment import (active_comm_settings, apply_comm_environment, comm_environment,
                                        launched_by_mpi, launched_elastic, launcher_name, local_size_hint, rank_hint,
                                        srun_step_tasks, under_launcher)
@@ -63,6 +64,11 @@ def gradient_buckets(variables, bucket_mb: float) -> list[list[int]] | None:
 
 def is_distributed(optimizer) -> bool:
     return _keras_layer().is_distributed(optimizer)
+
+
+def averaging_group(optimizer) -> int | None:
+    """The replica group a distributed optimizer averages over: None for all ranks, else a pipeline stage's."""
+    return _keras_layer().averaging_group(optimizer)
 
 
 def loss_scale(optimizer):
@@ -127,9 +133,9 @@ def elastic_run(fn):
 
 __all__ = ["active_comm_settings", "agree_on_errors", "all_agree", "allgather_object", "allreduce", "allreduce_min",
            "allreduce_sum", "apply_comm_environment", "barrier", "broadcast_object", "broadcast_variables",
-           "build_info", "build_optimizer", "collective_failure", "comm_environment",
+           "averaging_group", "build_info", "build_optimizer", "collective_failure", "comm_environment",
            "distributed_optimizer", "elastic_run", "elastic_state", "follow_leaver", "from_horovod",
            "gather_agreed", "init", "integration", "is_distributed", "join", "launched_by_mpi",
            "launched_elastic", "launcher_name", "leave_with", "local_size_hint", "loss_scale", "mpi",
-           "mpi_library_version", "raise_first", "rank_hint", "srun_step_tasks", "topology",
+           "mpi_library_version", "raise_first", "rank_hint", "sent_bytes", "srun_step_tasks", "topology",
            "under_launcher", "uses_xla", "variable_averager"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from hvdtrain.backend import traffic
 from hvdtrain.backend._horovod import hvd
 from hvdtrain.errors import UserError
 
@@ -76,12 +77,14 @@ def _alone() -> bool:
     return size() == 1
 
 
-def allreduce_sum(values, name: str) -> np.ndarray:
-    """Sum a float64 vector over all ranks (exact counts and sums for evaluation and agreement)."""
+def allreduce_sum(values, name: str, kind: str = "control") -> np.ndarray:
+    """Sum a float64 vector over all ranks (exact counts and sums for evaluation and agreement; `kind`: what the
+    bytes count as, see traffic.py)."""
     values = np.asarray(values, dtype=np.float64)
     if _alone():
         return values
     import tensorflow as tf
+    traffic.count_arrays(kind, [values])
     return allreduce(tf.constant(values), "sum", name).numpy()
 
 
@@ -90,6 +93,7 @@ def allreduce_min(values, name: str) -> np.ndarray:
     if _alone():
         return values
     import tensorflow as tf
+    traffic.count_arrays("control", [values])
     return allreduce(tf.constant(values), "min", name).numpy()
 
 
@@ -185,6 +189,7 @@ def broadcast_variables(variables, name: str = "hvdtrain.broadcast", group: int 
     if not variables or _group_size(group) == 1:
         return
     root, members = _group_root(group), _process_set(group)
+    traffic.count_variables("broadcast", variables)
 
     @tf.function
     def assign_from_root():
@@ -193,21 +198,25 @@ def broadcast_variables(variables, name: str = "hvdtrain.broadcast", group: int 
     assign_from_root()
 
 
-def variable_averager(variables, name: str, group: int | None = None):
+def variable_averager(variables, name: str, group: int | None = None, kind: str = "weights"):
     """A function that sets every rank's `variables` to their average over ranks (or over a pipeline stage's
     replicas), in one grouped all-reduce (traced once, the variables captured as in broadcast_variables). Calling it
-    is the collective."""
+    is the collective; its bytes count as `kind`."""
     import tensorflow as tf
     h = hvd()
     variables = list(variables)
     members = _process_set(group)
 
     @tf.function
-    def average():
+    def all_reduce():
         averaged = h.grouped_allreduce([tf.convert_to_tensor(v) for v in variables], op=h.Average, name=name,
                                        process_set=members)
         for variable, value in zip(variables, averaged):
             variable.assign(value)
+
+    def average():
+        traffic.count_variables(kind, variables)
+        all_reduce()
     return average
 
 

@@ -30,7 +30,7 @@ def run(args, overrides) -> int:
         overrides = [*overrides, "--trainer.elastic=true"]
     cfg = load_config(args.config, overrides)   # a config mistake is said before TensorFlow loads (seconds)
     import_tensorflow()
-    from hvdtrain.callbacks import StopRequest
+    from hvdtrain.loop.stop import StopRequest
     from hvdtrain.rundir import STOP_FILE
     from hvdtrain.trainer import Trainer
     Trainer(cfg, stop=StopRequest(stop_file=Path(cfg.trainer.run_dir) / STOP_FILE).install()).fit()

@@ -58,8 +58,9 @@ class _Running:
 
 class PipelineStage(keras.Model):
     def __init__(self, stage_model, world, channel, *, schedule: str, microbatches: int, loss=None, metrics=(),
-                 timer=None):
+                 timer=None, whole_outputs: int | None = None):
         super().__init__(name=stage_model.name)
+        self.whole_outputs = whole_outputs   # the whole model's outputs (its task's classes), known on every stage
         self.stage_model = stage_model
         self.world, self.channel, self.microbatches = world, channel, microbatches
         self.ops = stage_ops(schedule, world.stage, world.stages, microbatches)
@@ -82,11 +83,11 @@ class PipelineStage(keras.Model):
 
     # ---- messages, as ops of the compiled step -------------------------------------------------------------------
 
-    def _send(self, tensor, dest: int, tag: int) -> None:
+    def _send(self, tensor, dest: int, tag: int, kind: str = "activations") -> None:
         import tensorflow as tf
 
         def send(array):
-            self.channel.send(np.array(array), dest, tag)   # a copy: TensorFlow may reuse the tensor's memory
+            self.channel.send(np.array(array), dest, tag, kind)   # a copy: TensorFlow may reuse the tensor's memory
             return np.int32(0)
         with self._in_order():
             self._last = tf.numpy_function(send, [tensor], tf.int32, stateful=True, name="pipeline_send")
@@ -195,7 +196,7 @@ class PipelineStage(keras.Model):
             self.running.update(loss, y, tf.concat(scores, axis=0))
             values = tf.cast(tf.stack(self.running.results()), tf.float64)
             for rank in range(first_of_pipeline, w.rank):
-                self._send(tf.reshape(values, (1, -1)), rank, LOGS_TAG)
+                self._send(tf.reshape(values, (1, -1)), rank, LOGS_TAG, "control")
         else:
             values = tf.reshape(self._receive(first_of_pipeline + w.stages - 1, LOGS_TAG, (len(self.running.names),),
                                               np.float64), (-1,))
@@ -210,7 +211,7 @@ class PipelineStage(keras.Model):
         out = self._infer(x)
         if self.world.last_stage:
             return out
-        self.channel.send(out.numpy(), self.world.next_rank, EVAL_TAG)
+        self.channel.send(out.numpy(), self.world.next_rank, EVAL_TAG, "evaluation")
         self.channel.send_object(None if y is None else np.asarray(y), self.world.next_rank, LABELS_TAG)
         self.channel.flush(keep=2)   # the previous batch's sends done: a stream keeps two messages in flight
         return None
@@ -226,7 +227,8 @@ class PipelineStage(keras.Model):
     def end_stream(self) -> None:
         """Tell the next stage that no batch follows (an empty batch); after the last batch, and after a failure."""
         if not self.world.last_stage:
-            self.channel.send(np.zeros((0, *self.output_tail), self.compute_dtype), self.world.next_rank, EVAL_TAG)
+            self.channel.send(np.zeros((0, *self.output_tail), self.compute_dtype), self.world.next_rank, EVAL_TAG,
+                              "evaluation")
         self.channel.flush()
 
 

@@ -18,7 +18,25 @@ class FakeHorovod:
     Sum, Average, Min, Max = "sum", "average", "min", "max"
 
     class Compression:
-        none, fp16 = "none", "fp16"
+        class none:   # Horovod's compressors: a cast before the all-reduce, back after it
+            @staticmethod
+            def compress(tensor):
+                return tensor, None
+
+            @staticmethod
+            def decompress(tensor, context):
+                return tensor
+
+        class fp16:
+            @staticmethod
+            def compress(tensor):
+                import tensorflow as tf
+                return tf.cast(tensor, tf.float16), tensor.dtype
+
+            @staticmethod
+            def decompress(tensor, context):
+                import tensorflow as tf
+                return tf.cast(tensor, context)
 
     global_process_set = "all ranks"
 
@@ -240,24 +258,26 @@ def _session_fit(tmp_path, fake, steps=8, every=3, **options):
     import keras
 
     from hvdtrain import backend
-    from hvdtrain import callbacks as cb
+    from hvdtrain.loop.progress import Options
+    from hvdtrain.loop.stop import StopRequest
     from hvdtrain.rundir import RunDir
-    from hvdtrain.session import Session, fit_segments
+    from hvdtrain.session import Session
+    from hvdtrain.strategies import DataParallel
     from hvdtrain.world import World
     keras.utils.set_random_seed(1)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     model.compile(optimizer=backend.distributed_optimizer(keras.optimizers.SGD(0.1)),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)
     world = World(rank=0, size=2, local_size=2, controller="gloo")
-    session = Session(world, RunDir(tmp_path / "run").check(), steps_per_epoch=steps, epochs=1, global_batch=8,
-                      options=cb.Options(check_every_steps=every, tensorboard=False, progress="none", **options),
-                      stop=cb.StopRequest(), meta={})
+    session = Session(world, RunDir(tmp_path / "run").check(), DataParallel(world), steps_per_epoch=steps, epochs=1,
+                      global_batch=8, options=Options(check_every_steps=every, tensorboard=False, progress="none",
+                                                      **options), stop=StopRequest(), meta={})
     x, y = np.random.default_rng(0).normal(size=(4 * steps, 4)).astype("float32"), np.arange(4 * steps) % 3
 
     def batches_from(first_epoch, epochs, skip):
         import tensorflow as tf
         return tf.data.Dataset.from_tensor_slices((x, y)).batch(4).skip(skip)
-    fit_segments(model, batches_from, session, session.callbacks())
+    session.strategy.train(session, model, batches_from)
     return session
 
 

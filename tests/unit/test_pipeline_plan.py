@@ -168,7 +168,8 @@ def test_the_keras_2_stack_refuses_pipeline_stages_with_one_line(monkeypatch):
     monkeypatch.setattr(runtime, "keras_major", lambda: 2)   # what TF 2.15's stack answers
     cfg = load_config(None, ["--parallel.pipeline_stages=2"])
     with pytest.raises(UserError, match=r"^parallel.pipeline_stages > 1 needs the Keras 3 stack \(TensorFlow >= 2.16\)"):
-        pipeline.build(cfg, World(rank=0, size=2, local_size=2, stages=2), whole=None, task=None, log=None)
+        pipeline.build(cfg.parallel, World(rank=0, size=2, local_size=2, stages=2), whole=None, objective=None,
+                       log=None, global_batch=cfg.trainer.global_batch_size)
 
 
 # ---- a stage that fails while serving --------------------------------------------------------------------------------
@@ -180,7 +181,7 @@ class _Loopback:
         import collections
         self.queues = collections.defaultdict(collections.deque)
 
-    def send(self, array, dest, tag):
+    def send(self, array, dest, tag, kind="activations"):
         self.queues[dest, tag].append(array)
 
     send_object = send
