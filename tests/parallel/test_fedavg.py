@@ -44,14 +44,17 @@ def five_rounds(tmp_path_factory):
 def test_fedavg_on_two_label_clients_reaches_90_percent(tmp_path):
     run = tmp_path / "run"
     summary = train(run, 2)
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert summary["status"] == "completed" and summary["test_accuracy"] >= 0.90 and summary["epochs"] == 60
+    assert (run / "tensorboard" / "train").is_dir()   # a federated run writes TensorBoard like every other run
     assert summary["sync"] == {"mode": "fedavg"}
     assert summary["fedavg"] == {"clients": 100, "fraction": 0.1, "per_round": 10, "local_epochs": 5,
-                                 "local_batch_size": 10, "partition": "labels:2"}
+                                 "local_batch_size": 10, "partition": "labels:2", "rounds_this_run": 60,
+                                 "examples_trained_this_run": 5 * sum(int(r["client_examples"]) for r in rows)}
+    assert "optimizer_steps" not in summary and "global_batch_size" not in summary   # one client's; no client's
     import keras
     values = keras.saving.load_model(run / "model.keras").count_params()
     assert summary["communicated_bytes"] == 60 * (8 * values + 16)   # float64 weighted sums and two counts a round
-    rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [int(r["global_step"]) for r in rows] == list(range(1, 61)) and {r["clients"] for r in rows} == {"10"}
     assert float(rows[-1]["val_accuracy"]) == pytest.approx(summary["test_accuracy"])
     clients = json.loads((run / "partition.json").read_text())["clients"]
