@@ -1,6 +1,6 @@
 """One frozen config tree: defaults -> YAML file -> `--section.key=value` overrides, validated once.
 
-Every field has a one-line doc (used by `hvdtrain config --help` and the README reference).
+Every field has a one-line doc (used by `hvdtrain config --reference` and docs/configuration.md).
 Validation raises UserError with one line per problem; `check_world` adds the checks that need the
 number of ranks (e.g. the global batch must divide evenly).
 """
@@ -509,7 +509,7 @@ def check_pipeline_batch(batch: int, micro: int, replicas: int) -> None:
 
 
 def describe_fields() -> list[tuple[str, str, str]]:
-    """(key, default, doc) for every field, for --help and the README."""
+    """(key, default, doc) for every field, for --reference and docs/configuration.md."""
     rows = []
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):

@@ -50,7 +50,7 @@ def _header(docs: dict) -> str:
     lines = ["# Benchmarks", "",
              "Made by `make bench` (`hvdtrain bench allreduce`, `train`, `averaging`, `stacks`, `predict`, "
              "`pipeline`, `sync`, then `hvdtrain bench report`; `make bench-tune` for the tuning sweep); the JSON "
-             "files and plots are in [bench/](bench/). **The machine was shared** with other "
+             "files and plots are in `docs/bench/`. **The machine was shared** with other "
              "engineers' test runs while these numbers were taken, so absolute numbers are noisy: compare the "
              "ratios, which were measured side by side in the same run. The load average is recorded with every run."]
     first = next(iter(docs.values()), None)
@@ -202,7 +202,7 @@ def _resnet50(doc, rel: Path) -> str:
                                        "images/s total", "efficiency", "comm_share"]), "",
         "A GPU run is the same command with `--image-size 224 --batch 64` (64-256 per GPU), one rank per GPU "
         "(`hvdtrain` pins each rank to its local GPU) and `--threads` left at 1; it needs the CUDA builds of "
-        "TensorFlow and Horovod with `HOROVOD_GPU_OPERATIONS=NCCL` (README, GPU notes), mixed precision "
+        "TensorFlow and Horovod with `HOROVOD_GPU_OPERATIONS=NCCL` (docs/install.md, GPU clusters), mixed precision "
         "(`--runtime.precision=mixed_float16`) to be comparable with published figures, and NCCL all-reduce over "
         "NVLink or InfiniBand between nodes; the step is then ~50x the work of this 64x64 CPU run (12x the pixels, 4x the batch), so gradients "
         "(25.6M parameters, 100 MB) are a far smaller share of it than here.", "",

@@ -46,7 +46,7 @@ def test_default_digits_job_on_two_ranks_reaches_the_accuracy_bar(tmp_path):
     assert {oct(p.stat().st_mode & 0o777) for p in (run / "checkpoints").iterdir()} == {"0o755"}
     # Rank 0 alone reports: one line per epoch and one final line.
     lines = proc.stdout.splitlines()
-    assert sum(line.startswith("epoch 30/30") for line in lines) == 1      # no launcher tag: as the README shows
+    assert sum(line.startswith("epoch 30/30") for line in lines) == 1      # no launcher tag: as the docs show
     assert sum(line.startswith("[hvdtrain] test accuracy") for line in lines) == 1
     assert "oneDNN" not in output(proc) and "absl::InitializeLog" not in output(proc)   # no start-up banners
 

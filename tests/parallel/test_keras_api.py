@@ -8,7 +8,7 @@ import pytest
 
 from conftest import KERAS_MAJOR, REPO, horovodrun, output
 
-pytestmark = pytest.mark.stacks    # also on the TF 2.15 stack: see README, "Tests"
+pytestmark = pytest.mark.stacks    # also on the TF 2.15 stack: see docs/testing.md
 
 WORKER = str(REPO / "tests/parallel/workers/keras_api_worker.py")
 

@@ -1,5 +1,5 @@
 """Local SGD for real (trainer.sync=local_sgd), 2 ranks under horovodrun: each rank takes sync_period steps on its own,
-then the weights are averaged. It trains digits to the README's accuracy with at most a quarter of every-step
+then the weights are averaged. It trains digits to the guide's accuracy (docs/strategies.md) with at most a quarter of every-step
 averaging's bytes (counted in summary.json and per epoch in metrics.csv, and recounted here from the model's size);
 with plain SGD and a period of 1 it is every-step averaging up to rounding (the average of the updated weights is the
 update with the averaged gradient; float32 rounds the two differently); the warm-up averages gradients exactly as every-step training does; a stop

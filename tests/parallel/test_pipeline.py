@@ -1,7 +1,7 @@
 """Pipeline and hybrid parallelism for real: `hvdtrain train --parallel.pipeline_stages=2` under horovodrun --mpi
 with 2 ranks (one pipeline, D=1) and 4 (D=2, oversubscribed on 2 cores). A pipeline's update is the unsplit model's:
 after one epoch (22 steps) its weights match data-parallel training of the same model, seed and data (1 rank for
-D=1, 2 ranks for D=2) within float32 rounding, for both schedules; it trains digits to the README's accuracy, its
+D=1, 2 ranks for D=2) within float32 rounding, for both schedules; it trains digits to the guide's accuracy, its
 model.keras is a plain Keras model, a stop mid-epoch resumes bit for bit, and bad layouts stop every rank with one
 line. (Activations travel by MPI point-to-point, so the launch is MPI's.)"""
 import json

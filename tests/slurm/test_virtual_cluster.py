@@ -58,7 +58,7 @@ def work(vcluster):
 
 def sbatch(cluster: Cluster, work: Path, script: str, name: str, options: list[str], args: list[str],
            env: dict | None = None) -> tuple[str, Path]:
-    """Plain `sbatch slurm/<script>` from the repository root, as the README shows; returns the id and log path."""
+    """Plain `sbatch slurm/<script>` from the repository root, as docs/slurm.md shows; returns the id and log path."""
     proc = cluster.run(["sbatch", *options, f"--job-name={name}", f"--output={work}/{name}-%j.out", f"slurm/{script}",
                         *args], cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -82,7 +82,7 @@ def finished(cluster: Cluster, job_id: str, log: Path) -> tuple[dict, str]:
 
 @pytest.fixture(scope="module")
 def reference(vcluster, work):
-    """The uninterrupted 2-node job of the preemption config, submitted as the README shows."""
+    """The uninterrupted 2-node job of the preemption config, submitted as docs/slurm.md shows."""
     job_id, log = submit(vcluster, work, "reference", [f"--trainer.run_dir={work / 'reference'}", *JOB])
     info, text = finished(vcluster, job_id, log)
     return {"id": job_id, "job": info, "log": text, "run": work / "reference"}
