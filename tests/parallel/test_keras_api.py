@@ -52,6 +52,16 @@ def test_distributed_optimizer_keeps_replicas_identical_although_their_data_diff
         assert a["optimizer"].startswith("LossScaleOptimizer")
 
 
+@pytest.mark.parametrize("mode, all_reduces, dtype", [("distributed", 16, "float32"), ("accumulate", 8, "float32"),
+                                                      ("fp16", 16, "float16"), ("mixed_float16", 16, "float32")])
+def test_the_gradient_bytes_counted_where_they_are_sent_follow_the_formula(trained, mode, all_reduces, dtype):
+    """16 batches of 8 per rank: one all-reduce of every trainable parameter's gradient per optimizer step (8 with 2
+    batches accumulated), in the dtype sent (fp16 compression halves it), counted as the backend hands it over."""
+    for rank in ranks(trained, mode):
+        size = {"float32": 4, "float16": 2}[dtype]
+        assert rank["gradients_sent"] == {dtype: all_reduces * rank["trainable_parameters"] * size}, rank
+
+
 def test_a_plain_optimizer_is_refused_on_every_rank(trained):
     a, b = ranks(trained, "plain")
     for rank in (a, b):

@@ -13,8 +13,14 @@ import hvdtrain.keras as hk
 import keras
 import numpy as np
 
+from hvdtrain import backend
 from hvdtrain.checkpoint import weights_digest
 from hvdtrain.errors import UserError
+
+
+def gradients_sent() -> dict:
+    """The gradient bytes this process has handed to Horovod so far, by dtype (counted where they are sent)."""
+    return backend.sent_bytes().get("gradients", {})
 
 
 def train(mode: str) -> dict:
@@ -36,10 +42,14 @@ def train(mode: str) -> dict:
         optimizer = hk.distribute(optimizer, fp16_compression=mode == "fp16",
                                   backward_passes_per_step=2 if mode == "accumulate" else 1)
     model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)
-    result = {"optimizer": type(model.optimizer).__name__, "rank": world.rank}
+    result = {"optimizer": type(model.optimizer).__name__, "rank": world.rank,
+              "trainable_parameters": sum(int(np.prod(v.shape)) for v in model.trainable_variables)}
+    before = gradients_sent()
     try:
         model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=hk.callbacks(world))
-        result.update(digest=weights_digest(model), steps=int(model.optimizer.iterations.numpy()))
+        result.update(digest=weights_digest(model), steps=int(model.optimizer.iterations.numpy()),
+                      gradients_sent={dtype: n - before.get(dtype, 0) for dtype, n in gradients_sent().items()
+                                      if n != before.get(dtype, 0)})
     except UserError as exc:
         result["error"] = str(exc)
     return result
