@@ -154,9 +154,10 @@ class Session:
             "sync": self.strategy.describe(),
             "train_loss": epochs_run[-1]["loss"] if epochs_run else None,
             "weights_sha256": digest, "wall_seconds": time.perf_counter() - self.started,
-            # what this rank handed to Horovod and MPI during this run (a resumed run counts from its resume)
-            "communicated_bytes": traffic.payload(sent), "communicated": sent,
-            "communicated_bytes_per_rank": backend.allgather_object(traffic.payload(sent), "hvdtrain.sent"),
+            # what the ranks handed to Horovod and MPI during this run (a resumed run counts from its resume): rank
+            # 0's payload, and every rank's bytes by kind and dtype
+            "communicated_bytes": traffic.payload(sent),
+            "communicated": backend.allgather_object(sent, "hvdtrain.sent"),
         }
         summary.update({f"test_{k}": v for k, v in (test or {}).items()})
         if self.world.is_chief:

@@ -7,6 +7,7 @@ stops with that rank's message instead of waiting for it in the gather."""
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import numpy as np
 
@@ -15,18 +16,23 @@ from hvdtrain.data.sharding import in_batch_order
 from hvdtrain.errors import DataError, first_line
 
 
+_SUM_STEPS = weakref.WeakKeyDictionary()   # model -> {task: its traced step}, gone with the model
+
+
 def _sum_step(model, task):
-    """One traced function per (model, task), cached on the model, so per-epoch evaluation does not retrace."""
-    cache = model.__dict__.setdefault("_hvdtrain_eval_steps", {})
+    """One traced function per (model, task), kept while the model lives, so per-epoch evaluation does not
+    retrace."""
+    cache = _SUM_STEPS.setdefault(model, {})
     if task not in cache:
         import tensorflow as tf
 
         # The task's sums are plain ops: AutoGraph's conversion of them cost ~0.35 s of every rank's start (measured).
         sums = tf.autograph.experimental.do_not_convert(task.batch_sums)
+        scored = weakref.ref(model)   # not the model itself: the cache must not keep its key alive
 
         @tf.function(reduce_retracing=True)
         def step(x, y):
-            return tf.stack(sums(model(x, training=False), y))
+            return tf.stack(sums(scored()(x, training=False), y))
         cache[task] = step
     return cache[task]
 

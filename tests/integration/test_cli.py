@@ -79,6 +79,12 @@ def test_rerun_resumes_and_no_resume_refuses(tmp_path, small_digits, three_epoch
     assert "resuming from" in more.stdout and "(3 of 4 epochs done)" in more.stdout
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["global_step"] == 4 * (1437 // 64) and summary["epoch"] == 4
+    # Run again with nothing left to train: the run's summary.json and model.keras stay as it wrote them.
+    written = {name: (tmp_path / "run" / name).read_bytes() for name in ("summary.json", "model.keras")}
+    again = hvdtrain(["train", *small_digits[:-1], "--trainer.epochs=4"])
+    assert again.returncode == 0, output(again)
+    assert "nothing left to train" in again.stdout, output(again)
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in written} == written
     refused = hvdtrain(["train", *small_digits, "--no-resume"])
     assert refused.returncode == 2
     assert "already holds checkpoint" in refused.stderr

@@ -70,6 +70,15 @@ def test_a_pipeline_trains_exactly_as_data_parallel_training(runs, ranks, schedu
                                    "built_parameters": [16640 + 34186, *stage_parameters[1:]]}
     stages = sorted(p.name for p in (pipelined / "checkpoints" / "ckpt-00000022").iterdir())
     assert stages == ["meta.json", "stage-0", "stage-1"]   # each stage's weights and optimizer, one checkpoint
+    # Bytes counted where they are sent: each of 22 steps sends a replica batch of 64 / D examples' 256-wide
+    # activations forward (stage 1) or their gradients back (stage 2), in float32; with D = 2 each stage also
+    # all-reduces its own parameters' gradients over its replicas.
+    replicas = ranks // 2
+    for rank, sent in enumerate(summary["communicated"]):
+        expected = {"activations": {"float32": 22 * (64 // replicas) * 256 * 4}}
+        if replicas > 1:
+            expected["gradients"] = {"float32": 22 * stage_parameters[rank % 2] * 4}
+        assert {kind: sent[kind] for kind in ("activations", "gradients") if kind in sent} == expected, (rank, sent)
 
 
 def test_a_stop_mid_epoch_resumes_bit_for_bit(runs, tmp_path):
