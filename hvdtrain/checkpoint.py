@@ -140,16 +140,21 @@ def restore_model(ckpt, model, meta: dict) -> None:
         return restore(ckpt, model, part="rank-0")   # every rank's part holds the same weights
     if not layout:
         return restore(ckpt, model)
-    import keras
     from hvdtrain.pipeline.split import plan
+    _, stage_models = plan(model, layout["stages"], tuple(layout["first_layers"][1:]))
+    for s, stage_model in enumerate(stage_models):
+        restore_stage(ckpt, stage_model, s)
+
+
+def restore_stage(ckpt, stage_model, stage: int) -> None:
+    """One pipeline stage's trained weights, from its `stage-<s>/state` (`hvdtrain serve --stages` loads only its own)."""
+    import keras
 
     class Stage(keras.Model):   # the object path a stage was saved under: model.stage_model
         def __init__(self, stage_model):
             super().__init__()
             self.stage_model = stage_model
-    _, stage_models = plan(model, layout["stages"], tuple(layout["first_layers"][1:]))
-    for s, stage_model in enumerate(stage_models):
-        restore(ckpt, Stage(stage_model), part=f"stage-{s}")
+    restore(ckpt, Stage(stage_model), part=f"stage-{stage}")
 
 
 def weights_digest(model) -> str:
