@@ -74,10 +74,10 @@ def run(args, overrides) -> int:
 
 
 def _serving(server, seconds: float) -> str:
-    s = server.settings
+    s, cfg = server.settings, server.settings.serve
     return (f"serving {server.url}/v1/models/{s.name}:predict (started in {seconds:.0f} s): "
-            f"{' -> '.join(s.deployments)}, {s.min_replicas}..{s.max_replicas} replicas of {s.replica_cpus:g} CPU "
-            f"each, batches of up to {s.max_batch_size} requests ({1e3 * s.batch_wait_s:g} ms wait); Ctrl-C stops")
+            f"{' -> '.join(s.deployments)}, {cfg.min_replicas}..{cfg.max_replicas} replicas of {cfg.replica_cpus:g} "
+            f"CPU each, batches of up to {cfg.max_batch_size} requests ({cfg.batch_wait_ms:g} ms wait); Ctrl-C stops")
 
 
 def _config(model: str, overrides):

@@ -12,23 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from hvdtrain.config import ServeConfig
 from hvdtrain.serve.model import Source, find
 
 
 @dataclass(frozen=True)
 class Settings:
-    """What the application is made of: the command line and the `serve` config section."""
+    """What the application is made of: the command line and the `serve` config section (its max_replicas 0 until
+    the server knows the cluster's cores: server.max_replicas)."""
     name: str
     source: Source
-    max_batch_size: int
-    batch_wait_s: float
-    min_replicas: int
-    max_replicas: int           # 0 until the server knows the cluster's cores (server.max_replicas)
-    target_ongoing_requests: float
-    upscale_delay_s: float
-    downscale_delay_s: float
-    replica_cpus: float
-    max_request_instances: int
+    serve: ServeConfig
 
     @property
     def deployments(self) -> list[str]:
@@ -37,15 +31,10 @@ class Settings:
         return ["Model"] if stages == 1 else [f"Stage{s + 1}" for s in range(stages)]
 
 
-def settings_for(model: str, serve_cfg, stages: int = 1, name: str | None = None) -> Settings:
+def settings_for(model: str, serve_cfg: ServeConfig, stages: int = 1, name: str | None = None) -> Settings:
     """Settings for serving MODEL (see model.find) with a config's `serve` section; the name defaults to the run
     directory's (the one holding the model file, for a file inside a run)."""
-    source = find(model, stages)
-    return Settings(name=name or default_name(model), source=source, max_batch_size=serve_cfg.max_batch_size,
-                    batch_wait_s=serve_cfg.batch_wait_ms / 1e3, min_replicas=serve_cfg.min_replicas,
-                    max_replicas=serve_cfg.max_replicas, target_ongoing_requests=serve_cfg.target_ongoing_requests,
-                    upscale_delay_s=serve_cfg.upscale_delay_s, downscale_delay_s=serve_cfg.downscale_delay_s,
-                    replica_cpus=serve_cfg.replica_cpus, max_request_instances=serve_cfg.max_request_instances)
+    return Settings(name or default_name(model), find(model, stages), serve_cfg)
 
 
 def default_name(model: str) -> str:

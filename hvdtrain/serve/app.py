@@ -124,7 +124,7 @@ async def _again_if_lost(call):
     while True:
         try:
             return await call()
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+        except ray.exceptions.RayActorError:   # its process died (ActorDiedError), or is unreachable for now
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.2)
@@ -136,20 +136,20 @@ def _json(body: dict, status: int = 200, headers: dict | None = None) -> Respons
 
 def application(settings: Settings):
     """The bound application: the ingress holding a handle to each of the model's deployments."""
-    autoscaling = {"min_replicas": settings.min_replicas, "initial_replicas": settings.min_replicas,
-                   "max_replicas": settings.max_replicas, "target_ongoing_requests": settings.target_ongoing_requests,
-                   "upscale_delay_s": settings.upscale_delay_s, "downscale_delay_s": settings.downscale_delay_s,
+    cfg = settings.serve
+    autoscaling = {"min_replicas": cfg.min_replicas, "initial_replicas": cfg.min_replicas,
+                   "max_replicas": cfg.max_replicas, "target_ongoing_requests": cfg.target_ongoing_requests,
+                   "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s,
                    # The load is averaged over 2 s (Ray's default: 30 s) of reports every 0.5 s (default 10 s), so
                    # the delays above are what the user waits.
                    "look_back_period_s": 2.0, "metrics_interval_s": 0.5}
-    threads = max(1, round(settings.replica_cpus))
-    scorers = [Scorer.options(name=name, autoscaling_config=autoscaling,
-                              ray_actor_options={"num_cpus": settings.replica_cpus},
+    threads = max(1, round(cfg.replica_cpus))
+    scorers = [Scorer.options(name=name, autoscaling_config=autoscaling, ray_actor_options={"num_cpus": cfg.replica_cpus},
                               # room for one batch being scored and the next one filling
-                              max_ongoing_requests=max(2 * settings.max_batch_size, 4),
+                              max_ongoing_requests=max(2 * cfg.max_batch_size, 4),
                               health_check_period_s=1.0, health_check_timeout_s=30.0)
-               .bind(settings.source.for_stage(s).to_dict(), threads, settings.max_batch_size, settings.batch_wait_s)
+               .bind(settings.source.for_stage(s).to_dict(), threads, cfg.max_batch_size, cfg.batch_wait_ms / 1e3)
                for s, name in enumerate(settings.deployments)]
     # The ingress only parses JSON: no core of its own, and many requests in flight (they wait on the model).
     return Ingress.options(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000) \
-        .bind(settings.name, settings.deployments, scorers, settings.max_request_instances)
+        .bind(settings.name, settings.deployments, scorers, cfg.max_request_instances)

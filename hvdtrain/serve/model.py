@@ -86,8 +86,11 @@ def load(source: Source, threads: int) -> Served:
     """Load `source` in this process, TensorFlow limited to `threads` intra-op threads (the replica's cores)."""
     from hvdtrain import runtime
     tf = runtime.import_tensorflow()
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:   # TensorFlow already ran in this process (not a replica's): its threads stay as they are
+        pass
     if source.kind == "saved_model":
         return _saved_model(source.path)
     model = _stage(Path(source.path), source.stage, source.stages) if source.kind == "stage" else _keras(source.path)

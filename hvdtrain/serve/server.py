@@ -44,10 +44,11 @@ def check_port(host: str, port: int) -> None:
 def max_replicas(settings: Settings, cpus: float) -> int:
     """serve.max_replicas, or 0's meaning: as many as the cores hold, cores / (stages x replica_cpus), at least
     min_replicas."""
-    if settings.max_replicas:
-        return settings.max_replicas
-    fit = math.floor(cpus / (settings.source.stages * settings.replica_cpus) + 1e-9)
-    return max(settings.min_replicas, fit)
+    cfg = settings.serve
+    if cfg.max_replicas:
+        return cfg.max_replicas
+    fit = math.floor(cpus / (settings.source.stages * cfg.replica_cpus) + 1e-9)
+    return max(cfg.min_replicas, fit)
 
 
 class Server:
@@ -70,10 +71,10 @@ class Server:
         from hvdtrain.serve.app import application
         self._start_ray(ray)
         cores = (os.cpu_count() or 1) if self.started_ray else ray.cluster_resources().get("CPU", 0.0)
-        self.settings = replace(self.settings, max_replicas=max_replicas(self.settings, cores))
-        needed = self.settings.max_replicas * self.settings.source.stages * self.settings.replica_cpus
-        if needed > cores + 1e-9:
-            self.log.warning(f"serve.max_replicas={self.settings.max_replicas} x {self.settings.replica_cpus:g} CPU "
+        cfg = replace(self.settings.serve, max_replicas=max_replicas(self.settings, cores))
+        self.settings = replace(self.settings, serve=cfg)
+        if cfg.max_replicas * self.settings.source.stages * cfg.replica_cpus > cores + 1e-9:
+            self.log.warning(f"serve.max_replicas={cfg.max_replicas} x {cfg.replica_cpus:g} CPU "
                              f"x {self.settings.source.stages} stage(s) is more than the {cores:g} cores" +
                              (": replicas will share them" if self.started_ray else
                               " of the cluster: replicas that do not fit wait for room"))
@@ -106,7 +107,7 @@ class Server:
     def _start_local(self, ray) -> None:
         """A Ray cluster of this machine alone, with its cores (more if serve.max_replicas asks for more)."""
         os.environ.update({k: v for k, v in METRICS_PUSH.items() if k not in os.environ})
-        asked = self.settings.max_replicas * self.settings.source.stages * self.settings.replica_cpus
+        asked = self.settings.serve.max_replicas * self.settings.source.stages * self.settings.serve.replica_cpus
         # The cluster's processes inherit SIGINT ignored, so a Ctrl-C reaches this process only, which then stops
         # Serve and Ray in order (a terminal sends Ctrl-C to the whole process group, Ray's processes included).
         # A Ctrl-C during these seconds is lost; SIGTERM is not.
