@@ -101,8 +101,10 @@ class Server:
         try:
             ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False)
         except (ConnectionError, ValueError, RuntimeError) as exc:
+            auth = "" if os.environ.get("RAY_AUTH_MODE") else \
+                "; a cluster with token authentication (`ray start`'s default) also needs RAY_AUTH_MODE=token here"
             raise UserError(f"cannot join the Ray cluster at --address {self.address} ({first_line(exc)}); "
-                            "start it with `ray start --head` or check the address") from None
+                            f"start it with `ray start --head` or check the address{auth}") from None
 
     def _start_local(self, ray) -> None:
         """A Ray cluster of this machine alone, with its cores (more if serve.max_replicas asks for more)."""
