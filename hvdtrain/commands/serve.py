@@ -3,7 +3,8 @@ scored in one model call (dynamic batching), and replicas are added under load a
 
 Examples:
   hvdtrain serve runs/digits                                   # model.keras on http://127.0.0.1:8501, named digits
-  curl -d '{"instances": [[0, 0, 5, 13, ... 64 values]]}' 127.0.0.1:8501/v1/models/digits:predict
+  curl -d '{"instances": [[0, 0, 0.3125, 0.8125, ... the 64 values of a digit, in [0, 1]]]}' \
+      127.0.0.1:8501/v1/models/digits:predict
   hvdtrain serve runs/digits --serve.max_replicas=4 --serve.max_batch_size=64 --port 9000
   hvdtrain serve runs/digits/export/saved_model --name digits  # an export of `hvdtrain export`
   hvdtrain serve runs/digits-pipe --stages 2                   # a pipeline-trained run as 2 chained stages
@@ -11,7 +12,8 @@ Examples:
 
 Endpoints: POST /v1/models/NAME:predict ({"instances": [...]} -> {"predictions": [...]}, {"inputs": ...} ->
 {"outputs": ...}), GET /v1/models/NAME (status), GET /v1/models/NAME/metadata (signature), GET /healthz (alive),
-GET /readyz (a replica of every deployment answers). A bad request is answered 400 with {"error": "..."}.
+GET /readyz (a replica of every deployment answers), GET /stages (the parameters a replica of each deployment
+holds). A bad request is answered 400 with {"error": "..."}.
 
 Batching and autoscaling are the `serve` config section (`--serve.KEY=VALUE`, or a serve: section in the run's
 config.yaml): max_batch_size, batch_wait_ms, min_replicas, max_replicas, target_ongoing_requests, upscale_delay_s,

@@ -113,8 +113,10 @@ class Ingress:
     async def _ready(self) -> Response:
         try:
             await asyncio.wait_for(asyncio.gather(*(s.ready.remote() for s in self.scorers)), READY_TIMEOUT_S)
-        except (asyncio.TimeoutError, ray.exceptions.RayError) as exc:
-            return _json({"status": "not ready", "error": first_line(exc) or "no replica answered in time"}, 503)
+        except asyncio.TimeoutError:
+            return _json({"status": "not ready", "error": f"no replica answered within {READY_TIMEOUT_S:g} s"}, 503)
+        except ray.exceptions.RayError as exc:
+            return _json({"status": "not ready", "error": first_line(exc)}, 503)
         return _json({"status": "ready"})
 
 
@@ -147,7 +149,9 @@ def application(settings: Settings):
     scorers = [Scorer.options(name=name, autoscaling_config=autoscaling, ray_actor_options={"num_cpus": cfg.replica_cpus},
                               # room for one batch being scored and the next one filling
                               max_ongoing_requests=max(2 * cfg.max_batch_size, 4),
-                              health_check_period_s=1.0, health_check_timeout_s=30.0)
+                              health_check_period_s=1.0, health_check_timeout_s=30.0,
+                              # a model that does not load will not load the next time either: say so at once
+                              max_constructor_retry_count=1)
                .bind(settings.source.for_stage(s).to_dict(), threads, cfg.max_batch_size, cfg.batch_wait_ms / 1e3)
                for s, name in enumerate(settings.deployments)]
     # The ingress only parses JSON: no core of its own, and many requests in flight (they wait on the model).

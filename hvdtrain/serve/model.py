@@ -33,7 +33,7 @@ class Source:
 def find(path: str, stages: int = 1) -> Source:
     """The Source a user's MODEL argument names: a run directory (its model.keras; with stages > 1 its checkpoint's
     stages), a .keras file, or a SavedModel directory (e.g. RUN_DIR/export/saved_model); a one-line error if none."""
-    p = Path(path)
+    p = Path(path).absolute()   # replicas run in other directories (and, on a cluster, on other nodes)
     if stages > 1:
         _check_stages(p, stages)
         return Source("stage", str(p), 0, stages)

@@ -83,7 +83,7 @@ class Server:
             serve.run(application(self.settings), name=self.settings.name, route_prefix="/",
                       logging_config={"log_level": "WARNING"})
         except RuntimeError as exc:   # a replica could not start: its own error, in one line
-            raise UserError(f"the model's replicas could not start: {_replica_error(exc)}") from None
+            raise UserError(f"the model's replicas could not start: {self._replica_error(exc)}") from None
 
     def _start_ray(self, ray) -> None:
         # Ray's own lines stay in its logs (/tmp/ray/session_latest/logs); errors pass.
@@ -145,6 +145,14 @@ class Server:
             time.sleep(0.2)
         return left
 
+    def _replica_error(self, exc: RuntimeError) -> str:
+        """The replica's own UserError line, from the deployments' status (which carries its traceback)."""
+        from ray import serve
+        app = serve.status().applications.get(self.settings.name)
+        texts = [str(exc)] + ([d.message for d in app.deployments.values()] if app else [])
+        found = re.findall(r"UserError: (.+)", "\n".join(texts))
+        return found[-1].strip() if found else first_line(exc)
+
     def stages(self) -> list[dict]:
         """GET /stages of this server: per deployment, a replica's id and the parameters it holds (asked over HTTP:
         a Serve handle in this process would outlive Ray's shutdown)."""
@@ -180,12 +188,6 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"   # a zombie has ended; its parent reaps it
     except OSError:
         return False
-
-
-def _replica_error(exc: RuntimeError) -> str:
-    """The replica's UserError line from Ray's deployment failure text (which carries the replica's traceback)."""
-    found = re.findall(r"UserError: (.+)", str(exc))
-    return found[-1].strip() if found else first_line(exc)
 
 
 def watch(server: Server, log: logging.Logger, period_s: float = 1.0) -> None:

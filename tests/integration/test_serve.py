@@ -49,7 +49,9 @@ def keras_model(run):
 
 def test_a_replica_loads_model_keras_and_its_saved_model_export_alike(run, keras_model, digits, tmp_path):
     """What a replica holds, loaded here without Ray: model.keras (Keras's compiled predict: model.predict's
-    numbers) and the SavedModel that `hvdtrain export` writes with the same Keras call (its serve function)."""
+    numbers) and the SavedModel that `hvdtrain export` writes with the same Keras call (its serve function); a file
+    that is no model is refused in one line (the server prints it as the replicas' reason not to start)."""
+    from hvdtrain.errors import UserError
     from hvdtrain.serve.model import Source, load
     keras_model.export(str(tmp_path / "saved_model"), format="tf_saved_model", verbose=False)
     expected = keras_model.predict(digits[:9], batch_size=9, verbose=0)
@@ -59,6 +61,9 @@ def test_a_replica_loads_model_keras_and_its_saved_model_export_alike(run, keras
     np.testing.assert_allclose(exported(digits[:9]), expected, rtol=1e-5, atol=1e-5)
     assert whole.signature.input == exported.signature.input
     assert whole.signature.output.shape == exported.signature.output.shape == (10,)
+    (tmp_path / "broken.keras").write_bytes(b"not a zip")
+    with pytest.raises(UserError, match="cannot load .*broken.keras .*; pass a model.keras written by hvdtrain train"):
+        load(Source("keras", str(tmp_path / "broken.keras")), threads=1)
 
 
 class Server:
