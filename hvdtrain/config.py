@@ -269,6 +269,41 @@ class FedavgConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    max_batch_size: int = _f(32, "hvdtrain serve: requests a replica scores together in one model call (dynamic "
+                                 "batching); 1: each request alone")
+    batch_wait_ms: float = _f(5.0, "hvdtrain serve: how long a batch's first request waits for others to join it (ms)")
+    min_replicas: int = _f(1, "hvdtrain serve: replicas of the model (of each stage with --stages) kept when idle")
+    max_replicas: int = _f(0, "hvdtrain serve: replicas the autoscaler may add under load (0: as many as the cores "
+                              "allow, cores / (stages x replica_cpus); more are started if asked, sharing the cores)")
+    target_ongoing_requests: float = _f(2.0, "hvdtrain serve: requests in flight per replica (queued or being scored) "
+                                             "the autoscaler aims at: above it replicas are added, below it removed")
+    upscale_delay_s: float = _f(5.0, "hvdtrain serve: how long the load must stay above the target before a replica "
+                                     "is added (s)")
+    downscale_delay_s: float = _f(30.0, "hvdtrain serve: how long the load must stay below the target before a "
+                                        "replica is removed (s)")
+    replica_cpus: float = _f(1.0, "hvdtrain serve: cores each replica reserves (Ray's num_cpus); TensorFlow runs that "
+                                  "many threads in it (at least 1)")
+    max_request_instances: int = _f(1024, "hvdtrain serve: most instances one predict request may carry (more: a 400 "
+                                          "answer)")
+
+    def __post_init__(self):
+        _require(self.max_batch_size >= 1, f"serve.max_batch_size must be >= 1 (1: no batching), got {self.max_batch_size}")
+        _require(self.batch_wait_ms >= 0, f"serve.batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
+        _require(self.min_replicas >= 1, f"serve.min_replicas must be >= 1, got {self.min_replicas}")
+        _require(self.max_replicas == 0 or self.max_replicas >= self.min_replicas,
+                 f"serve.max_replicas={self.max_replicas} is below serve.min_replicas={self.min_replicas}; raise it "
+                 "or set 0 (as many as the cores allow)")
+        _require(self.target_ongoing_requests > 0, f"serve.target_ongoing_requests must be > 0, got "
+                                                   f"{self.target_ongoing_requests}")
+        _require(self.upscale_delay_s >= 0 and self.downscale_delay_s >= 0,
+                 "serve.upscale_delay_s and serve.downscale_delay_s must be >= 0")
+        _require(self.replica_cpus > 0, f"serve.replica_cpus must be > 0, got {self.replica_cpus}")
+        _require(self.max_request_instances >= 1, f"serve.max_request_instances must be >= 1, got "
+                                                  f"{self.max_request_instances}")
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -277,6 +312,7 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     fedavg: FedavgConfig = field(default_factory=FedavgConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self):
         for ok, message in self._combinations():
@@ -343,7 +379,7 @@ class Config:
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "trainer": TrainerConfig,
-            "runtime": RuntimeConfig, "parallel": ParallelConfig, "fedavg": FedavgConfig}
+            "runtime": RuntimeConfig, "parallel": ParallelConfig, "fedavg": FedavgConfig, "serve": ServeConfig}
 
 
 class ConfigError(UserError):

@@ -3,7 +3,7 @@
     hvdtrain bench report --dir docs/bench --output docs/benchmarks.md
 
 Reads allreduce.json, train.json, train-resnet50.json, train-timeline.json, averaging.json, stacks.json, predict.json,
-tuning.json, pipeline.json and sync.json when present (a missing one is reported as not run), and appends notes.md from the same directory (the
+tuning.json, pipeline.json, sync.json and serve.json when present (a missing one is reported as not run), and appends notes.md from the same directory (the
 hand-written analysis: why a goal is missed, profiles) verbatim. The files hold measurements and ratios only; the
 goals they are read against are stated here, in the text. Plots are linked, not copied.
 """
@@ -15,7 +15,8 @@ from pathlib import Path
 from hvdtrain.bench import harness, stacks
 
 HELP = "write the Markdown benchmark report (tables, plots, stacks, machine, versions) from the JSON files"
-FILES = ("allreduce", "train", "train-resnet50", "train-timeline", "averaging", "stacks", "predict", "tuning", "pipeline", "sync")
+FILES = ("allreduce", "train", "train-resnet50", "train-timeline", "averaging", "stacks", "predict", "tuning", "pipeline",
+         "sync", "serve")
 
 
 def add_arguments(p) -> None:
@@ -33,7 +34,7 @@ def run(args) -> int:
         _resnet50(docs.get("train-resnet50"), rel), _timeline(docs.get("train-timeline")),
         _averaging(docs.get("averaging"), rel),
         _stacks(docs.get("stacks"), rel), _predict(docs.get("predict"), rel), _pipeline(docs.get("pipeline"), rel),
-        _sync(docs.get("sync"), rel), _tuning(docs.get("tuning")),
+        _sync(docs.get("sync"), rel), _serve(docs.get("serve"), rel), _tuning(docs.get("tuning")),
         notes.read_text().strip() if notes.is_file() else "") if part) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
@@ -49,8 +50,8 @@ def _stack(doc: dict) -> dict:
 def _header(docs: dict) -> str:
     lines = ["# Benchmarks", "",
              "Made by `make bench` (`hvdtrain bench allreduce`, `train`, `averaging`, `stacks`, `predict`, "
-             "`pipeline`, `sync`, then `hvdtrain bench report`; `make bench-tune` for the tuning sweep); the JSON "
-             "files and plots are in `docs/bench/`. **The machine was shared** with other "
+             "`pipeline`, `sync`, `serve`, then `hvdtrain bench report`; `make bench-tune` for the tuning sweep); the "
+             "JSON files and plots are in `docs/bench/`. **The machine was shared** with other "
              "engineers' test runs while these numbers were taken, so absolute numbers are noisy: compare the "
              "ratios, which were measured side by side in the same run. The load average is recorded with every run."]
     first = next(iter(docs.values()), None)
@@ -102,7 +103,8 @@ def _ratios(docs: dict) -> str:
                   "issue 4: >= 3"),
                  (f"{model}: new stack / old stack samples/s (best rounds)", get("stacks", "summary", model, "new_vs_old"),
                   "issue 10: >= 0.95")]
-    rows += [("inference speed-up at 2 ranks", get("predict", "summary", "speedup_np2"), "issue 5: >= 1.8")]
+    rows += [("inference speed-up at 2 ranks", get("predict", "summary", "speedup_np2"), "issue 5: >= 1.8"),
+             ("serving: batching on / off answers/s at the highest load", _serving_ratio(docs.get("serve")), "")]
     table = [{"ratio": name, "measured": "not measured" if value is None else f"{value:.3g}", "goal": goal}
              for name, value, goal in rows if value is not None or goal]
     return "\n".join([
@@ -110,6 +112,14 @@ def _ratios(docs: dict) -> str:
         "Measured values only; the goals are those the issues set for this 2-core machine. Where one is missed, the "
         "notes at the end say by how much and why.", "",
         harness.markdown_table(table, ["ratio", "measured", "goal"])])
+
+
+def _serving_ratio(doc):
+    """bench serve's batching on / off answers/s at its largest number of clients."""
+    if not doc:
+        return None
+    most = max(r["clients"] for r in doc["rows"])
+    return doc["summary"].get(f"on_vs_off_answers_per_sec_{most}_clients")
 
 
 def _fastest_exposed(doc, model: str):
@@ -355,6 +365,36 @@ def _sync(doc, rel: Path) -> str:
                       "Local SGD (configs/digits.yaml, 30 epochs): test accuracy against the bytes each rank "
                       "all-reduced (summary.json's communicated_bytes), every-step averaging first.", "",
                       harness.markdown_table(doc.get("local_sgd", []), sync.LOCAL_COLUMNS)])
+
+
+def _serve(doc, rel: Path) -> str:
+    if not doc:
+        return "## Online serving\n\nNot run (`hvdtrain bench serve`)."
+    from hvdtrain.bench import serve
+    s, settings, summary = _stack(doc), doc["settings"], doc["summary"]
+    rounds = max(r["round"] for r in doc["runs"]) + 1
+    paths = "; ".join(f"batching {b}: {summary.get(f'{b}_replicas_start')} -> {summary.get(f'{b}_replicas_peak')} -> "
+                      f"{summary.get(f'{b}_replicas_after_idle')} replicas" +
+                      (f" (the last removed {summary[f'{b}_scale_down_s_after_load']:.0f} s after the load ended)"
+                       if summary.get(f"{b}_scale_down_s_after_load") is not None else "")
+                      for b in settings["batching"])
+    return "\n".join(["## Online serving", "",
+                      f"`hvdtrain bench serve --rounds {rounds}` (TensorFlow {s['tensorflow']}, Keras {s['keras']}): "
+                      "`hvdtrain serve`'s server on this machine with the digits MLP, closed-loop clients on loopback "
+                      "sending single-instance predict requests, at rising numbers of clients; a phase ends after "
+                      f"{settings['requests']} answers or {settings['phase_s']:g} s. Batching on: "
+                      f"{' '.join(settings['batching']['on'])}; off: {' '.join(settings['batching']['off'])}. "
+                      f"Autoscaling: {' '.join(settings['autoscaling'])}, 1 replica up to as many as the cores hold. "
+                      "mean_batch: the requests in the model call that scored an answer (counted in the replica), "
+                      "averaged over the answers; replicas: running replicas sampled every 0.5 s during the phase. "
+                      "The clients run on the same 2 cores as the replicas, the proxy and the ingress, so the "
+                      f"numbers are the machine's; each phase keeps its best round. Replicas: {paths}.", "",
+                      harness.markdown_table(doc.get("rows", []), serve.COLUMNS), "",
+                      "Where the CPU went, in ms per answer: Ray Serve's HTTP proxy, the ingress (JSON and the "
+                      "API's checks), the model's replicas (TensorFlow and Ray's work in them), this process (the "
+                      "clients, and the driver sampling the replicas) and the rest of Ray (controller, GCS, raylet).",
+                      "", harness.markdown_table(doc.get("rows", []), serve.CPU_COLUMNS), "",
+                      f"![serving]({rel / 'serve.png'})"])
 
 
 def _tuning(doc) -> str:

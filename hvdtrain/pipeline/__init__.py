@@ -50,7 +50,7 @@ CANNOT_DEFER = "set parallel.stage_only=false (every rank then makes the whole m
 
 def build_whole(builder, world, stage_only: bool = True):
     """The whole model; on ranks other than 0 (with stage_only) without its weights: Keras's stateless scope defers
-    them, so `build` makes just this rank's stage's and the other stages' are never made. A deferred weight gets
+    them, so `build` (`make_only`) makes just this rank's stage's and the other stages' are never made. A deferred weight gets
     the value it would have had (an initializer draws its seed when it is made, not when it runs); a value the
     builder sets, such as a pretrained weight, is kept aside until its stage's weights are made. So every stage
     starts from the unsplit model's initial weights."""
@@ -71,7 +71,7 @@ def build_whole(builder, world, stage_only: bool = True):
     return whole
 
 
-def _made_here(stage_model) -> None:
+def make_only(stage_model) -> None:
     """Make the stage's deferred weights (see build_whole) and drop every reference to the rest, so they go with the
     whole model."""
     try:
@@ -119,7 +119,7 @@ def build(settings, world, whole, objective, log, global_batch: int, kept_split:
     if not names and p.balance == "time":
         costs = _measured(whole, global_batch // world.replicas // p.microbatches, world)
     plan, stage_models = split.plan(whole, p.pipeline_stages, names, costs)
-    _made_here(stage_models[world.stage])
+    make_only(stage_models[world.stage])
     log.info(f"pipeline: {p.pipeline_stages} stages x {world.replicas} replica(s), {p.microbatches} micro-batches, "
              f"{p.schedule}; {plan.describe()}")
     stage = PipelineStage(stage_models[world.stage], world, Channel(), schedule=p.schedule,

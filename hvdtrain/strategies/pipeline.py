@@ -119,12 +119,17 @@ class Pipeline(DataParallel):
 
 def restore_whole(ckpt, model, layout: dict) -> None:
     """A pipeline checkpoint's stages (each from its `stage-<s>/state`) into the whole model."""
+    _, stage_models = split_plan(model, layout["stages"], tuple(layout["first_layers"][1:]))
+    for s, stage_model in enumerate(stage_models):
+        restore_stage(ckpt, stage_model, s)
+
+
+def restore_stage(ckpt, stage_model, stage: int) -> None:
+    """One stage's trained weights from its `stage-<s>/state` (`hvdtrain serve --stages` loads only its own)."""
     import keras
 
     class Stage(keras.Model):   # the object path a stage was saved under: model.stage_model
         def __init__(self, stage_model):
             super().__init__()
             self.stage_model = stage_model
-    _, stage_models = split_plan(model, layout["stages"], tuple(layout["first_layers"][1:]))
-    for s, stage_model in enumerate(stage_models):
-        checkpoint.restore(ckpt, Stage(stage_model), part=f"stage-{s}")
+    checkpoint.restore(ckpt, Stage(stage_model), part=f"stage-{stage}")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from hvdtrain.bench import allreduce_worker, harness, pipeline, report, stacks, sync, timeline, train
+from hvdtrain.bench import allreduce_worker, harness, pipeline, report, serve, stacks, sync, timeline, train
 from conftest import hvdtrain, output
 
 
@@ -196,7 +196,7 @@ def test_timeline_breakdown_merges_overlapping_tensors_inside_the_window(tmp_pat
 def test_bench_command_lists_its_benchmarks_and_leaves_the_ranks_to_the_drivers():
     proc = hvdtrain(["bench", "--help"], timeout=120)
     assert proc.returncode == 0, output(proc)
-    for name in ("allreduce", "train", "averaging", "stacks", "predict", "tune", "pipeline", "sync", "report"):
+    for name in ("allreduce", "train", "averaging", "stacks", "predict", "tune", "pipeline", "sync", "serve", "report"):
         assert name in proc.stdout
     assert "--role" not in hvdtrain(["bench", "train", "--help"], timeout=120).stdout   # no hidden worker flags
     bad = hvdtrain(["bench", "nosuch"], timeout=120)
@@ -332,3 +332,33 @@ def test_averaging_measures_every_way_against_one_group_and_keeps_identical_ways
     # The fastest row is one group under another name and fp16 is lossy: neither is the evidence for a default.
     assert summary["fastest_exact"] == "bucket-4MB"
     assert summary["noise_band"] == [pytest.approx(20.0 / 30.0), 1.0]
+
+
+def test_serve_rows_and_summary_come_from_the_answers_the_cpu_and_the_replica_samples(tmp_path):
+    answers = [(0.010, 200, 1), (0.020, 200, 3), (0.030, 200, 3), (0.5, 500, None)]   # (latency s, status, batch)
+    row = serve._row("on", 4, answers, 2.0, [1, 2, 2], {"proxy": 0.03, "model": 0.06, "clients": 0.0})
+    assert (row["answers"], row["errors"], row["answers_per_sec"]) == (3, 1, 1.5)
+    assert row["p50_ms"] == pytest.approx(20.0) and row["mean_batch"] == pytest.approx(7 / 3)
+    assert (row["replicas_max"], row["replicas_end"]) == (2, 2)
+    assert (row["cpu_proxy_ms"], row["cpu_model_ms"], row["cpu_ingress_ms"]) == pytest.approx((10.0, 20.0, 0.0))
+    assert row["cpu_total_ms"] == pytest.approx(30.0)
+    rows = [row, {**row, "batching": "off", "answers_per_sec": 1.0}]
+    samples = [{"t": 0.0, "clients": 0, "replicas": 1}, {"t": 1.0, "clients": 4, "replicas": 1},
+               {"t": 2.0, "clients": 4, "replicas": 2}, {"t": 3.0, "clients": 0, "replicas": 2},
+               {"t": 7.5, "clients": 0, "replicas": 1}]
+    summary = serve.summarize(rows, {"on": samples})
+    assert summary["on_vs_off_answers_per_sec_4_clients"] == 1.5
+    assert (summary["on_replicas_start"], summary["on_replicas_peak"], summary["on_replicas_after_idle"]) == (1, 2, 1)
+    assert summary["on_scale_down_s_after_load"] == pytest.approx(5.5)   # removed at 7.5 s, the load's last sample 2 s
+    doc = base_doc("serve", rows=rows, timeline={"on": samples}, summary=summary,
+                   settings={"batching": serve.SETTINGS, "autoscaling": serve.AUTOSCALING, "requests": 100,
+                             "phase_s": 5.0, "idle_s": 9.0})
+    (tmp_path / "serve.json").write_text(json.dumps(doc))
+    out = tmp_path / "benchmarks.md"
+    assert report.run(argparse.Namespace(dir=str(tmp_path), output=str(out))) == 0
+    text = out.read_text()
+    assert "| serving: batching on / off answers/s at the highest load | 1.5 |  |" in text
+    assert "batching on: 1 -> 2 -> 1 replicas (the last removed 6 s after the load ended)" in text
+    assert "| on | 4 | 3 | 2 | 1.5 | 20 |" in text and "![serving](serve.png)" in text
+    serve.plot(doc, tmp_path / "serve.png")
+    assert (tmp_path / "serve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -67,7 +67,7 @@ def test_horovod_and_mpi4py_are_imported_in_one_module_each():
 
 def test_the_command_line_and_config_checks_load_without_the_heavy_packages():
     """The rule for imports inside functions: what runs before a config is known valid (the CLI's parser, config,
-    data sources, sweep spaces, Slurm jobs) imports TensorFlow, Keras, Horovod, MPI and the extras only when used,
+    data sources, sweep spaces, Slurm jobs, the serving driver) imports TensorFlow, Keras, Horovod, MPI and the extras only when used,
     so `hvdtrain --help` and a typo's error take a fraction of a second, and the extras stay optional."""
     import subprocess
     import sys
@@ -75,7 +75,8 @@ def test_the_command_line_and_config_checks_load_without_the_heavy_packages():
     from conftest import env
     code = ("import sys, hvdtrain.cli as cli; cli._parser()\n"
             "import hvdtrain.config, hvdtrain.data, hvdtrain.sweep.space, hvdtrain.sweep.driver, hvdtrain.slurm_jobs\n"
-            "heavy = ('tensorflow', 'keras', 'horovod', 'mpi4py', 'optuna', 'matplotlib', 'sklearn')\n"
+            "import hvdtrain.serve, hvdtrain.serve.server\n"
+            "heavy = ('tensorflow', 'keras', 'horovod', 'mpi4py', 'optuna', 'matplotlib', 'sklearn', 'ray')\n"
             "print(sorted(m for m in heavy if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr

@@ -264,7 +264,7 @@ def test_a_rank_other_than_0_makes_only_its_stage_weights_with_the_unsplit_model
     whole = pipeline.build_whole(build, World(rank=1, size=2, local_size=2, stages=2))
     assert pipeline.held_parameters(whole) == 0   # nothing made yet
     _, stages = split.plan(whole, 2, ("dense_1",))
-    pipeline._made_here(stages[1])
+    pipeline.make_only(stages[1])
     assert pipeline.held_parameters(whole) == stages[1].count_params() < whole.count_params()
     assert all(np.array_equal(w.numpy(), expected[w.path]) for w in stages[1].weights)
 
@@ -285,7 +285,7 @@ def test_weights_the_builder_sets_are_kept_for_the_stage_that_makes_them():
     keras.backend.clear_session()
     whole = pipeline.build_whole(pretrained, World(rank=1, size=2, local_size=2, stages=2))
     _, stages = split.plan(whole, 2, ("dense_1",))
-    pipeline._made_here(stages[1])
+    pipeline.make_only(stages[1])
     assert pipeline.held_parameters(whole) == stages[1].count_params()
     assert all(np.all(w.numpy() == 0.5) for w in stages[1].weights)
     assert not keras.src.backend.common.global_state.get_global_attribute("uninitialized_variables")
