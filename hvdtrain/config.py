@@ -113,7 +113,9 @@ class OptimConfig:
     lr_scaling: str = _f("none", "how lr grows with the number of ranks n: none | linear (lr*n) | sqrt (lr*sqrt(n))",
                          choices=("none", "linear", "sqrt"))
     momentum: float = _f(0.9, "sgd/rmsprop momentum")
-    warmup_epochs: float = _f(0.0, "linear warmup from lr/n to the scaled lr over this many epochs (0: none)")
+    warmup_epochs: float = _f(0.0, "linear warm-up to the scaled lr over this many epochs (0: none): from lr itself "
+                                   "when lr_scaling raised it (Goyal et al.), else from lr/10; the same on any number "
+                                   "of ranks unless lr_scaling scales it")
     schedule: str = _f("constant", "after warmup: constant | cosine (decays to 0 at the last step)",
                        choices=("constant", "cosine"))
     fp16_compression: bool = _f(False, "compress gradients to float16 for the all-reduce (halves the bytes sent)")

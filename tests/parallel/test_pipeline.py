@@ -3,7 +3,8 @@ with 2 ranks (one pipeline, D=1) and 4 (D=2, oversubscribed on 2 cores). A pipel
 after one epoch (22 steps) its weights match data-parallel training of the same model, seed and data (1 rank for
 D=1, 2 ranks for D=2) within float32 rounding, for both schedules; it trains digits to the README's accuracy, its
 model.keras is a plain Keras model, a stop mid-epoch resumes bit for bit, and bad layouts stop every rank with one
-line. (Activations travel by MPI point-to-point, so the launch is MPI's.)"""
+line. (Activations travel by MPI point-to-point, so the launch is MPI's.) The data-parallel references double as
+the check that a warm-up does not depend on the number of ranks: 1, 2 and 4 ranks train the same weights."""
 import json
 import re
 import subprocess
@@ -70,6 +71,20 @@ def test_a_pipeline_trains_exactly_as_data_parallel_training(runs, ranks, schedu
                                    "built_parameters": [16640 + 34186, *stage_parameters[1:]]}
     stages = sorted(p.name for p in (pipelined / "checkpoints" / "ckpt-00000022").iterdir())
     assert stages == ["meta.json", "stage-0", "stage-1"]   # each stage's weights and optimizer, one checkpoint
+
+
+def test_a_warm_up_trains_the_same_weights_on_1_2_and_4_ranks(runs):
+    """configs/digits.yaml warms up over its first epoch with lr_scaling=none: the global batch and every step's
+    learning rate are the same on any number of ranks, so the weights are too, up to the float32 rounding of the
+    averages. (A warm-up from lr/n would start 2 ranks at half and 4 at a quarter of 1 rank's rate.)"""
+    import yaml
+    trained = yaml.safe_load((runs(4) / "config.yaml").read_text())["optim"]
+    assert (trained["warmup_epochs"], trained["lr_scaling"]) == (1.0, "none")   # this epoch is all warm-up
+    one = weights(runs(1))
+    for ranks in (2, 4):
+        assert json.loads((runs(ranks) / "summary.json").read_text())["num_ranks"] == ranks
+        for mine, expected in zip(weights(runs(ranks)), one):
+            assert np.max(np.abs(mine - expected)) <= 1e-5 * np.max(np.abs(expected)), ranks
 
 
 def test_a_stop_mid_epoch_resumes_bit_for_bit(runs, tmp_path):

@@ -109,6 +109,18 @@ def test_warmup_then_cosine_schedule_values():
     assert values[4] == pytest.approx(0.0, abs=1e-7)
 
 
+def test_a_warmup_without_scaling_is_the_same_on_any_number_of_replicas():
+    """lr_scaling=none: the same target on 1, 2 or 4 replicas, so the same warm-up, from lr/10 (nothing to warm
+    from but a fixed share of it); with linear scaling on one replica, that same warm-up too."""
+    def first_steps(scaling, size):
+        sched = lr_schedule(OptimConfig(lr=0.05, lr_scaling=scaling, warmup_epochs=1), size=size,
+                            steps_per_epoch=10, epochs=2)
+        return [float(sched(s)) for s in (0, 5, 10)]
+    one = first_steps("none", 1)
+    assert one == pytest.approx([0.005, 0.0275, 0.05])
+    assert first_steps("none", 2) == first_steps("none", 4) == one == first_steps("linear", 1)
+
+
 def test_constant_schedule_without_warmup_and_serialisation():
     sched = lr_schedule(OptimConfig(lr=0.05), size=2, steps_per_epoch=10, epochs=2)
     assert [float(sched(s)) for s in (0, 19)] == pytest.approx([0.05, 0.05])
