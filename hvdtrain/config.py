@@ -487,6 +487,10 @@ def check_world(cfg: Config, size: int) -> None:
 
 
 def check_stages(stages: int, size: int) -> None:
+    if size < stages:
+        raise ConfigError(f"parallel.pipeline_stages={stages}: {stages} stages need at least {stages} ranks; {size} "
+                          f"{'is' if size == 1 else 'are'} running; launch with `scripts/launch.sh {stages} hvdtrain "
+                          f"...` (or horovodrun --mpi -np {stages}, mpirun, srun --mpi=pmix)")
     if size % stages:
         raise ConfigError(f"parallel.pipeline_stages={stages} does not divide the {counted(size, 'rank')}: launch a "
                           f"multiple of {stages} ranks (each pipeline has one rank per stage) or change the stages")

@@ -114,6 +114,8 @@ def test_a_stop_file_is_served_once_and_the_rerun_resumes_to_the_end(tmp_path, s
     (["--config", "does/not/exist.yaml"], "config file not found: does/not/exist.yaml"),
     (["--optim.lr=fast"], "optim.lr must be a number, got 'fast'"),
     (["--runtime.expected_ranks=2"], "expects 2 ranks (runtime.expected_ranks) but 1 is running"),
+    (["--parallel.pipeline_stages=2"], "parallel.pipeline_stages=2: 2 stages need at least 2 ranks; 1 is running; "
+                                       "launch with `scripts/launch.sh 2 hvdtrain ...`"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     proc = hvdtrain(["train", f"--trainer.run_dir={tmp_path / 'run'}", *args])

@@ -147,8 +147,8 @@ def test_the_digits_job_reaches_the_readme_accuracy_and_exports_one_plain_keras_
 
 
 CASES = {
-    "stages not dividing the ranks": (["--parallel.pipeline_stages=3"],
-                                      "parallel.pipeline_stages=3 does not divide the 2 ranks"),
+    "more stages than ranks": (["--parallel.pipeline_stages=3"],
+                               "parallel.pipeline_stages=3: 3 stages need at least 3 ranks; 2 are running"),
     "unknown layer": (["--parallel.pipeline_stages=2", "--parallel.split=[dense_9]"],
                       "parallel.split: model 'mlp' has no layer 'dense_9' (did you mean 'dense_2'?)"),
     "cut through a residual block": (["--parallel.pipeline_stages=2", "--model.name=resnet", "--model.blocks=1",
@@ -182,9 +182,15 @@ def test_bad_layouts_stop_every_rank_with_one_line_before_any_step(tmp_path):
 
 
 def test_a_gloo_launch_is_told_to_launch_with_mpi(tmp_path):
-    proc = horovodrun(2, [*HVDTRAIN, f"--trainer.run_dir={tmp_path / 'run'}", "--parallel.pipeline_stages=2"], "gloo")
+    """As a user meets it, scripts/launch.sh with HVDTRAIN_CONTROLLER=gloo: the one line and exit 2, as under MPI
+    (horovodrun's traceback and its notes about the ranks it stopped condensed to one line)."""
+    proc = subprocess.run([str(REPO / "scripts/launch.sh"), "2", *HVDTRAIN, f"--trainer.run_dir={tmp_path / 'run'}",
+                           "--parallel.pipeline_stages=2"], cwd=REPO, env={**env(), "HVDTRAIN_CONTROLLER": "gloo"},
+                          capture_output=True, text=True, timeout=300)
     text = output(proc)
     errors = [line for line in text.splitlines() if "hvdtrain: error:" in line]
-    assert proc.returncode != 0 and len(errors) == 1, text[-3000:]
+    assert proc.returncode == 2 and len(errors) == 1, text[-3000:]
     assert "sends activations between stages with MPI point-to-point messages: launch with MPI" in errors[0]
+    assert re.search(r"^launch\.sh: rank [01] exited with code 2; horovodrun ended the job$", text, re.M), text
+    assert "Traceback" not in text and "Terminated" not in text and "exit with status code" not in text, text
     assert not (tmp_path / "run").exists()

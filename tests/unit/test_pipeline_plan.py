@@ -69,6 +69,8 @@ def test_stages_are_neighbouring_ranks_and_replicas_read_one_shard_each():
 
 @pytest.mark.parametrize("overrides,size,message", [
     (["--parallel.pipeline_stages=3"], 4, "parallel.pipeline_stages=3 does not divide the 4 ranks"),
+    (["--parallel.pipeline_stages=4"], 2, "parallel.pipeline_stages=4: 4 stages need at least 4 ranks; 2 are running; "
+                                          "launch with `scripts/launch.sh 4 hvdtrain ...`"),
     (["--parallel.pipeline_stages=2", "--parallel.microbatches=5"], 2,
      "parallel.microbatches=5 does not divide the replica batch of 64"),
     (["--parallel.pipeline_stages=2", "--trainer.global_batch_size=30"], 8,
