@@ -66,6 +66,11 @@ class DataConfig:
                                                    f"(ALPHA > 0), got {self.partition!r}")
         _require(self.num_classes >= (2 if self.task == "classification" else 1),
                  "data.num_classes must be >= 2 for classification and >= 1 otherwise")
+        if self.partition.startswith("labels:") and self.task == "classification":   # else: near-IID clients
+            k = int(self.partition.split(":")[1])
+            _require(k <= self.num_classes, f"data.partition={self.partition} asks for {k} labels per client but there "
+                                            f"are {self.num_classes} classes (data.num_classes); use labels:K with "
+                                            f"K <= {self.num_classes}")
         _require(self.synthetic_samples >= 1, "data.synthetic_samples must be >= 1")
         _require(0.0 < self.test_fraction < 1.0, "data.test_fraction must lie strictly between 0 and 1")
         _require(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1")
