@@ -138,7 +138,12 @@ def test_indivisible_batch_stops_both_ranks_with_one_message(tmp_path):
 
 
 def test_help_and_config_reference():
-    assert "--section.key=value" in hvdtrain(["train", "--help"]).stdout
+    assert "pipeline stages, local SGD and federated averaging" in hvdtrain(["--help"]).stdout
+    train_help = hvdtrain(["train", "--help"]).stdout
+    assert "--section.key=value" in train_help
+    for way in ("data parallelism (the default)", "--parallel.pipeline_stages=P", "--trainer.sync=local_sgd",
+                "--trainer.sync=fedavg"):
+        assert way in train_help, way
     ref = hvdtrain(["config", "--reference"]).stdout
     assert "trainer.global_batch_size" in ref and "HOROVOD_CYCLE_TIME" in ref
     resolved = hvdtrain(["config", "--config", "configs/digits.yaml", "--trainer.epochs=2"]).stdout
