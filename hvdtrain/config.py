@@ -104,6 +104,10 @@ class ModelConfig:
     width: int = _f(32, "cnn/resnet: filters of the first convolution")
     blocks: int = _f(2, "resnet: residual blocks per stage (two stages)")
     options: dict = _f({}, "free-form keyword arguments passed to a user-registered builder")
+    trainable_from: str = _f("", "fine-tuning: the first layer that trains, by name (as model.summary() lists them); "
+                                 "every layer before it is frozen: its weights never change, get no gradients and are "
+                                 "not all-reduced, and a pipeline stage of frozen layers only runs forward (empty: "
+                                 "every layer trains)")
 
     def __post_init__(self):
         _require(all(isinstance(h, int) and h > 0 for h in self.hidden), "model.hidden must be positive integers")

@@ -121,7 +121,8 @@ def build(cfg, world, whole, task, log, run=None) -> Pipeline:
     log.info(f"pipeline: {p.pipeline_stages} stages x {world.replicas} replica(s), {p.microbatches} micro-batches, "
              f"{p.schedule}; {plan.describe()}")
     stage = PipelineStage(stage_models[world.stage], world, Channel(), schedule=p.schedule,
-                          microbatches=p.microbatches, loss=task.loss(), metrics=task.metrics())
+                          microbatches=p.microbatches, loss=task.loss(), metrics=task.metrics(),
+                          earlier_trains=any(m.trainable_weights for m in stage_models[:world.stage]))
     # The other stages' layers go with the whole model (only rank 0 keeps it, to write model.keras at the end).
     return Pipeline(stage=stage, whole=whole if world.is_chief else None, plan=plan, channel=stage.channel,
                     balance=MeasuredBalance(stage.channel, world, p.microbatches, log), built=held_parameters(whole),

@@ -146,6 +146,39 @@ def test_the_digits_job_reaches_the_readme_accuracy_and_exports_one_plain_keras_
         assert not list(tmp_path.glob(".*part*")), "part files left behind"
 
 
+def layer_weights(run) -> dict:
+    import keras
+    model = keras.saving.load_model(run / "model.keras")
+    return {layer.name: layer.get_weights() for layer in model.layers if layer.weights}
+
+
+def test_frozen_layers_keep_their_bits_and_a_frozen_stage_runs_forward_only(tmp_path):
+    """model.trainable_from=dense_1 freezes the MLP's first Dense layer, all of stage 1 when the split is at dense_1.
+    One launch of 2 ranks, an epoch each: that pipeline (stage 1 runs no backward pass and stage 2 sends it no
+    gradient: were the two to disagree, the step would hang), then data-parallel training on the same batches and on
+    other ones (another data.seed). The frozen weights are the same bits in all three (training never touches
+    them) while the others differ with the batches, and the pipeline trains the rest as data-parallel training does
+    (its D=1 against D=2: warm-up and global batch do not depend on the ranks)."""
+    frozen = ["--config", str(REPO / "configs/digits.yaml"), "--trainer.epochs=1", "--model.trainable_from=dense_1"]
+    runs = {"pipeline": ["--parallel.pipeline_stages=2", "--parallel.split=[dense_1]"], "dp": [],
+            "dp-other-batches": ["--data.seed=99"]}
+    jobs = [{"name": name, "argv": ["train", f"--trainer.run_dir={tmp_path / name}", *frozen, *extra]}
+            for name, extra in runs.items()]
+    ranks = run_commands(2, jobs, tmp_path, "mpi", timeout=300)   # a hang guard: the three take ~30 s
+    for job in jobs:
+        assert [r[job["name"]]["code"] for r in ranks] == [0, 0], printed(ranks, job["name"])[-3000:]
+    pipelined, dp, other = (layer_weights(tmp_path / name) for name in runs)
+    assert list(dp) == ["dense", "dense_1", "dense_2"]
+    for weights_ in (pipelined, other):
+        assert all(np.array_equal(a, b) for a, b in zip(weights_["dense"], dp["dense"]))   # frozen: the same bits
+    for name in ("dense_1", "dense_2"):
+        assert all(not np.array_equal(a, b) for a, b in zip(other[name], dp[name]))       # trained
+        for mine, expected in zip(pipelined[name], dp[name]):
+            assert np.max(np.abs(mine - expected)) <= 1e-5 * np.max(np.abs(expected)), name
+    summary = json.loads((tmp_path / "pipeline" / "summary.json").read_text())
+    assert summary["pipeline"]["first_layers"] == ["flatten", "dense_1"] and summary["optimizer_steps"] == 22
+
+
 CASES = {
     "more stages than ranks": (["--parallel.pipeline_stages=3"],
                                "parallel.pipeline_stages=3: 3 stages need at least 3 ranks; 2 are running"),
