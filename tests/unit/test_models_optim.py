@@ -59,12 +59,13 @@ def test_trainable_from_freezes_the_layers_before_it_and_trains_only_the_rest():
         ("flatten", False), ("dense", False), ("dense_1", True), ("dense_2", True)]
     trained = [model.get_layer(name) for name in ("dense_1", "dense_2")]
     assert [id(w) for w in model.trainable_weights] == [id(w) for layer in trained for w in layer.weights]
-    before = [np.array(w) for w in model.weights]
+    before = {layer.name: layer.get_weights() for layer in model.layers}
     model.compile(keras.optimizers.SGD(0.5), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(np.random.default_rng(0).normal(size=(32, 4)).astype("float32"), np.arange(32) % 3, epochs=2,
               verbose=0)
-    changed = [not np.array_equal(np.array(w), b) for w, b in zip(model.weights, before)]
-    assert changed == [False, False, True, True, True, True]   # dense's kernel and bias; then dense_1's and dense_2's
+    changed = {layer.name: [not np.array_equal(w, b) for w, b in zip(layer.get_weights(), before[layer.name])]
+               for layer in model.layers if layer.weights}
+    assert changed == {"dense": [False, False], "dense_1": [True, True], "dense_2": [True, True]}
 
 
 @pytest.mark.parametrize("layer, message", [
