@@ -66,6 +66,11 @@ class DataConfig:
                                                    f"(ALPHA > 0), got {self.partition!r}")
         _require(self.num_classes >= (2 if self.task == "classification" else 1),
                  "data.num_classes must be >= 2 for classification and >= 1 otherwise")
+        if self.partition.startswith("labels:") and self.task == "classification":   # else: near-IID clients
+            k = int(self.partition.split(":")[1])
+            _require(k <= self.num_classes, f"data.partition={self.partition} asks for {k} labels per client but there "
+                                            f"are {self.num_classes} classes (data.num_classes); use labels:K with "
+                                            f"K <= {self.num_classes}")
         _require(self.synthetic_samples >= 1, "data.synthetic_samples must be >= 1")
         _require(0.0 < self.test_fraction < 1.0, "data.test_fraction must lie strictly between 0 and 1")
         _require(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1")
@@ -99,6 +104,10 @@ class ModelConfig:
     width: int = _f(32, "cnn/resnet: filters of the first convolution")
     blocks: int = _f(2, "resnet: residual blocks per stage (two stages)")
     options: dict = _f({}, "free-form keyword arguments passed to a user-registered builder")
+    trainable_from: str = _f("", "fine-tuning: the first layer that trains, by name (as model.summary() lists them); "
+                                 "every layer before it is frozen: its weights never change, get no gradients and are "
+                                 "not all-reduced, and a pipeline stage of frozen layers only runs forward (empty: "
+                                 "every layer trains)")
 
     def __post_init__(self):
         _require(all(isinstance(h, int) and h > 0 for h in self.hidden), "model.hidden must be positive integers")
@@ -113,7 +122,9 @@ class OptimConfig:
     lr_scaling: str = _f("none", "how lr grows with the number of ranks n: none | linear (lr*n) | sqrt (lr*sqrt(n))",
                          choices=("none", "linear", "sqrt"))
     momentum: float = _f(0.9, "sgd/rmsprop momentum")
-    warmup_epochs: float = _f(0.0, "linear warmup from lr/n to the scaled lr over this many epochs (0: none)")
+    warmup_epochs: float = _f(0.0, "linear warm-up to the scaled lr over this many epochs (0: none): from lr itself "
+                                   "when lr_scaling raised it (Goyal et al.), else from lr/10; the same on any number "
+                                   "of ranks unless lr_scaling scales it")
     schedule: str = _f("constant", "after warmup: constant | cosine (decays to 0 at the last step)",
                        choices=("constant", "cosine"))
     fp16_compression: bool = _f(False, "compress gradients to float16 for the all-reduce (halves the bytes sent)")
@@ -530,6 +541,10 @@ def check_world(cfg: Config, size: int) -> None:
 
 
 def check_stages(stages: int, size: int) -> None:
+    if size < stages:
+        raise ConfigError(f"parallel.pipeline_stages={stages}: {stages} stages need at least {stages} ranks; {size} "
+                          f"{'is' if size == 1 else 'are'} running; launch with `scripts/launch.sh {stages} hvdtrain "
+                          f"...` (or horovodrun --mpi -np {stages}, mpirun, srun --mpi=pmix)")
     if size % stages:
         raise ConfigError(f"parallel.pipeline_stages={stages} does not divide the {counted(size, 'rank')}: launch a "
                           f"multiple of {stages} ranks (each pipeline has one rank per stage) or change the stages")

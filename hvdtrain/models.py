@@ -13,6 +13,7 @@ from typing import Callable
 
 from hvdtrain.errors import UserError
 from hvdtrain.fused_norm import fuse_batch_norm
+from hvdtrain.log import shown
 
 _REGISTRY: dict[str, Callable] = {}
 
@@ -48,8 +49,27 @@ def build_model(model_cfg, input_shape: tuple, num_classes: int):
         raise UserError(f"unknown model '{name}'{hint}; use {', '.join(available())}, a keras.applications name such as "
                         "ResNet50, or a builder by import path (package.module:function)", agreed=True)
     model = _float32_outputs(_checked(model, name, num_classes))
+    _freeze_before(model, model_cfg.trainable_from)
     fuse_batch_norm(model)   # Keras 3: TensorFlow's fused kernel for BatchNormalization, as Keras 2 had
     return model
+
+
+def _freeze_before(model, first_trained: str) -> None:
+    """model.trainable_from: every layer before `first_trained` (in the order the model runs them) frozen. Keras then
+    leaves their weights out of the gradients and the optimizer, so nothing of them is all-reduced either."""
+    if not first_trained:
+        return
+    names = [layer.name for layer in model.layers]
+    if first_trained not in names:
+        close = difflib.get_close_matches(first_trained, names, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UserError(f"model.trainable_from: model {model.name!r} has no layer {first_trained!r}{hint}; its layers "
+                        f"are {shown(names, 8)}", agreed=True)
+    for layer in model.layers[:names.index(first_trained)]:
+        layer.trainable = False
+    if not model.trainable_weights:
+        raise UserError(f"model.trainable_from={first_trained}: no layer from there on has weights to train; name an "
+                        "earlier layer", agreed=True)
 
 
 def _imported(path: str) -> Callable:

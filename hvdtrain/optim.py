@@ -41,11 +41,23 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
                 "total_steps": self.total_steps, "decay": self.decay}
 
 
+# Where a warm-up starts when lr_scaling has not raised the learning rate: a fixed share of it, the same on any
+# number of replicas (so a run with lr_scaling=none is the same run on 1, 2 or 4 ranks, warm-up included).
+WARMUP_START_FRACTION = 0.1
+
+
+def warmup_start(optim_cfg, peak: float) -> float:
+    """The first step's learning rate of a warm-up to `peak`: the one-replica lr when lr_scaling raised it (Goyal et
+    al.: large scaled LRs diverge in the first steps otherwise), else a fixed share of it. The number of replicas
+    enters only through lr_scaling."""
+    return optim_cfg.lr if peak > optim_cfg.lr else WARMUP_START_FRACTION * peak
+
+
 def lr_schedule(optim_cfg, size: int, steps_per_epoch: int, epochs: int) -> WarmupSchedule:
+    """`size`: the replicas the learning rate scales with (a pipeline's D, not its ranks)."""
     peak = scaled_lr(optim_cfg.lr, optim_cfg.lr_scaling, size)
-    # Warmup starts from the single-rank LR (Goyal et al.): large scaled LRs diverge in the first steps otherwise.
     warmup = int(round(optim_cfg.warmup_epochs * steps_per_epoch))
-    start = peak / size if warmup else peak
+    start = warmup_start(optim_cfg, peak) if warmup else peak
     return WarmupSchedule(start, peak, warmup, steps_per_epoch * epochs, optim_cfg.schedule)
 
 

@@ -114,6 +114,22 @@ def start_horovodrun(np: int, args: list[str], launcher: str = "gloo", cwd=REPO)
                             start_new_session=True)
 
 
+def start_launch(np: int, args: list[str], controller: str = "mpi", cwd=REPO) -> subprocess.Popen:
+    """scripts/launch.sh (as `make train` runs it) in the background, as start_horovodrun."""
+    return subprocess.Popen([str(REPO / "scripts/launch.sh"), str(np), *args], cwd=cwd,
+                            env={**env(), "HVDTRAIN_CONTROLLER": controller}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def ended_by_itself(job: subprocess.Popen, timeout: float, since: str) -> str:
+    """The output of a background job that must end on its own within `timeout` seconds of `since` (a hang guard:
+    the test fails saying so, and the caller's kill_tree cleans up)."""
+    try:
+        return job.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the job was still running {timeout:g} s after {since}") from None
+
+
 def rank_pids(proc: subprocess.Popen, size: int, timeout: float = 60) -> dict[int, int]:
     """{rank: pid} of the training processes under a launcher, read from each process's environment."""
     import time

@@ -21,8 +21,10 @@ def init(stages: int = 1) -> dict:
         hvd().init()
         return topology()
     from hvdtrain.backend._mpi import mpi
-    from hvdtrain.backend.environment import launched_by_mpi
+    from hvdtrain.backend.environment import launched_by_mpi, under_launcher
     from hvdtrain.config import check_stages
+    if not under_launcher():
+        check_stages(stages, 1)   # one process, no launcher: too few ranks is what is wrong, whatever the launcher
     if not launched_by_mpi():
         raise UserError(f"parallel.pipeline_stages={stages} sends activations between stages with MPI point-to-point "
                         "messages: launch with MPI (scripts/launch.sh or horovodrun --mpi, mpirun, srun --mpi=pmix), "

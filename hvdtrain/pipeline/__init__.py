@@ -124,7 +124,8 @@ def build(settings, world, whole, objective, log, global_batch: int, kept_split:
              f"{p.schedule}; {plan.describe()}")
     stage = PipelineStage(stage_models[world.stage], world, Channel(), schedule=p.schedule,
                           microbatches=p.microbatches, loss=objective.loss(), metrics=objective.metrics(),
-                          whole_outputs=int(whole.output_shape[-1]))
+                          whole_outputs=int(whole.output_shape[-1]),
+                          earlier_trains=any(m.trainable_weights for m in stage_models[:world.stage]))
     # The other stages' layers go with the whole model (only rank 0 keeps it, to write model.keras at the end).
     return Pipeline(stage=stage, whole=whole if world.is_chief else None, plan=plan, channel=stage.channel,
                     balance=MeasuredBalance(stage.channel, world, p.microbatches, log), built=held_parameters(whole),

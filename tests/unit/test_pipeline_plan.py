@@ -69,6 +69,8 @@ def test_stages_are_neighbouring_ranks_and_replicas_read_one_shard_each():
 
 @pytest.mark.parametrize("overrides,size,message", [
     (["--parallel.pipeline_stages=3"], 4, "parallel.pipeline_stages=3 does not divide the 4 ranks"),
+    (["--parallel.pipeline_stages=4"], 2, "parallel.pipeline_stages=4: 4 stages need at least 4 ranks; 2 are running; "
+                                          "launch with `scripts/launch.sh 4 hvdtrain ...`"),
     (["--parallel.pipeline_stages=2", "--parallel.microbatches=5"], 2,
      "parallel.microbatches=5 does not divide the replica batch of 64"),
     (["--parallel.pipeline_stages=2", "--trainer.global_batch_size=30"], 8,
@@ -141,13 +143,24 @@ def test_a_residual_block_is_never_cut_and_named_cuts_are_checked():
     ("mlp", 2, ("dense_9",), "model 'mlp' has no layer 'dense_9' (did you mean 'dense_2'?)"),
     ("mlp", 2, ("flatten",), "'flatten' is the model's first layer"),
     ("mlp", 3, ("dense_2", "dense"), "'dense' comes before 'dense_2' in the model"),
-    ("mlp", 5, (), "parallel.pipeline_stages=5 needs 4 cut(s) but model 'mlp' has 3 place(s) where exactly one tensor "
+    ("mlp", 5, (), "parallel.pipeline_stages=5 needs 4 cuts but model 'mlp' has 3 places where exactly one tensor "
                    "crosses (before 'dense', before 'dense_1', before 'dense_2'); use at most 4 stages"),
+    ("one-cut mlp", 3, (), "parallel.pipeline_stages=3 needs 2 cuts but model 'mlp' has 1 place where exactly one "
+                           "tensor crosses (before 'dense'); use at most 2 stages"),
+    ("one layer", 2, (), "parallel.pipeline_stages=2 needs 1 cut but model 'one_layer' has 0 places where exactly "
+                         "one tensor crosses (none); it cannot be split: use parallel.pipeline_stages=1"),
 ])
 def test_impossible_splits_are_refused_with_one_line(model_name, stages, names, message):
+    import keras
     from hvdtrain.pipeline import split
+    if model_name == "one layer":
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)], name="one_layer")
+    elif model_name == "one-cut mlp":
+        model = _model("mlp", hidden=())
+    else:
+        model = _model(model_name, **({"blocks": 1} if model_name == "resnet" else {}))
     with pytest.raises(ConfigError) as err:
-        split.plan(_model(model_name, **({"blocks": 1} if model_name == "resnet" else {})), stages, names)
+        split.plan(model, stages, names)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 

@@ -69,6 +69,8 @@ def test_the_strategy_and_its_plan_come_from_the_settings():
     (["--data.partition=labels:2"], "data.partition applies to trainer.sync=fedavg only"),
     (["--trainer.sync=fedavg", "--data.partition=labels:0"],
      "data.partition must be iid, labels:K (K >= 1) or dirichlet:ALPHA (ALPHA > 0), got 'labels:0'"),
+    (["--trainer.sync=fedavg", "--data.partition=labels:11"], "data.partition=labels:11 asks for 11 labels per "
+     "client but there are 10 classes (data.num_classes); use labels:K with K <= 10"),
     (["--trainer.sync=fedavg", "--fedavg.fraction=1.5"],
      "fedavg.fraction must be in (0, 1] (the share of clients sampled per round), got 1.5"),
     (["--trainer.sync=fedavg", "--fedavg.clients=0"], "fedavg.clients must be >= 1, got 0"),
