@@ -66,8 +66,10 @@ def read_meta(ckpt) -> dict:
 
 def signature(model, input_shape, num_classes: int, model_name: str) -> dict:
     """What must match for a checkpoint to be loaded into a model: names and shapes of every weight."""
+    trainable = {id(w) for w in model.trainable_weights}
     return {"model": model_name, "input_shape": list(input_shape), "num_classes": int(num_classes),
-            "weights": [[_weight_name(w), list(w.shape)] for w in model.weights]}
+            "weights": [[_weight_name(w), list(w.shape)] for w in model.weights],
+            "frozen": [_weight_name(w) for w in model.weights if id(w) not in trainable]}
 
 
 def _weight_name(w) -> str:
@@ -94,6 +96,10 @@ def check_compatible(ckpt, meta: dict, expected: dict, check_layout=None) -> Non
     if len(theirs) != len(ours):
         raise UserError(f"checkpoint {ckpt} belongs to another model ({len(theirs)} weights in the checkpoint, "
                         f"{len(ours)} here); use a fresh --trainer.run_dir or the config that wrote it")
+    if "frozen" in found and found["frozen"] != expected.get("frozen", found["frozen"]):
+        raise UserError(f"checkpoint {ckpt} was trained with other layers frozen ({len(found['frozen'])} frozen "
+                        f"weights there, {len(expected['frozen'])} here): its optimizer state does not fit; resume "
+                        "with the model.trainable_from that wrote it, or use a fresh --trainer.run_dir")
 
 
 def state_path(ckpt, part: str | None = None) -> Path:

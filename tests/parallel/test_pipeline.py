@@ -186,6 +186,12 @@ def test_frozen_layers_keep_their_bits_and_a_frozen_stage_runs_forward_only(tmp_
             assert np.max(np.abs(mine - expected)) <= 1e-5 * np.max(np.abs(expected)), name
     summary = json.loads((tmp_path / "pipeline" / "summary.json").read_text())
     assert summary["pipeline"]["first_layers"] == ["flatten", "dense_1"] and summary["optimizer_steps"] == 22
+    # Bytes counted where they are sent: data-parallel ranks all-reduce only the trainable layers' gradients (dense_1
+    # and dense_2: 34,186 parameters) in each of 22 steps; in the pipeline, stage 1 sends its activations (a batch of
+    # 64 x 256 floats a step) and stage 2 sends no gradient back.
+    dp_sent = json.loads((tmp_path / "dp" / "summary.json").read_text())["communicated"]
+    assert [rank["gradients"] for rank in dp_sent] == [{"float32": 22 * 34186 * 4}] * 2
+    assert [rank.get("activations") for rank in summary["communicated"]] == [{"float32": 22 * 64 * 256 * 4}, None]
 
 
 CASES = {

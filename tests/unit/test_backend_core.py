@@ -75,7 +75,8 @@ class FakeHorovod:
         assert self._rank in process_set.ranks, f"rank {self._rank} asked to take part in {process_set}"
         self.requests.append({"kind": kind, "name": name, "op": op, "compression": compression,
                               "process_set": process_set, "shapes": [tuple(t.shape) for t in tensors],
-                              "sent": [compression.compress(tf.convert_to_tensor(t))[0].dtype.name for t in tensors]})
+                              "sent": [(compression or _NoCompression).compress(tf.convert_to_tensor(t))[0].dtype.name
+                                       for t in tensors]})
 
     def _reduce(self, x, op, name, compression, process_set):
         import tensorflow as tf
