@@ -16,7 +16,7 @@ rank, in the same order.
 """
 from __future__ import annotations
 
-from hvdtrain import backend, checkpoint, optim
+from hvdtrain import backend, optim
 from hvdtrain.errors import UserError
 
 
@@ -176,7 +176,3 @@ def check_compiled(model, world, elastic: bool) -> None:
         raise UserError("the model was compiled with jit_compile=True (Keras 3 does so by default on GPUs): "
                         "Horovod's all-reduce has no XLA kernel; compile with jit_compile=False", agreed=True)
 
-
-def restore_whole(ckpt, model, meta: dict) -> None:
-    """A data-parallel checkpoint's weights (no optimizer) into the whole model."""
-    checkpoint.restore(ckpt, model)
