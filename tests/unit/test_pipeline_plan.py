@@ -57,7 +57,7 @@ def test_a_schedule_that_runs_a_backward_before_its_forward_is_caught(monkeypatc
 def test_stages_are_neighbouring_ranks_and_replicas_read_one_shard_each():
     worlds = [World(rank=r, size=6, local_size=6, local_rank=r, stages=3) for r in range(6)]
     assert [(w.stage, w.replica) for w in worlds] == [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]
-    assert worlds[4].stage_ranks() == [1, 4] and worlds[4].replica_group == 1
+    assert worlds[4].part_ranks() == [1, 4] and worlds[4].replica_group == (1, 4)
     assert (worlds[3].previous_rank, worlds[3].next_rank) == (None, 4)
     assert (worlds[5].previous_rank, worlds[5].next_rank) == (4, None)
     assert [(w.data_view().rank, w.data_view().size) for w in worlds] == [(0, 2)] * 3 + [(1, 2)] * 3
@@ -264,7 +264,7 @@ def test_a_rank_other_than_0_makes_only_its_stage_weights_with_the_unsplit_model
     whole = pipeline.build_whole(build, World(rank=1, size=2, local_size=2, stages=2))
     assert pipeline.held_parameters(whole) == 0   # nothing made yet
     _, stages = split.plan(whole, 2, ("dense_1",))
-    pipeline._made_here(stages[1])
+    pipeline.made_here(stages[1])
     assert pipeline.held_parameters(whole) == stages[1].count_params() < whole.count_params()
     assert all(np.array_equal(w.numpy(), expected[w.path]) for w in stages[1].weights)
 
@@ -285,7 +285,7 @@ def test_weights_the_builder_sets_are_kept_for_the_stage_that_makes_them():
     keras.backend.clear_session()
     whole = pipeline.build_whole(pretrained, World(rank=1, size=2, local_size=2, stages=2))
     _, stages = split.plan(whole, 2, ("dense_1",))
-    pipeline._made_here(stages[1])
+    pipeline.made_here(stages[1])
     assert pipeline.held_parameters(whole) == stages[1].count_params()
     assert all(np.all(w.numpy() == 0.5) for w in stages[1].weights)
     assert not keras.src.backend.common.global_state.get_global_attribute("uninitialized_variables")
