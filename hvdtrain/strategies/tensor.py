@@ -31,9 +31,9 @@ class Tensor(DataParallel):
         return cls(world, cfg.parallel.tensor_plan, cfg.parallel.stage_only)
 
     @classmethod
-    def reader(cls, world, plan: dict | None = None) -> "Tensor":
+    def reader(cls, world) -> "Tensor":
         """For reading a trained model through the tensor groups (evaluate, predict), not for training."""
-        return cls(world, plan)
+        return cls(world)
 
     def build_model(self, builder):
         """The whole model; on ranks other than 0 without its weights (see pipeline.build_whole)."""
@@ -63,8 +63,9 @@ class Tensor(DataParallel):
         if self.split is None or model is not self.split.model:
             raise UserError(f"this world splits layers over {self.world.tensor} ranks: pass the model "
                             "hvdtrain.keras.tensor_parallel returned, not the whole model", agreed=True)
-        if self.world.replicas > 1 and backend.averaging_group(model.optimizer) != self.world.replica_group:
-            raise UserError("a tensor-parallel model's optimizer must average over the replicas of its slice: "
+        optimizer = model.optimizer   # averaging over all ranks would add up different slices' gradients
+        if backend.is_distributed(optimizer) and backend.averaging_group(optimizer) != self.world.replica_group:
+            raise UserError("a tensor-parallel model's optimizer must average over the replicas of its slice only: "
                             "compile it with hvdtrain.keras.distribute(optimizer, world=world)", agreed=True)
 
     def whole_model(self, model):

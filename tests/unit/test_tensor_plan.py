@@ -24,7 +24,8 @@ def test_the_automatic_plan_splits_every_attention_by_heads_and_every_mlp_by_col
     assert plan.automatic(transformer, 8) == {"block1_mlp1": "column", "block1_mlp2": "row",   # 4 heads: not by 8
                                               "block2_mlp1": "column", "block2_mlp2": "row"}
     mlp = models.build_model(ModelConfig(), (8, 8, 1), 10)   # Flatten, 256, 128, 10: one pair, the head replicated
-    assert plan.automatic(mlp, 2) == {"dense": "column", "dense_1": "row"}
+    flatten, hidden, hidden2, head = mlp.layers
+    assert plan.automatic(mlp, 2) == {hidden.name: "column", hidden2.name: "row"}
 
 
 @pytest.mark.parametrize("requested,tensor,message", [
