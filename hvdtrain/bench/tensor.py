@@ -2,8 +2,8 @@
 
     hvdtrain bench tensor --output bench/tensor.json
 
-The transformer of configs/digits-transformer.yaml at a width where splitting matters (--width, default 256: about
-3.2 M parameters) on random 8 x 8 images, trained with the same global batch as D x T layouts: 1 x 1 (one process),
+The transformer of configs/digits-transformer.yaml at a width where splitting matters (--width, default 256: 1.1 M
+parameters) on random 8 x 8 images, trained with the same global batch as D x T layouts: 1 x 1 (one process),
 T = 2 against D = 2 on 2 ranks, and D = 2 x T = 2, T = 4 and D = 4 on 4 ranks (oversubscribing a 2-core machine),
 rounds taking turns within a launch, the best round kept. Per layout: the parameters one rank holds against the
 whole model's (the sliced weights of the split layers at 1/T; their row and output biases are held whole), the
