@@ -22,8 +22,10 @@ def init(stages: int = 1, tensor: int = 1, groups=None) -> dict:
     if stages == 1 and tensor == 1:
         hvd().init()
         return topology()
-    from hvdtrain.backend.environment import launched_by_mpi, size_hint
+    from hvdtrain.backend.environment import launched_by_mpi, size_hint, under_launcher
     from hvdtrain.config import check_layout
+    if not under_launcher():
+        check_layout(stages, tensor, 1)   # one process, no launcher: too few ranks is what is wrong, whatever the launcher
     if stages > 1 and not launched_by_mpi():
         raise UserError(f"parallel.pipeline_stages={stages} sends activations between stages with MPI point-to-point "
                         "messages: launch with MPI (scripts/launch.sh or horovodrun --mpi, mpirun, srun --mpi=pmix), "
