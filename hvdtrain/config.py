@@ -96,13 +96,16 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = _f("mlp", "mlp | cnn | resnet | a keras.applications name (ResNet50, MobileNetV2, EfficientNetB0, ...) | "
+    name: str = _f("mlp", "mlp | cnn | resnet | transformer | a keras.applications name (ResNet50, MobileNetV2, EfficientNetB0, ...) | "
                           "a name added with hvdtrain.register_model | a builder by import path, package.module:function")
     weights: str = _f("", "keras.applications: a local weights file to start from (empty: random initialisation; "
                           "nothing is ever downloaded)")
     hidden: tuple = _f((256, 128), "mlp: widths of the hidden layers")
-    width: int = _f(32, "cnn/resnet: filters of the first convolution")
-    blocks: int = _f(2, "resnet: residual blocks per stage (two stages)")
+    width: int = _f(32, "cnn/resnet: filters of the first convolution; transformer: the model width (each block's "
+                        "MLP is 2 x width wide)")
+    blocks: int = _f(2, "resnet: residual blocks per stage (two stages); transformer: encoder blocks")
+    heads: int = _f(4, "transformer: attention heads per block (width / heads values each)")
+    patch_size: int = _f(2, "transformer: side of the square patches an image is cut into (one token each)")
     options: dict = _f({}, "free-form keyword arguments passed to a user-registered builder")
     trainable_from: str = _f("", "fine-tuning: the first layer that trains, by name (as model.summary() lists them); "
                                  "every layer before it is frozen: its weights never change, get no gradients and are "
@@ -112,6 +115,10 @@ class ModelConfig:
     def __post_init__(self):
         _require(all(isinstance(h, int) and h > 0 for h in self.hidden), "model.hidden must be positive integers")
         _require(self.width > 0 and self.blocks > 0, "model.width and model.blocks must be > 0")
+        _require(self.heads > 0 and self.patch_size > 0, "model.heads and model.patch_size must be > 0")
+        if self.name == "transformer":
+            _require(self.width % self.heads == 0, f"model.heads={self.heads} does not divide model.width="
+                                                   f"{self.width} (each head gets width / heads values)")
         _require(not self.weights or Path(self.weights).is_file(), f"model.weights file not found: {self.weights}")
 
 
@@ -236,11 +243,27 @@ class ParallelConfig:
     balance: str = _f("time", "pipeline, automatic split: time (each layer's forward+backward measured on rank 0 on a "
                               "micro-batch) | params (parameter counts: no measuring, the same split every time)",
                       choices=("time", "params"))
-    stage_only: bool = _f(True, "pipeline: ranks other than 0 make only their stage's weights (false: every rank makes "
-                                "the whole model's, for a model builder whose weights Keras cannot defer)")
+    stage_only: bool = _f(True, "pipeline, tensor parallelism: ranks other than 0 make only their stage's weights and "
+                                "their slices of split layers (false: every rank makes the whole model's, for a model "
+                                "builder whose weights Keras cannot defer)")
+    tensor_parallel: int = _f(1, "T: split layers across this many consecutive ranks (Megatron-style tensor "
+                                 "parallelism: each holds 1/T of a split layer's weights, an all-reduce joins them); "
+                                 "the ranks form D = ranks / (P x T) replicas (1: no split layers)")
+    tensor_plan: dict = _f({}, "tensor parallelism: which layers to split, {layer_name: column | row | heads | vocab} "
+                               "(column: a Dense's output units, paired with the row Dense its output feeds through "
+                               "activations; row: a Dense's input units; heads: a MultiHeadAttention's heads; vocab: "
+                               "an Embedding's rows); empty: every Dense -> Dense pair and every MultiHeadAttention "
+                               "whose sizes T divides")
 
     def __post_init__(self):
         _require(self.pipeline_stages >= 1, "parallel.pipeline_stages must be >= 1")
+        _require(self.tensor_parallel >= 1, f"parallel.tensor_parallel must be >= 1, got {self.tensor_parallel}")
+        for name, kind in self.tensor_plan.items():
+            _require(kind in TENSOR_SPLITS, f"parallel.tensor_plan: {name}: {kind!r} must be one of "
+                                            f"{' | '.join(TENSOR_SPLITS)}{_did_you_mean(str(kind), TENSOR_SPLITS)}")
+        _require(not self.tensor_plan or self.tensor_parallel > 1,
+                 "parallel.tensor_plan applies to parallel.tensor_parallel > 1; set parallel.tensor_parallel or leave "
+                 "parallel.tensor_plan out")
         _require(self.microbatches >= 1, "parallel.microbatches must be >= 1")
         _require(all(isinstance(name, str) and name for name in self.split),
                  f"parallel.split must be layer names, got {list(self.split)}")
@@ -253,6 +276,13 @@ class ParallelConfig:
     @property
     def pipelined(self) -> bool:
         return self.pipeline_stages > 1
+
+    @property
+    def tensor_split(self) -> bool:
+        return self.tensor_parallel > 1
+
+
+TENSOR_SPLITS = ("column", "row", "heads", "vocab")
 
 
 @dataclass(frozen=True)
@@ -344,6 +374,14 @@ class Config:
                    f"(runtime.precision={r.precision}); set runtime.precision=float32")
             yield not t.elastic, ("parallel.pipeline_stages > 1 cannot be elastic (a lost rank takes a stage with "
                                   "it); set trainer.elastic=false")
+        if p.tensor_split:
+            T = p.tensor_parallel
+            yield r.precision == "float32", (f"parallel.tensor_parallel={T} trains in float32 only "
+                                             f"(runtime.precision={r.precision}); set runtime.precision=float32")
+            yield not t.elastic, (f"parallel.tensor_parallel={T} cannot be elastic (a lost rank takes a slice of "
+                                  "every split layer with it); set trainer.elastic=false")
+            yield sync == "every_step", (f"trainer.sync={sync} averages whole models, not tensor-parallel slices; use "
+                                         f"trainer.sync=every_step with parallel.tensor_parallel={T}")
         if sync == "local_sgd":
             yield not p.pipelined, ("trainer.sync=local_sgd averages whole models, not pipeline stages; use "
                                     "trainer.sync=every_step with parallel.pipeline_stages > 1")
@@ -525,14 +563,17 @@ def with_overrides(raw: dict, overrides: typing.Sequence[str] = ()) -> Config:
 
 def check_world(cfg: Config, size: int) -> None:
     """Checks that depend on the number of ranks; run on every rank so all ranks fail together."""
-    batch, stages = cfg.trainer.global_batch_size, cfg.parallel.pipeline_stages
-    check_stages(stages, size)
+    batch, stages, tensor = cfg.trainer.global_batch_size, cfg.parallel.pipeline_stages, cfg.parallel.tensor_parallel
+    check_layout(stages, tensor, size)
+    replicas = size // (stages * tensor)
     if stages > 1:
-        check_pipeline_batch(batch, cfg.parallel.microbatches, size // stages)
-    elif batch % size and cfg.trainer.sync != "fedavg":   # fedavg's clients have their own batch size
-        lower, upper = (batch // size) * size, -(-batch // size) * size
+        check_pipeline_batch(batch, cfg.parallel.microbatches, replicas)
+    elif batch % replicas and cfg.trainer.sync != "fedavg":   # fedavg's clients have their own batch size
+        lower, upper = (batch // replicas) * replicas, -(-batch // replicas) * replicas
         hint = f"{lower} or {upper}" if lower else f"{upper}"
-        raise ConfigError(f"trainer.global_batch_size={batch} is not divisible by the {size} ranks; use a multiple of {size}, e.g. {hint}")
+        whom = f"{replicas} ranks" if replicas == size else f"{replicas} replicas (ranks / parallel.tensor_parallel)"
+        raise ConfigError(f"trainer.global_batch_size={batch} is not divisible by the {whom}; use a multiple of "
+                          f"{replicas}, e.g. {hint}")
     expected = cfg.runtime.expected_ranks
     if expected and expected != size:
         raise ConfigError(f"the config expects {counted(expected, 'rank')} (runtime.expected_ranks) but {size} "
@@ -540,14 +581,29 @@ def check_world(cfg: Config, size: int) -> None:
                           "train ...` (or srun)")
 
 
-def check_stages(stages: int, size: int) -> None:
-    if size < stages:
-        raise ConfigError(f"parallel.pipeline_stages={stages}: {stages} stages need at least {stages} ranks; {size} "
-                          f"{'is' if size == 1 else 'are'} running; launch with `scripts/launch.sh {stages} hvdtrain "
-                          f"...` (or horovodrun --mpi -np {stages}, mpirun, srun --mpi=pmix)")
-    if size % stages:
-        raise ConfigError(f"parallel.pipeline_stages={stages} does not divide the {counted(size, 'rank')}: launch a "
-                          f"multiple of {stages} ranks (each pipeline has one rank per stage) or change the stages")
+def check_layout(stages: int, tensor: int, size: int) -> None:
+    """The ranks a layout of `stages` pipeline stages and tensor groups of `tensor` ranks needs, against `size`."""
+    group = stages * tensor
+    if size < group:
+        what = f"{stages} stages" if tensor == 1 else \
+            ("a tensor group" if stages == 1 else f"{stages} stages") + f" of {tensor} ranks"
+        name = f"parallel.pipeline_stages={stages}" if tensor == 1 else \
+            f"parallel.tensor_parallel={tensor}" + (f" x parallel.pipeline_stages={stages}" if stages > 1 else "")
+        launch = f"horovodrun --mpi -np {group}, mpirun, srun --mpi=pmix" if stages > 1 else f"horovodrun -np {group}"
+        raise ConfigError(f"{name}: {what} need{'s' if what.startswith('a ') else ''} at least {group} ranks; {size} "
+                          f"{'is' if size == 1 else 'are'} running; launch with `scripts/launch.sh {group} hvdtrain "
+                          f"...` (or {launch})")
+    if size % tensor:
+        raise ConfigError(f"parallel.tensor_parallel={tensor} does not divide the {counted(size, 'rank')}: launch a "
+                          f"multiple of {tensor} ranks (each tensor group has {tensor} ranks) or change "
+                          "parallel.tensor_parallel")
+    if size % group:
+        if tensor == 1:
+            raise ConfigError(f"parallel.pipeline_stages={stages} does not divide the {counted(size, 'rank')}: launch "
+                              f"a multiple of {stages} ranks (each pipeline has one rank per stage) or change the stages")
+        raise ConfigError(f"parallel.pipeline_stages={stages} does not divide the {size // tensor} tensor groups (of "
+                          f"parallel.tensor_parallel={tensor} ranks each): launch a multiple of {group} ranks (each "
+                          f"pipeline has {group} ranks) or change the stages")
 
 
 def check_pipeline_batch(batch: int, micro: int, replicas: int) -> None:

@@ -24,6 +24,16 @@ builds the same whole model and trains its stage; the ranks are D = ranks / P re
     stage.compile(hk.distribute(keras.optimizers.SGD(0.05), world=world), jit_compile=False)
     run.resume(stage); run.fit(stage, epoch_batches, evaluate=test_batches)   # checkpoints stage by stage
     summary = run.finish(stage)                               # model.keras: the whole model, plain Keras
+
+Tensor parallelism (Keras 3), as `hvdtrain train --parallel.tensor_parallel=T` splits layers: every rank builds the
+same whole model; each tensor group of T consecutive ranks holds one copy, its split layers divided among them.
+
+    world = hk.init(seed=1, tensor_parallel=2)                # a tensor group's ranks all read the replica's batches
+    run = hk.Run("runs/mine", world, epochs=10, steps_per_epoch=steps, global_batch_size=64)
+    split = hk.tensor_parallel(model, run)                    # this rank's slices of the split layers, a keras.Model
+    split.compile(hk.distribute(keras.optimizers.Adam(1e-3), world=world), loss, metrics, jit_compile=False)
+    run.resume(split); run.fit(split, epoch_batches, evaluate=test_batches)   # checkpoints slice by slice
+    summary = run.finish(split)                               # model.keras: the whole model, plain Keras
 """
 from __future__ import annotations
 
@@ -47,16 +57,19 @@ from hvdtrain.tasks import Task  # noqa: E402
 from hvdtrain.world import World  # noqa: E402
 
 __all__ = ["Position", "Run", "World", "agreed_steps", "barrier", "callbacks", "distribute", "evaluate", "fuse_batch_norm",
-           "init", "pipeline", "predict", "scale_lr", "shard", "shard_files", "verbose"]
+           "init", "pipeline", "predict", "scale_lr", "shard", "shard_files", "tensor_parallel", "verbose"]
 
 
-def init(pipeline_stages: int = 1, **runtime) -> World:
+def init(pipeline_stages: int = 1, tensor_parallel: int = 1, **runtime) -> World:
     """Start this rank (see hvdtrain.world.start). Keyword arguments are runtime.* settings: seed, deterministic,
     precision, intra_op_threads, cycle_time_ms, stall_timeout_s, ... `pipeline_stages` P > 1: the ranks are
-    D = ranks / P replicas of a P-stage pipeline (see `pipeline`); MPI launch and float32 only, as on the CLI."""
+    D = ranks / P replicas of a P-stage pipeline (see `pipeline`); MPI launch and float32 only, as on the CLI.
+    `tensor_parallel` T > 1: split layers over T consecutive ranks (see `tensor_parallel`); float32 only; the ranks
+    are D = ranks / (P x T) replicas."""
     runtime_cfg = RuntimeConfig(**runtime)
-    config.Config(parallel=_parallel(pipeline_stages=pipeline_stages), runtime=runtime_cfg)   # the CLI's checks
-    return worlds.start(runtime_cfg, stages=pipeline_stages)
+    parallel = _parallel(pipeline_stages=pipeline_stages, tensor_parallel=tensor_parallel)
+    config.Config(parallel=parallel, runtime=runtime_cfg)   # the CLI's checks
+    return worlds.start(runtime_cfg, stages=pipeline_stages, tensor=tensor_parallel)
 
 
 def _parallel(**settings) -> ParallelConfig:
@@ -68,8 +81,8 @@ def distribute(optimizer, *, world: World | None = None, fp16_compression: bool 
                backward_passes_per_step: int = 1, sparse_as_dense: bool = False, bucket_mb: float = 0.0):
     """The optimizer, averaging gradients over all ranks with a fused ring all-reduce; use the returned object.
     Under the mixed_float16 policy it is also loss-scaled, with the skip-a-step decision agreed by all ranks.
-    `world`: needed for a pipeline's stage (hk.init(pipeline_stages=P)), whose gradients are averaged over the
-    stage's D replicas only."""
+    `world`: needed for a pipeline's stage (hk.init(pipeline_stages=P)) and a tensor-parallel model
+    (hk.init(tensor_parallel=T)), whose gradients are averaged over the D replicas of their part only."""
     import keras
     group = world.replica_group if world is not None else None
     optimizer = backend.distributed_optimizer(optimizer, fp16_compression=fp16_compression,
@@ -82,14 +95,14 @@ def distribute(optimizer, *, world: World | None = None, fp16_compression: bool 
 
 
 def scale_lr(lr: float, world: World, rule: str = "linear") -> float:
-    """lr scaled by the number of replicas (the ranks; a pipelined world's D pipelines): none, linear (lr*n) or
-    sqrt (lr*sqrt(n))."""
+    """lr scaled by the number of replicas (the ranks; a pipelined or tensor-parallel world's D replicas): none,
+    linear (lr*n) or sqrt (lr*sqrt(n))."""
     return scaled_lr(lr, rule, world.replicas)
 
 
 def shard(dataset, world: World):
-    """This rank's share of a tf.data.Dataset (element i goes to rank i % size; in a pipelined world to replica
-    i % D, all of whose stages read it). Shard before shuffling."""
+    """This rank's share of a tf.data.Dataset (element i goes to rank i % size; in a pipelined or tensor-parallel
+    world to replica i % D, all of whose ranks read it). Shard before shuffling."""
     view = world.data_view()
     return dataset.shard(view.size, view.rank)
 
@@ -97,8 +110,8 @@ def shard(dataset, world: World):
 def shard_files(files, world: World, reader=None):
     """This rank's records of a file-based dataset: whole files (round robin over the sorted list) when there are at
     least as many files as ranks, so each rank reads only its own; else every rank reads all and keeps every size-th
-    record. `reader` turns a list of files into a dataset (default tf.data.TFRecordDataset). In a pipelined world
-    the shares are the replicas', as in `shard`."""
+    record. `reader` turns a list of files into a dataset (default tf.data.TFRecordDataset). In a pipelined or
+    tensor-parallel world the shares are the replicas', as in `shard`."""
     import tensorflow as tf
     from hvdtrain.data import shard_files as by_file
     files = sorted(str(f) for f in files)
@@ -162,20 +175,42 @@ def predict(model, dataset_or_array, world: World, batch_size: int = 256):
     return strategies.for_model(model, world).predict_arrays(model, dataset_or_array, batch_size)
 
 
+def tensor_parallel(model, run: "Run", *, plan=None):
+    """This rank's tensor-parallel model of `model` (a keras.Model whose split layers hold this rank's slices of
+    `model`'s weights), in a world from hk.init(tensor_parallel=T); compile it with hk.distribute(optimizer,
+    world=world). Every rank passes the same whole model (built alike: same seed), so every slice starts from it.
+    `plan`: {layer name: column | row | heads | vocab}, checked as the CLI's parallel.tensor_plan (empty: every
+    Dense -> Dense pair and MultiHeadAttention whose sizes T divides). Checkpoints hold each slice; a resume into
+    another layout is refused; run.finish writes the whole model as model.keras (on rank 0, `model` itself then
+    holds the trained weights)."""
+    world = run.world
+
+    def build():
+        settings = _parallel(tensor_parallel=world.tensor, tensor_plan=dict(plan or {}))
+        strategy = strategies.Tensor(world, settings.tensor_plan, stage_only=False)
+        return strategy, strategy.prepare(model, objective=None)
+    strategy, split = backend.agree_on_errors(build, "hvdtrain.keras.tensor_parallel")
+    run.train_with(strategy, _signature(model))
+    return split
+
+
 def pipeline(model, run: "Run", *, loss, metrics=(), microbatches: int = ParallelConfig.microbatches,
-             schedule: str = ParallelConfig.schedule, split=(), balance: str = ParallelConfig.balance):
+             schedule: str = ParallelConfig.schedule, split=(), balance: str = ParallelConfig.balance,
+             tensor_plan=None):
     """This rank's stage of `model` (a keras.Model whose train step runs the pipeline schedule), in a world from
     hk.init(pipeline_stages=P); compile it with hk.distribute(optimizer, world=world). Every rank passes the same
     whole model (built alike: same seed). `loss` (a keras.losses.Loss) and `metrics` (keras.metrics.Metric objects)
     are the last stage's; every stage logs them. The settings and their checks are the CLI's parallel.*:
     `microbatches` per replica batch, `schedule` 1f1b | gpipe, `split` the names of the layers stages 2..P begin at
     (empty: balanced by `balance`, time | params). A resumed run keeps its checkpoint's split; run.finish writes the
-    whole model as model.keras (on rank 0, `model` itself then holds every stage's trained weights)."""
+    whole model as model.keras (on rank 0, `model` itself then holds every stage's trained weights). In a world
+    with tensor_parallel T > 1 the stages' layers are split first (`tensor_plan`, as in `tensor_parallel`)."""
     world = run.world
 
     def build():
         settings = _parallel(pipeline_stages=world.stages, microbatches=microbatches, schedule=schedule,
-                             split=list(split or ()), balance=balance)
+                             split=list(split or ()), balance=balance, tensor_parallel=world.tensor,
+                             tensor_plan=dict(tensor_plan or {}))
         strategy = strategies.Pipeline(world, settings, run.session.global_batch, run.run)
         return strategy, strategy.prepare(model, _objective(loss, metrics))
     strategy, stage = backend.agree_on_errors(build, "hvdtrain.keras.pipeline")

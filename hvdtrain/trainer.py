@@ -21,7 +21,7 @@ from hvdtrain.tasks import Task
 class Trainer:
     def __init__(self, cfg: config.Config, stop: StopRequest | None = None):
         self.cfg = cfg
-        self.world = worlds.start(cfg.runtime, stages=cfg.parallel.pipeline_stages)
+        self.world = worlds.start(cfg.runtime, stages=cfg.parallel.pipeline_stages, tensor=cfg.parallel.tensor_parallel)
         self.launch = Elastic() if cfg.trainer.elastic else Static()
         self.run = RunDir(cfg.trainer.run_dir)
         self.log = get_logger(self.world.rank)
@@ -40,7 +40,7 @@ class Trainer:
         together(lambda: self.launch.check(cfg, world, self.source), "hvdtrain.check_world")
         together(self.run.check, "hvdtrain.run_dir")
         self.log.info(f"{world.describe()}; run directory {self.run}")
-        readers = world.data_view()   # pipeline stages read their replica's batches
+        readers = world.data_view()   # pipeline stages and tensor slices read their replica's batches
         for split in data.SPLITS:
             if self.source.has_split(split):
                 self.source.adopt(split, self.launch.gather(lambda s=split: self.source.validate(readers, s),

@@ -72,6 +72,12 @@ def local_size_hint() -> int:
     return 1
 
 
+def size_hint() -> int:
+    """Ranks in the job from a Gloo launcher's environment (horovodrun --gloo), before Horovod starts (1 alone)."""
+    value = os.environ.get("HOROVOD_SIZE", "")
+    return int(value) if value.isdigit() else 1
+
+
 def srun_step_tasks() -> int:
     """How many tasks srun started for this step (0 outside srun)."""
     value = os.environ.get("SLURM_STEP_NUM_TASKS", "")

@@ -5,19 +5,21 @@ dtype. Counts are this process's, since it started.
   weights      weight averages (local SGD, batch-norm statistics, federated averaging's weighted sums)
   activations  point-to-point messages between pipeline stages in training (activations forward, their gradients
                back)
-  evaluation   the same during evaluation and prediction through the stages
+  tensor       tensor-parallel all-reduces in training (backend/tensor_ops.py: the partial outputs of split layers
+               forward, the partial input gradients backward)
+  evaluation   the same (stages' messages, tensor all-reduces) during evaluation and prediction
   broadcast    the start broadcast of rank 0's state
   control      agreements, metric averages, gathered objects (a few bytes each)
 
-`communicated_bytes` in summary.json and metrics.csv is the payload: gradients + weights + activations. Sends made
-inside a compiled step (the optimizer's all-reduces) add to an int64 variable in the graph; the others to a Python
-dict. A ring all-reduce puts 2(n-1)/n of its payload on the wire; these counts are the payload.
+`communicated_bytes` in summary.json and metrics.csv is the payload: gradients + weights + activations + tensor.
+Sends made inside a compiled step (the optimizer's and the split layers' all-reduces) add to an int64 variable in
+the graph; the others to a Python dict. A ring all-reduce puts 2(n-1)/n of its payload on the wire; these counts are the payload.
 """
 from __future__ import annotations
 
 from collections import defaultdict
 
-PAYLOAD = ("gradients", "weights", "activations")
+PAYLOAD = ("gradients", "weights", "activations", "tensor")
 
 _counted: dict = defaultdict(int)   # (kind, dtype) -> bytes, counted in Python
 _in_graph: dict = {}                # (kind, dtype) -> tf.Variable(int64), counted inside compiled steps
@@ -72,7 +74,7 @@ def sent() -> dict:
 
 
 def payload(counts: dict) -> int:
-    """The payload bytes (gradients, weights, activations) of a `sent()` snapshot."""
+    """The payload bytes (gradients, weights, activations, tensor) of a `sent()` snapshot."""
     return sum(n for kind in PAYLOAD for n in counts.get(kind, {}).values())
 
 

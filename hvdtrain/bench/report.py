@@ -3,7 +3,7 @@
     hvdtrain bench report --dir docs/bench --output docs/benchmarks.md
 
 Reads allreduce.json, train.json, train-resnet50.json, train-timeline.json, averaging.json, stacks.json, predict.json,
-tuning.json, pipeline.json, sync.json and serve.json when present (a missing one is reported as not run), and appends notes.md from the same directory (the
+tuning.json, pipeline.json, sync.json, serve.json and tensor.json when present (a missing one is reported as not run), and appends notes.md from the same directory (the
 hand-written analysis: why a goal is missed, profiles) verbatim. The files hold measurements and ratios only; the
 goals they are read against are stated here, in the text. Plots are linked, not copied.
 """
@@ -16,7 +16,7 @@ from hvdtrain.bench import harness, stacks
 
 HELP = "write the Markdown benchmark report (tables, plots, stacks, machine, versions) from the JSON files"
 FILES = ("allreduce", "train", "train-resnet50", "train-timeline", "averaging", "stacks", "predict", "tuning", "pipeline",
-         "sync", "serve")
+         "sync", "serve", "tensor")
 
 
 def add_arguments(p) -> None:
@@ -34,7 +34,8 @@ def run(args) -> int:
         _resnet50(docs.get("train-resnet50"), rel), _timeline(docs.get("train-timeline")),
         _averaging(docs.get("averaging"), rel),
         _stacks(docs.get("stacks"), rel), _predict(docs.get("predict"), rel), _pipeline(docs.get("pipeline"), rel),
-        _sync(docs.get("sync"), rel), _serve(docs.get("serve"), rel), _tuning(docs.get("tuning")),
+        _sync(docs.get("sync"), rel), _serve(docs.get("serve"), rel), _tensor(docs.get("tensor"), rel),
+        _tuning(docs.get("tuning")),
         notes.read_text().strip() if notes.is_file() else "") if part) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
@@ -50,7 +51,7 @@ def _stack(doc: dict) -> dict:
 def _header(docs: dict) -> str:
     lines = ["# Benchmarks", "",
              "Made by `make bench` (`hvdtrain bench allreduce`, `train`, `averaging`, `stacks`, `predict`, "
-             "`pipeline`, `sync`, `serve`, then `hvdtrain bench report`; `make bench-tune` for the tuning sweep); the "
+             "`pipeline`, `sync`, `serve`, `tensor`, then `hvdtrain bench report`; `make bench-tune` for the tuning sweep); the "
              "JSON files and plots are in `docs/bench/`. **The machine was shared** with other "
              "engineers' test runs while these numbers were taken, so absolute numbers are noisy: compare the "
              "ratios, which were measured side by side in the same run. The load average is recorded with every run."]
@@ -395,6 +396,31 @@ def _serve(doc, rel: Path) -> str:
                       "clients, and the driver sampling the replicas) and the rest of Ray (controller, GCS, raylet).",
                       "", harness.markdown_table(doc.get("rows", []), serve.CPU_COLUMNS), "",
                       f"![serving]({rel / 'serve.png'})"])
+
+
+def _tensor(doc, rel: Path) -> str:
+    if not doc:
+        return "## Tensor parallelism\n\nNot run (`hvdtrain bench tensor`)."
+    from hvdtrain.bench import tensor
+    s, settings, summary = _stack(doc), doc["settings"], doc.get("summary", {})
+    ratios = "; ".join(f"{r['layout']} / D={r['ranks']}: {summary[tensor.against_data_parallel(r)]:.2f}"
+                       for r in doc.get("rows", []) if tensor.against_data_parallel(r) in summary) or "-"
+    return "\n".join(["## Tensor parallelism", "",
+                      f"`hvdtrain bench tensor` (TensorFlow {s['tensorflow']}, Keras {s['keras']}): the digits "
+                      f"transformer at width {settings['width']} ({settings['whole_params']:,} parameters, "
+                      f"{settings['blocks']} blocks of {settings['heads']} heads, {settings['tokens']} tokens), global "
+                      f"batch {settings['batch']}, one thread per rank, the best of {settings['rounds']} rounds of "
+                      f"{settings['steps']} steps taking turns; 4 ranks share the 2 cores. D x T: D replicas of the "
+                      "model, each split over a tensor group of T ranks. sliced_share: a rank's share of the split "
+                      "layers' sliced weights (the goal, issue 36: 1/T); their row and output biases are held whole, so "
+                      "split_params_per_rank is a little more. activation_mb_per_rank: what one forward pass keeps "
+                      "for the backward pass (the layers' outputs; inside attention its projections and scores), "
+                      "counted from their shapes. tensor_mb_per_step: the split layers' all-reduces a rank hands to "
+                      "Horovod per step, measured where they are sent; formula_mb_per_step: 4 per block of replica "
+                      "batch x tokens x width float32 values (issue 36: equal). gradient_mb_per_step: the gradients "
+                      f"a rank averages over its replicas. D x T / pure D samples/s on the same ranks: {ratios}.", "",
+                      harness.markdown_table(doc.get("rows", []), tensor.COLUMNS), "",
+                      f"![tensor parallelism]({rel / 'tensor.png'})"])
 
 
 def _tuning(doc) -> str:

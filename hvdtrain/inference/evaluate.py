@@ -83,13 +83,15 @@ def check_count(sums: list, task, where: str, diagnose=None, expected: int | Non
 
 def exact_metrics(model, dataset, world, task, name: str = "hvdtrain.evaluate", where: str = "held-out data",
                   diagnose=None, expected: int | None = None) -> dict:
-    """The task's metrics over every rank's batches of `dataset` together, identical on every rank (a collective).
-    Rank r's k-th batch counts as global batch r + k*size (dealt batches); `expected`: this rank's example count,
-    checked after reading."""
+    """The task's metrics over every replica's batches of `dataset` together, identical on every rank (a collective).
+    Replica r's k-th batch counts as global batch r + k*replicas (dealt batches); the ranks of a tensor group read
+    the same batches and compute the same sums, and one of them reports (world.reporters); `expected`: this rank's
+    example count, checked after reading."""
     def read():
         return batch_sums(model, dataset, task, where, diagnose, expected)
     parts = backend.gather_agreed(read, f"{name}.read")
-    return task.metrics_from_sums(ordered_total(in_batch_order(parts), len(task.sum_names())))
+    reported = [parts[rank] for rank in world.reporters()]
+    return task.metrics_from_sums(ordered_total(in_batch_order(reported), len(task.sum_names())))
 
 
 def ordered_total(sums: list, width: int) -> np.ndarray:
@@ -106,12 +108,12 @@ class Evaluator:
 
     def __init__(self, source, world, task, split: str = "test", batch: int = 256):
         self.source, self.world, self.task, self.split = source, world, task, split
-        self.share = source.eval_share(world, split, batch) if source.has_split(split) else None
+        self.share = source.eval_share(world.data_view(), split, batch) if source.has_split(split) else None
         self.where = f"{split} data"
 
     def __call__(self, model) -> dict | None:
         if self.share is None:
             return None
         return exact_metrics(model, self.share.dataset, self.world, self.task, f"hvdtrain.evaluate.{self.split}",
-                             self.where, diagnose=lambda: self.source.diagnose(self.world, self.split),
+                             self.where, diagnose=lambda: self.source.diagnose(self.world.data_view(), self.split),
                              expected=self.share.count)

@@ -88,6 +88,14 @@ def make_only(stage_model) -> None:
         _forget_deferred()
 
 
+def initial_value(weight):
+    """A deferred weight's value when it is made (see build_whole): what the model's builder set, else its
+    initializer's (an initializer draws its seed when it is made, so this is the value it would have had)."""
+    if id(weight) in _SET_BY_BUILDER:
+        return _SET_BY_BUILDER[id(weight)]
+    return weight._initializer(weight._shape, dtype=weight._dtype)
+
+
 def _forget_deferred() -> None:
     from keras.src.backend.common import global_state   # Keras keeps every deferred weight in this list
     global_state.set_global_attribute("uninitialized_variables", [])
@@ -99,11 +107,12 @@ def held_parameters(whole) -> int:
     return sum(parameters(w) for w in whole.weights if getattr(w, "_value", True) is not None)
 
 
-def build(settings, world, whole, objective, log, global_batch: int, kept_split: tuple = ()) -> Pipeline:
+def build(settings, world, whole, objective, log, global_batch: int, kept_split: tuple = (), cut=None) -> Pipeline:
     """This rank's stage of `whole` (the same model on every rank: from build_whole, or built whole, as the Keras
     API's user does), not yet compiled; the rest of the model is let go, except on rank 0. `settings`:
     config.ParallelConfig; `objective`: the loss and metrics (loss() and metrics()); `kept_split`: the first layers of
-    stages 2..P of a checkpoint being resumed, used when `settings.split` names none."""
+    stages 2..P of a checkpoint being resumed, used when `settings.split` names none; `cut`: the model cut into
+    stages when it is not `whole` itself (its tensor-parallel model: the same layer names, in the same order)."""
     from hvdtrain import runtime
     from hvdtrain.backend.p2p import Channel
     from hvdtrain.config import check_pipeline_batch

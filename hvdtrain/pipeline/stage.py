@@ -205,15 +205,14 @@ class PipelineStage(keras.Model):
         """The epoch's running loss and metrics, computed on the last stage and sent to the pipeline's other stages."""
         import tensorflow as tf
         w = self.world
-        first_of_pipeline = w.rank - w.stage
         if w.last_stage:
             self.running.update(loss, y, tf.concat(scores, axis=0))
             values = tf.cast(tf.stack(self.running.results()), tf.float64)
-            for rank in range(first_of_pipeline, w.rank):
-                self._send(tf.reshape(values, (1, -1)), rank, LOGS_TAG, "control")
+            for stage in range(w.stages - 1):   # this rank's pipeline: its replica and tensor rank
+                self._send(tf.reshape(values, (1, -1)), w.rank_of(w.replica, stage, w.tensor_rank), LOGS_TAG, "control")
         else:
-            values = tf.reshape(self._receive(first_of_pipeline + w.stages - 1, LOGS_TAG, (len(self.running.names),),
-                                              np.float64), (-1,))
+            last = w.rank_of(w.replica, w.stages - 1, w.tensor_rank)
+            values = tf.reshape(self._receive(last, LOGS_TAG, (len(self.running.names),), np.float64), (-1,))
         return dict(zip(self.running.names, tf.unstack(values, num=len(self.running.names))))
 
     # ---- inference -----------------------------------------------------------------------------------------------

@@ -146,7 +146,7 @@ class DataParallel:
         return trained.model
 
     def evaluate_trained(self, trained, source, split: str, batch: int) -> dict:
-        share = source.eval_share(self.world, split, batch)
+        share = source.eval_share(self.data_view(), split, batch)
         return self.exact_metrics(self.load_trained(trained), share.dataset, trained.task, "hvdtrain.evaluate",
                                   f"{split} data")
 

@@ -1,6 +1,8 @@
 """Pipeline and hybrid data x pipeline parallelism (parallel.pipeline_stages = P > 1): each rank trains one stage of
 the model (hvdtrain/pipeline/: the split, the schedules, the stage as a Keras model, evaluation and prediction
-through the stages); each stage's gradients are averaged over its D replicas. This module wires it into a run."""
+through the stages); each stage's gradients are averaged over its D replicas. With parallel.tensor_parallel = T > 1
+the model is first made tensor-parallel (strategies.tensor), then cut: each stage's split layers are split over T
+ranks (P x T, D x P x T). This module wires it into a run."""
 from __future__ import annotations
 
 from hvdtrain import backend, checkpoint
@@ -9,6 +11,7 @@ from hvdtrain.pipeline import serving
 from hvdtrain.pipeline.split import plan as split_plan
 from hvdtrain.errors import UserError
 from hvdtrain.log import get_logger
+from hvdtrain.strategies import tensor
 from hvdtrain.strategies.base import DataParallel
 
 
@@ -24,6 +27,7 @@ class Pipeline(DataParallel):
                             "hvdtrain.keras.init(pipeline_stages=P), P > 1, under an MPI launch", agreed=True)
         self.settings, self.global_batch, self.run, self.resume = settings, global_batch, run, resume
         self.built = None   # pipeline.Pipeline, once prepared
+        self.split = None   # tensor.shard.SplitModel, with tensor-parallel stages
 
     @classmethod
     def from_config(cls, cfg, world, *, source=None, run=None) -> "Pipeline":
@@ -40,9 +44,12 @@ class Pipeline(DataParallel):
         return pipelines.build_whole(builder, self.world, self.settings.stage_only)
 
     def prepare(self, model, objective, optimizer=None):
-        """This rank's stage of the whole `model` (a Keras model whose train step runs the schedule)."""
+        """This rank's stage of the whole `model` (a Keras model whose train step runs the schedule); with
+        tensor-parallel ranks, of its tensor-parallel model."""
+        if self.world.tensor > 1:
+            self.split = tensor.split_of(model, self.settings.tensor_plan, self.world)
         self.built = pipelines.build(self.settings, self.world, model, objective, get_logger(self.world.rank),
-                                     self.global_batch, self._kept_split())
+                                     self.global_batch, self._kept_split(), cut=self.split and self.split.model)
         if optimizer is not None:
             self.built.stage.compile(optimizer=optimizer, jit_compile=False)
         return self.built.stage
@@ -53,12 +60,12 @@ class Pipeline(DataParallel):
         layout = checkpoint.read_meta(latest).get("signature", {}).get("pipeline") if latest else None
         return tuple(layout["first_layers"][1:]) if layout and layout["stages"] == self.world.stages else ()
 
-    def signature(self, whole: dict) -> dict:
-        return {**whole, "pipeline": self.built.layout()}   # a resume into another layout is refused
+    def signature(self, whole: dict) -> dict:   # a resume into another layout is refused
+        return {**whole, "pipeline": self.built.layout(), **({"tensor": tensor.layout(self.split)} if self.split else {})}
 
     @property
-    def checkpoint_part(self):
-        return f"stage-{self.world.stage}", self.world.replica == 0   # each stage's first replica writes it
+    def checkpoint_part(self):   # each part's first replica writes it
+        return part_name(self.world.stage, self.world.tensor_rank if self.split else None), self.world.replica == 0
 
     def check(self, model) -> None:
         """A stage's optimizer must average over the stage's replicas only (over all ranks, the stages' different
@@ -92,10 +99,12 @@ class Pipeline(DataParallel):
         return model.whole_outputs
 
     def whole_model(self, model):
-        return serving.assemble(self.built, self.world)
+        merged = tensor.gathered_slices(self.split, self.world) if self.split else None
+        return serving.assemble(self.built, self.world, merged)
 
     def summary(self, model, global_batch: int) -> dict:
-        return {**super().summary(model, global_batch), "pipeline": self.built.summary()}
+        split = {"tensor": tensor.tensor_summary(self.split, self.world, self.built.built)} if self.split else {}
+        return {**super().summary(model, global_batch), "pipeline": self.built.summary(), **split}
 
     def predict_arrays(self, model, inputs, batch_size: int):
         raise UserError(f"hvdtrain.keras.predict scores with the whole model on every rank, and in this "
@@ -117,19 +126,30 @@ class Pipeline(DataParallel):
                                  trained.class_names, writers=serving.last_stages(range(self.world.size), self.world))
 
 
-def restore_whole(ckpt, model, layout: dict) -> None:
-    """A pipeline checkpoint's stages (each from its `stage-<s>/state`) into the whole model."""
-    _, stage_models = split_plan(model, layout["stages"], tuple(layout["first_layers"][1:]))
-    for s, stage_model in enumerate(stage_models):
-        restore_stage(ckpt, stage_model, s)
+def part_name(stage: int, tensor_rank: int | None = None) -> str:
+    """A stage's part of a checkpoint (`stage-<s>`, or `stage-<s>-tensor-<t>` for its tensor slices)."""
+    return f"stage-{stage}" if tensor_rank is None else f"stage-{stage}-tensor-{tensor_rank}"
 
 
-def restore_stage(ckpt, stage_model, stage: int) -> None:
-    """One stage's trained weights from its `stage-<s>/state` (`hvdtrain serve --stages` loads only its own)."""
+def restore_whole(ckpt, model, layout: dict, split: dict | None = None) -> None:
+    """A pipeline checkpoint's stages (each from its `stage-<s>/state`) into the whole model; with split layers
+    (`split`: the tensor layout), each tensor slice's stages into that slice's split model, then put together."""
+    def read(whole, tensor_rank=None):
+        _, stage_models = split_plan(whole, layout["stages"], tuple(layout["first_layers"][1:]))
+        for s, stage_model in enumerate(stage_models):
+            restore_stage(ckpt, stage_model, s, tensor_rank)
+    if split:
+        tensor.restore_whole(ckpt, model, split, read)
+    else:
+        read(model)
+
+
+def restore_stage(ckpt, stage_model, stage: int, tensor_rank: int | None = None) -> None:
+    """One stage's trained weights from its part (`hvdtrain serve --stages` loads only its own)."""
     import keras
 
     class Stage(keras.Model):   # the object path a stage was saved under: model.stage_model
         def __init__(self, stage_model):
             super().__init__()
             self.stage_model = stage_model
-    checkpoint.restore(ckpt, Stage(stage_model), part=f"stage-{stage}")
+    checkpoint.restore(ckpt, Stage(stage_model), part=part_name(stage, tensor_rank))

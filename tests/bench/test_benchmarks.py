@@ -196,7 +196,8 @@ def test_timeline_breakdown_merges_overlapping_tensors_inside_the_window(tmp_pat
 def test_bench_command_lists_its_benchmarks_and_leaves_the_ranks_to_the_drivers():
     proc = hvdtrain(["bench", "--help"], timeout=120)
     assert proc.returncode == 0, output(proc)
-    for name in ("allreduce", "train", "averaging", "stacks", "predict", "tune", "pipeline", "sync", "serve", "report"):
+    for name in ("allreduce", "train", "averaging", "stacks", "predict", "tune", "pipeline", "sync", "serve", "tensor",
+                 "report"):
         assert name in proc.stdout
     assert "--role" not in hvdtrain(["bench", "train", "--help"], timeout=120).stdout   # no hidden worker flags
     bad = hvdtrain(["bench", "nosuch"], timeout=120)
@@ -218,7 +219,7 @@ def test_workers_are_entry_modules_with_their_own_help():
     from conftest import BIN, env
     for module, flag in (("train_worker", "--role"), ("horovod_worker", "--models"),
                          ("mwms_worker", "--stock-fit-only"), ("allreduce_worker", "--raw-only"),
-                         ("pipeline_worker", "--micro-batch")):
+                         ("pipeline_worker", "--micro-batch"), ("tensor_worker", "--layouts")):
         proc = subprocess.run([str(BIN / "python"), "-m", f"hvdtrain.bench.{module}", "--help"], env=env(),
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and flag in proc.stdout, output(proc)

@@ -57,7 +57,7 @@ def test_a_schedule_that_runs_a_backward_before_its_forward_is_caught(monkeypatc
 def test_stages_are_neighbouring_ranks_and_replicas_read_one_shard_each():
     worlds = [World(rank=r, size=6, local_size=6, local_rank=r, stages=3) for r in range(6)]
     assert [(w.stage, w.replica) for w in worlds] == [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]
-    assert worlds[4].stage_ranks() == [1, 4] and worlds[4].replica_group == 1
+    assert worlds[4].part_ranks() == [1, 4] and worlds[4].replica_group == (1, 4)
     assert (worlds[3].previous_rank, worlds[3].next_rank) == (None, 4)
     assert (worlds[5].previous_rank, worlds[5].next_rank) == (4, None)
     assert [(w.data_view().rank, w.data_view().size) for w in worlds] == [(0, 2)] * 3 + [(1, 2)] * 3
