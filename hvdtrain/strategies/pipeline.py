@@ -18,7 +18,7 @@ class Pipeline(DataParallel):
     def __init__(self, world, settings, global_batch: int, run=None, resume: str = "auto"):
         """`settings`: config.ParallelConfig; `run`: the run directory, whose latest checkpoint's split a resume keeps
         (unless `resume` is never)."""
-        super().__init__(world)
+        super().__init__(world, settings.shard_state)
         if world.stages == 1:
             raise UserError("hvdtrain.keras.pipeline needs pipeline stages: start with "
                             "hvdtrain.keras.init(pipeline_stages=P), P > 1, under an MPI launch", agreed=True)
@@ -54,10 +54,10 @@ class Pipeline(DataParallel):
         return tuple(layout["first_layers"][1:]) if layout and layout["stages"] == self.world.stages else ()
 
     def signature(self, whole: dict) -> dict:
-        return {**whole, "pipeline": self.built.layout()}   # a resume into another layout is refused
+        return {**super().signature(whole), "pipeline": self.built.layout()}   # another split is refused
 
     @property
-    def checkpoint_part(self):
+    def weights_part(self):
         return f"stage-{self.world.stage}", self.world.replica == 0   # each stage's first replica writes it
 
     def check(self, model) -> None:
