@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from hvdtrain import backend, checkpoint, optim
 from hvdtrain.errors import UserError
+from hvdtrain.log import get_logger
 from hvdtrain.strategies import sharded
 
 
@@ -35,6 +36,7 @@ class DataParallel:
 
     def __init__(self, world, shard_state: int = 0):
         self.world, self.shard_state = world, shard_state
+        self.lr_follows_ranks = False   # does the configured learning rate depend on the number of ranks?
 
     @classmethod
     def from_config(cls, cfg, world, *, source=None, run=None) -> "DataParallel":
@@ -55,6 +57,7 @@ class DataParallel:
         """The configured optimizer (learning rate scaled with the replicas), distributed by `distribute`, loss-scaled
         for mixed_float16 with the skip-a-step decision agreed."""
         base = optim.build_optimizer(optim_cfg, self.world.replicas, steps_per_epoch, epochs)
+        self.lr_follows_ranks = optim_cfg.lr_scaling != "none" or optim_cfg.warmup_epochs > 0
         distributed = self.distribute(base, fp16_compression=optim_cfg.fp16_compression,
                                       backward_passes_per_step=optim_cfg.backward_passes_per_step,
                                       sparse_as_dense=optim_cfg.sparse_as_dense, bucket_mb=bucket_mb)
@@ -120,6 +123,11 @@ class DataParallel:
             sharded.restore(ckpt, meta, model, self.weights_part[0])
         else:
             checkpoint.restore(ckpt, model, model.optimizer, self.checkpoint_part[0])
+        written = meta.get("num_ranks", self.world.size)
+        if written != self.world.size and self.lr_follows_ranks:
+            get_logger(self.world.rank).info(
+                f"the learning rate follows the number of ranks (optim.lr_scaling, optim.warmup_epochs' start): "
+                f"written on {written} ranks, this run continues with the schedule of {self.world.size}")
 
     # ---- around the steps ----------------------------------------------------------------------------------------
 

@@ -65,18 +65,20 @@ def _shards(ckpt: Path, where: Path):
     """(scalars, read) over the shard files in `where`."""
     headers = {int(p.stem[len(SHARD):]): json.loads(p.read_text()) for p in where.glob(f"{SHARD}*.json")}
     if not headers:
-        raise UserError(f"checkpoint {ckpt} has no optimizer shards in {where}; it is incomplete: resume from an "
-                        "earlier checkpoint (delete this one) or use a fresh --trainer.run_dir")
+        raise _incomplete(ckpt, f"no {SHARD}*.json in {where}")
     opened: dict = {}
 
     def shard(i: int):
         if i not in opened:
-            opened[i] = np.load(where / f"{SHARD}{i}.npz")
+            try:
+                opened[i] = np.load(where / f"{SHARD}{i}.npz")
+            except (OSError, ValueError) as exc:
+                raise _incomplete(ckpt, f"{SHARD}{i}.npz: {exc}") from None
         return opened[i]
 
     def read(slot: str, lo: int, hi: int) -> np.ndarray:
-        out, covered = np.zeros(hi - lo, np.float32), 0
-        for i, header in sorted(headers.items()):
+        out, filled = np.zeros(hi - lo, np.float32), []
+        for i, header in sorted(headers.items(), key=lambda item: item[1]["range"]):
             a, b = max(lo, header["range"][0]), min(hi, header["range"][1])
             if a >= b:
                 continue
@@ -86,12 +88,27 @@ def _shards(ckpt: Path, where: Path):
                 raise UserError(f"checkpoint {ckpt} holds the optimizer slots {', '.join(header['slots'])}, not "
                                 f"{slot}: resume with the optimizer that wrote it, or use a fresh --trainer.run_dir")
             out[a - lo:b - lo] = shard(i)[slot][a - header["range"][0]:b - header["range"][0]]
-            covered += b - a
-        if covered != hi - lo:
-            raise UserError(f"checkpoint {ckpt} lacks part of the optimizer state (a shard file is missing): resume "
-                            "from an earlier checkpoint (delete this one) or use a fresh --trainer.run_dir")
+            filled.append((a, b))
+        gap = _first_gap(filled, lo, hi)
+        if gap is not None:
+            raise _incomplete(ckpt, f"no shard holds numbers {gap[0]}..{gap[1] - 1} of {slot}")
         return out
     return next(iter(headers.values()))["scalars"], read
+
+
+def _first_gap(filled: list, lo: int, hi: int) -> tuple[int, int] | None:
+    """The first part of [lo, hi) that the sorted ranges `filled` leave out."""
+    at = lo
+    for a, b in filled:
+        if a > at:
+            return at, a
+        at = max(at, b)
+    return (at, hi) if at < hi else None
+
+
+def _incomplete(ckpt: Path, what: str) -> UserError:
+    return UserError(f"checkpoint {ckpt} lacks part of the optimizer state ({what}): resume from an earlier "
+                     "checkpoint (delete this one) or use a fresh --trainer.run_dir")
 
 
 def _whole(ckpt: Path, model, weights_part: str | None):
