@@ -304,8 +304,7 @@ class ShardedOptimizer(keras.optimizers.Optimizer):
         """The inner optimizer's update of this range, then every range gathered into the model's variables."""
         for piece in self.pieces:
             piece.read()
-        sizes = [p.stop - p.start for p in self.pieces]
-        self.inner_optimizer.apply(tf.split(shard, sizes) if len(sizes) > 1 else [shard], self.pieces)
+        self.inner_optimizer.apply(tf.split(shard, [p.stop - p.start for p in self.pieces]), self.pieces)
         mine = self._flat([p.value for p in self.pieces])
         for piece in self.pieces:
             piece.value = None   # the tensors belong to this trace
@@ -341,7 +340,7 @@ class ShardedOptimizer(keras.optimizers.Optimizer):
 
 
 def sharded_optimizer(optimizer, *, stage: int, fp16_compression: bool = False, backward_passes_per_step: int = 1,
-                      group=None, **_):
+                      group=None):
     """`optimizer` with sharded state (see the module docstring): rebuilt from its config on this replica's pieces.
     A LossScaleOptimizer is rebuilt around the sharded one with its finiteness check agreed."""
     from hvdtrain.backend.keras3 import _AgreedLossScaleOptimizer, is_distributed

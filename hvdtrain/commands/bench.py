@@ -7,6 +7,7 @@
   hvdtrain bench tune        the evidence behind the communication defaults
   hvdtrain bench pipeline    pipeline stages: the idle bubble against (P-1)/(M+P-1), memory per rank
   hvdtrain bench sync        communicating less: FedAvg vs FedSGD rounds, local SGD accuracy vs bytes
+  hvdtrain bench memory      sharded optimizer state (ZeRO): bytes per rank, peak memory, step time at stages 0/1/2
   hvdtrain bench report      docs/benchmarks.md from those files
 
 The plots need matplotlib: pip install "hvdtrain[bench]".

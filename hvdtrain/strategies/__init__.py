@@ -62,10 +62,8 @@ def check_layout(ckpt, found: dict, expected: dict) -> None:
                         "parallel.split that wrote it, or use a fresh --trainer.run_dir")
     if found.get("per_rank") != expected.get("per_rank"):
         raise UserError(f"checkpoint {ckpt} holds {_optimizer_state(found.get('per_rank'))} and this run keeps "
-                        f"{_optimizer_state(expected.get('per_rank'))}, which cannot move between layouts; resume "
-                        "with the ranks and trainer.sync_optimizer_state that wrote it (local SGD with "
-                        "trainer.sync_optimizer_state=average keeps one state, which moves), or use a fresh "
-                        "--trainer.run_dir")
+                        f"{_optimizer_state(expected.get('per_rank'))}; resume with the ranks and "
+                        "trainer.sync_optimizer_state that wrote it, or use a fresh --trainer.run_dir")
     theirs, ours = found.get("file_shards"), expected.get("file_shards")
     if theirs and ours and theirs != ours:
         raise UserError(f"checkpoint {ckpt} was written by {theirs} data-parallel ranks each reading its own files, "

@@ -214,7 +214,8 @@ def test_the_moved_run_continues_within_float_rounding_of_the_two_rank_continuat
 
 @pytest.mark.parametrize("name, message", [
     ("local-moved", "holds each of 2 ranks' own optimizer state (local SGD) and this run keeps each of 1 ranks' own "
-                    "optimizer state (local SGD), which cannot move between layouts"),
+                    "optimizer state (local SGD); resume with the ranks and trainer.sync_optimizer_state that wrote "
+                    "it"),
     ("files-moved", "was written by 2 data-parallel ranks each reading its own files, and on 1 the rest of the run "
                     "would read other examples in another order; resume on 2"),
 ])
