@@ -148,11 +148,13 @@ class Checkpointer:
         self.last_step = -1
 
     @classmethod
-    def for_part(cls, world, run: RunDir, meta: dict, keep: int, part: str | None, writes: bool) -> "Checkpointer":
+    def for_part(cls, world, run: RunDir, meta: dict, keep: int, part: str | None, writes: bool,
+                 write=None) -> "Checkpointer":
         """The checkpointer of a rank that writes `part` of each checkpoint (None: the whole, rank 0 alone), or
-        writes nothing (`writes` false) but takes part in writing the parts (a collective)."""
+        writes nothing (`writes` false) but takes part in writing the parts (a collective). `write(model, directory)`
+        writes a part into the checkpoint's directory (default: model and optimizer into `<part>/state`)."""
         if part is not None:
-            return PartedCheckpointer(run, meta, keep, world, part, writes)
+            return PartedCheckpointer(run, meta, keep, world, part, writes, write)
         return cls(run, meta, keep) if writes else NullCheckpointer(run, meta, keep)
 
     def save(self, model, position: Position, world_size: int) -> Path | None:
@@ -161,7 +163,7 @@ class Checkpointer:
             return None
         tmp = make_temp_dir(self.run.ensure_checkpoints())
         try:
-            _write_state(model, state_path(tmp))
+            write_state(model, state_path(tmp))
             return self._commit(tmp, position, world_size)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -180,10 +182,12 @@ class Checkpointer:
         return final
 
 
-def _write_state(model, path: Path) -> None:
+def write_state(model, path: Path, optimizer: bool = True) -> None:
+    """The TensorFlow checkpoint of the model (and its optimizer) at `path`."""
     import tensorflow as tf
-    path.parent.mkdir(exist_ok=True)
-    tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    parts = {"model": model, "optimizer": model.optimizer} if optimizer else {"model": model}
+    tf.train.Checkpoint(**parts).write(str(path))
     for written in path.parent.iterdir():
         os.chmod(written, file_mode())
 
@@ -193,9 +197,10 @@ class PartedCheckpointer(Checkpointer):
     `part` into it, and once all have written (agreed: a failed write fails every rank, and rank 0 removes the
     directory) rank 0 renames it into place."""
 
-    def __init__(self, run: RunDir, meta: dict, keep: int, world, part: str, writes: bool):
+    def __init__(self, run: RunDir, meta: dict, keep: int, world, part: str, writes: bool, write=None):
         super().__init__(run, meta, keep)
         self.world, self.part, self.writes = world, part, writes
+        self.write = write or (lambda model, tmp: write_state(model, state_path(tmp, part)))
 
     def save(self, model, position, world_size):
         if position.global_step == self.last_step:
@@ -217,7 +222,9 @@ class PartedCheckpointer(Checkpointer):
 
     def _write_part(self, model, tmp: Path) -> None:
         try:
-            _write_state(model, state_path(tmp, self.part))
+            self.write(model, tmp)
+        except UserError:
+            raise
         except Exception as exc:   # agreed, so the other parts' writers do not wait for this one
             from hvdtrain.errors import first_line
             raise UserError(f"cannot write the checkpoint's {self.part} into {tmp.parent}: {first_line(exc)}") from None
@@ -230,10 +237,11 @@ class NullCheckpointer(Checkpointer):
 
 
 def resume(run: RunDir, model, mode: str, expected_signature: dict, agree: bool = True, part: str | None = None,
-           check_layout=None) -> tuple[Position, Path | None]:
+           check_layout=None, restore_with=None) -> tuple[Position, Path | None]:
     """Restore the run's latest checkpoint into model and optimizer, on every rank alike (rank 0's choice decides:
     ranks without the shared file system cannot disagree silently). mode: auto | never | always. `part`: the part
-    this rank restores (see Checkpointer.for_part)."""
+    this rank restores (see Checkpointer.for_part); `restore_with(ckpt, meta, model)` restores instead (a strategy
+    whose checkpoints another layout may have written)."""
     found = str(latest(run.path) or "")
     if agree:
         found = backend.broadcast_object(found, "hvdtrain.latest")
@@ -246,5 +254,8 @@ def resume(run: RunDir, model, mode: str, expected_signature: dict, agree: bool 
                         "use a fresh --trainer.run_dir or --resume")
     meta = read_meta(Path(found))
     check_compatible(Path(found), meta, expected_signature, check_layout)
-    restore(Path(found), model, model.optimizer, part)
+    if restore_with is not None:
+        restore_with(Path(found), meta, model)
+    else:
+        restore(Path(found), model, model.optimizer, part)
     return Position(meta["epoch"], meta["step_in_epoch"], meta["global_step"]), Path(found)

@@ -254,6 +254,11 @@ class ParallelConfig:
                                "activations; row: a Dense's input units; heads: a MultiHeadAttention's heads; vocab: "
                                "an Embedding's rows); empty: every Dense -> Dense pair and every MultiHeadAttention "
                                "whose sizes T divides")
+    shard_state: int = _f(0, "ZeRO: 0 every replica holds the whole optimizer state | 1 each of the D replicas holds "
+                             "1/D of it (a reduce-scatter of the gradients, its range updated, an all-gather of the "
+                             "weights: the bytes of one all-reduce) | 2 also only its range of the averaged "
+                             "gradients (with backward_passes_per_step > 1 it reduce-scatters every pass); a "
+                             "pipeline shards each stage over its replicas; Keras 3 only")
 
     def __post_init__(self):
         _require(self.pipeline_stages >= 1, "parallel.pipeline_stages must be >= 1")
@@ -265,6 +270,8 @@ class ParallelConfig:
                  "parallel.tensor_plan applies to parallel.tensor_parallel > 1; set parallel.tensor_parallel or leave "
                  "parallel.tensor_plan out")
         _require(self.microbatches >= 1, "parallel.microbatches must be >= 1")
+        _require(self.shard_state in (0, 1, 2), f"parallel.shard_state must be 0 (whole state), 1 (sharded optimizer "
+                                                f"state) or 2 (and sharded gradients), got {self.shard_state}")
         _require(all(isinstance(name, str) and name for name in self.split),
                  f"parallel.split must be layer names, got {list(self.split)}")
         if self.split:
@@ -382,6 +389,18 @@ class Config:
                                   "every split layer with it); set trainer.elastic=false")
             yield sync == "every_step", (f"trainer.sync={sync} averages whole models, not tensor-parallel slices; use "
                                          f"trainer.sync=every_step with parallel.tensor_parallel={T}")
+        if p.shard_state:
+            yield sync == "every_step", (f"parallel.shard_state={p.shard_state} shards the state of every-step "
+                                         f"averaging; trainer.sync={sync} keeps whole models apart between averages: "
+                                         "set parallel.shard_state=0")
+            yield not t.elastic, ("parallel.shard_state > 0 cannot be elastic (a new world size re-shards the state, "
+                                  "which a resume does); set trainer.elastic=false")
+            yield r.bucket_mb == 0, ("runtime.bucket_mb applies to stage 0's all-reduce; parallel.shard_state > 0 "
+                                     "sends one reduce-scatter per step: set runtime.bucket_mb=0")
+        if p.shard_state and p.tensor_split:
+            yield False, (f"parallel.shard_state={p.shard_state} with parallel.tensor_parallel={p.tensor_parallel} is "
+                          "not supported yet (the sharded ranges would cut across split layers' slices); set "
+                          "parallel.shard_state=0 or parallel.tensor_parallel=1")
         if sync == "local_sgd":
             yield not p.pipelined, ("trainer.sync=local_sgd averages whole models, not pipeline stages; use "
                                     "trainer.sync=every_step with parallel.pipeline_stages > 1")

@@ -78,16 +78,24 @@ def _parallel(**settings) -> ParallelConfig:
 
 
 def distribute(optimizer, *, world: World | None = None, fp16_compression: bool = False,
-               backward_passes_per_step: int = 1, sparse_as_dense: bool = False, bucket_mb: float = 0.0):
+               backward_passes_per_step: int = 1, sparse_as_dense: bool = False, bucket_mb: float = 0.0,
+               shard_state: int = 0):
     """The optimizer, averaging gradients over all ranks with a fused ring all-reduce; use the returned object.
     Under the mixed_float16 policy it is also loss-scaled, with the skip-a-step decision agreed by all ranks.
     `world`: needed for a pipeline's stage (hk.init(pipeline_stages=P)) and a tensor-parallel model
-    (hk.init(tensor_parallel=T)), whose gradients are averaged over the D replicas of their part only."""
+    (hk.init(tensor_parallel=T)), whose gradients are averaged over the D replicas of their part only. `shard_state`
+    1 or 2 (ZeRO, the CLI's parallel.shard_state): each replica holds its range of the optimizer state (and at 2 of
+    the averaged gradients); `Run` checkpoints and resumes it."""
     import keras
     group = world.replica_group if world is not None else None
-    optimizer = backend.distributed_optimizer(optimizer, fp16_compression=fp16_compression,
-                                              backward_passes_per_step=backward_passes_per_step,
-                                              sparse_as_dense=sparse_as_dense, bucket_mb=bucket_mb, group=group)
+    settings = _parallel(shard_state=shard_state)   # the CLI's check of the value
+    if settings.shard_state:
+        optimizer = backend.sharded_optimizer(optimizer, stage=settings.shard_state, fp16_compression=fp16_compression,
+                                              backward_passes_per_step=backward_passes_per_step, group=group)
+    else:
+        optimizer = backend.distributed_optimizer(optimizer, fp16_compression=fp16_compression,
+                                                  backward_passes_per_step=backward_passes_per_step,
+                                                  sparse_as_dense=sparse_as_dense, bucket_mb=bucket_mb, group=group)
     if keras.mixed_precision.global_policy().name == "mixed_float16" and \
             not isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer):
         optimizer = backend.loss_scale(optimizer)
@@ -289,7 +297,10 @@ class Run:
 
     def resume(self, model, mode: str = "auto") -> Position:
         """Restore the latest checkpoint (weights, optimizer, position) if there is one; every rank the same one.
-        A pipeline's checkpoint is restored stage by stage, and only into the same stages."""
+        A pipeline's checkpoint is restored stage by stage, and only into the same stages. A data-parallel one
+        written on another number of ranks, or with its optimizer state sharded otherwise, is re-sharded to this
+        run (the batches your epoch_batches gives each rank are yours to keep the same)."""
+        self._follow(model)
         signature = (lambda: self._whole or _signature(model))
         return backend.agree_on_errors(lambda: self.session.resume(model, signature(), mode), "hvdtrain.keras.resume")
 
@@ -301,10 +312,16 @@ class Run:
         (exact metrics at every epoch end, `val_*` in the logs, through the stages for a pipeline; see `evaluate`
         for which batches give one process's bits). `callbacks` run after hvdtrain's (they see averaged metrics);
         `fit_kwargs` go to model.fit. A data error on one rank stops every rank with its message."""
+        self._follow(model)
         self._evaluate = None if evaluate is None else \
             (lambda m: _exact_metrics(m, evaluate, self.world, task, "hvdtrain.keras.val"))
         self.strategy.train(self.session, model, _per_epoch(epoch_batches, self.steps_per_epoch), self._evaluate,
                             callbacks=callbacks, **fit_kwargs)
+
+    def _follow(self, model) -> None:
+        """Checkpoint the optimizer as it is sharded (hk.distribute's shard_state)."""
+        if getattr(model, "optimizer", None) is not None and self.strategy.follow(model.optimizer):
+            self.session.adopt(self.strategy)
 
     @property
     def stopped(self) -> bool:

@@ -50,7 +50,7 @@ class Session:
         if self._checkpointer is None:
             part, writes = self.strategy.checkpoint_part
             self._checkpointer = Checkpointer.for_part(self.world, self.run, self.meta, self.options.keep_checkpoints,
-                                                       part, writes)
+                                                       part, writes, self.strategy.write_part)
         return self._checkpointer
 
     def resume(self, model, signature: dict, mode: str = "auto") -> Position:
@@ -62,13 +62,16 @@ class Session:
         self.meta["signature"] = signature
         part, _ = self.strategy.checkpoint_part
         self.start, self.resumed_from = checkpoint.resume(self.run, model, mode, signature, agree=not self.elastic,
-                                                          part=part, check_layout=strategies.check_layout)
+                                                          part=part, check_layout=strategies.check_layout,
+                                                          restore_with=self.strategy.restore)
         self.progress.position = self.start
         self.checkpointer.last_step = self.start.global_step if self.resumed_from else -1
         if self.resumed_from:
             done = f"{self.start.epoch} of {self.progress.epochs} epochs" + \
                 (f" + {self.start.step_in_epoch} steps" if self.start.step_in_epoch else "")
-            self.log.info(f"resuming from {self.resumed_from} ({done} done)")
+            written = checkpoint.read_meta(self.resumed_from).get("num_ranks", self.world.size)
+            moved = f"; written on {written} ranks, continuing on {self.world.size}" if written != self.world.size else ""
+            self.log.info(f"resuming from {self.resumed_from} ({done} done{moved})")
         return self.start
 
     def rebind(self, world, position: Position) -> None:
@@ -158,6 +161,7 @@ class Session:
             # 0's payload, and every rank's bytes by kind and dtype
             "communicated_bytes": traffic.payload(sent),
             "communicated": backend.allgather_object(sent, "hvdtrain.sent"),
+            "memory": backend.allgather_object(self.strategy.memory(model), "hvdtrain.memory"),
         }
         summary.update({f"test_{k}": v for k, v in (test or {}).items()})
         if self.world.is_chief:

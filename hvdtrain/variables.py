@@ -2,6 +2,8 @@
 (batch-norm statistics) beside them, never step counters or seed state."""
 from __future__ import annotations
 
+GRADIENT_ACCUMULATOR = "gradient_accumulator"   # the name Keras gives an optimizer's gradient accumulators
+
 
 def dtype_name(variable) -> str:
     return str(getattr(variable.dtype, "name", variable.dtype))

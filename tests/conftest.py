@@ -58,14 +58,15 @@ COMMANDS_WORKER = REPO / "tests/parallel/workers/commands_worker.py"
 
 
 def run_commands(np: int, jobs: list[dict], out: Path, launcher: str = "gloo", timeout: float = 900,
-                 cwd=REPO, prefix: tuple = ()) -> list[dict]:
-    """Many `hvdtrain` commands in ONE launch of `np` ranks (tests/parallel/workers/commands_worker.py; np=1: one
-    process, no launcher): start-up paid once. jobs: [{"name", "argv", optional "cwd"}]; prefix: what the rank
-    command starts with (e.g. env VAR=...). Returns, per rank, {name: {"code", "stdout", "stderr"}}."""
+                 cwd=REPO, prefix: tuple = (), worker=COMMANDS_WORKER) -> list[dict]:
+    """Many `hvdtrain` commands in ONE launch of `np` ranks (tests/parallel/workers/commands_worker.py, or a worker
+    built on it; np=1: one process, no launcher): start-up paid once. jobs: [{"name", "argv", optional "cwd"}];
+    prefix: what the rank command starts with (e.g. env VAR=...). Returns, per rank, {name: {"code", "stdout",
+    "stderr"}}."""
     import json
     spec = out / "jobs.json"
     spec.write_text(json.dumps(jobs))
-    command = [*prefix, "python" if np > 1 else sys.executable, str(COMMANDS_WORKER), str(spec), str(out)]
+    command = [*prefix, "python" if np > 1 else sys.executable, str(worker), str(spec), str(out)]
     proc = horovodrun(np, command, launcher, timeout=timeout, cwd=cwd) if np > 1 else \
         subprocess.run(command, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, output(proc)[-5000:]

@@ -74,3 +74,33 @@ def build_optimizer(optimizer, variables) -> None:
 
 def uses_xla(model) -> bool:
     return bool(getattr(model, "_jit_compile", False))
+
+
+NEEDS_KERAS3 = "needs the Keras 3 stack (TensorFlow >= 2.16): the TF 2.15 stack keeps the whole optimizer state"
+
+
+def sharded_optimizer(optimizer, **options):
+    raise UserError(f"parallel.shard_state > 0 {NEEDS_KERAS3}; set parallel.shard_state=0", agreed=True)
+
+
+def shard_stage(optimizer) -> int:
+    return 0
+
+
+def replicated_variables(optimizer) -> list:
+    return list(optimizer.variables)
+
+
+def optimizer_state(optimizer, variables):
+    raise UserError(f"moving optimizer state between layouts {NEEDS_KERAS3}", agreed=True)
+
+
+load_optimizer_state = state_range = whole_twin = optimizer_state
+
+
+def held_bytes(model) -> dict:
+    """summary.json's memory entry: weights, gradients (the trainable weights' bytes) and optimizer state."""
+    from hvdtrain.variables import nbytes
+    optimizer = getattr(model, "optimizer", None)
+    return {"weights_bytes": nbytes(model.weights), "gradient_bytes": nbytes(model.trainable_variables),
+            "optimizer_state_bytes": nbytes(optimizer.variables) if optimizer is not None else 0}

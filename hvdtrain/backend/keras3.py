@@ -57,6 +57,8 @@ def distributed_optimizer(optimizer, *, fp16_compression: bool = False, backward
 def averaging_group(optimizer) -> int | None:
     """The replica group a distributed optimizer averages over (None: all ranks)."""
     inner = optimizer.inner_optimizer if isinstance(optimizer, LossScaleOptimizer) else optimizer
+    if hasattr(inner, "_hvdtrain_group"):   # sharded state (sharded.py)
+        return inner._hvdtrain_group
     return inner._hvdtrain_average.group
 
 
@@ -187,3 +189,8 @@ def uses_xla(model) -> bool:
     """Keras 3 compiles the train step with XLA by default on GPUs (jit_compile='auto'); Horovod's ops have no XLA
     kernels (hvdtrain builds Horovod without its XLA ops)."""
     return bool(getattr(model, "jit_compile", False))
+
+
+# Sharded optimizer state (parallel.shard_state), and an optimizer's state whatever its layout.
+from hvdtrain.backend.sharded import (held_bytes, load_optimizer_state, optimizer_state, replicated_variables,  # noqa: E402,F401
+                                      shard_stage, sharded_optimizer, state_range, whole_twin)

@@ -13,7 +13,10 @@ dtype. Counts are this process's, since it started.
 
 `communicated_bytes` in summary.json and metrics.csv is the payload: gradients + weights + activations + tensor.
 Sends made inside a compiled step (the optimizer's and the split layers' all-reduces) add to an int64 variable in
-the graph; the others to a Python dict. A ring all-reduce puts 2(n-1)/n of its payload on the wire; these counts are the payload.
+the graph; the others to a Python dict. A ring all-reduce puts 2(n-1)/n of its payload on the wire; these counts are
+the payload. A reduce-scatter and an all-gather (sharded optimizer state) each put (n-1)/n of their whole vector on
+the wire, half an all-reduce's: each counts half its whole vector (the reduce-scatter's input, the all-gather's
+output), so the two halves of a sharded step count what the all-reduce they replace counts.
 """
 from __future__ import annotations
 
@@ -43,14 +46,15 @@ def count_variables(kind: str, variables) -> None:
         count(kind, dtype.name, int(np.prod(v.shape)) * dtype.itemsize)
 
 
-def count_tensors(kind: str, tensors) -> None:
-    """Inside a compiled step (or eagerly): the bytes of these tensors, added when the step runs."""
+def count_tensors(kind: str, tensors, share: float = 1.0) -> None:
+    """Inside a compiled step (or eagerly): the bytes of these tensors, added when the step runs. `share` 0.5 for a
+    reduce-scatter's input or an all-gather's output (see the module docstring)."""
     import tensorflow as tf
     for tensor in tensors:
         dtype = tensor.dtype
         size = tensor.shape.num_elements()
-        nbytes = tf.constant(size * dtype.size, tf.int64) if size is not None else \
-            tf.cast(tf.size(tensor), tf.int64) * dtype.size
+        nbytes = tf.constant(int(size * dtype.size * share), tf.int64) if size is not None else \
+            tf.cast(tf.cast(tf.size(tensor), tf.float64) * (dtype.size * share), tf.int64)
         _graph_counter(kind, dtype.name).assign_add(nbytes)
 
 

@@ -3,7 +3,7 @@
     hvdtrain bench report --dir docs/bench --output docs/benchmarks.md
 
 Reads allreduce.json, train.json, train-resnet50.json, train-timeline.json, averaging.json, stacks.json, predict.json,
-tuning.json, pipeline.json, sync.json, serve.json and tensor.json when present (a missing one is reported as not run), and appends notes.md from the same directory (the
+tuning.json, pipeline.json, sync.json, serve.json, tensor.json and memory.json when present (a missing one is reported as not run), and appends notes.md from the same directory (the
 hand-written analysis: why a goal is missed, profiles) verbatim. The files hold measurements and ratios only; the
 goals they are read against are stated here, in the text. Plots are linked, not copied.
 """
@@ -16,7 +16,7 @@ from hvdtrain.bench import harness, stacks
 
 HELP = "write the Markdown benchmark report (tables, plots, stacks, machine, versions) from the JSON files"
 FILES = ("allreduce", "train", "train-resnet50", "train-timeline", "averaging", "stacks", "predict", "tuning", "pipeline",
-         "sync", "serve", "tensor")
+         "sync", "serve", "tensor", "memory")
 
 
 def add_arguments(p) -> None:
@@ -35,7 +35,7 @@ def run(args) -> int:
         _averaging(docs.get("averaging"), rel),
         _stacks(docs.get("stacks"), rel), _predict(docs.get("predict"), rel), _pipeline(docs.get("pipeline"), rel),
         _sync(docs.get("sync"), rel), _serve(docs.get("serve"), rel), _tensor(docs.get("tensor"), rel),
-        _tuning(docs.get("tuning")),
+        _memory(docs.get("memory"), rel), _tuning(docs.get("tuning")),
         notes.read_text().strip() if notes.is_file() else "") if part) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
@@ -51,7 +51,7 @@ def _stack(doc: dict) -> dict:
 def _header(docs: dict) -> str:
     lines = ["# Benchmarks", "",
              "Made by `make bench` (`hvdtrain bench allreduce`, `train`, `averaging`, `stacks`, `predict`, "
-             "`pipeline`, `sync`, `serve`, `tensor`, then `hvdtrain bench report`; `make bench-tune` for the tuning sweep); the "
+             "`pipeline`, `sync`, `serve`, `tensor`, `memory`, then `hvdtrain bench report`; `make bench-tune` for the tuning sweep); the "
              "JSON files and plots are in `docs/bench/`. **The machine was shared** with other "
              "engineers' test runs while these numbers were taken, so absolute numbers are noisy: compare the "
              "ratios, which were measured side by side in the same run. The load average is recorded with every run."]
@@ -421,6 +421,27 @@ def _tensor(doc, rel: Path) -> str:
                       f"a rank averages over its replicas. D x T / pure D samples/s on the same ranks: {ratios}.", "",
                       harness.markdown_table(doc.get("rows", []), tensor.COLUMNS), "",
                       f"![tensor parallelism]({rel / 'tensor.png'})"])
+
+
+def _memory(doc, rel: Path) -> str:
+    if not doc:
+        return "## Sharded optimizer state (ZeRO)\n\nNot run (`hvdtrain bench memory`)."
+    from hvdtrain.bench import memory
+    s, settings = _stack(doc), doc["settings"]
+    return "\n".join(["## Sharded optimizer state (ZeRO)", "",
+                      f"`hvdtrain bench memory` (TensorFlow {s['tensorflow']}, Keras {s['keras']}, best of "
+                      f"{settings['rounds']} rounds): Adam in float32, parallel.shard_state 0, 1 and 2 on D ranks "
+                      "(D = 4 shares the 2 cores), each in fresh processes. state_mb and gradient_mb: the largest "
+                      "rank's, from the variables it holds (summary.json's memory entry), against ZeRO's formula "
+                      f"(Rajbhandari et al., 2020) with K = {settings['k_bytes_per_parameter']} bytes of Adam state per "
+                      "parameter: K Psi at stage 0, K Psi / D sharded; gradients 4 Psi, 4 Psi / D at stage 2 (the step "
+                      "counters make state_vs_formula a hair above 1). peak_rss_mb and rss_growth_mb are measured "
+                      "(getrusage), the growth from just before the model is built; step_ms is the slowest rank's, "
+                      "against stage 0's on the same ranks. Keras's train step computes every local gradient before "
+                      "the optimizer sees one, so at stage 2 the whole local gradient still exists for a moment each "
+                      "step.", "",
+                      harness.markdown_table(doc.get("rows", []), memory.COLUMNS), "",
+                      f"![sharded state memory]({rel / 'memory.png'})"])
 
 
 def _tuning(doc) -> str:

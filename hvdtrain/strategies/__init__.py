@@ -8,6 +8,8 @@ here the one place a strategy is chosen. The trainer, the Keras API and the comm
               inside each stage when parallel.tensor_parallel > 1)
   tensor      split layers across each tensor group, each slice averaged over its replicas
               (parallel.tensor_parallel > 1, no pipeline stages)
+  sharded     the checkpoint part of sharded optimizer state (parallel.shard_state > 0), which every-step averaging
+              (base, pipeline) takes as a setting
 
 A new strategy is a module here implementing the interface, an entry in STRATEGIES (and `name_for`), and its
 settings and refusals in config.py.
@@ -34,7 +36,9 @@ def name_for(cfg) -> str:
 
 def create(cfg, world, *, source=None, run=None) -> DataParallel:
     """The strategy of `hvdtrain train` with this config: `source` the training data, `run` the run directory."""
-    return STRATEGIES[name_for(cfg)].from_config(cfg, world, source=source, run=run)
+    strategy = STRATEGIES[name_for(cfg)].from_config(cfg, world, source=source, run=run)
+    strategy.data_moves = source is None or source.elastic   # in memory: a global batch, whatever the ranks
+    return strategy
 
 
 def for_world(world) -> DataParallel:
@@ -59,8 +63,10 @@ def for_model(model, world) -> DataParallel:
 
 
 def check_layout(ckpt, found: dict, expected: dict) -> None:
-    """Refuse a checkpoint written by a layout this run cannot continue: another pipeline split, or local SGD's
-    rank-by-rank optimizer state on another layout (checkpoint.check_compatible calls it)."""
+    """Refuse a checkpoint written by a layout this run cannot continue: another pipeline split, local SGD's
+    rank-by-rank optimizer state on another layout, data read by file on another number of ranks
+    (checkpoint.check_compatible calls it). Data-parallel checkpoints otherwise move: another number of ranks, sharded
+    optimizer state or not (strategies/sharded.py re-shards it)."""
     if found.get("pipeline") != expected.get("pipeline"):
         raise UserError(f"checkpoint {ckpt} was written by {_stages(found.get('pipeline'))} and this run is "
                         f"{_stages(expected.get('pipeline'))}; resume with the parallel.pipeline_stages and "
@@ -73,6 +79,12 @@ def check_layout(ckpt, found: dict, expected: dict) -> None:
         raise UserError(f"checkpoint {ckpt} holds {_optimizer_state(found.get('per_rank'))} and this run keeps "
                         f"{_optimizer_state(expected.get('per_rank'))}; resume with the ranks and "
                         "trainer.sync_optimizer_state that wrote it, or use a fresh --trainer.run_dir")
+    theirs, ours = found.get("file_shards"), expected.get("file_shards")
+    if theirs and ours and theirs != ours:
+        raise UserError(f"checkpoint {ckpt} was written by {theirs} data-parallel ranks each reading its own files, "
+                        f"and on {ours} the rest of the run would read other examples in another order; resume on "
+                        f"{theirs} (or convert the data to .npz, whose global batches do not depend on the number of "
+                        "ranks), or use a fresh --trainer.run_dir")
 
 
 def _stages(layout) -> str:

@@ -82,6 +82,7 @@ class LocalSGD(DataParallel):
         return super().distribute(optimizer, switch=self.switch, **options)
 
     def signature(self, whole: dict) -> dict:
+        whole = super().signature(whole)
         return {**whole, "per_rank": self.world.size} if self.own_optimizer_state else whole
 
     @property

@@ -21,7 +21,7 @@ class Pipeline(DataParallel):
     def __init__(self, world, settings, global_batch: int, run=None, resume: str = "auto"):
         """`settings`: config.ParallelConfig; `run`: the run directory, whose latest checkpoint's split a resume keeps
         (unless `resume` is never)."""
-        super().__init__(world)
+        super().__init__(world, settings.shard_state)
         if world.stages == 1:
             raise UserError("hvdtrain.keras.pipeline needs pipeline stages: start with "
                             "hvdtrain.keras.init(pipeline_stages=P), P > 1, under an MPI launch", agreed=True)
@@ -60,11 +60,12 @@ class Pipeline(DataParallel):
         layout = checkpoint.read_meta(latest).get("signature", {}).get("pipeline") if latest else None
         return tuple(layout["first_layers"][1:]) if layout and layout["stages"] == self.world.stages else ()
 
-    def signature(self, whole: dict) -> dict:   # a resume into another layout is refused
-        return {**whole, "pipeline": self.built.layout(), **({"tensor": tensor.layout(self.split)} if self.split else {})}
+    def signature(self, whole: dict) -> dict:   # another split is refused
+        return {**super().signature(whole), "pipeline": self.built.layout(),
+                **({"tensor": tensor.layout(self.split)} if self.split else {})}
 
     @property
-    def checkpoint_part(self):   # each part's first replica writes it
+    def weights_part(self):   # each part's first replica writes it
         return part_name(self.world.stage, self.world.tensor_rank if self.split else None), self.world.replica == 0
 
     def check(self, model) -> None:

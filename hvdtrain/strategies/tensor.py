@@ -52,10 +52,10 @@ class Tensor(DataParallel):
         return self.split.model
 
     def signature(self, whole: dict) -> dict:
-        return {**whole, "tensor": layout(self.split)}   # a resume into another layout is refused
+        return {**super().signature(whole), "tensor": layout(self.split)}   # another layout is refused
 
     @property
-    def checkpoint_part(self):
+    def weights_part(self):
         return f"tensor-{self.world.tensor_rank}", self.world.replica == 0   # each slice's first replica writes it
 
     def check(self, model) -> None:

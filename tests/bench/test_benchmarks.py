@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from hvdtrain.bench import allreduce_worker, harness, pipeline, report, serve, stacks, sync, timeline, train
+from hvdtrain.bench import allreduce_worker, harness, memory, pipeline, report, serve, stacks, sync, timeline, train
 from conftest import hvdtrain, output
 
 
@@ -197,7 +197,7 @@ def test_bench_command_lists_its_benchmarks_and_leaves_the_ranks_to_the_drivers(
     proc = hvdtrain(["bench", "--help"], timeout=120)
     assert proc.returncode == 0, output(proc)
     for name in ("allreduce", "train", "averaging", "stacks", "predict", "tune", "pipeline", "sync", "serve", "tensor",
-                 "report"):
+                 "memory", "report"):
         assert name in proc.stdout
     assert "--role" not in hvdtrain(["bench", "train", "--help"], timeout=120).stdout   # no hidden worker flags
     bad = hvdtrain(["bench", "nosuch"], timeout=120)
@@ -363,3 +363,22 @@ def test_serve_rows_and_summary_come_from_the_answers_the_cpu_and_the_replica_sa
     assert "| on | 4 | 3 | 2 | 1.5 | 20 |" in text and "![serving](serve.png)" in text
     serve.plot(doc, tmp_path / "serve.png")
     assert (tmp_path / "serve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_memory_rows_hold_each_stages_largest_rank_against_the_formula_and_stage_0():
+    """Per (model, D, stage) the fastest round; its largest rank's bytes against K Psi (/ D when sharded); its peak
+    growth and step time against stage 0's on the same ranks."""
+    def row(stage, round_, step_ms, state, peak):
+        ranks = [{"optimizer_state_bytes": state + extra, "gradient_bytes": 400 // (2 if stage == 2 else 1),
+                  "weights_bytes": 400, "peak_rss_bytes": peak + extra, "baseline_rss_bytes": 1000}
+                 for extra in (0, 8)]
+        return {"model": "mlp", "ranks": 2, "stage": stage, "parameters": 100, "step_ms": step_ms, "round": round_,
+                "per_rank": ranks}
+    rows = memory.table([row(0, 0, 10.0, 800, 3000), row(0, 1, 12.0, 800, 9000), row(1, 0, 11.0, 400, 2000),
+                         row(2, 1, 15.0, 400, 2500)])
+    assert [(r["stage"], r["round"]) for r in rows] == [(0, 0), (1, 0), (2, 1)]   # stage 0's faster round
+    zero, one, two = rows
+    assert one["state_vs_formula"] == pytest.approx(408 / 400) and zero["state_vs_formula"] == pytest.approx(808 / 800)
+    assert two["gradient_mb"] == two["formula_gradient_mb"] == 200 / 2**20
+    assert one["rss_growth_vs_stage0"] == pytest.approx(1008 / 2008) and one["step_vs_stage0"] == pytest.approx(1.1)
+    assert memory.summarize(rows)["mlp_d2_stage2_state_vs_stage0"] == pytest.approx(408 / 808)

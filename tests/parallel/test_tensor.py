@@ -157,8 +157,8 @@ def test_t2_trains_as_one_rank_would_on_the_same_global_batches(two_ranks, optim
                            "parameters": [WHOLE - SPLIT + held] * 2,
                            "built_parameters": [WHOLE + held, WHOLE - SPLIT + held]}
     # per step: an all-reduce of batch x tokens x width forward and one backward, in the attention and in the MLP
-    assert s["communicated"]["tensor"] == {"float32": 11 * 2 * 2 * (128 * 16 * 64 * 4)}
-    assert "gradients" not in s["communicated"]   # one replica: nothing to average
+    assert s["communicated"][0]["tensor"] == {"float32": 11 * 2 * 2 * (128 * 16 * 64 * 4)}
+    assert "gradients" not in s["communicated"][0]   # one replica: nothing to average
     parts = sorted(p.name for p in (split_run / "checkpoints" / "ckpt-00000011").iterdir())
     assert parts == ["meta.json", "tensor-0", "tensor-1"]   # each slice, written by its first replica
 
@@ -246,8 +246,8 @@ def test_d2_x_t2_and_p2_x_t2_train_as_data_parallel_training_would(four_ranks, t
     assert dxt["num_ranks"] == pxt["num_ranks"] == 4 and dxt["tensor"]["replicas"] == 2 and dxt["tensor"]["parameters"] == [held] * 4
     # each rank averages its slice's gradients over its 2 replicas (ranks t and t + 2), and all-reduces the
     # activations of its replica's 64 examples in its tensor group (ranks 2d and 2d + 1)
-    assert dxt["communicated"]["gradients"] == {"float32": 11 * 4 * held}
-    assert dxt["communicated"]["tensor"] == {"float32": 11 * 2 * 2 * (64 * 16 * 64 * 4)}
+    assert dxt["communicated"][0]["gradients"] == {"float32": 11 * 4 * held}
+    assert dxt["communicated"][0]["tensor"] == {"float32": 11 * 2 * 2 * (64 * 16 * 64 * 4)}
     assert sorted(p.name for p in (out / "dxt" / "checkpoints" / "ckpt-00000011").iterdir()) == \
         ["meta.json", "tensor-0", "tensor-1"]
     assert pxt["pipeline"]["stages"] == 2 and pxt["tensor"]["plan"] == PLAN
