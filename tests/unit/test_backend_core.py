@@ -125,7 +125,7 @@ def fake(monkeypatch):
     """Install a FakeHorovod (configure it through the returned object) wherever the backend asks for Horovod."""
     h = FakeHorovod()
     monkeypatch.setattr(collectives, "hvd", lambda: h)
-    monkeypatch.setattr(collectives, "_stage_sets", [])   # a test may set up stages (see `stages`)
+    monkeypatch.setattr(collectives, "_group_sets", {})   # a test may set up stages (see `stages`)
     if KERAS_MAJOR >= 3:
         from hvdtrain.backend import keras3 as layer
         monkeypatch.setattr(layer, "hvd", lambda: h)
@@ -138,7 +138,7 @@ def stages(fake, monkeypatch):
     """A 2-stage pipeline on 4 ranks (stage = rank % 2): the process sets Horovod was started with."""
     fake._size = 4
     sets = [ProcessSet([0, 2]), ProcessSet([1, 3])]
-    monkeypatch.setattr(collectives, "_stage_sets", sets)
+    monkeypatch.setattr(collectives, "_group_sets", {tuple(s.ranks): s for s in sets})
     return sets
 
 
@@ -208,12 +208,12 @@ def test_a_stages_later_replica_takes_the_stages_first_replicas_variables(fake, 
     fake._rank = 3                                           # stage 1, replica 1: its stage's first rank is 1
     fake.peer = lambda x, name: x * 0 + 7.0
     v = tf.Variable([1.0, 2.0])
-    collectives.broadcast_variables([v], name="t.start", group=1)
+    collectives.broadcast_variables([v], name="t.start", group=(1, 3))
     np.testing.assert_array_equal(v.numpy(), [7.0, 7.0])
     assert [(r["root"], r["process_set"]) for r in fake.requests] == [(1, stages[1])]
     fake.requests.clear()
     fake._rank = 1                                           # the root itself keeps its values
-    collectives.broadcast_variables([v], name="t.start", group=1)
+    collectives.broadcast_variables([v], name="t.start", group=(1, 3))
     assert [r["root"] for r in fake.requests] == [1]
 
 
@@ -223,7 +223,7 @@ def test_the_weight_averager_sets_every_variable_to_the_average_in_one_request(f
     fake.peer = lambda x, name: x * 0 + 10.0
     a, b = tf.Variable([1.0, 2.0]), tf.Variable([[4.0]])
     over_all = collectives.variable_averager([a, b], "t.local_sgd")
-    over_stage = collectives.variable_averager([a], "t.stage", group=0)
+    over_stage = collectives.variable_averager([a], "t.stage", group=(0, 2))
     assert fake.requests == []                               # made, not yet run: calling it is the collective
     over_all()                                               # (v + 3 * 10) / 4 over the 4 ranks
     np.testing.assert_array_equal(a.numpy(), [7.75, 8.0])
@@ -295,7 +295,7 @@ def test_a_pipeline_stage_averages_over_its_own_replicas_only(fake, stages):
 
     from hvdtrain import backend
     fake._rank, fake.peer = 3, lambda g, name: 3 * g      # stage 1's other replica (rank 1) has 3g
-    got = _step(backend.distributed_optimizer(keras.optimizers.SGD(1.0), group=1), [[0.5, -1.0]])
+    got = _step(backend.distributed_optimizer(keras.optimizers.SGD(1.0), group=(1, 3)), [[0.5, -1.0]])
     np.testing.assert_allclose(got, [1.0 - 1.0, 2.0 + 2.0])   # mean over 2 replicas; over all 4 ranks it would be 2.5g
     assert [r["process_set"] for r in fake.requests] == [stages[1]]
 
