@@ -60,6 +60,8 @@ def test_a_model_with_nothing_to_split_is_refused():
     (["--parallel.tensor_parallel=2", "--trainer.sync=fedavg"], 2, "trainer.sync=fedavg averages whole models, not "
                                                                    "tensor-parallel slices"),
     (["--parallel.tensor_parallel=2", "--trainer.elastic=true"], 2, "parallel.tensor_parallel=2 cannot be elastic"),
+    (["--parallel.tensor_parallel=2", "--parallel.shard_state=1"], 2, "parallel.shard_state=1 with "
+                                                                      "parallel.tensor_parallel=2 is not supported yet"),
     (["--parallel.tensor_parallel=2"], 3, "parallel.tensor_parallel=2 does not divide the 3 ranks"),
     (["--parallel.tensor_parallel=4"], 2, "parallel.tensor_parallel=4: a tensor group of 4 ranks needs at least 4 "
                                           "ranks; 2 are running; launch with `scripts/launch.sh 4 hvdtrain ...`"),
