@@ -17,7 +17,7 @@ rank, in the same order.
 """
 from __future__ import annotations
 
-from hvdtrain import backend, optim
+from hvdtrain import backend, checkpoint, optim
 from hvdtrain.errors import UserError
 from hvdtrain.log import get_logger
 from hvdtrain.strategies import sharded

@@ -8,24 +8,30 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from hvdtrain.backend import sharded as layout_only   # the layout functions import nothing heavy of their own
 from hvdtrain.errors import UserError
 
 keras3 = pytest.mark.keras3
+pytestmark = keras3   # sharded state is Keras 3's: the TF 2.15 tier deselects these tests
+
+
+def backend_sharded():
+    """hvdtrain.backend.sharded, imported when a test runs (it imports Keras 3's optimizer classes)."""
+    from hvdtrain.backend import sharded
+    return sharded
 
 
 @settings(max_examples=200, deadline=None)
 @given(sizes=st.lists(st.integers(1, 40), min_size=1, max_size=8), parts=st.integers(1, 7))
 def test_ranges_are_horovods_split_and_cut_each_variable_at_most_once(sizes, parts):
     total = sum(sizes)
-    split = layout_only.split(total, parts)
+    split = backend_sharded().split(total, parts)
     assert sum(split) == total and max(split) - min(split) <= 1
     assert split == sorted(split, reverse=True)   # Horovod gives the first total % parts ranks one number more
-    ranges = [layout_only.owned(total, parts, i) for i in range(parts)]
+    ranges = [backend_sharded().owned(total, parts, i) for i in range(parts)]
     assert [lo for lo, _ in ranges] == [0] + [hi for _, hi in ranges[:-1]] and ranges[-1][1] == total
     covered = []
     for lo, hi in ranges:
-        pieces = layout_only.cut(sizes, lo, hi)
+        pieces = backend_sharded().cut(sizes, lo, hi)
         assert len({i for i, _, _ in pieces}) == len(pieces)   # one piece per variable at most
         offsets = np.cumsum([0] + sizes)
         covered += [int(offsets[i]) + k for i, a, b in pieces for k in range(a, b)]
@@ -57,9 +63,9 @@ def _ranges_against_whole(name, parts=3, steps=12, **kw):
     plain.build(whole)
     ranks = []
     for r in range(parts):
-        pieces = [layout_only._Piece(ranged[i], i, a, b)
-                  for i, a, b in layout_only.cut(sizes, *layout_only.owned(sum(sizes), parts, r))]
-        inner = layout_only._on_pieces(type(plain)).from_config(_plain(name, **kw).get_config())
+        pieces = [backend_sharded()._Piece(ranged[i], i, a, b)
+                  for i, a, b in backend_sharded().cut(sizes, *backend_sharded().owned(sum(sizes), parts, r))]
+        inner = backend_sharded()._on_pieces(type(plain)).from_config(_plain(name, **kw).get_config())
         inner._hvdtrain_slots = []
         inner._hvdtrain_squares = lambda grads, g=None: None
         inner.build(pieces)
@@ -112,7 +118,7 @@ def test_clipping_by_norm_sees_whole_variables(clip):
 def test_what_sharding_cannot_keep_exact_is_refused_in_one_line(make, message):
     import keras
     with pytest.raises(UserError, match=message) as err:
-        layout_only.sharded_optimizer(make(keras), stage=1, backward_passes_per_step=2)
+        backend_sharded().sharded_optimizer(make(keras), stage=1, backward_passes_per_step=2)
     assert "\n" not in str(err.value)
 
 
@@ -131,7 +137,7 @@ class OneRank:
 def alone(monkeypatch):
     from hvdtrain.backend import collectives
     monkeypatch.setattr(collectives, "hvd", OneRank)
-    monkeypatch.setattr(layout_only, "hvd", OneRank)
+    monkeypatch.setattr(backend_sharded(), "hvd", OneRank)
 
 
 def _model(seed=3):
