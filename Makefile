@@ -57,6 +57,9 @@ bench: $(STACK) $(OLD_STACK)
 	$(VENV)/bin/hvdtrain bench predict --output $(BENCH_DIR)/predict.json
 	$(VENV)/bin/hvdtrain bench pipeline --output $(BENCH_DIR)/pipeline.json
 	$(VENV)/bin/hvdtrain bench sync --np $(NP) --output $(BENCH_DIR)/sync.json
+	$(VENV)/bin/hvdtrain bench serve --output $(BENCH_DIR)/serve.json
+	$(VENV)/bin/hvdtrain bench tensor --output $(BENCH_DIR)/tensor.json
+	$(VENV)/bin/hvdtrain bench memory --output $(BENCH_DIR)/memory.json
 	$(VENV)/bin/hvdtrain bench report --dir $(BENCH_DIR) --output docs/benchmarks.md
 
 ## The evidence for the communication defaults (one setting changed at a time; ~20 min), then the report again.

@@ -10,7 +10,6 @@ import argparse
 
 import hvdtrain.keras as hk
 import keras
-import numpy as np
 import tensorflow as tf
 
 
@@ -27,10 +26,13 @@ def parse_args(argv=None):
 
 
 def digits():
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    x, y = (d.images / 16.0).reshape(-1, 64).astype(np.float32), d.target.astype(np.int64)
-    return (x[:1437], y[:1437]), (x[1437:], y[1437:])
+    """hvdtrain's digits split, the one `hvdtrain train` reports its accuracy on (stratified: 1,437 images to train
+    on, 360 held out), flattened for this MLP: the accuracy printed at the end compares with the CLI's."""
+    from hvdtrain import data
+    from hvdtrain.config import DataConfig
+    source = data.open_source(DataConfig())
+    train, test = source.arrays("train"), source.arrays("test")
+    return (train.x.reshape(-1, 64), train.y), (test.x.reshape(-1, 64), test.y)
 
 
 def mlp(seed: int):

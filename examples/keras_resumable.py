@@ -1,7 +1,7 @@
 """examples/keras_single_process.py, made data-parallel and safe on a cluster with hvdtrain.keras: checkpoints and
 exact resume, preemption (SIGUSR1/SIGTERM: an agreed stop, a checkpoint, exit 0, the batch script requeues), the
 agreed non-finite stop, the stall watchdog, agreed step counts on uneven file shards, exact evaluation, rank-0
-progress and CSV, summary.json with weights_sha256. The README shows the diff; a test keeps it true.
+progress and CSV, summary.json with weights_sha256. docs/keras-script.md shows the diff; a test keeps it true.
 
     scripts/launch.sh 2 python examples/keras_resumable.py --run-dir runs/mine --epochs 10
     sbatch --nodes=2 --ntasks-per-node=1 slurm/run.sbatch python examples/keras_resumable.py --run-dir $PWD/runs/mine

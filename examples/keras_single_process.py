@@ -1,5 +1,5 @@
 """The plain, single-process Keras script that examples/keras_resumable.py makes data-parallel and preemptible.
-The README ("Your own Keras script") shows the diff between the two; a test keeps it true.
+docs/keras-script.md ("Your own Keras script") shows the diff between the two; a test keeps it true.
 
     .venv/bin/python examples/keras_single_process.py --run-dir runs/single --epochs 10
 """

@@ -5,9 +5,9 @@ optimizer (weights, slots, step counter and hence the LR schedule position, grad
 `meta.json` (epoch, step in epoch, global step, data seed, model signature, config). It is written under a temporary
 name and renamed into place, so a kill at any moment leaves the previous checkpoint loadable; readers ignore
 temporary directories. The same format serves `hvdtrain train`, the Keras API and predict/evaluate. A checkpoint may
-come in parts instead, written in the same temporary directory and renamed by rank 0 once every part is written: a
-pipeline's one `stage-<s>/state` per stage (written by the stage's first replica), local SGD's with optimizer state
-kept local one `rank-<r>/state` per rank (the same weights, each rank's own optimizer state).
+come in parts instead, written in the same temporary directory and renamed by rank 0 once every part is written
+(which part a rank writes is its strategy's choice: a pipeline's one `stage-<s>/state` per stage, local SGD's one
+`rank-<r>/state` per rank).
 """
 from __future__ import annotations
 
@@ -66,24 +66,22 @@ def read_meta(ckpt) -> dict:
 
 def signature(model, input_shape, num_classes: int, model_name: str) -> dict:
     """What must match for a checkpoint to be loaded into a model: names and shapes of every weight."""
+    trainable = {id(w) for w in model.trainable_weights}
     return {"model": model_name, "input_shape": list(input_shape), "num_classes": int(num_classes),
-            "weights": [[_weight_name(w), list(w.shape)] for w in model.weights]}
+            "weights": [[_weight_name(w), list(w.shape)] for w in model.weights],
+            "frozen": [_weight_name(w) for w in model.weights if id(w) not in trainable]}
 
 
 def _weight_name(w) -> str:
     return getattr(w, "path", None) or w.name.removesuffix(":0")
 
 
-def check_compatible(ckpt, meta: dict, expected: dict) -> None:
+def check_compatible(ckpt, meta: dict, expected: dict, check_layout=None) -> None:
+    """Refuse a checkpoint of another model; `check_layout(ckpt, found, expected)` refuses one written by a layout
+    this run cannot continue (the strategies know which; see strategies.check_layout)."""
     found = meta.get("signature", {})
-    if found.get("pipeline") != expected.get("pipeline"):
-        raise UserError(f"checkpoint {ckpt} was written by {_layout(found.get('pipeline'))} and this run is "
-                        f"{_layout(expected.get('pipeline'))}; resume with the parallel.pipeline_stages and "
-                        "parallel.split that wrote it, or use a fresh --trainer.run_dir")
-    if found.get("per_rank") != expected.get("per_rank"):
-        raise UserError(f"checkpoint {ckpt} holds {_optimizer_state(found.get('per_rank'))} and this run keeps "
-                        f"{_optimizer_state(expected.get('per_rank'))}; resume with the ranks and "
-                        "trainer.sync_optimizer_state that wrote it, or use a fresh --trainer.run_dir")
+    if check_layout is not None:
+        check_layout(ckpt, found, expected)
     for key in ("model", "input_shape", "num_classes"):
         if found.get(key) != expected[key]:
             raise UserError(f"checkpoint {ckpt} belongs to another model ({key} is {found.get(key)!r}, this run has "
@@ -98,28 +96,15 @@ def check_compatible(ckpt, meta: dict, expected: dict) -> None:
     if len(theirs) != len(ours):
         raise UserError(f"checkpoint {ckpt} belongs to another model ({len(theirs)} weights in the checkpoint, "
                         f"{len(ours)} here); use a fresh --trainer.run_dir or the config that wrote it")
-
-
-def _optimizer_state(per_rank) -> str:
-    return f"each of {per_rank} ranks' own optimizer state (local SGD)" if per_rank else "one optimizer state"
-
-
-def _layout(pipeline) -> str:
-    if not pipeline:
-        return "data-parallel training (no pipeline stages)"
-    return f"a {pipeline['stages']}-stage pipeline (stages beginning at {', '.join(pipeline['first_layers'])})"
+    if "frozen" in found and found["frozen"] != expected.get("frozen", found["frozen"]):
+        raise UserError(f"checkpoint {ckpt} was trained with other layers frozen ({len(found['frozen'])} frozen "
+                        f"weights there, {len(expected['frozen'])} here): its optimizer state does not fit; resume "
+                        "with the model.trainable_from that wrote it, or use a fresh --trainer.run_dir")
 
 
 def state_path(ckpt, part: str | None = None) -> Path:
     """Where model and optimizer are stored: `state`, or one part's `<part>/state` (`stage-1`, `rank-0`)."""
     return Path(ckpt) / "state" if part is None else Path(ckpt) / part / "state"
-
-
-def part_of(world, per_rank: bool = False) -> str | None:
-    """The part of a checkpoint this rank writes and restores: its pipeline stage's, its own (per_rank), or None."""
-    if world.stages > 1:
-        return f"stage-{world.stage}"
-    return f"rank-{world.rank}" if per_rank else None
 
 
 def restore(ckpt, model, optimizer=None, part: str | None = None) -> None:
@@ -132,26 +117,6 @@ def restore(ckpt, model, optimizer=None, part: str | None = None) -> None:
         raise UserError(f"cannot restore checkpoint {ckpt}: {str(exc).splitlines()[0]}") from None
 
 
-def restore_model(ckpt, model, meta: dict) -> None:
-    """The trained weights (no optimizer) into the whole `model`: from `state`, or from a pipeline's stages (each
-    stage's part of the model restored from its `stage-<s>/state`), so serving works the same for both."""
-    layout = meta.get("signature", {}).get("pipeline")
-    if meta.get("signature", {}).get("per_rank"):
-        return restore(ckpt, model, part="rank-0")   # every rank's part holds the same weights
-    if not layout:
-        return restore(ckpt, model)
-    import keras
-    from hvdtrain.pipeline.split import plan
-
-    class Stage(keras.Model):   # the object path a stage was saved under: model.stage_model
-        def __init__(self, stage_model):
-            super().__init__()
-            self.stage_model = stage_model
-    _, stage_models = plan(model, layout["stages"], tuple(layout["first_layers"][1:]))
-    for s, stage_model in enumerate(stage_models):
-        restore(ckpt, Stage(stage_model), part=f"stage-{s}")
-
-
 def weights_digest(model) -> str:
     """A hash of every weight's bytes: equal digests mean bit-identical replicas."""
     h = hashlib.sha256()
@@ -162,15 +127,16 @@ def weights_digest(model) -> str:
 
 def agreed_digest(model, world) -> str:
     """Every rank's weight digest, compared (a collective): replicas that differ are a bug, never a silent result.
-    A pipeline compares each stage's replicas; its digest is that of the stages' digests in order."""
+    Each part of the model (a pipeline's stage) is compared over its replicas; the digest is that of the parts'
+    digests in order (the one digest, with one part)."""
     digests = backend.allgather_object(weights_digest(model), "hvdtrain.digest")
-    per_stage = [digests[s::world.stages] for s in range(world.stages)]
-    if any(len(set(replicas)) != 1 for replicas in per_stage):
+    per_part = [[digests[r] for r in ranks] for ranks in world.replica_sets()]
+    if any(len(set(replicas)) != 1 for replicas in per_part):
         raise UserError(f"replicas diverged: weight digests differ across ranks {digests}; this is a bug, please report it",
                         agreed=True)
-    if world.stages == 1:
+    if len(per_part) == 1:
         return digests[0]
-    return hashlib.sha256("".join(replicas[0] for replicas in per_stage).encode()).hexdigest()
+    return hashlib.sha256("".join(replicas[0] for replicas in per_part).encode()).hexdigest()
 
 
 class Checkpointer:
@@ -182,12 +148,14 @@ class Checkpointer:
         self.last_step = -1
 
     @classmethod
-    def for_rank(cls, world, run: RunDir, meta: dict, keep: int, per_rank: bool = False) -> "Checkpointer":
-        """per_rank: every rank writes its own part (local SGD with local optimizer state)."""
-        part = part_of(world, per_rank)
+    def for_part(cls, world, run: RunDir, meta: dict, keep: int, part: str | None, writes: bool,
+                 write=None) -> "Checkpointer":
+        """The checkpointer of a rank that writes `part` of each checkpoint (None: the whole, rank 0 alone), or
+        writes nothing (`writes` false) but takes part in writing the parts (a collective). `write(model, directory)`
+        writes a part into the checkpoint's directory (default: model and optimizer into `<part>/state`)."""
         if part is not None:
-            return PartedCheckpointer(run, meta, keep, world, part, writes=per_rank or world.replica == 0)
-        return cls(run, meta, keep) if world.is_chief else NullCheckpointer(run, meta, keep)
+            return PartedCheckpointer(run, meta, keep, world, part, writes, write)
+        return cls(run, meta, keep) if writes else NullCheckpointer(run, meta, keep)
 
     def save(self, model, position: Position, world_size: int) -> Path | None:
         """Write a checkpoint at `position` (once per global step), then prune old ones."""
@@ -195,7 +163,7 @@ class Checkpointer:
             return None
         tmp = make_temp_dir(self.run.ensure_checkpoints())
         try:
-            _write_state(model, state_path(tmp))
+            write_state(model, state_path(tmp))
             return self._commit(tmp, position, world_size)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -214,10 +182,12 @@ class Checkpointer:
         return final
 
 
-def _write_state(model, path: Path) -> None:
+def write_state(model, path: Path, optimizer: bool = True) -> None:
+    """The TensorFlow checkpoint of the model (and its optimizer) at `path`."""
     import tensorflow as tf
-    path.parent.mkdir(exist_ok=True)
-    tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    parts = {"model": model, "optimizer": model.optimizer} if optimizer else {"model": model}
+    tf.train.Checkpoint(**parts).write(str(path))
     for written in path.parent.iterdir():
         os.chmod(written, file_mode())
 
@@ -227,9 +197,10 @@ class PartedCheckpointer(Checkpointer):
     `part` into it, and once all have written (agreed: a failed write fails every rank, and rank 0 removes the
     directory) rank 0 renames it into place."""
 
-    def __init__(self, run: RunDir, meta: dict, keep: int, world, part: str, writes: bool):
+    def __init__(self, run: RunDir, meta: dict, keep: int, world, part: str, writes: bool, write=None):
         super().__init__(run, meta, keep)
         self.world, self.part, self.writes = world, part, writes
+        self.write = write or (lambda model, tmp: write_state(model, state_path(tmp, part)))
 
     def save(self, model, position, world_size):
         if position.global_step == self.last_step:
@@ -251,7 +222,9 @@ class PartedCheckpointer(Checkpointer):
 
     def _write_part(self, model, tmp: Path) -> None:
         try:
-            _write_state(model, state_path(tmp, self.part))
+            self.write(model, tmp)
+        except UserError:
+            raise
         except Exception as exc:   # agreed, so the other parts' writers do not wait for this one
             from hvdtrain.errors import first_line
             raise UserError(f"cannot write the checkpoint's {self.part} into {tmp.parent}: {first_line(exc)}") from None
@@ -263,11 +236,12 @@ class NullCheckpointer(Checkpointer):
         return None
 
 
-def resume(run: RunDir, model, world, mode: str, expected_signature: dict, agree: bool = True,
-           per_rank: bool = False) -> tuple[Position, Path | None]:
+def resume(run: RunDir, model, mode: str, expected_signature: dict, agree: bool = True, part: str | None = None,
+           check_layout=None, restore_with=None) -> tuple[Position, Path | None]:
     """Restore the run's latest checkpoint into model and optimizer, on every rank alike (rank 0's choice decides:
-    ranks without the shared file system cannot disagree silently). mode: auto | never | always. per_rank: each rank
-    restores its own part (local SGD's local optimizer state)."""
+    ranks without the shared file system cannot disagree silently). mode: auto | never | always. `part`: the part
+    this rank restores (see Checkpointer.for_part); `restore_with(ckpt, meta, model)` restores instead (a strategy
+    whose checkpoints another layout may have written)."""
     found = str(latest(run.path) or "")
     if agree:
         found = backend.broadcast_object(found, "hvdtrain.latest")
@@ -279,6 +253,9 @@ def resume(run: RunDir, model, world, mode: str, expected_signature: dict, agree
         raise UserError(f"{run} already holds checkpoint {Path(found).name} and trainer.resume=never; "
                         "use a fresh --trainer.run_dir or --resume")
     meta = read_meta(Path(found))
-    check_compatible(Path(found), meta, expected_signature)
-    restore(Path(found), model, model.optimizer, part_of(world, per_rank))
+    check_compatible(Path(found), meta, expected_signature, check_layout)
+    if restore_with is not None:
+        restore_with(Path(found), meta, model)
+    else:
+        restore(Path(found), model, model.optimizer, part)
     return Position(meta["epoch"], meta["step_in_epoch"], meta["global_step"]), Path(found)

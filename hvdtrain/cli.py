@@ -17,8 +17,10 @@ RUNS_TENSORFLOW = ("evaluate", "predict", "doctor")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hvdtrain", description="Data-parallel Keras training on Horovod. "
-                                "Launch one process per rank: horovodrun -np 2 hvdtrain train --config configs/digits.yaml",
+    p = argparse.ArgumentParser(prog="hvdtrain", description="Distributed Keras training on Horovod: data parallelism, "
+                                "pipeline stages, local SGD and federated averaging. Launch one process per rank: "
+                                "scripts/launch.sh 2 hvdtrain train --config configs/digits.yaml (or horovodrun, "
+                                "mpirun, srun)",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_path in COMMANDS.items():

@@ -1,6 +1,6 @@
 """One frozen config tree: defaults -> YAML file -> `--section.key=value` overrides, validated once.
 
-Every field has a one-line doc (used by `hvdtrain config --help` and the README reference).
+Every field has a one-line doc (used by `hvdtrain config --reference` and docs/configuration.md).
 Validation raises UserError with one line per problem; `check_world` adds the checks that need the
 number of ranks (e.g. the global batch must divide evenly).
 """
@@ -66,6 +66,11 @@ class DataConfig:
                                                    f"(ALPHA > 0), got {self.partition!r}")
         _require(self.num_classes >= (2 if self.task == "classification" else 1),
                  "data.num_classes must be >= 2 for classification and >= 1 otherwise")
+        if self.partition.startswith("labels:") and self.task == "classification":   # else: near-IID clients
+            k = int(self.partition.split(":")[1])
+            _require(k <= self.num_classes, f"data.partition={self.partition} asks for {k} labels per client but there "
+                                            f"are {self.num_classes} classes (data.num_classes); use labels:K with "
+                                            f"K <= {self.num_classes}")
         _require(self.synthetic_samples >= 1, "data.synthetic_samples must be >= 1")
         _require(0.0 < self.test_fraction < 1.0, "data.test_fraction must lie strictly between 0 and 1")
         _require(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1")
@@ -91,18 +96,29 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = _f("mlp", "mlp | cnn | resnet | a keras.applications name (ResNet50, MobileNetV2, EfficientNetB0, ...) | "
+    name: str = _f("mlp", "mlp | cnn | resnet | transformer | a keras.applications name (ResNet50, MobileNetV2, EfficientNetB0, ...) | "
                           "a name added with hvdtrain.register_model | a builder by import path, package.module:function")
     weights: str = _f("", "keras.applications: a local weights file to start from (empty: random initialisation; "
                           "nothing is ever downloaded)")
     hidden: tuple = _f((256, 128), "mlp: widths of the hidden layers")
-    width: int = _f(32, "cnn/resnet: filters of the first convolution")
-    blocks: int = _f(2, "resnet: residual blocks per stage (two stages)")
+    width: int = _f(32, "cnn/resnet: filters of the first convolution; transformer: the model width (each block's "
+                        "MLP is 2 x width wide)")
+    blocks: int = _f(2, "resnet: residual blocks per stage (two stages); transformer: encoder blocks")
+    heads: int = _f(4, "transformer: attention heads per block (width / heads values each)")
+    patch_size: int = _f(2, "transformer: side of the square patches an image is cut into (one token each)")
     options: dict = _f({}, "free-form keyword arguments passed to a user-registered builder")
+    trainable_from: str = _f("", "fine-tuning: the first layer that trains, by name (as model.summary() lists them); "
+                                 "every layer before it is frozen: its weights never change, get no gradients and are "
+                                 "not all-reduced, and a pipeline stage of frozen layers only runs forward (empty: "
+                                 "every layer trains)")
 
     def __post_init__(self):
         _require(all(isinstance(h, int) and h > 0 for h in self.hidden), "model.hidden must be positive integers")
         _require(self.width > 0 and self.blocks > 0, "model.width and model.blocks must be > 0")
+        _require(self.heads > 0 and self.patch_size > 0, "model.heads and model.patch_size must be > 0")
+        if self.name == "transformer":
+            _require(self.width % self.heads == 0, f"model.heads={self.heads} does not divide model.width="
+                                                   f"{self.width} (each head gets width / heads values)")
         _require(not self.weights or Path(self.weights).is_file(), f"model.weights file not found: {self.weights}")
 
 
@@ -113,7 +129,9 @@ class OptimConfig:
     lr_scaling: str = _f("none", "how lr grows with the number of ranks n: none | linear (lr*n) | sqrt (lr*sqrt(n))",
                          choices=("none", "linear", "sqrt"))
     momentum: float = _f(0.9, "sgd/rmsprop momentum")
-    warmup_epochs: float = _f(0.0, "linear warmup from lr/n to the scaled lr over this many epochs (0: none)")
+    warmup_epochs: float = _f(0.0, "linear warm-up to the scaled lr over this many epochs (0: none): from lr itself "
+                                   "when lr_scaling raised it (Goyal et al.), else from lr/10; the same on any number "
+                                   "of ranks unless lr_scaling scales it")
     schedule: str = _f("constant", "after warmup: constant | cosine (decays to 0 at the last step)",
                        choices=("constant", "cosine"))
     fp16_compression: bool = _f(False, "compress gradients to float16 for the all-reduce (halves the bytes sent)")
@@ -173,11 +191,6 @@ class TrainerConfig:
         _require(self.sync_period >= 1, f"trainer.sync_period must be >= 1 (steps between weight averages), got "
                                         f"{self.sync_period}")
         _require(self.sync_warmup_steps >= 0, f"trainer.sync_warmup_steps must be >= 0, got {self.sync_warmup_steps}")
-        if self.sync != "local_sgd":
-            for name in ("sync_period", "sync_warmup_steps", "sync_optimizer_state"):
-                _require(getattr(self, name) == getattr(TrainerConfig, name),
-                         f"trainer.{name} applies to trainer.sync=local_sgd only (this run's sync is {self.sync}); "
-                         f"set trainer.sync=local_sgd or leave trainer.{name} out")
 
 
 @dataclass(frozen=True)
@@ -239,12 +252,35 @@ class ParallelConfig:
     balance: str = _f("time", "pipeline, automatic split: time (each layer's forward+backward measured on rank 0 on a "
                               "micro-batch) | params (parameter counts: no measuring, the same split every time)",
                       choices=("time", "params"))
-    stage_only: bool = _f(True, "pipeline: ranks other than 0 make only their stage's weights (false: every rank makes "
-                                "the whole model's, for a model builder whose weights Keras cannot defer)")
+    stage_only: bool = _f(True, "pipeline, tensor parallelism: ranks other than 0 make only their stage's weights and "
+                                "their slices of split layers (false: every rank makes the whole model's, for a model "
+                                "builder whose weights Keras cannot defer)")
+    tensor_parallel: int = _f(1, "T: split layers across this many consecutive ranks (Megatron-style tensor "
+                                 "parallelism: each holds 1/T of a split layer's weights, an all-reduce joins them); "
+                                 "the ranks form D = ranks / (P x T) replicas (1: no split layers)")
+    tensor_plan: dict = _f({}, "tensor parallelism: which layers to split, {layer_name: column | row | heads | vocab} "
+                               "(column: a Dense's output units, paired with the row Dense its output feeds through "
+                               "activations; row: a Dense's input units; heads: a MultiHeadAttention's heads; vocab: "
+                               "an Embedding's rows); empty: every Dense -> Dense pair and every MultiHeadAttention "
+                               "whose sizes T divides")
+    shard_state: int = _f(0, "ZeRO: 0 every replica holds the whole optimizer state | 1 each of the D replicas holds "
+                             "1/D of it (a reduce-scatter of the gradients, its range updated, an all-gather of the "
+                             "weights: the bytes of one all-reduce) | 2 also only its range of the averaged "
+                             "gradients (with backward_passes_per_step > 1 it reduce-scatters every pass); a "
+                             "pipeline shards each stage over its replicas; Keras 3 only")
 
     def __post_init__(self):
         _require(self.pipeline_stages >= 1, "parallel.pipeline_stages must be >= 1")
+        _require(self.tensor_parallel >= 1, f"parallel.tensor_parallel must be >= 1, got {self.tensor_parallel}")
+        for name, kind in self.tensor_plan.items():
+            _require(kind in TENSOR_SPLITS, f"parallel.tensor_plan: {name}: {kind!r} must be one of "
+                                            f"{' | '.join(TENSOR_SPLITS)}{_did_you_mean(str(kind), TENSOR_SPLITS)}")
+        _require(not self.tensor_plan or self.tensor_parallel > 1,
+                 "parallel.tensor_plan applies to parallel.tensor_parallel > 1; set parallel.tensor_parallel or leave "
+                 "parallel.tensor_plan out")
         _require(self.microbatches >= 1, "parallel.microbatches must be >= 1")
+        _require(self.shard_state in (0, 1, 2), f"parallel.shard_state must be 0 (whole state), 1 (sharded optimizer "
+                                                f"state) or 2 (and sharded gradients), got {self.shard_state}")
         _require(all(isinstance(name, str) and name for name in self.split),
                  f"parallel.split must be layer names, got {list(self.split)}")
         if self.split:
@@ -256,6 +292,13 @@ class ParallelConfig:
     @property
     def pipelined(self) -> bool:
         return self.pipeline_stages > 1
+
+    @property
+    def tensor_split(self) -> bool:
+        return self.tensor_parallel > 1
+
+
+TENSOR_SPLITS = ("column", "row", "heads", "vocab")
 
 
 @dataclass(frozen=True)
@@ -283,6 +326,41 @@ class FedavgConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    max_batch_size: int = _f(32, "hvdtrain serve: requests a replica scores together in one model call (dynamic "
+                                 "batching); 1: each request alone")
+    batch_wait_ms: float = _f(5.0, "hvdtrain serve: how long a batch's first request waits for others to join it (ms)")
+    min_replicas: int = _f(1, "hvdtrain serve: replicas of the model (of each stage with --stages) kept when idle")
+    max_replicas: int = _f(0, "hvdtrain serve: replicas the autoscaler may add under load (0: as many as the cores "
+                              "allow, cores / (stages x replica_cpus); more are started if asked, sharing the cores)")
+    target_ongoing_requests: float = _f(2.0, "hvdtrain serve: requests in flight per replica (queued or being scored) "
+                                             "the autoscaler aims at: above it replicas are added, below it removed")
+    upscale_delay_s: float = _f(5.0, "hvdtrain serve: how long the load must stay above the target before a replica "
+                                     "is added (s)")
+    downscale_delay_s: float = _f(30.0, "hvdtrain serve: how long the load must stay below the target before a "
+                                        "replica is removed (s)")
+    replica_cpus: float = _f(1.0, "hvdtrain serve: cores each replica reserves (Ray's num_cpus); TensorFlow runs that "
+                                  "many threads in it (at least 1)")
+    max_request_instances: int = _f(1024, "hvdtrain serve: most instances one predict request may carry (more: a 400 "
+                                          "answer)")
+
+    def __post_init__(self):
+        _require(self.max_batch_size >= 1, f"serve.max_batch_size must be >= 1 (1: no batching), got {self.max_batch_size}")
+        _require(self.batch_wait_ms >= 0, f"serve.batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
+        _require(self.min_replicas >= 1, f"serve.min_replicas must be >= 1, got {self.min_replicas}")
+        _require(self.max_replicas == 0 or self.max_replicas >= self.min_replicas,
+                 f"serve.max_replicas={self.max_replicas} is below serve.min_replicas={self.min_replicas}; raise it "
+                 "or set 0 (as many as the cores allow)")
+        _require(self.target_ongoing_requests > 0, f"serve.target_ongoing_requests must be > 0, got "
+                                                   f"{self.target_ongoing_requests}")
+        _require(self.upscale_delay_s >= 0 and self.downscale_delay_s >= 0,
+                 "serve.upscale_delay_s and serve.downscale_delay_s must be >= 0")
+        _require(self.replica_cpus > 0, f"serve.replica_cpus must be > 0, got {self.replica_cpus}")
+        _require(self.max_request_instances >= 1, f"serve.max_request_instances must be >= 1, got "
+                                                  f"{self.max_request_instances}")
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -291,45 +369,80 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     fedavg: FedavgConfig = field(default_factory=FedavgConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self):
-        if self.parallel.pipelined:
-            _require(self.runtime.precision == "float32", f"parallel.pipeline_stages={self.parallel.pipeline_stages} "
-                     f"trains in float32 only (runtime.precision={self.runtime.precision}); set runtime.precision=float32")
-            _require(not self.trainer.elastic, "parallel.pipeline_stages > 1 cannot be elastic (a lost rank takes a "
-                     "stage with it); set trainer.elastic=false")
-        if self.trainer.sync == "local_sgd":
-            _require(not self.parallel.pipelined, "trainer.sync=local_sgd averages whole models, not pipeline "
-                     "stages; use trainer.sync=every_step with parallel.pipeline_stages > 1")
-            _require(not self.trainer.elastic, "trainer.sync=local_sgd cannot be elastic yet (a worker that joins "
-                     "between averages has no model to average); set trainer.elastic=false")
-            _require(self.runtime.precision != "mixed_float16", "trainer.sync=local_sgd with mixed_float16 would "
-                     "agree on the loss scale with an all-reduce at every local step; use float32 or mixed_bfloat16")
-            _require(self.optim.backward_passes_per_step == 1, "trainer.sync=local_sgd already takes steps without "
-                     "communicating; set optim.backward_passes_per_step=1 (or a larger trainer.global_batch_size)")
-        if self.trainer.sync == "fedavg":
-            self._check_fedavg()
+        for ok, message in self._combinations():
+            _require(ok, message)
+
+    def _combinations(self):
+        """(allowed?, the one line that says why not and what to do) for every combination of strategies and
+        settings across sections: the one place they are checked. The first refusal is raised."""
+        p, t, o, r = self.parallel, self.trainer, self.optim, self.runtime
+        sync = t.sync
+        if sync != "local_sgd":
+            for name in ("sync_period", "sync_warmup_steps", "sync_optimizer_state"):
+                yield (getattr(t, name) == getattr(TrainerConfig, name),
+                       f"trainer.{name} applies to trainer.sync=local_sgd only (this run's sync is {sync}); set "
+                       f"trainer.sync=local_sgd or leave trainer.{name} out")
+        if p.pipelined:
+            yield (r.precision == "float32", f"parallel.pipeline_stages={p.pipeline_stages} trains in float32 only "
+                   f"(runtime.precision={r.precision}); set runtime.precision=float32")
+            yield not t.elastic, ("parallel.pipeline_stages > 1 cannot be elastic (a lost rank takes a stage with "
+                                  "it); set trainer.elastic=false")
+        if p.tensor_split:
+            T = p.tensor_parallel
+            yield r.precision == "float32", (f"parallel.tensor_parallel={T} trains in float32 only "
+                                             f"(runtime.precision={r.precision}); set runtime.precision=float32")
+            yield not t.elastic, (f"parallel.tensor_parallel={T} cannot be elastic (a lost rank takes a slice of "
+                                  "every split layer with it); set trainer.elastic=false")
+            yield sync == "every_step", (f"trainer.sync={sync} averages whole models, not tensor-parallel slices; use "
+                                         f"trainer.sync=every_step with parallel.tensor_parallel={T}")
+        if p.shard_state:
+            yield sync == "every_step", (f"parallel.shard_state={p.shard_state} shards the state of every-step "
+                                         f"averaging; trainer.sync={sync} keeps whole models apart between averages: "
+                                         "set parallel.shard_state=0")
+            yield not t.elastic, ("parallel.shard_state > 0 cannot be elastic (a new world size re-shards the state, "
+                                  "which a resume does); set trainer.elastic=false")
+            yield r.bucket_mb == 0, ("runtime.bucket_mb applies to stage 0's all-reduce; parallel.shard_state > 0 "
+                                     "sends one reduce-scatter per step: set runtime.bucket_mb=0")
+        if p.shard_state and p.tensor_split:
+            yield False, (f"parallel.shard_state={p.shard_state} with parallel.tensor_parallel={p.tensor_parallel} is "
+                          "not supported yet (the sharded ranges would cut across split layers' slices); set "
+                          "parallel.shard_state=0 or parallel.tensor_parallel=1")
+        if sync == "local_sgd":
+            yield not p.pipelined, ("trainer.sync=local_sgd averages whole models, not pipeline stages; use "
+                                    "trainer.sync=every_step with parallel.pipeline_stages > 1")
+            yield not t.elastic, ("trainer.sync=local_sgd cannot be elastic yet (a worker that joins between averages "
+                                  "has no model to average); set trainer.elastic=false")
+            yield r.precision != "mixed_float16", ("trainer.sync=local_sgd with mixed_float16 would agree on the loss "
+                                                   "scale with an all-reduce at every local step; use float32 or "
+                                                   "mixed_bfloat16")
+            yield o.backward_passes_per_step == 1, ("trainer.sync=local_sgd already takes steps without "
+                                                    "communicating; set optim.backward_passes_per_step=1 (or a "
+                                                    "larger trainer.global_batch_size)")
+        if sync == "fedavg":
+            yield not p.pipelined, ("trainer.sync=fedavg averages whole models, not pipeline stages; set "
+                                    "parallel.pipeline_stages=1")
+            yield not t.elastic, "trainer.sync=fedavg cannot be elastic; set trainer.elastic=false"
+            yield r.precision != "mixed_float16", ("trainer.sync=fedavg trains its clients in float32 or "
+                                                   "mixed_bfloat16 (mixed_float16's loss scaling is agreed step by "
+                                                   "step); set runtime.precision")
+            yield o.backward_passes_per_step == 1, ("trainer.sync=fedavg trains each client with plain local steps; "
+                                                    "set optim.backward_passes_per_step=1 (or a larger "
+                                                    "fedavg.local_batch_size)")
+            yield o.warmup_epochs == 0 and o.lr_scaling == "none", (
+                "trainer.sync=fedavg trains every client with optim.lr (optim.schedule=cosine decays it over the "
+                "rounds); set optim.warmup_epochs=0 and optim.lr_scaling=none")
+            yield self.data.partition == "iid" or self.data.task == "classification", (
+                f"data.partition={self.data.partition} splits the clients by class label; a {self.data.task} task "
+                "has none: use data.partition=iid")
         else:
             fedavg_only = [("data.partition", self.data.partition, DataConfig.partition)] + [
                 (f"fedavg.{f.name}", getattr(self.fedavg, f.name), f.default) for f in dataclasses.fields(FedavgConfig)]
             for key, value, default in fedavg_only:
-                _require(value == default, f"{key} applies to trainer.sync=fedavg only (this run's sync is "
-                                           f"{self.trainer.sync}); set trainer.sync=fedavg or leave {key} out")
-
-    def _check_fedavg(self) -> None:
-        _require(not self.parallel.pipelined, "trainer.sync=fedavg averages whole models, not pipeline stages; "
-                 "set parallel.pipeline_stages=1")
-        _require(not self.trainer.elastic, "trainer.sync=fedavg cannot be elastic; set trainer.elastic=false")
-        _require(self.runtime.precision != "mixed_float16", "trainer.sync=fedavg trains its clients in float32 or "
-                 "mixed_bfloat16 (mixed_float16's loss scaling is agreed step by step); set runtime.precision")
-        _require(self.optim.backward_passes_per_step == 1, "trainer.sync=fedavg trains each client with plain "
-                 "local steps; set optim.backward_passes_per_step=1 (or a larger fedavg.local_batch_size)")
-        _require(self.optim.warmup_epochs == 0 and self.optim.lr_scaling == "none", "trainer.sync=fedavg trains "
-                 "every client with optim.lr (optim.schedule=cosine decays it over the rounds); set "
-                 "optim.warmup_epochs=0 and optim.lr_scaling=none")
-        _require(self.data.partition == "iid" or self.data.task == "classification", f"data.partition="
-                 f"{self.data.partition} splits the clients by class label; a {self.data.task} task has none: use "
-                 "data.partition=iid")
+                yield value == default, (f"{key} applies to trainer.sync=fedavg only (this run's sync is {sync}); "
+                                         f"set trainer.sync=fedavg or leave {key} out")
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -343,7 +456,7 @@ class Config:
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "trainer": TrainerConfig,
-            "runtime": RuntimeConfig, "parallel": ParallelConfig, "fedavg": FedavgConfig}
+            "runtime": RuntimeConfig, "parallel": ParallelConfig, "fedavg": FedavgConfig, "serve": ServeConfig}
 
 
 class ConfigError(UserError):
@@ -478,14 +591,17 @@ def with_overrides(raw: dict, overrides: typing.Sequence[str] = ()) -> Config:
 
 def check_world(cfg: Config, size: int) -> None:
     """Checks that depend on the number of ranks; run on every rank so all ranks fail together."""
-    batch, stages = cfg.trainer.global_batch_size, cfg.parallel.pipeline_stages
-    check_stages(stages, size)
+    batch, stages, tensor = cfg.trainer.global_batch_size, cfg.parallel.pipeline_stages, cfg.parallel.tensor_parallel
+    check_layout(stages, tensor, size)
+    replicas = size // (stages * tensor)
     if stages > 1:
-        _check_pipeline_batch(cfg, size // stages)
-    elif batch % size and cfg.trainer.sync != "fedavg":   # fedavg's clients have their own batch size
-        lower, upper = (batch // size) * size, -(-batch // size) * size
+        check_pipeline_batch(batch, cfg.parallel.microbatches, replicas)
+    elif batch % replicas and cfg.trainer.sync != "fedavg":   # fedavg's clients have their own batch size
+        lower, upper = (batch // replicas) * replicas, -(-batch // replicas) * replicas
         hint = f"{lower} or {upper}" if lower else f"{upper}"
-        raise ConfigError(f"trainer.global_batch_size={batch} is not divisible by the {size} ranks; use a multiple of {size}, e.g. {hint}")
+        whom = f"{replicas} ranks" if replicas == size else f"{replicas} replicas (ranks / parallel.tensor_parallel)"
+        raise ConfigError(f"trainer.global_batch_size={batch} is not divisible by the {whom}; use a multiple of "
+                          f"{replicas}, e.g. {hint}")
     expected = cfg.runtime.expected_ranks
     if expected and expected != size:
         raise ConfigError(f"the config expects {counted(expected, 'rank')} (runtime.expected_ranks) but {size} "
@@ -493,14 +609,32 @@ def check_world(cfg: Config, size: int) -> None:
                           "train ...` (or srun)")
 
 
-def check_stages(stages: int, size: int) -> None:
-    if size % stages:
-        raise ConfigError(f"parallel.pipeline_stages={stages} does not divide the {counted(size, 'rank')}: launch a "
-                          f"multiple of {stages} ranks (each pipeline has one rank per stage) or change the stages")
+def check_layout(stages: int, tensor: int, size: int) -> None:
+    """The ranks a layout of `stages` pipeline stages and tensor groups of `tensor` ranks needs, against `size`."""
+    group = stages * tensor
+    if size < group:
+        what = f"{stages} stages" if tensor == 1 else \
+            ("a tensor group" if stages == 1 else f"{stages} stages") + f" of {tensor} ranks"
+        name = f"parallel.pipeline_stages={stages}" if tensor == 1 else \
+            f"parallel.tensor_parallel={tensor}" + (f" x parallel.pipeline_stages={stages}" if stages > 1 else "")
+        launch = f"horovodrun --mpi -np {group}, mpirun, srun --mpi=pmix" if stages > 1 else f"horovodrun -np {group}"
+        raise ConfigError(f"{name}: {what} need{'s' if what.startswith('a ') else ''} at least {group} ranks; {size} "
+                          f"{'is' if size == 1 else 'are'} running; launch with `scripts/launch.sh {group} hvdtrain "
+                          f"...` (or {launch})")
+    if size % tensor:
+        raise ConfigError(f"parallel.tensor_parallel={tensor} does not divide the {counted(size, 'rank')}: launch a "
+                          f"multiple of {tensor} ranks (each tensor group has {tensor} ranks) or change "
+                          "parallel.tensor_parallel")
+    if size % group:
+        if tensor == 1:
+            raise ConfigError(f"parallel.pipeline_stages={stages} does not divide the {counted(size, 'rank')}: launch "
+                              f"a multiple of {stages} ranks (each pipeline has one rank per stage) or change the stages")
+        raise ConfigError(f"parallel.pipeline_stages={stages} does not divide the {size // tensor} tensor groups (of "
+                          f"parallel.tensor_parallel={tensor} ranks each): launch a multiple of {group} ranks (each "
+                          f"pipeline has {group} ranks) or change the stages")
 
 
-def _check_pipeline_batch(cfg: Config, replicas: int) -> None:
-    batch, micro = cfg.trainer.global_batch_size, cfg.parallel.microbatches
+def check_pipeline_batch(batch: int, micro: int, replicas: int) -> None:
     if batch % replicas:
         raise ConfigError(f"trainer.global_batch_size={batch} is not divisible by the {replicas} pipeline replicas "
                           f"(ranks / parallel.pipeline_stages); use a multiple of {replicas}")
@@ -510,7 +644,7 @@ def _check_pipeline_batch(cfg: Config, replicas: int) -> None:
 
 
 def describe_fields() -> list[tuple[str, str, str]]:
-    """(key, default, doc) for every field, for --help and the README."""
+    """(key, default, doc) for every field, for --reference and docs/configuration.md."""
     rows = []
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):

@@ -8,7 +8,7 @@
     run.fit(model, epoch_batches, evaluate=test_batches)      # model.fit from there to the end, in true epochs
     summary = run.finish(model)                               # summary.json with weights_sha256
 
-`run.fit` runs model.fit as `hvdtrain train` does (session.fit_segments: the rest of an interrupted epoch, then
+`run.fit` runs model.fit as `hvdtrain train` does (loop.fit.fit_segments: the rest of an interrupted epoch, then
 whole epochs) with the broadcast, metric averaging, atomic checkpoints, the agreed stop on SIGUSR1/SIGTERM
 (then a checkpoint; exit 0 and the batch script requeues), the agreed non-finite stop, the stall watchdog, exact
 evaluation, rank-0 progress, CSV and TensorBoard. Without a run directory, `hk.callbacks(world)` gives just the
@@ -24,74 +24,93 @@ builds the same whole model and trains its stage; the ranks are D = ranks / P re
     stage.compile(hk.distribute(keras.optimizers.SGD(0.05), world=world), jit_compile=False)
     run.resume(stage); run.fit(stage, epoch_batches, evaluate=test_batches)   # checkpoints stage by stage
     summary = run.finish(stage)                               # model.keras: the whole model, plain Keras
+
+Tensor parallelism (Keras 3), as `hvdtrain train --parallel.tensor_parallel=T` splits layers: every rank builds the
+same whole model; each tensor group of T consecutive ranks holds one copy, its split layers divided among them.
+
+    world = hk.init(seed=1, tensor_parallel=2)                # a tensor group's ranks all read the replica's batches
+    run = hk.Run("runs/mine", world, epochs=10, steps_per_epoch=steps, global_batch_size=64)
+    split = hk.tensor_parallel(model, run)                    # this rank's slices of the split layers, a keras.Model
+    split.compile(hk.distribute(keras.optimizers.Adam(1e-3), world=world), loss, metrics, jit_compile=False)
+    run.resume(split); run.fit(split, epoch_batches, evaluate=test_batches)   # checkpoints slice by slice
+    summary = run.finish(split)                               # model.keras: the whole model, plain Keras
 """
 from __future__ import annotations
-
-import dataclasses
 
 from hvdtrain import runtime
 
 runtime.import_tensorflow()   # first, so TensorFlow's start-up banners stay hidden in your script's output too
 
-from hvdtrain import callbacks as cb  # noqa: E402
-from hvdtrain import backend, checkpoint, config  # noqa: E402
+from hvdtrain import backend, checkpoint, config, strategies  # noqa: E402
 from hvdtrain import world as worlds  # noqa: E402
 from hvdtrain.checkpoint import Position  # noqa: E402
 from hvdtrain.config import ParallelConfig, RuntimeConfig  # noqa: E402
 from hvdtrain.errors import UserError  # noqa: E402
 from hvdtrain.fused_norm import fuse_batch_norm  # noqa: E402
+from hvdtrain.loop.averages import MetricAverage  # noqa: E402
+from hvdtrain.loop.progress import Options  # noqa: E402
+from hvdtrain.loop.stop import StopRequest  # noqa: E402
 from hvdtrain.optim import scaled_lr  # noqa: E402
 from hvdtrain.rundir import STOP_FILE, RunDir  # noqa: E402
-from hvdtrain.session import Session, fit_segments  # noqa: E402
+from hvdtrain.session import Session  # noqa: E402
 from hvdtrain.tasks import Task  # noqa: E402
 from hvdtrain.world import World  # noqa: E402
 
 __all__ = ["Position", "Run", "World", "agreed_steps", "barrier", "callbacks", "distribute", "evaluate", "fuse_batch_norm",
-           "init", "pipeline", "predict", "scale_lr", "shard", "shard_files", "verbose"]
+           "init", "pipeline", "predict", "scale_lr", "shard", "shard_files", "tensor_parallel", "verbose"]
 
 
-def init(pipeline_stages: int = 1, **runtime) -> World:
+def init(pipeline_stages: int = 1, tensor_parallel: int = 1, **runtime) -> World:
     """Start this rank (see hvdtrain.world.start). Keyword arguments are runtime.* settings: seed, deterministic,
     precision, intra_op_threads, cycle_time_ms, stall_timeout_s, ... `pipeline_stages` P > 1: the ranks are
-    D = ranks / P replicas of a P-stage pipeline (see `pipeline`); MPI launch and float32 only, as on the CLI."""
+    D = ranks / P replicas of a P-stage pipeline (see `pipeline`); MPI launch and float32 only, as on the CLI.
+    `tensor_parallel` T > 1: split layers over T consecutive ranks (see `tensor_parallel`); float32 only; the ranks
+    are D = ranks / (P x T) replicas."""
     runtime_cfg = RuntimeConfig(**runtime)
-    _cli_config(runtime_cfg, parallel={"pipeline_stages": pipeline_stages})   # the CLI's checks of the two together
-    return worlds.start(runtime_cfg, stages=pipeline_stages)
+    parallel = _parallel(pipeline_stages=pipeline_stages, tensor_parallel=tensor_parallel)
+    config.Config(parallel=parallel, runtime=runtime_cfg)   # the CLI's checks
+    return worlds.start(runtime_cfg, stages=pipeline_stages, tensor=tensor_parallel)
 
 
-def _cli_config(runtime_cfg: RuntimeConfig = RuntimeConfig(), **sections) -> config.Config:
-    """The config `hvdtrain train` would have with these settings, checked as it checks them (one-line errors)."""
-    return dataclasses.replace(config.from_dict(sections), runtime=runtime_cfg)
+def _parallel(**settings) -> ParallelConfig:
+    """parallel.* settings, each checked as the CLI checks it (one-line errors)."""
+    return config.from_dict({"parallel": settings}).parallel
 
 
 def distribute(optimizer, *, world: World | None = None, fp16_compression: bool = False,
-               backward_passes_per_step: int = 1, sparse_as_dense: bool = False, bucket_mb: float = 0.0):
+               backward_passes_per_step: int = 1, sparse_as_dense: bool = False, bucket_mb: float = 0.0,
+               shard_state: int = 0):
     """The optimizer, averaging gradients over all ranks with a fused ring all-reduce; use the returned object.
     Under the mixed_float16 policy it is also loss-scaled, with the skip-a-step decision agreed by all ranks.
-    `world`: needed for a pipeline's stage (hk.init(pipeline_stages=P)), whose gradients are averaged over the
-    stage's D replicas only."""
+    `world`: needed for a pipeline's stage (hk.init(pipeline_stages=P)) and a tensor-parallel model
+    (hk.init(tensor_parallel=T)), whose gradients are averaged over the D replicas of their part only. `shard_state`
+    1 or 2 (ZeRO, the CLI's parallel.shard_state): each replica holds its range of the optimizer state (and at 2 of
+    the averaged gradients); `Run` checkpoints and resumes it."""
     import keras
     group = world.replica_group if world is not None else None
-    optimizer = backend.distributed_optimizer(optimizer, fp16_compression=fp16_compression,
-                                              backward_passes_per_step=backward_passes_per_step,
-                                              sparse_as_dense=sparse_as_dense, bucket_mb=bucket_mb, group=group)
+    settings = _parallel(shard_state=shard_state)   # the CLI's check of the value
+    if settings.shard_state:
+        optimizer = backend.sharded_optimizer(optimizer, stage=settings.shard_state, fp16_compression=fp16_compression,
+                                              backward_passes_per_step=backward_passes_per_step, group=group)
+    else:
+        optimizer = backend.distributed_optimizer(optimizer, fp16_compression=fp16_compression,
+                                                  backward_passes_per_step=backward_passes_per_step,
+                                                  sparse_as_dense=sparse_as_dense, bucket_mb=bucket_mb, group=group)
     if keras.mixed_precision.global_policy().name == "mixed_float16" and \
             not isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer):
         optimizer = backend.loss_scale(optimizer)
-    if not hasattr(optimizer, "_hvdtrain_group"):   # Run.resume checks that a stage's averages over its replicas
-        optimizer._hvdtrain_group = group
     return optimizer
 
 
 def scale_lr(lr: float, world: World, rule: str = "linear") -> float:
-    """lr scaled by the number of replicas (the ranks; a pipelined world's D pipelines): none, linear (lr*n) or
-    sqrt (lr*sqrt(n))."""
+    """lr scaled by the number of replicas (the ranks; a pipelined or tensor-parallel world's D replicas): none,
+    linear (lr*n) or sqrt (lr*sqrt(n))."""
     return scaled_lr(lr, rule, world.replicas)
 
 
 def shard(dataset, world: World):
-    """This rank's share of a tf.data.Dataset (element i goes to rank i % size; in a pipelined world to replica
-    i % D, all of whose stages read it). Shard before shuffling."""
+    """This rank's share of a tf.data.Dataset (element i goes to rank i % size; in a pipelined or tensor-parallel
+    world to replica i % D, all of whose ranks read it). Shard before shuffling."""
     view = world.data_view()
     return dataset.shard(view.size, view.rank)
 
@@ -99,8 +118,8 @@ def shard(dataset, world: World):
 def shard_files(files, world: World, reader=None):
     """This rank's records of a file-based dataset: whole files (round robin over the sorted list) when there are at
     least as many files as ranks, so each rank reads only its own; else every rank reads all and keeps every size-th
-    record. `reader` turns a list of files into a dataset (default tf.data.TFRecordDataset). In a pipelined world
-    the shares are the replicas', as in `shard`."""
+    record. `reader` turns a list of files into a dataset (default tf.data.TFRecordDataset). In a pipelined or
+    tensor-parallel world the shares are the replicas', as in `shard`."""
     import tensorflow as tf
     from hvdtrain.data import shard_files as by_file
     files = sorted(str(f) for f in files)
@@ -129,10 +148,14 @@ def barrier(world: World) -> None:
 
 def callbacks(world: World, average_metrics: bool = True) -> list:
     """Without a run directory: the start check and broadcast of rank 0's state, then metric averaging."""
-    out = [cb.StartCheck(world)]
-    if average_metrics:
-        out.append(cb.MetricAverage(world))
-    return out
+    import keras
+
+    class Start(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            strategies.DataParallel(world).start(self.model)
+    averages = MetricAverage(world)
+    return [Start()] + ([keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: averages.average(logs))]
+                        if average_metrics else [])
 
 
 def verbose(world: World) -> int:
@@ -157,57 +180,55 @@ def predict(model, dataset_or_array, world: World, batch_size: int = 256):
     come back in input order, every input exactly once, on every rank (rank 0 included). Bit for bit plain Keras at
     any number of ranks: model.predict(x, batch_size=batch_size) for an array or an unbatched dataset,
     model.predict(dataset) for a batched one (its own batches; batch_size is not used). Not in a pipelined world."""
-    from hvdtrain.inference import predict_ordered
-    if world.stages > 1:
-        raise UserError(f"hvdtrain.keras.predict scores with the whole model on every rank, and in this "
-                        f"{world.stages}-stage pipeline each rank holds one stage: predict with the whole model "
-                        "(model.keras, written by run.finish) in a world without stages", agreed=True)
-    return predict_ordered(model, dataset_or_array, world, batch_size)
+    return strategies.for_model(model, world).predict_arrays(model, dataset_or_array, batch_size)
 
 
-# ---- pipeline stages -----------------------------------------------------------------------------------------------
+def tensor_parallel(model, run: "Run", *, plan=None):
+    """This rank's tensor-parallel model of `model` (a keras.Model whose split layers hold this rank's slices of
+    `model`'s weights), in a world from hk.init(tensor_parallel=T); compile it with hk.distribute(optimizer,
+    world=world). Every rank passes the same whole model (built alike: same seed), so every slice starts from it.
+    `plan`: {layer name: column | row | heads | vocab}, checked as the CLI's parallel.tensor_plan (empty: every
+    Dense -> Dense pair and MultiHeadAttention whose sizes T divides). Checkpoints hold each slice; a resume into
+    another layout is refused; run.finish writes the whole model as model.keras (on rank 0, `model` itself then
+    holds the trained weights)."""
+    world = run.world
 
-@dataclasses.dataclass(frozen=True)
-class _Staged:
-    """What `pipeline` keeps on the stage it returns, for Run and evaluate."""
-    pipeline: object                 # pipeline.Pipeline; on rank 0 with the whole model, for model.keras
-    signature: dict                  # the whole model's checkpoint signature, with the stages' layout
+    def build():
+        settings = _parallel(tensor_parallel=world.tensor, tensor_plan=dict(plan or {}))
+        strategy = strategies.Tensor(world, settings.tensor_plan, stage_only=False)
+        return strategy, strategy.prepare(model, objective=None)
+    strategy, split = backend.agree_on_errors(build, "hvdtrain.keras.tensor_parallel")
+    run.train_with(strategy, _signature(model))
+    return split
 
 
 def pipeline(model, run: "Run", *, loss, metrics=(), microbatches: int = ParallelConfig.microbatches,
-             schedule: str = ParallelConfig.schedule, split=(), balance: str = ParallelConfig.balance):
+             schedule: str = ParallelConfig.schedule, split=(), balance: str = ParallelConfig.balance,
+             tensor_plan=None):
     """This rank's stage of `model` (a keras.Model whose train step runs the pipeline schedule), in a world from
     hk.init(pipeline_stages=P); compile it with hk.distribute(optimizer, world=world). Every rank passes the same
     whole model (built alike: same seed). `loss` (a keras.losses.Loss) and `metrics` (keras.metrics.Metric objects)
     are the last stage's; every stage logs them. The settings and their checks are the CLI's parallel.*:
     `microbatches` per replica batch, `schedule` 1f1b | gpipe, `split` the names of the layers stages 2..P begin at
     (empty: balanced by `balance`, time | params). A resumed run keeps its checkpoint's split; run.finish writes the
-    whole model as model.keras (on rank 0, `model` itself then holds every stage's trained weights)."""
-    from hvdtrain import pipeline as pipelines
-    from hvdtrain.log import get_logger
+    whole model as model.keras (on rank 0, `model` itself then holds every stage's trained weights). In a world
+    with tensor_parallel T > 1 the stages' layers are split first (`tensor_plan`, as in `tensor_parallel`)."""
     world = run.world
 
     def build():
-        if world.stages == 1:
-            raise UserError("hvdtrain.keras.pipeline needs pipeline stages: start with "
-                            "hvdtrain.keras.init(pipeline_stages=P), P > 1, under an MPI launch", agreed=True)
-        cfg = _cli_config(parallel={"pipeline_stages": world.stages, "microbatches": microbatches,
-                                    "schedule": schedule, "split": split or (), "balance": balance},
-                          trainer={"global_batch_size": run.session.global_batch})
-        config.check_world(cfg, world.size)   # e.g. micro-batches that do not divide the replica batch
-        return pipelines.build(cfg, world, model, _objective(loss, metrics), get_logger(world.rank), run.run)
-    built = backend.agree_on_errors(build, "hvdtrain.keras.pipeline")
-    signature = _signature(model)
-    signature["pipeline"] = built.layout()   # checkpoints hold its stages; a resume into another layout is refused
-    built.stage._hvdtrain_staged = _Staged(built, signature)
-    return built.stage
+        settings = _parallel(pipeline_stages=world.stages, microbatches=microbatches, schedule=schedule,
+                             split=list(split or ()), balance=balance, tensor_parallel=world.tensor,
+                             tensor_plan=dict(tensor_plan or {}))
+        strategy = strategies.Pipeline(world, settings, run.session.global_batch, run.run)
+        return strategy, strategy.prepare(model, _objective(loss, metrics))
+    strategy, stage = backend.agree_on_errors(build, "hvdtrain.keras.pipeline")
+    run.train_with(strategy, _signature(model))   # checkpoints hold its stages; a resume into another layout is refused
+    return stage
 
 
-def _objective(loss, metrics):
-    """The loss and metrics as pipeline.build asks a task for them. Objects only: a function's per-example losses
+def _objective(loss, metrics) -> Task:
+    """The loss and metrics as a pipeline's last stage takes them. Objects only: a function's per-example losses
     would be summed, not averaged, and what a metric's name means depends on outputs a stage does not have."""
-    import types
-
     import keras
     if not isinstance(loss, keras.losses.Loss):
         raise UserError(f"hvdtrain.keras.pipeline takes a keras.losses.Loss object (e.g. keras.losses."
@@ -216,16 +237,18 @@ def _objective(loss, metrics):
     if names:
         raise UserError(f"hvdtrain.keras.pipeline takes keras.metrics.Metric objects (e.g. keras.metrics."
                         f"SparseCategoricalAccuracy(name='accuracy')), got {names[0]!r}", agreed=True)
-    return types.SimpleNamespace(loss=lambda: loss, metrics=lambda: list(metrics))
+    return _Objective(loss, list(metrics))
 
 
-def _staged(model, world: World) -> _Staged | None:
-    """A stage's _Staged, None for a whole model, which a pipelined world refuses (each rank holds one stage)."""
-    staged = getattr(model, "_hvdtrain_staged", None)
-    if staged is None and world.stages > 1:
-        raise UserError(f"this world is a {world.stages}-stage pipeline, each rank holding one stage: pass the stage "
-                        "hvdtrain.keras.pipeline returned, not the whole model", agreed=True)
-    return staged
+class _Objective:
+    def __init__(self, loss, metrics):
+        self._loss, self._metrics = loss, metrics
+
+    def loss(self):
+        return self._loss
+
+    def metrics(self):
+        return self._metrics
 
 
 def _signature(model) -> dict:
@@ -233,31 +256,9 @@ def _signature(model) -> dict:
 
 
 def _exact_metrics(model, dataset, world: World, task: str, name: str) -> dict:
-    """The whole model's exact metrics (inference.exact_metrics), through the stages for a pipeline's stage."""
-    staged = _staged(model, world)
-    if staged is None:
-        from hvdtrain.inference import exact_metrics
-        return exact_metrics(model, dataset, world, Task(task, int(model.output_shape[-1])), name, "held-out data")
-    from hvdtrain.pipeline.serving import exact_metrics_through
-    return exact_metrics_through(model, dataset, world, Task(task, staged.signature["num_classes"]), name,
-                                 "held-out data")
-
-
-def _checked_signature(model, world: World) -> dict:
-    """What a checkpoint of `model` must match; a stage's optimizer must average over the stage's replicas only
-    (over all ranks, the stages' different gradients would meet in one all-reduce)."""
-    staged = _staged(model, world)
-    if staged is None:
-        return _signature(model)
-    if getattr(model.optimizer, "_hvdtrain_group", None) != world.replica_group:
-        raise UserError("a pipeline stage's optimizer must average over the stage's replicas: compile it with "
-                        "hvdtrain.keras.distribute(optimizer, world=world)", agreed=True)
-    return staged.signature
-
-
-def _pipeline_summary(staged: _Staged | None) -> dict:
-    """summary.json's pipeline entry, as `hvdtrain train` writes it."""
-    return {} if staged is None else {"pipeline": staged.pipeline.summary()}
+    """The whole model's exact metrics: data-parallel, or through the stages for a pipeline's stage."""
+    strategy = strategies.for_model(model, world)
+    return strategy.exact_metrics(model, dataset, Task(task, strategy.outputs(model)), name, "held-out data")
 
 
 class Run:
@@ -266,29 +267,42 @@ class Run:
     a Keras model, or in a pipelined world the stage `pipeline` returned."""
 
     def __init__(self, run_dir, world: World, *, epochs: int, steps_per_epoch: int, global_batch_size: int,
-                 check_every_steps: int = cb.Options.check_every_steps,
-                 checkpoint_every_epochs: int = cb.Options.checkpoint_every_epochs,
-                 checkpoint_every_steps: int = cb.Options.checkpoint_every_steps,
-                 keep_checkpoints: int = cb.Options.keep_checkpoints, stall_timeout_s: float = cb.Options.stall_timeout_s,
-                 progress: str = cb.Options.progress, tensorboard: bool = cb.Options.tensorboard,
+                 check_every_steps: int = Options.check_every_steps,
+                 checkpoint_every_epochs: int = Options.checkpoint_every_epochs,
+                 checkpoint_every_steps: int = Options.checkpoint_every_steps,
+                 keep_checkpoints: int = Options.keep_checkpoints, stall_timeout_s: float = Options.stall_timeout_s,
+                 progress: str = Options.progress, tensorboard: bool = Options.tensorboard,
                  handle_signals: bool = True):
         self.world, self.steps_per_epoch, self._evaluate = world, steps_per_epoch, None
         self.run = RunDir(run_dir)
         backend.agree_on_errors(self.run.check, "hvdtrain.keras.run_dir")
-        stop = cb.StopRequest(stop_file=self.run / STOP_FILE)
+        stop = StopRequest(stop_file=self.run / STOP_FILE)
         if handle_signals:
             stop.install()
-        opts = cb.Options(check_every_steps=check_every_steps, checkpoint_every_epochs=checkpoint_every_epochs,
-                          checkpoint_every_steps=checkpoint_every_steps, keep_checkpoints=keep_checkpoints,
-                          stall_timeout_s=stall_timeout_s, progress=progress, tensorboard=tensorboard)
-        self.session = Session(world, self.run, steps_per_epoch=steps_per_epoch, epochs=epochs,
-                               global_batch=global_batch_size, options=opts, stop=stop, meta={})
+        opts = Options(check_every_steps=check_every_steps, checkpoint_every_epochs=checkpoint_every_epochs,
+                       checkpoint_every_steps=checkpoint_every_steps, keep_checkpoints=keep_checkpoints,
+                       stall_timeout_s=stall_timeout_s, progress=progress, tensorboard=tensorboard)
+        self.session = Session(world, self.run, strategies.for_world(world), steps_per_epoch=steps_per_epoch,
+                               epochs=epochs, global_batch=global_batch_size, options=opts, stop=stop, meta={})
+        self._whole = None   # the whole model's signature, when this run trains a pipeline's stage
+
+    @property
+    def strategy(self):
+        return self.session.strategy
+
+    def train_with(self, strategy, whole_signature: dict) -> None:
+        """Train with `strategy` (hk.pipeline's), whose stages make up a whole model of this signature."""
+        self.session.adopt(strategy)
+        self._whole = whole_signature
 
     def resume(self, model, mode: str = "auto") -> Position:
         """Restore the latest checkpoint (weights, optimizer, position) if there is one; every rank the same one.
-        A pipeline's checkpoint is restored stage by stage, and only into the same stages."""
-        call = (lambda: self.session.resume(model, _checked_signature(model, self.world), mode))
-        return backend.agree_on_errors(call, "hvdtrain.keras.resume")
+        A pipeline's checkpoint is restored stage by stage, and only into the same stages. A data-parallel one
+        written on another number of ranks, or with its optimizer state sharded otherwise, is re-sharded to this
+        run (the batches your epoch_batches gives each rank are yours to keep the same)."""
+        self._follow(model)
+        signature = (lambda: self._whole or _signature(model))
+        return backend.agree_on_errors(lambda: self.session.resume(model, signature(), mode), "hvdtrain.keras.resume")
 
     def fit(self, model, epoch_batches, evaluate=None, task: str = "classification", callbacks=(), **fit_kwargs):
         """model.fit from the resume position to the end, with all the callbacks in their order, as `hvdtrain train`
@@ -298,12 +312,16 @@ class Run:
         (exact metrics at every epoch end, `val_*` in the logs, through the stages for a pipeline; see `evaluate`
         for which batches give one process's bits). `callbacks` run after hvdtrain's (they see averaged metrics);
         `fit_kwargs` go to model.fit. A data error on one rank stops every rank with its message."""
+        self._follow(model)
         self._evaluate = None if evaluate is None else \
             (lambda m: _exact_metrics(m, evaluate, self.world, task, "hvdtrain.keras.val"))
-        staged = _staged(model, self.world)
-        balance = [] if staged is None else [staged.pipeline.balance]   # the stages' measured balance, as the CLI logs it
-        everything = self.session.callbacks(evaluate=self._evaluate) + balance + list(callbacks)
-        fit_segments(model, _per_epoch(epoch_batches, self.steps_per_epoch), self.session, everything, **fit_kwargs)
+        self.strategy.train(self.session, model, _per_epoch(epoch_batches, self.steps_per_epoch), self._evaluate,
+                            callbacks=callbacks, **fit_kwargs)
+
+    def _follow(self, model) -> None:
+        """Checkpoint the optimizer as it is sharded (hk.distribute's shard_state)."""
+        if getattr(model, "optimizer", None) is not None and self.strategy.follow(model.optimizer):
+            self.session.adopt(self.strategy)
 
     @property
     def stopped(self) -> bool:
@@ -312,19 +330,12 @@ class Run:
     def finish(self, model, export: bool = True) -> dict:
         """Checkpoint, replica check, summary.json (rank 0), model.keras when complete (a pipeline's stages put
         back together into the whole model); returns the summary."""
-        staged = _staged(model, self.world)
-        summary = self.session.finish(model, self._evaluate, _pipeline_summary(staged))
+        summary = self.session.finish(model, self._evaluate)
         if export and summary["status"] == "completed":
-            whole = model if staged is None else _assembled(staged, self.world)
+            whole = self.strategy.whole_model(model)
             if self.world.is_chief:
                 self.run.export_model(whole)
         return summary
-
-
-def _assembled(staged: _Staged, world: World):
-    """The whole model with every stage's trained weights on rank 0 (None elsewhere); every rank takes part."""
-    from hvdtrain.pipeline import serving
-    return serving.assemble(staged.pipeline, world)
 
 
 def _per_epoch(epoch_batches, steps: int):

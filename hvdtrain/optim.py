@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule from config; `distributed_optimizer` then makes it data-parallel.
+"""Optimizer and learning-rate schedule from config; a strategy (strategies/) then makes it distributed.
 
 The LR schedule is a function of the optimizer's step counter, so a resumed run continues its schedule exactly,
 and warmup needs no callback (Horovod's LearningRateWarmupCallback crashes with Keras 2.11+ optimizers when
@@ -11,7 +11,6 @@ import math
 import keras
 import tensorflow as tf
 
-from hvdtrain import backend
 
 
 def scaled_lr(base_lr: float, rule: str, size: int) -> float:
@@ -42,11 +41,23 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
                 "total_steps": self.total_steps, "decay": self.decay}
 
 
+# Where a warm-up starts when lr_scaling has not raised the learning rate: a fixed share of it, the same on any
+# number of replicas (so a run with lr_scaling=none is the same run on 1, 2 or 4 ranks, warm-up included).
+WARMUP_START_FRACTION = 0.1
+
+
+def warmup_start(optim_cfg, peak: float) -> float:
+    """The first step's learning rate of a warm-up to `peak`: the one-replica lr when lr_scaling raised it (Goyal et
+    al.: large scaled LRs diverge in the first steps otherwise), else a fixed share of it. The number of replicas
+    enters only through lr_scaling."""
+    return optim_cfg.lr if peak > optim_cfg.lr else WARMUP_START_FRACTION * peak
+
+
 def lr_schedule(optim_cfg, size: int, steps_per_epoch: int, epochs: int) -> WarmupSchedule:
+    """`size`: the replicas the learning rate scales with (a pipeline's D, not its ranks)."""
     peak = scaled_lr(optim_cfg.lr, optim_cfg.lr_scaling, size)
-    # Warmup starts from the single-rank LR (Goyal et al.): large scaled LRs diverge in the first steps otherwise.
     warmup = int(round(optim_cfg.warmup_epochs * steps_per_epoch))
-    start = peak / size if warmup else peak
+    start = warmup_start(optim_cfg, peak) if warmup else peak
     return WarmupSchedule(start, peak, warmup, steps_per_epoch * epochs, optim_cfg.schedule)
 
 
@@ -62,16 +73,3 @@ def optimizer_with(optim_cfg, lr):
     if optim_cfg.name == "adam":
         return keras.optimizers.Adam(lr)
     return keras.optimizers.RMSprop(lr, momentum=optim_cfg.momentum)
-
-
-def distributed_optimizer(optim_cfg, size: int, steps_per_epoch: int, epochs: int, precision: str = "float32",
-                          bucket_mb: float = 0.0, group: int | None = None, switch=None):
-    """The configured optimizer, averaging gradients over all ranks (and loss-scaled for mixed_float16, with the
-    skip-this-step decision agreed by all ranks). `size`: the replicas the learning rate scales with; `group`: a
-    pipeline stage, whose replicas alone are averaged over; `switch`: local SGD's (see sync.Synchronizer)."""
-    optimizer = backend.distributed_optimizer(build_optimizer(optim_cfg, size, steps_per_epoch, epochs),
-                                           fp16_compression=optim_cfg.fp16_compression,
-                                           backward_passes_per_step=optim_cfg.backward_passes_per_step,
-                                           sparse_as_dense=optim_cfg.sparse_as_dense, bucket_mb=bucket_mb,
-                                           group=group, switch=switch)
-    return backend.loss_scale(optimizer) if precision == "mixed_float16" else optimizer

@@ -10,6 +10,7 @@ import sys
 import tempfile
 import warnings
 
+from hvdtrain.backend import environment
 from hvdtrain.errors import UserError
 
 # The two stacks hvdtrain supports, and the Horovod Keras layer each trains with.
@@ -36,8 +37,7 @@ def import_tensorflow():
     warnings.filterwarnings("ignore", message="`shuffle=True` was passed, but will be ignored")
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    banners = contextlib.nullcontext() if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0" else without_lines(*_IMPORT_NOISE)
+    banners = without_lines(*_IMPORT_NOISE) if environment.tensorflow_banners_hidden() else contextlib.nullcontext()
     with banners, _hidden(_UNUSED_AT_KERAS_IMPORT):
         import tensorflow
         import keras  # noqa: F401  (imported here so that the two modules above stay hidden from it)
@@ -88,7 +88,13 @@ def keras_major() -> int:
     """The installed Keras's major version. The one place that asks: the rest ask this (or `stack()`)."""
     import_tensorflow()   # quietly, before Keras
     import keras
-    return int(keras.__version__.split(".")[0])
+    return major(keras.__version__)
+
+
+def major(version: str) -> int:
+    """A version string's major number (0 if it has none): the one place a Keras version is read."""
+    head = version.split(".")[0]
+    return int(head) if head.isdigit() else 0
 
 
 def stack() -> str:
@@ -97,7 +103,7 @@ def stack() -> str:
     import keras
     tf_version, keras_version = tf.__version__, keras.__version__
     major_minor = tuple(int(p) for p in tf_version.split(".")[:2])
-    if os.environ.get("TF_USE_LEGACY_KERAS") in ("1", "true", "True") and major_minor >= (2, 16):
+    if environment.legacy_keras_requested() and major_minor >= (2, 16):
         raise UserError("TF_USE_LEGACY_KERAS=1 selects tf-keras (Keras 2), whose Horovod layer does not work on "
                         f"TensorFlow {tf_version} (horovod issue 4290); unset TF_USE_LEGACY_KERAS: hvdtrain brings its "
                         "own Horovod layer for Keras 3")

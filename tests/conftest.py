@@ -58,14 +58,15 @@ COMMANDS_WORKER = REPO / "tests/parallel/workers/commands_worker.py"
 
 
 def run_commands(np: int, jobs: list[dict], out: Path, launcher: str = "gloo", timeout: float = 900,
-                 cwd=REPO, prefix: tuple = ()) -> list[dict]:
-    """Many `hvdtrain` commands in ONE launch of `np` ranks (tests/parallel/workers/commands_worker.py; np=1: one
-    process, no launcher): start-up paid once. jobs: [{"name", "argv", optional "cwd"}]; prefix: what the rank
-    command starts with (e.g. env VAR=...). Returns, per rank, {name: {"code", "stdout", "stderr"}}."""
+                 cwd=REPO, prefix: tuple = (), worker=COMMANDS_WORKER) -> list[dict]:
+    """Many `hvdtrain` commands in ONE launch of `np` ranks (tests/parallel/workers/commands_worker.py, or a worker
+    built on it; np=1: one process, no launcher): start-up paid once. jobs: [{"name", "argv", optional "cwd"}];
+    prefix: what the rank command starts with (e.g. env VAR=...). Returns, per rank, {name: {"code", "stdout",
+    "stderr"}}."""
     import json
     spec = out / "jobs.json"
     spec.write_text(json.dumps(jobs))
-    command = [*prefix, "python" if np > 1 else sys.executable, str(COMMANDS_WORKER), str(spec), str(out)]
+    command = [*prefix, "python" if np > 1 else sys.executable, str(worker), str(spec), str(out)]
     proc = horovodrun(np, command, launcher, timeout=timeout, cwd=cwd) if np > 1 else \
         subprocess.run(command, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, output(proc)[-5000:]
@@ -112,6 +113,22 @@ def start_horovodrun(np: int, args: list[str], launcher: str = "gloo", cwd=REPO)
     cmd = [str(BIN / "horovodrun"), "-np", str(np), *LAUNCHERS[launcher], *args]
     return subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+
+
+def start_launch(np: int, args: list[str], controller: str = "mpi", cwd=REPO) -> subprocess.Popen:
+    """scripts/launch.sh (as `make train` runs it) in the background, as start_horovodrun."""
+    return subprocess.Popen([str(REPO / "scripts/launch.sh"), str(np), *args], cwd=cwd,
+                            env={**env(), "HVDTRAIN_CONTROLLER": controller}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def ended_by_itself(job: subprocess.Popen, timeout: float, since: str) -> str:
+    """The output of a background job that must end on its own within `timeout` seconds of `since` (a hang guard:
+    the test fails saying so, and the caller's kill_tree cleans up)."""
+    try:
+        return job.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the job was still running {timeout:g} s after {since}") from None
 
 
 def rank_pids(proc: subprocess.Popen, size: int, timeout: float = 60) -> dict[int, int]:

@@ -21,6 +21,7 @@ from hvdtrain.backend.collectives import (agree_on_errors, all_agree, allgather_
                                        allreduce_sum, barrier, broadcast_object, broadcast_variables, build_info,
                                        collective_failure, follow_leaver, from_horovod, gather_agreed, init, join,
                                        leave_with, raise_first, topology, variable_averager)
+from hvdtrain.backend.traffic import sent as sent_bytes
 from hvdtrain.backend.environment import (active_comm_settings, apply_comm_environment, comm_environment,
                                        launched_by_mpi, launched_elastic, launcher_name, local_size_hint, rank_hint,
                                        srun_step_tasks, under_launcher)
@@ -54,6 +55,51 @@ def distributed_optimizer(optimizer, *, fp16_compression: bool = False, backward
                                                 switch=switch)
 
 
+def sharded_optimizer(optimizer, *, stage: int, fp16_compression: bool = False, backward_passes_per_step: int = 1,
+                      group: int | None = None, **ignored):
+    """`optimizer` with its state (stage 1) and its averaged gradients (stage 2) sharded over the replicas of `group`
+    (None: all ranks; a pipeline stage's replicas): a reduce-scatter of the gradients, this rank's range updated, an
+    all-gather of the weights (backend/sharded.py). Keras 3 only."""
+    return _keras_layer().sharded_optimizer(optimizer, stage=stage, fp16_compression=fp16_compression,
+                                            backward_passes_per_step=backward_passes_per_step, group=group)
+
+
+def shard_stage(optimizer) -> int:
+    """The sharding stage of an optimizer (0: it holds the whole state)."""
+    return _keras_layer().shard_stage(optimizer)
+
+
+def replicated_variables(optimizer) -> list:
+    """The optimizer variables every replica holds alike (what the start broadcast sends)."""
+    return _keras_layer().replicated_variables(optimizer)
+
+
+def optimizer_state(optimizer, variables):
+    """This rank's optimizer state in the layout-free form checkpoints keep (sharded.OptimizerState); a collective for
+    a stage-1 optimizer that accumulates gradients."""
+    return _keras_layer().optimizer_state(optimizer, variables)
+
+
+def load_optimizer_state(optimizer, variables, scalars: dict, read) -> None:
+    """Set a built optimizer's state from scalars and `read(slot, lo, hi)`, whatever layout wrote them."""
+    _keras_layer().load_optimizer_state(optimizer, variables, scalars, read)
+
+
+def state_range(optimizer, variables) -> tuple[int, int, int]:
+    """(lo, hi, total): the flat range of the slots this rank's optimizer holds."""
+    return _keras_layer().state_range(optimizer, variables)
+
+
+def whole_twin(optimizer):
+    """An unbuilt plain optimizer holding the whole state as stage 0 would for this sharded one."""
+    return _keras_layer().whole_twin(optimizer)
+
+
+def held_bytes(model) -> dict:
+    """summary.json's memory entry of this rank: weights_bytes, gradient_bytes, optimizer_state_bytes."""
+    return _keras_layer().held_bytes(model)
+
+
 def gradient_buckets(variables, bucket_mb: float) -> list[list[int]] | None:
     """The positions of these variables' gradients in each all-reduce of a step with this runtime.bucket_mb (Keras 3;
     None on Keras 2, where Horovod's layer sends one request per tensor)."""
@@ -63,6 +109,11 @@ def gradient_buckets(variables, bucket_mb: float) -> list[list[int]] | None:
 
 def is_distributed(optimizer) -> bool:
     return _keras_layer().is_distributed(optimizer)
+
+
+def averaging_group(optimizer) -> int | None:
+    """The replica group a distributed optimizer averages over: None for all ranks, else a pipeline stage's."""
+    return _keras_layer().averaging_group(optimizer)
 
 
 def loss_scale(optimizer):
@@ -127,9 +178,10 @@ def elastic_run(fn):
 
 __all__ = ["active_comm_settings", "agree_on_errors", "all_agree", "allgather_object", "allreduce", "allreduce_min",
            "allreduce_sum", "apply_comm_environment", "barrier", "broadcast_object", "broadcast_variables",
-           "build_info", "build_optimizer", "collective_failure", "comm_environment",
+           "averaging_group", "build_info", "build_optimizer", "collective_failure", "comm_environment",
            "distributed_optimizer", "elastic_run", "elastic_state", "follow_leaver", "from_horovod",
-           "gather_agreed", "init", "integration", "is_distributed", "join", "launched_by_mpi",
-           "launched_elastic", "launcher_name", "leave_with", "local_size_hint", "loss_scale", "mpi",
-           "mpi_library_version", "raise_first", "rank_hint", "srun_step_tasks", "topology",
-           "under_launcher", "uses_xla", "variable_averager"]
+           "gather_agreed", "held_bytes", "init", "integration", "is_distributed", "join", "launched_by_mpi",
+           "launched_elastic", "launcher_name", "leave_with", "load_optimizer_state", "local_size_hint", "loss_scale",
+           "mpi", "mpi_library_version", "optimizer_state", "raise_first", "rank_hint", "replicated_variables",
+           "sent_bytes", "shard_stage", "sharded_optimizer", "srun_step_tasks", "state_range", "topology",
+           "under_launcher", "uses_xla", "variable_averager", "whole_twin"]

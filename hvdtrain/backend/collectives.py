@@ -6,51 +6,65 @@ from __future__ import annotations
 
 import numpy as np
 
+from hvdtrain.backend import traffic
 from hvdtrain.backend._horovod import hvd
 from hvdtrain.errors import UserError
 
-_stage_sets: list = []   # Horovod process sets, one per pipeline stage (empty: no pipeline)
+_group_sets: dict = {}   # Horovod process sets by their ranks: the layout's groups (a pipeline stage's or a tensor
+                        # slice's replicas, tensor groups); a group of one rank or of all has none
 
 
-def init(stages: int = 1) -> dict:
+def init(stages: int = 1, tensor: int = 1, groups=None) -> dict:
     """Start Horovod (MPI or Gloo, as launched) and return the topology (see `topology`). Not a collective.
-    With pipeline stages, each stage's replicas form a Horovod process set (its gradients are averaged over it), and
-    activations travel by MPI point-to-point, so the launch must be MPI's."""
-    if stages == 1:
+    With pipeline stages or tensor-parallel layers, the layout's groups (`groups(size)`: lists of ranks, the same
+    on every rank) become Horovod process sets, fixed at its start; activations between stages travel by MPI
+    point-to-point, so a pipeline's launch must be MPI's."""
+    if stages == 1 and tensor == 1:
         hvd().init()
         return topology()
-    from hvdtrain.backend._mpi import mpi
-    from hvdtrain.backend.environment import launched_by_mpi
-    from hvdtrain.config import check_stages
-    if not launched_by_mpi():
+    from hvdtrain.backend.environment import launched_by_mpi, size_hint, under_launcher
+    from hvdtrain.config import check_layout
+    if not under_launcher():
+        check_layout(stages, tensor, 1)   # one process, no launcher: too few ranks is what is wrong, whatever the launcher
+    if stages > 1 and not launched_by_mpi():
         raise UserError(f"parallel.pipeline_stages={stages} sends activations between stages with MPI point-to-point "
                         "messages: launch with MPI (scripts/launch.sh or horovodrun --mpi, mpirun, srun --mpi=pmix), "
                         "not Gloo", agreed=True)
-    size = mpi().COMM_WORLD.Get_size()   # known before Horovod starts: the process sets are fixed at its start
-    check_stages(stages, size)
+    if launched_by_mpi():
+        from hvdtrain.backend._mpi import mpi
+        size = mpi().COMM_WORLD.Get_size()   # known before Horovod starts: the process sets are fixed at its start
+    else:
+        size = size_hint()
+    check_layout(stages, tensor, size)
+    wanted = [tuple(g) for g in groups(size)]
     h = hvd()
     if h.is_initialized():   # a second command in the same process (a test worker, a notebook)
-        if len(_stage_sets) != stages:
-            raise UserError(f"Horovod was started in this process without the process sets of {stages} pipeline "
-                            f"stages; run parallel.pipeline_stages={stages} in a new process", agreed=True)
-        return {**topology(), "stages": stages}
-    _stage_sets[:] = [h.ProcessSet([r for r in range(size) if r % stages == s]) for s in range(stages)]
-    h.init(process_sets=list(_stage_sets))
-    return {**topology(), "stages": stages}
+        if any(g not in _group_sets for g in wanted):
+            raise UserError(f"Horovod was started in this process without the process sets of this layout "
+                            f"(parallel.pipeline_stages={stages}, parallel.tensor_parallel={tensor}); run it in a "
+                            "new process", agreed=True)
+    else:
+        _group_sets.clear()
+        _group_sets.update({g: h.ProcessSet(list(g)) for g in dict.fromkeys(wanted)})
+        h.init(process_sets=list(_group_sets.values()))
+    return {**topology(), "stages": stages, "tensor": tensor}
 
 
-def _process_set(group: int | None):
-    """The Horovod process set of a replica group (a pipeline stage), or the global set for None."""
-    return hvd().global_process_set if group is None else _stage_sets[group]
+def _process_set(group):
+    """The Horovod process set of a group of ranks (a tuple), or the global set for None (or all ranks); None for a
+    group of one rank (nothing to communicate: callers check `_group_size` first)."""
+    if group is None or len(group) == hvd().size():
+        return hvd().global_process_set
+    return _group_sets[tuple(group)] if len(group) > 1 else None
 
 
-def _group_root(group: int | None) -> int:
+def _group_root(group) -> int:
     """The group's first rank (global numbering, as Horovod's broadcast wants it even within a process set)."""
-    return 0 if group is None else _stage_sets[group].ranks[0]
+    return 0 if group is None else group[0]
 
 
-def _group_size(group: int | None) -> int:
-    return hvd().size() if group is None else len(_stage_sets[group].ranks)
+def _group_size(group) -> int:
+    return hvd().size() if group is None else len(group)
 
 
 def topology() -> dict:
@@ -76,12 +90,14 @@ def _alone() -> bool:
     return size() == 1
 
 
-def allreduce_sum(values, name: str) -> np.ndarray:
-    """Sum a float64 vector over all ranks (exact counts and sums for evaluation and agreement)."""
+def allreduce_sum(values, name: str, kind: str = "control") -> np.ndarray:
+    """Sum a float64 vector over all ranks (exact counts and sums for evaluation and agreement; `kind`: what the
+    bytes count as, see traffic.py)."""
     values = np.asarray(values, dtype=np.float64)
     if _alone():
         return values
     import tensorflow as tf
+    traffic.count_arrays(kind, [values])
     return allreduce(tf.constant(values), "sum", name).numpy()
 
 
@@ -90,6 +106,7 @@ def allreduce_min(values, name: str) -> np.ndarray:
     if _alone():
         return values
     import tensorflow as tf
+    traffic.count_arrays("control", [values])
     return allreduce(tf.constant(values), "min", name).numpy()
 
 
@@ -98,9 +115,14 @@ def all_agree(flag: bool, name: str) -> bool:
     return bool(allreduce_min([1 if flag else 0], name)[0])
 
 
-def allgather_object(obj, name: str) -> list:
-    """Every rank's (small, picklable) object, in rank order."""
-    return [obj] if _alone() else hvd().allgather_object(obj, name=name)
+def allgather_object(obj, name: str, group=None) -> list:
+    """Every rank's (small, picklable) object, in rank order; with `group` (a tuple of ranks), the group's ranks'
+    (a collective of the group)."""
+    if _group_size(group) == 1:
+        return [obj]
+    if group is None:
+        return hvd().allgather_object(obj, name=name)
+    return hvd().allgather_object(obj, name=name, process_set=_process_set(group))
 
 
 def broadcast_object(obj, name: str):
@@ -172,8 +194,8 @@ def follow_leaver(name: str) -> None:
 
 
 def broadcast_variables(variables, name: str = "hvdtrain.broadcast", group: int | None = None) -> None:
-    """Make every rank's variables equal to rank 0's (model weights, optimizer slots); with `group` (a pipeline
-    stage), every replica's equal to the stage's first replica's (a collective of that stage's ranks).
+    """Make every rank's variables equal to rank 0's (model weights, optimizer slots); with `group` (the ranks of a
+    part of the model), every replica's equal to the group's first rank's (a collective of the group's ranks).
 
     One traced function assigns every variable from a broadcast of rank 0's value. The variables are captured,
     not passed in: a Keras 3 variable passed into a tf.function arrives as a tensor without `assign`, which is why
@@ -185,6 +207,7 @@ def broadcast_variables(variables, name: str = "hvdtrain.broadcast", group: int 
     if not variables or _group_size(group) == 1:
         return
     root, members = _group_root(group), _process_set(group)
+    traffic.count_variables("broadcast", variables)
 
     @tf.function
     def assign_from_root():
@@ -193,21 +216,25 @@ def broadcast_variables(variables, name: str = "hvdtrain.broadcast", group: int 
     assign_from_root()
 
 
-def variable_averager(variables, name: str, group: int | None = None):
-    """A function that sets every rank's `variables` to their average over ranks (or over a pipeline stage's
+def variable_averager(variables, name: str, group: int | None = None, kind: str = "weights"):
+    """A function that sets every rank's `variables` to their average over ranks (or over `group`'s ranks, a part's
     replicas), in one grouped all-reduce (traced once, the variables captured as in broadcast_variables). Calling it
-    is the collective."""
+    is the collective; its bytes count as `kind`."""
     import tensorflow as tf
     h = hvd()
     variables = list(variables)
     members = _process_set(group)
 
     @tf.function
-    def average():
+    def all_reduce():
         averaged = h.grouped_allreduce([tf.convert_to_tensor(v) for v in variables], op=h.Average, name=name,
                                        process_set=members)
         for variable, value in zip(variables, averaged):
             variable.assign(value)
+
+    def average():
+        traffic.count_variables(kind, variables)
+        all_reduce()
     return average
 
 

@@ -45,6 +45,21 @@ def launched_by_mpi() -> bool:
     return any(LAUNCHER_VARIABLES[name][2] for name in _present())
 
 
+def launch_controller() -> str:
+    """HVDTRAIN_CONTROLLER: how hvdtrain's own launches start ranks, mpi (default) or gloo."""
+    return os.environ.get("HVDTRAIN_CONTROLLER", "mpi")
+
+
+def tensorflow_banners_hidden() -> bool:
+    """TensorFlow's start-up banners are hidden unless TF_CPP_MIN_LOG_LEVEL=0 asks for them (2 by default)."""
+    return os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2") != "0"
+
+
+def legacy_keras_requested() -> bool:
+    """TF_USE_LEGACY_KERAS=1 selects tf-keras (Keras 2) on TensorFlow >= 2.16."""
+    return os.environ.get("TF_USE_LEGACY_KERAS") in ("1", "true", "True")
+
+
 def launched_elastic() -> bool:
     return os.environ.get("HOROVOD_ELASTIC") == "1"
 
@@ -55,6 +70,12 @@ def local_size_hint() -> int:
         if os.environ.get(name, "").isdigit():
             return int(os.environ[name])
     return 1
+
+
+def size_hint() -> int:
+    """Ranks in the job from a Gloo launcher's environment (horovodrun --gloo), before Horovod starts (1 alone)."""
+    value = os.environ.get("HOROVOD_SIZE", "")
+    return int(value) if value.isdigit() else 1
 
 
 def srun_step_tasks() -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import keras
 
+from hvdtrain.backend import traffic
 from hvdtrain.backend._horovod import hvd_keras
 from hvdtrain.errors import UserError
 
@@ -26,9 +27,26 @@ def distributed_optimizer(optimizer, *, fp16_compression: bool = False, backward
     if is_distributed(optimizer):
         return optimizer
     h = hvd_keras()
-    return h.DistributedOptimizer(optimizer, compression=h.Compression.fp16 if fp16_compression else h.Compression.none,
-                                  backward_passes_per_step=backward_passes_per_step,
+    compression = _Counted(h.Compression.fp16 if fp16_compression else h.Compression.none)
+    return h.DistributedOptimizer(optimizer, compression=compression, backward_passes_per_step=backward_passes_per_step,
                                   average_aggregated_gradients=True, sparse_as_dense=sparse_as_dense)
+
+
+class _Counted:
+    """A Horovod compressor that counts what it hands on: Horovod's layer compresses each dense gradient right
+    before its all-reduce, so this is where the bytes are sent (traffic.py). Sparse gradients, which Horovod gathers
+    uncompressed, are not counted on this stack."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def compress(self, tensor):
+        sent, context = self.inner.compress(tensor)
+        traffic.count_tensors("gradients", [sent])
+        return sent, context
+
+    def decompress(self, tensor, context):
+        return self.inner.decompress(tensor, context)
 
 
 def is_distributed(optimizer) -> bool:
@@ -37,6 +55,11 @@ def is_distributed(optimizer) -> bool:
         # gradients before the finiteness check (in _aggregate_gradients), so every rank sees the same verdict.
         return is_distributed(optimizer.inner_optimizer)
     return hasattr(optimizer, "_allreduce_grads")
+
+
+def averaging_group(optimizer) -> None:
+    """Horovod's Keras 2 optimizer averages over all ranks."""
+    return None
 
 
 def loss_scale(optimizer):
@@ -51,3 +74,33 @@ def build_optimizer(optimizer, variables) -> None:
 
 def uses_xla(model) -> bool:
     return bool(getattr(model, "_jit_compile", False))
+
+
+NEEDS_KERAS3 = "needs the Keras 3 stack (TensorFlow >= 2.16): the TF 2.15 stack keeps the whole optimizer state"
+
+
+def sharded_optimizer(optimizer, **options):
+    raise UserError(f"parallel.shard_state > 0 {NEEDS_KERAS3}; set parallel.shard_state=0", agreed=True)
+
+
+def shard_stage(optimizer) -> int:
+    return 0
+
+
+def replicated_variables(optimizer) -> list:
+    return list(optimizer.variables)
+
+
+def optimizer_state(optimizer, variables):
+    raise UserError(f"moving optimizer state between layouts {NEEDS_KERAS3}", agreed=True)
+
+
+load_optimizer_state = state_range = whole_twin = optimizer_state
+
+
+def held_bytes(model) -> dict:
+    """summary.json's memory entry: weights, gradients (the trainable weights' bytes) and optimizer state."""
+    from hvdtrain.variables import nbytes
+    optimizer = getattr(model, "optimizer", None)
+    return {"weights_bytes": nbytes(model.weights), "gradient_bytes": nbytes(model.trainable_variables),
+            "optimizer_state_bytes": nbytes(optimizer.variables) if optimizer is not None else 0}

@@ -17,6 +17,7 @@ import math
 
 from keras.optimizers import LossScaleOptimizer
 
+from hvdtrain.backend import traffic
 from hvdtrain.backend._horovod import hvd
 from hvdtrain.backend.environment import launched_elastic
 from hvdtrain.errors import UserError
@@ -50,8 +51,15 @@ def distributed_optimizer(optimizer, *, fp16_compression: bool = False, backward
         raise UserError(f"cannot rebuild {type(optimizer).__name__} from its config to distribute it ({exc}); register "
                         "custom schedules with keras.saving.register_keras_serializable()") from None
     distributed._hvdtrain_average = _averager(fp16_compression, sparse_as_dense, _bytes(bucket_mb), group, switch)
-    distributed._hvdtrain_fp16 = fp16_compression   # what it sends, for the bytes counted (sync.py)
     return distributed
+
+
+def averaging_group(optimizer) -> int | None:
+    """The replica group a distributed optimizer averages over (None: all ranks)."""
+    inner = optimizer.inner_optimizer if isinstance(optimizer, LossScaleOptimizer) else optimizer
+    if hasattr(inner, "_hvdtrain_group"):   # sharded state (sharded.py)
+        return inner._hvdtrain_group
+    return inner._hvdtrain_average.group
 
 
 def is_distributed(optimizer) -> bool:
@@ -131,6 +139,7 @@ def _averager(fp16_compression: bool, sparse_as_dense: bool, bucket_bytes: int =
         for i, g in zip(present, chosen):
             out[i] = g
         return out
+    average.group = group
 
     def reduce(grads):
         dense = [i for i, g in enumerate(grads) if g is not None and not isinstance(g, tf.IndexedSlices)]
@@ -139,12 +148,15 @@ def _averager(fp16_compression: bool, sparse_as_dense: bool, bucket_bytes: int =
         sizes = [(grads[i].shape.num_elements() or 0) * grads[i].dtype.size if bucket_bytes else 0 for i in dense]
         for bucket in buckets(sizes, bucket_bytes):
             positions = [dense[j] for j in bucket]
-            reduced = h.grouped_allreduce([grads[i] for i in positions], op=h.Average, compression=compression,
-                                          process_set=members)
-            for i, g in zip(positions, reduced):
-                out[i] = g
+            # Compressed here rather than by Horovod (the same ops), so the bytes counted are the bytes sent.
+            sent, contexts = zip(*(compression.compress(grads[i]) for i in positions))
+            traffic.count_tensors("gradients", sent)
+            reduced = h.grouped_allreduce(list(sent), op=h.Average, process_set=members)
+            for i, g, context in zip(positions, reduced, contexts):
+                out[i] = compression.decompress(g, context)
         for i, g in enumerate(grads):
-            if isinstance(g, tf.IndexedSlices):
+            if isinstance(g, tf.IndexedSlices):   # gathered: every rank's rows and their indices
+                traffic.count_tensors("gradients", [g.values, g.indices])
                 out[i] = h.allreduce(g, op=h.Average, compression=compression, process_set=members)
         return out
     return average
@@ -177,3 +189,8 @@ def uses_xla(model) -> bool:
     """Keras 3 compiles the train step with XLA by default on GPUs (jit_compile='auto'); Horovod's ops have no XLA
     kernels (hvdtrain builds Horovod without its XLA ops)."""
     return bool(getattr(model, "jit_compile", False))
+
+
+# Sharded optimizer state (parallel.shard_state), and an optimizer's state whatever its layout.
+from hvdtrain.backend.sharded import (held_bytes, load_optimizer_state, optimizer_state, replicated_variables,  # noqa: E402,F401
+                                      shard_stage, sharded_optimizer, state_range, whole_twin)

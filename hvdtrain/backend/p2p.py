@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 
+from hvdtrain.backend import traffic
 from hvdtrain.backend._mpi import mpi
 
 
@@ -17,13 +18,13 @@ class Channel:
         self.MPI = mpi()
         self.comm = self.MPI.COMM_WORLD.Dup()
         self._pending = []        # (request, buffer): a buffer must live until its send completes
-        self.sent_bytes = 0       # counters for the benchmarks: bytes sent, seconds spent waiting to receive
-        self.waited = 0.0
+        self.waited = 0.0         # seconds spent waiting to receive (the schedule's idle time)
 
-    def send(self, array, dest: int, tag: int) -> None:
+    def send(self, array, dest: int, tag: int, kind: str = "activations") -> None:
+        """Send `array` without waiting; its bytes count as `kind` (traffic.py)."""
         buffer = np.ascontiguousarray(array)
         self._pending.append((self.comm.Isend(buffer, dest=dest, tag=tag), buffer))
-        self.sent_bytes += buffer.nbytes
+        traffic.count_arrays(kind, [buffer])
 
     def recv(self, source: int, tag: int, tail_shape: tuple, dtype, idle: bool = True) -> np.ndarray:
         """The array `source` sent with `tag`; its first dimension (the batch) is read from the message's size.

@@ -10,6 +10,9 @@ matplotlib, the `[bench]` extra.
   hvdtrain bench tune        the evidence behind the communication defaults           tune.py
   hvdtrain bench pipeline    pipeline stages: the bubble against its formula, memory   pipeline.py (+ pipeline_worker)
   hvdtrain bench sync        FedAvg vs FedSGD rounds, local SGD accuracy vs bytes      sync.py
+  hvdtrain bench serve       online serving: load, latency, replicas, batching on/off  serve.py
+  hvdtrain bench tensor      split layers: memory per rank, bytes vs formula, D x T    tensor.py (+ tensor_worker)
+  hvdtrain bench memory      sharded optimizer state: bytes, peak memory, step time    memory.py (+ memory_worker)
   hvdtrain bench report      docs/benchmarks.md from those files                      report.py
 
 Drivers (the commands above) run without a launcher and start their own ranks: `python -m hvdtrain.bench.<x>_worker`
@@ -26,7 +29,8 @@ HELP = "benchmarks: all-reduce, training throughput and scaling, stacks, inferen
 
 # Sub-command -> module of this package with HELP, add_arguments(parser), run(args) -> int and, if it can also run
 # inside the ranks of a launch, run_in_rank(args) -> int.
-SUBCOMMANDS = ("allreduce", "train", "averaging", "stacks", "predict", "tune", "pipeline", "sync", "report")
+SUBCOMMANDS = ("allreduce", "train", "averaging", "stacks", "predict", "tune", "pipeline", "sync", "serve", "tensor",
+               "memory", "report")
 
 
 def _module(name: str):

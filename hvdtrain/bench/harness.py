@@ -76,8 +76,8 @@ def _first_line(cmd: list[str]) -> str:
 
 def keras_major(versions_: dict) -> int:
     """Keras's major version from package versions (0 if unknown)."""
-    major = versions_.get("keras", "?").split(".")[0]
-    return int(major) if major.isdigit() else 0
+    from hvdtrain.runtime import major
+    return major(versions_.get("keras", "?"))
 
 
 def stack_of(versions_: dict) -> dict:

@@ -93,19 +93,32 @@ class Timer:
 
     def __init__(self, channel):
         self.channel, self.spans, self.waited, self.sent, self.steps = channel, 0.0, 0.0, 0, 0
+        self.before = None
 
     def start(self):
         barrier = self.channel.comm.Ibarrier()
         while not barrier.Test():   # without spinning, which would take the core of a stage still computing
             time.sleep(50e-6)
-        self.channel.waited, self.channel.sent_bytes = 0.0, 0
+        self.channel.waited = 0.0
+        self.before = _p2p_bytes()
         self.started = time.perf_counter()
 
     def end(self):
         self.spans += time.perf_counter() - self.started
         self.waited += self.channel.waited
-        self.sent += self.channel.sent_bytes
+        self.sent += _p2p_bytes() - self.before
         self.steps += 1
+
+
+def _p2p_bytes() -> int:
+    """The bytes this rank has sent point-to-point so far (counted where they are sent)."""
+    from hvdtrain import backend
+    return sum(backend.sent_bytes().get("activations", {}).values())
+
+
+def _allreduced_bytes() -> int:
+    from hvdtrain import backend
+    return sum(backend.sent_bytes().get("gradients", {}).values())
 
 
 def run(args) -> int:
@@ -166,13 +179,13 @@ def pipelined_throughput(args, world, channel, stage_model, whole) -> dict:
     stage.compile(optimizer=backend.distributed_optimizer(keras.optimizers.SGD(1e-4), group=world.replica_group),
                   jit_compile=False)
     global_batch = world.replicas * micro * args.micro_batch
-    channel.sent_bytes = 0
+    p2p, allreduced = _p2p_bytes(), _allreduced_bytes()
     seconds = _timed_fit(stage, _data(args, micro * args.micro_batch, world.replica), args, channel)
     steps = args.warmup + args.steps
     return {"impl": f"pipeline {world.replicas}x{world.stages}", "rank": world.rank, "global_batch": global_batch,
-            "seconds": seconds,
-            "samples": args.steps * global_batch, "p2p_bytes_per_step": channel.sent_bytes / steps,
-            "allreduce_bytes_per_step": 4 * stage_model.count_params() if world.replicas > 1 else 0}
+            "seconds": seconds, "samples": args.steps * global_batch,
+            "p2p_bytes_per_step": (_p2p_bytes() - p2p) / steps,
+            "allreduce_bytes_per_step": (_allreduced_bytes() - allreduced) / steps}
 
 
 def data_parallel_throughput(args, world, channel, stage_model, whole) -> dict:
@@ -182,11 +195,11 @@ def data_parallel_throughput(args, world, channel, stage_model, whole) -> dict:
     global_batch = world.replicas * 4 * args.micro_batch
     whole.compile(optimizer=backend.distributed_optimizer(keras.optimizers.SGD(1e-4)), jit_compile=False,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    allreduced = _allreduced_bytes()
     seconds = _timed_fit(whole, _data(args, global_batch // world.size, world.rank), args, channel)
     return {"impl": f"data parallel x{world.size}", "rank": world.rank, "global_batch": global_batch,
-            "seconds": seconds,
-            "samples": args.steps * global_batch, "p2p_bytes_per_step": 0,
-            "allreduce_bytes_per_step": 4 * whole.count_params()}
+            "seconds": seconds, "samples": args.steps * global_batch, "p2p_bytes_per_step": 0,
+            "allreduce_bytes_per_step": (_allreduced_bytes() - allreduced) / (args.warmup + args.steps)}
 
 
 def measure(stage_model, world, channel, args, schedule: str, micro: int) -> dict:

@@ -3,7 +3,8 @@
     hvdtrain bench report --dir docs/bench --output docs/benchmarks.md
 
 Reads allreduce.json, breakdown.json, train.json, train-resnet50.json, train-timeline.json, averaging.json, stacks.json,
-predict.json, tuning.json, pipeline.json and sync.json when present (a missing one is reported as not run), and appends notes.md from the same directory (the
+predict.json, tuning.json, pipeline.json, sync.json, serve.json, tensor.json and memory.json when present (a missing one
+is reported as not run), and appends notes.md from the same directory (the
 hand-written analysis: why a goal is missed, profiles) verbatim. The files hold measurements and ratios only; the
 goals they are read against are stated here, in the text. Plots are linked, not copied.
 """
@@ -16,7 +17,7 @@ from hvdtrain.bench import harness, stacks
 
 HELP = "write the Markdown benchmark report (tables, plots, stacks, machine, versions) from the JSON files"
 FILES = ("allreduce", "breakdown", "train", "train-resnet50", "train-timeline", "averaging", "stacks", "predict", "tuning",
-         "pipeline", "sync")
+         "pipeline", "sync", "serve", "tensor", "memory")
 
 
 def add_arguments(p) -> None:
@@ -35,7 +36,8 @@ def run(args) -> int:
         _resnet50(docs.get("train-resnet50"), rel), _timeline(docs.get("train-timeline")),
         _averaging(docs.get("averaging"), rel),
         _stacks(docs.get("stacks"), rel), _predict(docs.get("predict"), rel), _pipeline(docs.get("pipeline"), rel),
-        _sync(docs.get("sync"), rel), _tuning(docs.get("tuning")),
+        _sync(docs.get("sync"), rel), _serve(docs.get("serve"), rel), _tensor(docs.get("tensor"), rel),
+        _memory(docs.get("memory"), rel), _tuning(docs.get("tuning")),
         notes.read_text().strip() if notes.is_file() else "") if part) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
@@ -51,8 +53,8 @@ def _stack(doc: dict) -> dict:
 def _header(docs: dict) -> str:
     lines = ["# Benchmarks", "",
              "Made by `make bench` (`hvdtrain bench allreduce`, `train`, `averaging`, `stacks`, `predict`, "
-             "`pipeline`, `sync`, then `hvdtrain bench report`; `make bench-tune` for the tuning sweep); the JSON "
-             "files and plots are in [bench/](bench/). **The machine was shared** with other "
+             "`pipeline`, `sync`, `serve`, `tensor`, `memory`, then `hvdtrain bench report`; `make bench-tune` for the tuning sweep); the "
+             "JSON files and plots are in `docs/bench/`. **The machine was shared** with other "
              "engineers' test runs while these numbers were taken, so absolute numbers are noisy: compare the "
              "ratios, which were measured side by side in the same run. The load average is recorded with every run."]
     first = next(iter(docs.values()), None)
@@ -104,7 +106,8 @@ def _ratios(docs: dict) -> str:
                   "issue 4: >= 3"),
                  (f"{model}: new stack / old stack samples/s (best rounds)", get("stacks", "summary", model, "new_vs_old"),
                   "issue 10: >= 0.95")]
-    rows += [("inference speed-up at 2 ranks", get("predict", "summary", "speedup_np2"), "issue 5: >= 1.8")]
+    rows += [("inference speed-up at 2 ranks", get("predict", "summary", "speedup_np2"), "issue 5: >= 1.8"),
+             ("serving: batching on / off answers/s at the highest load", _serving_ratio(docs.get("serve")), "")]
     table = [{"ratio": name, "measured": "not measured" if value is None else f"{value:.3g}", "goal": goal}
              for name, value, goal in rows if value is not None or goal]
     return "\n".join([
@@ -112,6 +115,14 @@ def _ratios(docs: dict) -> str:
         "Measured values only; the goals are those the issues set for this 2-core machine. Where one is missed, the "
         "notes at the end say by how much and why.", "",
         harness.markdown_table(table, ["ratio", "measured", "goal"])])
+
+
+def _serving_ratio(doc):
+    """bench serve's batching on / off answers/s at its largest number of clients."""
+    if not doc:
+        return None
+    most = max(r["clients"] for r in doc["rows"])
+    return doc["summary"].get(f"on_vs_off_answers_per_sec_{most}_clients")
 
 
 def _fastest_exposed(doc, model: str):
@@ -237,7 +248,7 @@ def _resnet50(doc, rel: Path) -> str:
                                        "images/s total", "efficiency", "comm_share"]), "",
         "A GPU run is the same command with `--image-size 224 --batch 64` (64-256 per GPU), one rank per GPU "
         "(`hvdtrain` pins each rank to its local GPU) and `--threads` left at 1; it needs the CUDA builds of "
-        "TensorFlow and Horovod with `HOROVOD_GPU_OPERATIONS=NCCL` (README, GPU notes), mixed precision "
+        "TensorFlow and Horovod with `HOROVOD_GPU_OPERATIONS=NCCL` (docs/install.md, GPU clusters), mixed precision "
         "(`--runtime.precision=mixed_float16`) to be comparable with published figures, and NCCL all-reduce over "
         "NVLink or InfiniBand between nodes; the step is then ~50x the work of this 64x64 CPU run (12x the pixels, 4x the batch), so gradients "
         "(25.6M parameters, 100 MB) are a far smaller share of it than here.", "",
@@ -390,6 +401,82 @@ def _sync(doc, rel: Path) -> str:
                       "Local SGD (configs/digits.yaml, 30 epochs): test accuracy against the bytes each rank "
                       "all-reduced (summary.json's communicated_bytes), every-step averaging first.", "",
                       harness.markdown_table(doc.get("local_sgd", []), sync.LOCAL_COLUMNS)])
+
+
+def _serve(doc, rel: Path) -> str:
+    if not doc:
+        return "## Online serving\n\nNot run (`hvdtrain bench serve`)."
+    from hvdtrain.bench import serve
+    s, settings, summary = _stack(doc), doc["settings"], doc["summary"]
+    rounds = max(r["round"] for r in doc["runs"]) + 1
+    paths = "; ".join(f"batching {b}: {summary.get(f'{b}_replicas_start')} -> {summary.get(f'{b}_replicas_peak')} -> "
+                      f"{summary.get(f'{b}_replicas_after_idle')} replicas" +
+                      (f" (the last removed {summary[f'{b}_scale_down_s_after_load']:.0f} s after the load ended)"
+                       if summary.get(f"{b}_scale_down_s_after_load") is not None else "")
+                      for b in settings["batching"])
+    return "\n".join(["## Online serving", "",
+                      f"`hvdtrain bench serve --rounds {rounds}` (TensorFlow {s['tensorflow']}, Keras {s['keras']}): "
+                      "`hvdtrain serve`'s server on this machine with the digits MLP, closed-loop clients on loopback "
+                      "sending single-instance predict requests, at rising numbers of clients; a phase ends after "
+                      f"{settings['requests']} answers or {settings['phase_s']:g} s. Batching on: "
+                      f"{' '.join(settings['batching']['on'])}; off: {' '.join(settings['batching']['off'])}. "
+                      f"Autoscaling: {' '.join(settings['autoscaling'])}, 1 replica up to as many as the cores hold. "
+                      "mean_batch: the requests in the model call that scored an answer (counted in the replica), "
+                      "averaged over the answers; replicas: running replicas sampled every 0.5 s during the phase. "
+                      "The clients run on the same 2 cores as the replicas, the proxy and the ingress, so the "
+                      f"numbers are the machine's; each phase keeps its best round. Replicas: {paths}.", "",
+                      harness.markdown_table(doc.get("rows", []), serve.COLUMNS), "",
+                      "Where the CPU went, in ms per answer: Ray Serve's HTTP proxy, the ingress (JSON and the "
+                      "API's checks), the model's replicas (TensorFlow and Ray's work in them), this process (the "
+                      "clients, and the driver sampling the replicas) and the rest of Ray (controller, GCS, raylet).",
+                      "", harness.markdown_table(doc.get("rows", []), serve.CPU_COLUMNS), "",
+                      f"![serving]({rel / 'serve.png'})"])
+
+
+def _tensor(doc, rel: Path) -> str:
+    if not doc:
+        return "## Tensor parallelism\n\nNot run (`hvdtrain bench tensor`)."
+    from hvdtrain.bench import tensor
+    s, settings, summary = _stack(doc), doc["settings"], doc.get("summary", {})
+    ratios = "; ".join(f"{r['layout']} / D={r['ranks']}: {summary[tensor.against_data_parallel(r)]:.2f}"
+                       for r in doc.get("rows", []) if tensor.against_data_parallel(r) in summary) or "-"
+    return "\n".join(["## Tensor parallelism", "",
+                      f"`hvdtrain bench tensor` (TensorFlow {s['tensorflow']}, Keras {s['keras']}): the digits "
+                      f"transformer at width {settings['width']} ({settings['whole_params']:,} parameters, "
+                      f"{settings['blocks']} blocks of {settings['heads']} heads, {settings['tokens']} tokens), global "
+                      f"batch {settings['batch']}, one thread per rank, the best of {settings['rounds']} rounds of "
+                      f"{settings['steps']} steps taking turns; 4 ranks share the 2 cores. D x T: D replicas of the "
+                      "model, each split over a tensor group of T ranks. sliced_share: a rank's share of the split "
+                      "layers' sliced weights (the goal, issue 36: 1/T); their row and output biases are held whole, so "
+                      "split_params_per_rank is a little more. activation_mb_per_rank: what one forward pass keeps "
+                      "for the backward pass (the layers' outputs; inside attention its projections and scores), "
+                      "counted from their shapes. tensor_mb_per_step: the split layers' all-reduces a rank hands to "
+                      "Horovod per step, measured where they are sent; formula_mb_per_step: 4 per block of replica "
+                      "batch x tokens x width float32 values (issue 36: equal). gradient_mb_per_step: the gradients "
+                      f"a rank averages over its replicas. D x T / pure D samples/s on the same ranks: {ratios}.", "",
+                      harness.markdown_table(doc.get("rows", []), tensor.COLUMNS), "",
+                      f"![tensor parallelism]({rel / 'tensor.png'})"])
+
+
+def _memory(doc, rel: Path) -> str:
+    if not doc:
+        return "## Sharded optimizer state (ZeRO)\n\nNot run (`hvdtrain bench memory`)."
+    from hvdtrain.bench import memory
+    s, settings = _stack(doc), doc["settings"]
+    return "\n".join(["## Sharded optimizer state (ZeRO)", "",
+                      f"`hvdtrain bench memory` (TensorFlow {s['tensorflow']}, Keras {s['keras']}, best of "
+                      f"{settings['rounds']} rounds): Adam in float32, parallel.shard_state 0, 1 and 2 on D ranks "
+                      "(D = 4 shares the 2 cores), each in fresh processes. state_mb and gradient_mb: the largest "
+                      "rank's, from the variables it holds (summary.json's memory entry), against ZeRO's formula "
+                      f"(Rajbhandari et al., 2020) with K = {settings['k_bytes_per_parameter']} bytes of Adam state per "
+                      "parameter: K Psi at stage 0, K Psi / D sharded; gradients 4 Psi, 4 Psi / D at stage 2 (the step "
+                      "counters make state_vs_formula a hair above 1). peak_rss_mb and rss_growth_mb are measured "
+                      "(getrusage), the growth from just before the model is built; step_ms is the slowest rank's, "
+                      "against stage 0's on the same ranks. Keras's train step computes every local gradient before "
+                      "the optimizer sees one, so at stage 2 the whole local gradient still exists for a moment each "
+                      "step.", "",
+                      harness.markdown_table(doc.get("rows", []), memory.COLUMNS), "",
+                      f"![sharded state memory]({rel / 'memory.png'})"])
 
 
 def _tuning(doc) -> str:

@@ -52,8 +52,8 @@ class HorovodSession:
                                                bucket_mb=self.runtime_cfg.bucket_mb)
 
     def callbacks(self) -> list:
-        from hvdtrain.callbacks import StartCheck
-        return [StartCheck(self.world)] if self.distributed else []
+        from hvdtrain.keras import callbacks   # the start check and broadcast
+        return callbacks(self.world, average_metrics=False) if self.distributed else []
 
     def slowest(self, value: float) -> float:
         return max(self._gathered(value, "hvdtrain.bench.slowest"))

@@ -7,6 +7,7 @@ COMMANDS = {
     "evaluate": "hvdtrain.commands.evaluate",
     "predict": "hvdtrain.commands.predict",
     "export": "hvdtrain.commands.export",
+    "serve": "hvdtrain.commands.serve",
     "sweep": "hvdtrain.commands.sweep",
     "slurm": "hvdtrain.commands.slurm",
     "config": "hvdtrain.commands.config",

@@ -35,11 +35,12 @@ def positive(text: str) -> int:
 
 def start(overrides):
     """Start the ranks with this job's --runtime.* settings (threads, communication: they belong to the launch, not to
-    the trained run) and its --parallel.pipeline_stages; returns (world, rank-aware logger)."""
+    the trained run) and its --parallel.pipeline_stages and --parallel.tensor_parallel; returns (world, rank-aware
+    logger)."""
     from hvdtrain import config, world
     from hvdtrain.log import get_logger
     cfg = config.load_config(None, [o for o in overrides if o.startswith(("--runtime.", "--parallel."))])
-    w = world.start(cfg.runtime, stages=cfg.parallel.pipeline_stages)
+    w = world.start(cfg.runtime, stages=cfg.parallel.pipeline_stages, tensor=cfg.parallel.tensor_parallel)
     return w, get_logger(w.rank)
 
 

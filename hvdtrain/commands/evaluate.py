@@ -27,29 +27,24 @@ def add_arguments(parser) -> None:
 def run(args, overrides) -> int:
     import time
 
-    from hvdtrain import backend
+    from hvdtrain import backend, strategies
     from hvdtrain.commands.common import check_shape, inputs_source, start, write_report
     from hvdtrain.data.inputs import BUILT_IN
-    from hvdtrain.inference import exact_metrics, load_agreed
+    from hvdtrain.inference.run import load_agreed
 
     world, log = start(overrides)
+    strategy = strategies.for_world(world)   # through the stages when launched with them
     trained = load_agreed(args.run, args.checkpoint, overrides, world)
     source = backend.agree_on_errors(lambda: inputs_source(trained, args.input), "hvdtrain.evaluate.source")
     split = "test" if args.input and args.input not in BUILT_IN else args.split
     source.adopt(split, backend.gather_agreed(lambda: source.validate(world, split), "hvdtrain.evaluate.validate"))
 
-    def share():
-        s = source.eval_share(world, split, args.batch_size)
-        check_shape(s.dataset.element_spec[0].shape[1:], trained.input_shape, args.input or source.cfg.source)
-        return s
-    dataset = backend.agree_on_errors(share, "hvdtrain.evaluate.inputs").dataset
+    def checked():
+        share = source.eval_share(strategy.data_view(), split, args.batch_size)
+        check_shape(share.dataset.element_spec[0].shape[1:], trained.input_shape, args.input or source.cfg.source)
+    backend.agree_on_errors(checked, "hvdtrain.evaluate.inputs")
     started = time.perf_counter()
-    if world.stages > 1:   # through the stages, each replica's pipeline on the replica's share
-        from hvdtrain.pipeline import serving
-        stage = serving.stage_of(trained, world)
-        metrics = serving.PipelineEvaluator(source, world, trained.task, split, args.batch_size)(stage)
-    else:
-        metrics = exact_metrics(trained.model, dataset, world, trained.task, "hvdtrain.evaluate", f"{split} data")
+    metrics = strategy.evaluate_trained(trained, source, split, args.batch_size)
     seconds = time.perf_counter() - started
     name = args.input if args.input and args.input not in BUILT_IN else args.split
     shown = "  ".join(f"{name} {k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))

@@ -46,14 +46,16 @@ def add_arguments(parser) -> None:
 def run(args, overrides) -> int:
     import secrets
 
-    from hvdtrain import backend
+    from hvdtrain import backend, strategies
     from hvdtrain.commands.common import inputs_source, start, write_report
     from hvdtrain.data.inputs import BUILT_IN, is_unlabelled, lists_files
-    from hvdtrain.inference import OrderedOutput, load_agreed
+    from hvdtrain.inference import OrderedOutput
+    from hvdtrain.inference.run import load_agreed
 
     world, log = start(overrides)
+    strategy = strategies.for_world(world)   # through the stages when launched with them
     trained = load_agreed(args.run, args.checkpoint, overrides, world)
-    readers = world.data_view()   # a pipeline's stages all see their replica's batches
+    readers = strategy.data_view()   # a pipeline's stages all see their replica's batches
     token = backend.broadcast_object(secrets.token_hex(4), "hvdtrain.predict.token")
     paths = lists_files(args.input, trained.cfg.data)
     fields = args.fields.split(",") if args.fields else trained.task.default_fields() + (("path",) if paths else ())
@@ -72,30 +74,16 @@ def run(args, overrides) -> int:
             got = backend.agree_on_errors(lambda: _checked(source.predict_share(readers, split, args.batch_size),
                                                            trained, args.input or source.cfg.source),
                                           "hvdtrain.predict.share")
-        through = f", {world.replicas} replica(s) of a {world.stages}-stage pipeline" if world.stages > 1 else ""
-        log.info(f"predicting with {trained.ckpt} on {world.size} rank(s){through}")
-        report = _predict(trained, got, world, out)
+        log.info(f"predicting with {trained.ckpt} on {world.describe()}")
+        report = strategy.predict_trained(trained, got, out)
     finally:
         out.discard()
     ranks = ", ".join(f"rank {r['rank']}: {r['samples_per_sec']:,.0f}/s" for r in report["per_rank"]
-                      if r["examples"] or world.stages == 1)   # a pipeline's last stages write its rows
+                      if r["examples"])   # the ranks that wrote rows (a pipeline's last stages)
     log.info(f"wrote {args.output}: {report['examples']} rows ({', '.join(out.fields)}) in {report['seconds']:.2f} s, "
              f"{report['samples_per_sec']:,.0f} samples/s on {world.size} rank(s) ({ranks})")
     write_report(args.report, {**report, "output": args.output, "checkpoint": str(trained.ckpt)}, world)
     return 0
-
-
-def _predict(trained, share, world, out) -> dict:
-    """Data-parallel: every rank scores its batches with the whole model. Through P stages: each replica's pipeline
-    scores the replica's batches and its last stage writes them (model-parallel inference)."""
-    from hvdtrain.inference import predict_to_file, write_predictions
-    if world.stages == 1:
-        return predict_to_file(trained.model, share, world, out, trained.task, trained.input_shape,
-                               trained.class_names)
-    from hvdtrain.pipeline import serving
-    stage = serving.stage_of(trained, world)
-    return write_predictions(serving.predictions_through(stage, share, trained.task), share, world, out,
-                             trained.class_names, writers=serving.last_stages(range(world.size), world))
 
 
 def _unlabelled(source: str, trained, world, readers, batch: int):

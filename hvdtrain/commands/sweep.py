@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from hvdtrain.commands.common import positive
 
-HELP = "hyperparameter search over data-parallel training trials, locally or on Slurm (Optuna; resumable)"
+HELP = "hyperparameter search over `hvdtrain train` trials, locally or on Slurm (Optuna; resumable)"
 
 
 def add_arguments(parser) -> None:

@@ -7,6 +7,7 @@ stops with that rank's message instead of waiting for it in the gather."""
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import numpy as np
 
@@ -15,18 +16,23 @@ from hvdtrain.data.sharding import in_batch_order
 from hvdtrain.errors import DataError, first_line
 
 
+_SUM_STEPS = weakref.WeakKeyDictionary()   # model -> {task: its traced step}, gone with the model
+
+
 def _sum_step(model, task):
-    """One traced function per (model, task), cached on the model, so per-epoch evaluation does not retrace."""
-    cache = model.__dict__.setdefault("_hvdtrain_eval_steps", {})
+    """One traced function per (model, task), kept while the model lives, so per-epoch evaluation does not
+    retrace."""
+    cache = _SUM_STEPS.setdefault(model, {})
     if task not in cache:
         import tensorflow as tf
 
         # The task's sums are plain ops: AutoGraph's conversion of them cost ~0.35 s of every rank's start (measured).
         sums = tf.autograph.experimental.do_not_convert(task.batch_sums)
+        scored = weakref.ref(model)   # not the model itself: the cache must not keep its key alive
 
         @tf.function(reduce_retracing=True)
         def step(x, y):
-            return tf.stack(sums(model(x, training=False), y))
+            return tf.stack(sums(scored()(x, training=False), y))
         cache[task] = step
     return cache[task]
 
@@ -77,13 +83,15 @@ def check_count(sums: list, task, where: str, diagnose=None, expected: int | Non
 
 def exact_metrics(model, dataset, world, task, name: str = "hvdtrain.evaluate", where: str = "held-out data",
                   diagnose=None, expected: int | None = None) -> dict:
-    """The task's metrics over every rank's batches of `dataset` together, identical on every rank (a collective).
-    Rank r's k-th batch counts as global batch r + k*size (dealt batches); `expected`: this rank's example count,
-    checked after reading."""
+    """The task's metrics over every replica's batches of `dataset` together, identical on every rank (a collective).
+    Replica r's k-th batch counts as global batch r + k*replicas (dealt batches); the ranks of a tensor group read
+    the same batches and compute the same sums, and one of them reports (world.reporters); `expected`: this rank's
+    example count, checked after reading."""
     def read():
         return batch_sums(model, dataset, task, where, diagnose, expected)
     parts = backend.gather_agreed(read, f"{name}.read")
-    return task.metrics_from_sums(ordered_total(in_batch_order(parts), len(task.sum_names())))
+    reported = [parts[rank] for rank in world.reporters()]
+    return task.metrics_from_sums(ordered_total(in_batch_order(reported), len(task.sum_names())))
 
 
 def ordered_total(sums: list, width: int) -> np.ndarray:
@@ -100,12 +108,12 @@ class Evaluator:
 
     def __init__(self, source, world, task, split: str = "test", batch: int = 256):
         self.source, self.world, self.task, self.split = source, world, task, split
-        self.share = source.eval_share(world, split, batch) if source.has_split(split) else None
+        self.share = source.eval_share(world.data_view(), split, batch) if source.has_split(split) else None
         self.where = f"{split} data"
 
     def __call__(self, model) -> dict | None:
         if self.share is None:
             return None
         return exact_metrics(model, self.share.dataset, self.world, self.task, f"hvdtrain.evaluate.{self.split}",
-                             self.where, diagnose=lambda: self.source.diagnose(self.world, self.split),
+                             self.where, diagnose=lambda: self.source.diagnose(self.world.data_view(), self.split),
                              expected=self.share.count)

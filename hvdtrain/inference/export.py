@@ -144,8 +144,8 @@ def held_out(cfg, limit: int) -> tuple[str, np.ndarray, np.ndarray]:
 
 
 def _save(model, path: Path) -> None:
-    import keras
-    if int(keras.__version__.split(".")[0]) >= 3:
+    from hvdtrain.runtime import keras_major
+    if keras_major() >= 3:
         model.export(str(path), format="tf_saved_model", verbose=False)
     else:
         with contextlib.redirect_stdout(io.StringIO()):   # Keras 2 lists the endpoints and their captures

@@ -157,9 +157,9 @@ def predict_to_file(model, share, world, out: OrderedOutput, task, input_shape, 
 def write_predictions(batches, share, world, out: OrderedOutput, class_names=None, writers=None) -> dict:
     """Each batch's prediction fields (`batches`, one dict per batch of `share`, this rank's; a rank that writes
     none, e.g. a pipeline's earlier stage, runs its part inside the iteration) into `out`, then merged on rank 0
-    from the `writers` (the ranks holding the dealt batches in dealing order; default every rank). Returns the
-    throughput report."""
-    writers = list(range(world.size)) if writers is None else list(writers)
+    from the `writers` (the ranks holding the dealt batches in dealing order; default the world's reporters: every
+    rank, or one per replica). Returns the throughput report."""
+    writers = world.reporters() if writers is None else list(writers)
     names = np.asarray(class_names) if class_names is not None else None
     out.begin(share.paths)
 
@@ -230,7 +230,8 @@ def predict_ordered(model, inputs, world, batch_size: int = 256) -> np.ndarray:
     ds = ds.map(lambda x, *rest: x) if isinstance(ds.element_spec, tuple) else ds
     if len(ds.element_spec.shape) < len(model.input_shape):   # unbatched: the batch dimension is missing
         ds = ds.batch(batch_size)
-    local = [np.asarray(step(x)) for x in ds.shard(world.size, world.rank)]
+    view = world.data_view()   # the ranks of a tensor group score the same batches together
+    local = [np.asarray(step(x)) for x in ds.shard(view.size, view.rank)]
     parts = backend.allgather_object(local, "hvdtrain.keras.predict")
-    ordered = in_batch_order(parts)
+    ordered = in_batch_order([parts[rank] for rank in world.reporters()])
     return np.concatenate(ordered) if ordered else np.zeros((0, *model.output_shape[1:]), np.float32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from hvdtrain import backend, checkpoint, config, models
+from hvdtrain import backend, checkpoint, config, models, strategies
 from hvdtrain.data import open_source
 from hvdtrain.errors import UserError
 from hvdtrain.rundir import RunDir
@@ -51,10 +51,8 @@ def load(run: str | None, ckpt: str, overrides) -> TrainedRun:
     task = Task.from_config(cfg.data, cfg.trainer.top_k)
     model = models.build_model(cfg.model, shape, task.outputs)
     expected = checkpoint.signature(model, shape, task.outputs, cfg.model.name)
-    # A pipeline's stages, and local SGD's per-rank parts (the same weights), serve as one model.
-    expected.update({key: signature.get(key) for key in ("pipeline", "per_rank")})
-    checkpoint.check_compatible(ckpt_path, meta, expected)
-    checkpoint.restore_model(ckpt_path, model, meta)
+    checkpoint.check_compatible(ckpt_path, meta, expected)   # any layout: its parts are read into one model
+    strategies.restore_whole(ckpt_path, model, meta)
     run_dir = RunDir(run) if run else RunDir(ckpt_path.parent.parent)
     return TrainedRun(cfg, model, ckpt_path, shape, task, run_dir.read_classes() or meta.get("classes"))
 

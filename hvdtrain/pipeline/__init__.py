@@ -50,7 +50,7 @@ CANNOT_DEFER = "set parallel.stage_only=false (every rank then makes the whole m
 
 def build_whole(builder, world, stage_only: bool = True):
     """The whole model; on ranks other than 0 (with stage_only) without its weights: Keras's stateless scope defers
-    them, so `build` makes just this rank's stage's and the other stages' are never made. A deferred weight gets
+    them, so `build` (`make_only`) makes just this rank's stage's and the other stages' are never made. A deferred weight gets
     the value it would have had (an initializer draws its seed when it is made, not when it runs); a value the
     builder sets, such as a pretrained weight, is kept aside until its stage's weights are made. So every stage
     starts from the unsplit model's initial weights."""
@@ -71,7 +71,7 @@ def build_whole(builder, world, stage_only: bool = True):
     return whole
 
 
-def _made_here(stage_model) -> None:
+def make_only(stage_model) -> None:
     """Make the stage's deferred weights (see build_whole) and drop every reference to the rest, so they go with the
     whole model."""
     try:
@@ -88,6 +88,14 @@ def _made_here(stage_model) -> None:
         _forget_deferred()
 
 
+def initial_value(weight):
+    """A deferred weight's value when it is made (see build_whole): what the model's builder set, else its
+    initializer's (an initializer draws its seed when it is made, so this is the value it would have had)."""
+    if id(weight) in _SET_BY_BUILDER:
+        return _SET_BY_BUILDER[id(weight)]
+    return weight._initializer(weight._shape, dtype=weight._dtype)
+
+
 def _forget_deferred() -> None:
     from keras.src.backend.common import global_state   # Keras keeps every deferred weight in this list
     global_state.set_global_attribute("uninitialized_variables", [])
@@ -99,41 +107,38 @@ def held_parameters(whole) -> int:
     return sum(parameters(w) for w in whole.weights if getattr(w, "_value", True) is not None)
 
 
-def build(cfg, world, whole, task, log, run=None) -> Pipeline:
+def build(settings, world, whole, objective, log, global_batch: int, kept_split: tuple = (), cut=None) -> Pipeline:
     """This rank's stage of `whole` (the same model on every rank: from build_whole, or built whole, as the Keras
-    API's user does), not yet compiled; the rest of the model is let go, except on rank 0. `run`: the run
-    directory, whose checkpoint's split a resume keeps."""
+    API's user does), not yet compiled; the rest of the model is let go, except on rank 0. `settings`:
+    config.ParallelConfig; `objective`: the loss and metrics (loss() and metrics()); `kept_split`: the first layers of
+    stages 2..P of a checkpoint being resumed, used when `settings.split` names none; `cut`: the model cut into
+    stages when it is not `whole` itself (its tensor-parallel model: the same layer names, in the same order)."""
     from hvdtrain import runtime
     from hvdtrain.backend.p2p import Channel
+    from hvdtrain.config import check_pipeline_batch
     from hvdtrain.pipeline import split
     from hvdtrain.pipeline.balance import MeasuredBalance
     from hvdtrain.pipeline.stage import PipelineStage
     if runtime.keras_major() < 3:
         raise UserError("parallel.pipeline_stages > 1 needs the Keras 3 stack (TensorFlow >= 2.16): the TF 2.15 stack "
                         "trains data-parallel only", agreed=True)
-    p = cfg.parallel
-    names, costs = p.split or _checkpoint_split(run, cfg, p.pipeline_stages), None
+    p = settings
+    check_pipeline_batch(global_batch, p.microbatches, world.replicas)
+    names, costs = p.split or kept_split, None
     if not names and p.balance == "time":
-        micro_batch = cfg.trainer.global_batch_size // world.replicas // p.microbatches
-        costs = _measured(whole, micro_batch, world)
+        costs = _measured(whole, global_batch // world.replicas // p.microbatches, world)
     plan, stage_models = split.plan(whole, p.pipeline_stages, names, costs)
-    _made_here(stage_models[world.stage])
+    make_only(stage_models[world.stage])
     log.info(f"pipeline: {p.pipeline_stages} stages x {world.replicas} replica(s), {p.microbatches} micro-batches, "
              f"{p.schedule}; {plan.describe()}")
     stage = PipelineStage(stage_models[world.stage], world, Channel(), schedule=p.schedule,
-                          microbatches=p.microbatches, loss=task.loss(), metrics=task.metrics())
+                          microbatches=p.microbatches, loss=objective.loss(), metrics=objective.metrics(),
+                          whole_outputs=int(whole.output_shape[-1]),
+                          earlier_trains=any(m.trainable_weights for m in stage_models[:world.stage]))
     # The other stages' layers go with the whole model (only rank 0 keeps it, to write model.keras at the end).
     return Pipeline(stage=stage, whole=whole if world.is_chief else None, plan=plan, channel=stage.channel,
                     balance=MeasuredBalance(stage.channel, world, p.microbatches, log), built=held_parameters(whole),
                     parallel=p)
-
-
-def _checkpoint_split(run, cfg, stages: int) -> tuple:
-    """The split of the run's latest checkpoint, when it has one of as many stages (else empty)."""
-    from hvdtrain import checkpoint
-    latest = checkpoint.latest(run.path) if run is not None and cfg.trainer.resume != "never" else None
-    layout = checkpoint.read_meta(latest).get("signature", {}).get("pipeline") if latest else None
-    return tuple(layout["first_layers"][1:]) if layout and layout["stages"] == stages else ()
 
 
 def _measured(whole, micro_batch: int, world) -> list:

@@ -33,7 +33,7 @@ class MeasuredBalance(keras.callbacks.Callback):
         share = _share(self.stepping - self.epoch[0], self.waiting - self.epoch[1])
         shares = backend.allgather_object(share, "hvdtrain.pipeline.balance")
         w = self.world
-        stages = ", ".join(f"stage {s + 1} {shares[s]:.0%}" for s in range(w.stages))   # pipeline 1 (ranks 0..P-1)
+        stages = ", ".join(f"stage {s + 1} {shares[w.rank_of(0, s)]:.0%}" for s in range(w.stages))   # pipeline 1
         self.log.info(f"pipeline balance, epoch {epoch + 1}: share of the steps each stage waited: {stages} (equal "
                       f"stages: {bubble(w.stages, self.microbatches):.0%})")
 

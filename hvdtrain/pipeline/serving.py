@@ -90,23 +90,25 @@ def _receiving(stage):
 
 
 def last_stages(parts: list, world) -> list:
-    """Of one item per rank, the last stages' items in replica order."""
-    return [parts[replica * world.stages + world.stages - 1] for replica in range(world.replicas)]
+    """Of one item per rank, the last stages' items in replica order (one rank of a tensor group's)."""
+    return [parts[rank] for rank in world.reporters()]
 
 
-def assemble(pipeline, world):
+def assemble(pipeline, world, merged: dict | None = None):
     """The whole model with every stage's trained weights, on rank 0 (None elsewhere): each stage's first replica
-    sends its layers' weights to rank 0. Every rank calls it."""
-    stage = pipeline.stage.stage_model
-    if world.rank == 0:
+    sends its layers' weights to rank 0. Every rank calls it. `merged`: this rank's split layers' whole weights
+    (tensor parallelism: put together from the tensor group's slices; the first tensor rank sends them)."""
+    if world.rank == 0:   # its stage's layers are the whole model's own, but for split ones
         layers = {layer.name: layer for layer in pipeline.whole.layers}
-        for source in range(1, world.stages):
-            for name, weights in pipeline.channel.recv_object(source, WEIGHTS_TAG).items():
-                layers[name].set_weights(weights)
+        received = [pipeline.channel.recv_object(world.rank_of(0, s), WEIGHTS_TAG) for s in range(1, world.stages)]
+        for weights in [merged or {}, *received]:
+            for name, values in weights.items():
+                layers[name].set_weights(values)
         return pipeline.whole
-    if world.replica == 0:
-        pipeline.channel.send_object({layer.name: layer.get_weights() for layer in stage.layers if layer.weights},
-                                     0, WEIGHTS_TAG)
+    if world.replica == 0 and world.tensor_rank == 0:
+        stage = pipeline.stage.stage_model
+        weights = {layer.name: layer.get_weights() for layer in stage.layers if layer.weights}
+        pipeline.channel.send_object({**weights, **(merged or {})}, 0, WEIGHTS_TAG)
         pipeline.channel.flush()
     return None
 

@@ -11,6 +11,7 @@ import difflib
 from dataclasses import dataclass
 
 from hvdtrain.config import ConfigError
+from hvdtrain.log import counted
 
 
 @dataclass(frozen=True)
@@ -112,9 +113,11 @@ def plan(model, stages: int, split: tuple = (), layer_costs=None) -> tuple[Plan,
     graph = Graph(model)
     names, points = graph.names, graph.cut_points()
     if len(points) < stages - 1:
-        raise ConfigError(f"parallel.pipeline_stages={stages} needs {stages - 1} cut(s) but model {model.name!r} has "
-                          f"{len(points)} place(s) where exactly one tensor crosses ({_listed(names, points)}); use "
-                          f"at most {len(points) + 1} stages")
+        fix = f"use at most {counted(len(points) + 1, 'stage')}" if points else \
+            "it cannot be split: use parallel.pipeline_stages=1"
+        raise ConfigError(f"parallel.pipeline_stages={stages} needs {counted(stages - 1, 'cut')} but model "
+                          f"{model.name!r} has {counted(len(points), 'place')} where exactly one tensor crosses "
+                          f"({_listed(names, points)}); {fix}")
     per_layer = list(layer_costs) if layer_costs is not None else [graph.cost(k) for k in range(len(names))]
     starts = [0] + (_named(graph, split, points) if split else _balanced(per_layer, points, stages))
     costs = [sum(per_layer[s:e]) for s, e in zip(starts, (*starts[1:], len(names)))]

@@ -11,6 +11,11 @@ Summing the 1/M-scaled micro-batch gradients gives the gradient of the batch's m
 then averages it over the stage's replicas: the same update as the unsplit model on the global batch. The last stage
 computes loss and metrics and sends them to the other stages of its pipeline, so every rank logs the same values.
 
+Frozen layers (model.trainable_from): a stage runs a backward pass only if it or an earlier stage trains, and sends
+its input gradient back only if an earlier stage trains. Both sides of a cut decide from the same whole model (every
+rank has its layers), so a gradient is sent exactly when it is awaited; a stage of frozen layers with frozen stages
+before it only runs forward.
+
 The step is compiled like any Keras train step: the messages are `tf.numpy_function` calls, stateful, so TensorFlow
 runs them in the order the schedule wrote them (its automatic control dependencies order every stateful op), and
 sends do not wait (backend.p2p), so the step cannot deadlock. The computations are chained into that order too (each
@@ -58,11 +63,18 @@ class _Running:
 
 class PipelineStage(keras.Model):
     def __init__(self, stage_model, world, channel, *, schedule: str, microbatches: int, loss=None, metrics=(),
-                 timer=None):
+                 timer=None, whole_outputs: int | None = None, earlier_trains: bool = True):
         super().__init__(name=stage_model.name)
+        self.whole_outputs = whole_outputs   # the whole model's outputs (its task's classes), known on every stage
         self.stage_model = stage_model
         self.world, self.channel, self.microbatches = world, channel, microbatches
+        # Frozen layers (see the module's docstring): an earlier stage that trains needs this stage's input gradient,
+        # and then this stage its output gradient too, whether it trains itself or not.
+        self.sends_input_gradient = earlier_trains and not world.first_stage
+        self.runs_backward = earlier_trains or bool(stage_model.trainable_weights)
         self.ops = stage_ops(schedule, world.stage, world.stages, microbatches)
+        if not self.runs_backward:
+            self.ops = [op for op in self.ops if op[0] == "F"]
         self.peak_stashed = peak_alive(self.ops)
         self.loss_fn = loss
         self.running = _Running(metrics)
@@ -82,11 +94,11 @@ class PipelineStage(keras.Model):
 
     # ---- messages, as ops of the compiled step -------------------------------------------------------------------
 
-    def _send(self, tensor, dest: int, tag: int) -> None:
+    def _send(self, tensor, dest: int, tag: int, kind: str = "activations") -> None:
         import tensorflow as tf
 
         def send(array):
-            self.channel.send(np.array(array), dest, tag)   # a copy: TensorFlow may reuse the tensor's memory
+            self.channel.send(np.array(array), dest, tag, kind)   # a copy: TensorFlow may reuse the tensor's memory
             return np.int32(0)
         with self._in_order():
             self._last = tf.numpy_function(send, [tensor], tf.int32, stateful=True, name="pipeline_send")
@@ -148,7 +160,10 @@ class PipelineStage(keras.Model):
                     self._last = tf.group(*[g for g in grads if g is not None])
         self._timing("end")
         grads = [tf.zeros_like(v) if g is None else g for v, g in zip(variables, grads)]
-        self.optimizer.apply(grads, variables)   # averaged over this stage's replicas
+        if variables:
+            self.optimizer.apply(grads, variables)   # averaged over this stage's replicas
+        else:   # all frozen: nothing to update or average, but the step counts (optimizer_steps, as on every stage)
+            self.optimizer.iterations.assign_add(1)
         logs = self._shared_logs(loss, y, scores)
         self._flush()
         return logs
@@ -157,7 +172,7 @@ class PipelineStage(keras.Model):
         import tensorflow as tf
         M = self.microbatches
         with self._in_order(), tf.GradientTape() as tape:
-            if not self.world.first_stage:
+            if self.sends_input_gradient:
                 tape.watch(inputs)
             out = self.stage_model(inputs, training=True)
             own = tf.add_n(self.stage_model.losses) / M if self.stage_model.losses else None   # regularisation
@@ -177,11 +192,11 @@ class PipelineStage(keras.Model):
             targets, seeds = [p.out], [self._receive(w.next_rank, 2 * m + 1, self.output_tail)]
         if p.own is not None:
             targets, seeds = targets + [p.own], seeds + [None]
-        sources = list(variables) + ([] if w.first_stage else [p.inputs])
+        sources = list(variables) + ([p.inputs] if self.sends_input_gradient else [])
         with self._in_order():
             seeds = [tf.ones_like(t) if s is None else s for t, s in zip(targets, seeds)]
             grads = p.tape.gradient(targets, sources, output_gradients=seeds)
-        if not w.first_stage:
+        if self.sends_input_gradient:
             self._send(grads[-1], w.previous_rank, 2 * m + 1)
             grads = grads[:-1]
         return grads
@@ -190,15 +205,14 @@ class PipelineStage(keras.Model):
         """The epoch's running loss and metrics, computed on the last stage and sent to the pipeline's other stages."""
         import tensorflow as tf
         w = self.world
-        first_of_pipeline = w.rank - w.stage
         if w.last_stage:
             self.running.update(loss, y, tf.concat(scores, axis=0))
             values = tf.cast(tf.stack(self.running.results()), tf.float64)
-            for rank in range(first_of_pipeline, w.rank):
-                self._send(tf.reshape(values, (1, -1)), rank, LOGS_TAG)
+            for stage in range(w.stages - 1):   # this rank's pipeline: its replica and tensor rank
+                self._send(tf.reshape(values, (1, -1)), w.rank_of(w.replica, stage, w.tensor_rank), LOGS_TAG, "control")
         else:
-            values = tf.reshape(self._receive(first_of_pipeline + w.stages - 1, LOGS_TAG, (len(self.running.names),),
-                                              np.float64), (-1,))
+            last = w.rank_of(w.replica, w.stages - 1, w.tensor_rank)
+            values = tf.reshape(self._receive(last, LOGS_TAG, (len(self.running.names),), np.float64), (-1,))
         return dict(zip(self.running.names, tf.unstack(values, num=len(self.running.names))))
 
     # ---- inference -----------------------------------------------------------------------------------------------
@@ -210,7 +224,7 @@ class PipelineStage(keras.Model):
         out = self._infer(x)
         if self.world.last_stage:
             return out
-        self.channel.send(out.numpy(), self.world.next_rank, EVAL_TAG)
+        self.channel.send(out.numpy(), self.world.next_rank, EVAL_TAG, "evaluation")
         self.channel.send_object(None if y is None else np.asarray(y), self.world.next_rank, LABELS_TAG)
         self.channel.flush(keep=2)   # the previous batch's sends done: a stream keeps two messages in flight
         return None
@@ -226,7 +240,8 @@ class PipelineStage(keras.Model):
     def end_stream(self) -> None:
         """Tell the next stage that no batch follows (an empty batch); after the last batch, and after a failure."""
         if not self.world.last_stage:
-            self.channel.send(np.zeros((0, *self.output_tail), self.compute_dtype), self.world.next_rank, EVAL_TAG)
+            self.channel.send(np.zeros((0, *self.output_tail), self.compute_dtype), self.world.next_rank, EVAL_TAG,
+                              "evaluation")
         self.channel.flush()
 
 

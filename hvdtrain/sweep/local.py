@@ -80,7 +80,8 @@ class LocalRunner:
         train = [str(BIN / "hvdtrain"), "train", *train_args]
         if self.ranks == 1:
             return train
-        controller = os.environ.get("HVDTRAIN_CONTROLLER", "mpi")
+        from hvdtrain.backend.environment import launch_controller
+        controller = launch_controller()
         return [str(BIN / "horovodrun"), "-np", str(self.ranks), f"--{controller}", *train]
 
     @staticmethod

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from hvdtrain.bench import allreduce_worker, harness, pipeline, report, stacks, sync, timeline, train
+from hvdtrain.bench import allreduce_worker, harness, memory, pipeline, report, serve, stacks, sync, timeline, train
 from conftest import hvdtrain, output
 
 
@@ -215,7 +215,8 @@ def test_timeline_breakdown_merges_overlapping_tensors_inside_the_window(tmp_pat
 def test_bench_command_lists_its_benchmarks_and_leaves_the_ranks_to_the_drivers():
     proc = hvdtrain(["bench", "--help"], timeout=120)
     assert proc.returncode == 0, output(proc)
-    for name in ("allreduce", "train", "averaging", "stacks", "predict", "tune", "pipeline", "sync", "report"):
+    for name in ("allreduce", "train", "averaging", "stacks", "predict", "tune", "pipeline", "sync", "serve", "tensor",
+                 "memory", "report"):
         assert name in proc.stdout
     assert "--role" not in hvdtrain(["bench", "train", "--help"], timeout=120).stdout   # no hidden worker flags
     bad = hvdtrain(["bench", "nosuch"], timeout=120)
@@ -237,7 +238,7 @@ def test_workers_are_entry_modules_with_their_own_help():
     from conftest import BIN, env
     for module, flag in (("train_worker", "--role"), ("horovod_worker", "--models"),
                          ("mwms_worker", "--stock-fit-only"), ("allreduce_worker", "--raw-only"),
-                         ("pipeline_worker", "--micro-batch")):
+                         ("pipeline_worker", "--micro-batch"), ("tensor_worker", "--layouts")):
         proc = subprocess.run([str(BIN / "python"), "-m", f"hvdtrain.bench.{module}", "--help"], env=env(),
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and flag in proc.stdout, output(proc)
@@ -351,3 +352,52 @@ def test_averaging_measures_every_way_against_one_group_and_keeps_identical_ways
     # The fastest row is one group under another name and fp16 is lossy: neither is the evidence for a default.
     assert summary["fastest_exact"] == "bucket-4MB"
     assert summary["noise_band"] == [pytest.approx(20.0 / 30.0), 1.0]
+
+
+def test_serve_rows_and_summary_come_from_the_answers_the_cpu_and_the_replica_samples(tmp_path):
+    answers = [(0.010, 200, 1), (0.020, 200, 3), (0.030, 200, 3), (0.5, 500, None)]   # (latency s, status, batch)
+    row = serve._row("on", 4, answers, 2.0, [1, 2, 2], {"proxy": 0.03, "model": 0.06, "clients": 0.0})
+    assert (row["answers"], row["errors"], row["answers_per_sec"]) == (3, 1, 1.5)
+    assert row["p50_ms"] == pytest.approx(20.0) and row["mean_batch"] == pytest.approx(7 / 3)
+    assert (row["replicas_max"], row["replicas_end"]) == (2, 2)
+    assert (row["cpu_proxy_ms"], row["cpu_model_ms"], row["cpu_ingress_ms"]) == pytest.approx((10.0, 20.0, 0.0))
+    assert row["cpu_total_ms"] == pytest.approx(30.0)
+    rows = [row, {**row, "batching": "off", "answers_per_sec": 1.0}]
+    samples = [{"t": 0.0, "clients": 0, "replicas": 1}, {"t": 1.0, "clients": 4, "replicas": 1},
+               {"t": 2.0, "clients": 4, "replicas": 2}, {"t": 3.0, "clients": 0, "replicas": 2},
+               {"t": 7.5, "clients": 0, "replicas": 1}]
+    summary = serve.summarize(rows, {"on": samples})
+    assert summary["on_vs_off_answers_per_sec_4_clients"] == 1.5
+    assert (summary["on_replicas_start"], summary["on_replicas_peak"], summary["on_replicas_after_idle"]) == (1, 2, 1)
+    assert summary["on_scale_down_s_after_load"] == pytest.approx(5.5)   # removed at 7.5 s, the load's last sample 2 s
+    doc = base_doc("serve", rows=rows, timeline={"on": samples}, summary=summary,
+                   settings={"batching": serve.SETTINGS, "autoscaling": serve.AUTOSCALING, "requests": 100,
+                             "phase_s": 5.0, "idle_s": 9.0})
+    (tmp_path / "serve.json").write_text(json.dumps(doc))
+    out = tmp_path / "benchmarks.md"
+    assert report.run(argparse.Namespace(dir=str(tmp_path), output=str(out))) == 0
+    text = out.read_text()
+    assert "| serving: batching on / off answers/s at the highest load | 1.5 |  |" in text
+    assert "batching on: 1 -> 2 -> 1 replicas (the last removed 6 s after the load ended)" in text
+    assert "| on | 4 | 3 | 2 | 1.5 | 20 |" in text and "![serving](serve.png)" in text
+    serve.plot(doc, tmp_path / "serve.png")
+    assert (tmp_path / "serve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_memory_rows_hold_each_stages_largest_rank_against_the_formula_and_stage_0():
+    """Per (model, D, stage) the fastest round; its largest rank's bytes against K Psi (/ D when sharded); its peak
+    growth and step time against stage 0's on the same ranks."""
+    def row(stage, round_, step_ms, state, peak):
+        ranks = [{"optimizer_state_bytes": state + extra, "gradient_bytes": 400 // (2 if stage == 2 else 1),
+                  "weights_bytes": 400, "peak_rss_bytes": peak + extra, "baseline_rss_bytes": 1000}
+                 for extra in (0, 8)]
+        return {"model": "mlp", "ranks": 2, "stage": stage, "parameters": 100, "step_ms": step_ms, "round": round_,
+                "per_rank": ranks}
+    rows = memory.table([row(0, 0, 10.0, 800, 3000), row(0, 1, 12.0, 800, 9000), row(1, 0, 11.0, 400, 2000),
+                         row(2, 1, 15.0, 400, 2500)])
+    assert [(r["stage"], r["round"]) for r in rows] == [(0, 0), (1, 0), (2, 1)]   # stage 0's faster round
+    zero, one, two = rows
+    assert one["state_vs_formula"] == pytest.approx(408 / 400) and zero["state_vs_formula"] == pytest.approx(808 / 800)
+    assert two["gradient_mb"] == two["formula_gradient_mb"] == 200 / 2**20
+    assert one["rss_growth_vs_stage0"] == pytest.approx(1008 / 2008) and one["step_vs_stage0"] == pytest.approx(1.1)
+    assert memory.summarize(rows)["mlp_d2_stage2_state_vs_stage0"] == pytest.approx(408 / 808)

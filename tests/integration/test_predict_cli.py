@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, env, hvdtrain, output
+from conftest import PNG_MAGIC, REPO, env, hvdtrain, output
 from predict_fixtures import trained_run
 
 LAUNCH = str(REPO / "scripts/launch.sh")
@@ -59,9 +59,11 @@ def test_bench_predict_writes_rows_with_throughput_machine_and_versions(run, tmp
     assert proc.returncode == 0, output(proc)
     doc = json.loads(result.read_text())
     assert doc["benchmark"] == "predict" and [r["np"] for r in doc["rows"]] == [1, 2]
-    for row in doc["rows"]:
-        assert row["impl"] == "hvdtrain predict" and row["samples"] == 300 and row["samples_per_sec"] > 0
-    assert doc["rows"][0]["speedup"] == 1.0 and doc["summary"]["speedup_np2"] == doc["rows"][1]["speedup"] > 0
+    for row in doc["rows"]:   # all samples over the slowest rank's time
+        assert row["impl"] == "hvdtrain predict" and row["samples"] == 300
+        assert row["samples_per_sec"] == pytest.approx(300 / row["seconds"])
+    assert doc["rows"][0]["speedup"] == 1.0 and doc["summary"]["speedup_np2"] == doc["rows"][1]["speedup"]
+    assert doc["rows"][1]["speedup"] == pytest.approx(doc["rows"][1]["samples_per_sec"] / doc["rows"][0]["samples_per_sec"])
     # What was compared is recorded: the sha256 of each rank count's output, the same as a plain 1-process run's.
     digests = {row["output_sha256"] for row in doc["rows"]}
     mine = tmp_path / "own.npy"
@@ -74,5 +76,5 @@ def test_bench_predict_writes_rows_with_throughput_machine_and_versions(run, tmp
     assert doc["stack"]["keras"] == doc["versions"]["keras"]
     assert doc["machine"]["cpus"] >= 1 and doc["versions"]["horovod"] == "0.28.1" and "tensorflow-cpu" in doc["versions"]
     assert [len(r["per_rank"]) for r in doc["runs"]] == [1, 2]
-    assert result.with_suffix(".png").stat().st_size > 0
+    assert result.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
     assert "speed-up at 2 ranks:" in proc.stdout

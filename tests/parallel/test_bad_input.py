@@ -1,5 +1,5 @@
 """Bad input under horovodrun -np 2 (MPI, as `make train` launches): one clear line printed once, exit code 2 on
-every rank, no traceback from any rank, and nothing written to the run directory. The README's table lists these
+every rank, no traceback from any rank, and nothing written to the run directory. docs/reliability.md's table lists these
 messages. Every case runs in one launch (tests/parallel/workers/commands_worker.py); one more launch checks what the
 launcher itself sees when the ranks fail."""
 import re

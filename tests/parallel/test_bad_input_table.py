@@ -1,4 +1,4 @@
-"""The README's bad-input table is true: every row's line is exactly what `hvdtrain` prints, under horovodrun -np 2
+"""The bad-input table of docs/reliability.md is true: every row's line is exactly what `hvdtrain` prints, under horovodrun -np 2
 (MPI, as `make train` launches), once (by rank 0), with exit code 2 on every rank and no traceback.
 
 All cases run in one launch (tests/parallel/workers/commands_worker.py), in a directory prepared here, with the
@@ -132,8 +132,8 @@ def prepare(root):
     assert trained.returncode == 0, output(trained)
 
 
-def readme_table() -> dict:
-    text = (REPO / "README.md").read_text()
+def documented_table() -> dict:
+    text = (REPO / "docs/reliability.md").read_text()
     block = text[text.index(BEGIN):text.index(END)] if BEGIN in text and END in text else ""
     rows = {}
     for line in block.splitlines():
@@ -164,12 +164,12 @@ def test_every_case_stops_every_rank_with_one_line(printed):
         assert "function_node" not in lines[0] and "\n" not in lines[0].strip()
 
 
-def test_the_readme_table_shows_exactly_those_lines(printed):
+def test_the_documented_table_shows_exactly_those_lines(printed):
     actual = {case: next(line for rank in printed for line in rank[case]["stderr"].splitlines())
               .removeprefix("hvdtrain: error: ") for case in printed[0]}
-    table = readme_table()
-    if KERAS_MAJOR < 3:   # the README shows TF 2.21's lines; Keras 2 names a weight without its model's name
+    table = documented_table()
+    if KERAS_MAJOR < 3:   # the table shows TF 2.21's lines; Keras 2 names a weight without its model's name
         table = {case: line.replace("(weight 0, mlp/dense/kernel:", "(weight 0, dense/kernel:") for case, line in table.items()}
     expected = "\n".join(f"| {case} | ``{message}`` |" for case, message in actual.items())
     assert len(table) >= 25
-    assert table == actual, f"the README's bad-input table should read:\n{expected}"
+    assert table == actual, f"docs/reliability.md's bad-input table should read:\n{expected}"

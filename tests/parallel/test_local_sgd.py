@@ -1,11 +1,12 @@
 """Local SGD for real (trainer.sync=local_sgd), 2 ranks under horovodrun: each rank takes sync_period steps on its own,
-then the weights are averaged. It trains digits to the README's accuracy with at most a quarter of every-step
+then the weights are averaged. It trains digits to the guide's accuracy (docs/strategies.md) with at most a quarter of every-step
 averaging's bytes (counted in summary.json and per epoch in metrics.csv, and recounted here from the model's size);
 with plain SGD and a period of 1 it is every-step averaging up to rounding (the average of the updated weights is the
 update with the averaged gradient; float32 rounds the two differently); the warm-up averages gradients exactly as every-step training does; a stop
 resumes bit for bit, with the optimizer state kept local (each rank's own, checkpointed rank by rank) or averaged."""
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -21,10 +22,24 @@ LOCAL = ["--trainer.sync=local_sgd"]
 WEIGHTS, SLOTS = "optimizer/_trainable_variables/", "optimizer/_variables/"
 
 
-def train(run, *extra, epochs: int = 2, launcher: str = "gloo") -> dict:
-    proc = horovodrun(2, [*HVDTRAIN, f"--trainer.run_dir={run}", f"--trainer.epochs={epochs}", *extra], launcher)
+def train(run, *extra, epochs: int = 2, launcher: str = "gloo", command=HVDTRAIN) -> dict:
+    proc = horovodrun(2, [*command, f"--trainer.run_dir={run}", f"--trainer.epochs={epochs}", *extra], launcher)
     assert proc.returncode == 0, output(proc)[-4000:]
     return json.loads((run / "summary.json").read_text())
+
+
+def recording(folder) -> list[str]:
+    """The command of a run whose ranks record their weights after every step (tests/fixtures/user_models.py's
+    recorded_mlp: the digits MLP) in `folder`."""
+    folder.mkdir()
+    path = os.pathsep.join(p for p in (str(REPO / "tests" / "fixtures"), os.environ.get("PYTHONPATH")) if p)
+    return ["env", f"PYTHONPATH={path}", f"USER_MODELS_RECORD={folder}", *HVDTRAIN,
+            "--model.name=user_models:recorded_mlp"]
+
+
+def recorded(folder) -> list[list[str]]:
+    """Per rank, the digest of its weights after each step."""
+    return [(folder / f"rank{r}.txt").read_text().split() for r in range(2)]
 
 
 def checkpoint_tensors(state_prefix, prefix: str) -> dict:
@@ -76,14 +91,19 @@ def test_a_period_of_one_with_plain_sgd_is_every_step_averaging(tmp_path):
 
 
 def test_the_warmup_averages_gradients_as_every_step_training_does_then_goes_local(tmp_path):
-    every = train(tmp_path / "every")
-    local = train(tmp_path / "local", *LOCAL, "--trainer.sync_period=4", f"--trainer.sync_warmup_steps={STEPS_PER_EPOCH}")
-    first_epoch = f"checkpoints/ckpt-{STEPS_PER_EPOCH:08d}"
-    theirs = checkpoint_tensors(tmp_path / "every" / first_epoch / "state", WEIGHTS)
-    ours = checkpoint_tensors(tmp_path / "local" / first_epoch / "rank-0" / "state", WEIGHTS)
-    assert theirs and ours.keys() == theirs.keys()
-    assert all(np.array_equal(ours[k], theirs[k]) for k in theirs)   # the warm-up: bit for bit every-step training
-    assert local["sync"]["weight_averages_this_run"] == 6                # then local steps and averages
+    """Each rank's weights after every step, as the ranks held them: through the warm-up (the first epoch) the ranks
+    are one model and bit for bit every-step training's; after it they part at every local step and meet at every
+    average (every 4 steps from the warm-up's end, and at the epoch's end), and the run goes its own way."""
+    train(tmp_path / "every", command=recording(tmp_path / "every-steps"))
+    local = train(tmp_path / "local", *LOCAL, "--trainer.sync_period=4", f"--trainer.sync_warmup_steps={STEPS_PER_EPOCH}",
+                  command=recording(tmp_path / "local-steps"))
+    every, mine = recorded(tmp_path / "every-steps"), recorded(tmp_path / "local-steps")
+    assert [len(r) for r in every + mine] == [2 * STEPS_PER_EPOCH] * 4
+    assert every[0] == every[1]                                       # every-step training: one model throughout
+    averages = {26, 30, 34, 38, 42, 44}
+    for step, (rank0, rank1, reference) in enumerate(zip(*mine, every[0]), start=1):
+        assert (rank0 == rank1) == (step <= STEPS_PER_EPOCH or step in averages), f"step {step}"
+        assert (rank0 == reference) == (step <= STEPS_PER_EPOCH), f"step {step}"
     assert local["test_accuracy"] >= 0.85
     params = model_bytes(tmp_path / "local")
     # Warm-up: 22 gradient averages; then weights at 26, 30, 34, 38, 42 and the epoch's end, 44.
@@ -114,7 +134,8 @@ def test_a_stop_between_averages_waits_for_the_next_average_and_resumes_bit_for_
         assert parts == ["meta.json", "state.data-00000-of-00001", "state.index"]   # one state: rank 0's
     resumed = train(run, *settings)
     assert resumed["status"] == "completed" and resumed["weights_sha256"] == uninterrupted["weights_sha256"]
-    assert resumed["communicated_bytes"] == uninterrupted["communicated_bytes"]
+    # Counted by each run as it sends: the stopped run's and the resumed run's bytes add up to the uninterrupted run's.
+    assert first["communicated_bytes"] + resumed["communicated_bytes"] == uninterrupted["communicated_bytes"]
     assert resumed["sync"]["weight_averages_this_run"] == uninterrupted["sync"]["weight_averages_this_run"] - 1
 
 

@@ -18,7 +18,7 @@ from conftest import KERAS_MAJOR, REPO, env, horovodrun, output
 from hvdtrain import data
 from predict_fixtures import inputs, trained_run
 
-pytestmark = pytest.mark.stacks    # also on the TF 2.15 stack: see README, "Tests"
+pytestmark = pytest.mark.stacks    # also on the TF 2.15 stack: see docs/testing.md
 
 WORKER = str(REPO / "tests/parallel/workers/predict_worker.py")
 LAUNCHES = {2: "mpi", 3: "gloo"}

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import REPO, horovodrun, output
 
-pytestmark = pytest.mark.stacks    # also on the TF 2.15 stack: see README, "Tests"
+pytestmark = pytest.mark.stacks    # also on the TF 2.15 stack: see docs/testing.md
 
 WORKER = str(REPO / "tests/parallel/workers/train_worker.py")
 

@@ -145,7 +145,7 @@ def test_bench_template_measures_allreduce_on_two_ranks(cluster, work):
 
 
 def submit_plain(cluster, work, script: str, args: list[str], nodes: int = 1) -> str:
-    """sbatch slurm/<script> from the repository root, as the README shows (no hvdtrain slurm)."""
+    """sbatch slurm/<script> from the repository root, as docs/slurm.md shows (no hvdtrain slurm)."""
     kind = script.split(".")[0]
     proc = cluster.run(["sbatch", f"--nodes={nodes}", "--ntasks-per-node=2", f"--output={work}/{kind}-%j.out",
                         f"slurm/{script}", *args], cwd=REPO)
@@ -162,7 +162,7 @@ def example_data(work):
 
 
 def submit_example(cluster, work, name: str, data) -> tuple[str, object]:
-    """sbatch slurm/run.sbatch python examples/keras_resumable.py ..., 2 tasks, as the README shows. 12 epochs of
+    """sbatch slurm/run.sbatch python examples/keras_resumable.py ..., 2 tasks, as docs/slurm.md shows. 12 epochs of
     ~0.2 s: a USR1 sent after the first checkpoint lands mid-training with seconds to spare."""
     run = work / name
     proc = cluster.run(["sbatch", "--ntasks-per-node=2", "--time=30", f"--job-name={name}",

@@ -58,7 +58,7 @@ def work(vcluster):
 
 def sbatch(cluster: Cluster, work: Path, script: str, name: str, options: list[str], args: list[str],
            env: dict | None = None) -> tuple[str, Path]:
-    """Plain `sbatch slurm/<script>` from the repository root, as the README shows; returns the id and log path."""
+    """Plain `sbatch slurm/<script>` from the repository root, as docs/slurm.md shows; returns the id and log path."""
     proc = cluster.run(["sbatch", *options, f"--job-name={name}", f"--output={work}/{name}-%j.out", f"slurm/{script}",
                         *args], cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -82,7 +82,7 @@ def finished(cluster: Cluster, job_id: str, log: Path) -> tuple[dict, str]:
 
 @pytest.fixture(scope="module")
 def reference(vcluster, work):
-    """The uninterrupted 2-node job of the preemption config, submitted as the README shows."""
+    """The uninterrupted 2-node job of the preemption config, submitted as docs/slurm.md shows."""
     job_id, log = submit(vcluster, work, "reference", [f"--trainer.run_dir={work / 'reference'}", *JOB])
     info, text = finished(vcluster, job_id, log)
     return {"id": job_id, "job": info, "log": text, "run": work / "reference"}
@@ -151,6 +151,26 @@ def test_four_ranks_two_per_node_see_the_right_local_and_cross_ranks(vcluster, w
     summary = json.loads((run / "summary.json").read_text())
     assert (summary["status"], summary["num_ranks"], summary["num_hosts"]) == ("completed", 4, 2)
     assert compare_models(run / "model.keras")["digests"] == [summary["weights_sha256"]]   # agreed by all 4 ranks
+
+
+def test_tensor_groups_inside_each_node_and_replicas_across_train_as_one_process_does(vcluster, work):
+    """T = 2 inside each node, D = 2 across (2 tasks per node): ranks r and r + 1 share a node (the placement the test
+    above checks), so a tensor group's all-reduces stay on it and only each slice's gradients cross the nodes' TCP
+    link; the model is the one a single process trains from the same job."""
+    run, single = work / "tensor", work / "tensor-single"
+    job = ["--config", str(REPO / "configs/digits-transformer.yaml"), "--model.blocks=1", "--trainer.epochs=1",
+           "--trainer.progress=epoch"]
+    job_id, log_path = sbatch(vcluster, work, "train.sbatch", "tensor", ["--nodes=2", "--ntasks-per-node=2", "--time=30"],
+                              [*job, f"--trainer.run_dir={run}", "--parallel.tensor_parallel=2"])
+    info, log = finished(vcluster, job_id, log_path)
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert "4 rank(s) on 2 host(s), controller mpi; 2 replica(s) of 2-way tensor-parallel layers" in log
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["status"], summary["num_hosts"], summary["tensor"]["replicas"]) == ("completed", 2, 2)
+    alone = subprocess.run([HVDTRAIN, "train", f"--trainer.run_dir={single}", *job], cwd=REPO, capture_output=True,
+                           text=True, timeout=600)
+    assert alone.returncode == 0, alone.stdout[-2000:] + alone.stderr[-2000:]
+    assert compare_models(run / "model.keras", single / "model.keras")["max_abs_diff"][0] < 1e-4   # float32 rounding
 
 
 def test_preempted_two_node_job_requeues_and_resumes_to_the_same_model(vcluster, work, reference):

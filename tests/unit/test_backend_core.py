@@ -1,7 +1,8 @@
 """The distributed core in one process: hvdtrain's collectives, its Keras 3 layer and the loop's controller over a
-fake Horovod that plays rank 0 of two, the peer's contribution given by the test. The real thing runs in
-tests/parallel; these pin the arithmetic (what is averaged, when, and before what) and the agreement rules where a
-failure is cheap to read."""
+fake Horovod that plays one rank (0 by default, or another) of two or more, the peers' contribution given by the test.
+The fake applies what hvdtrain asks of Horovod (the compression, the process set, the root of a broadcast) and records
+it. The real thing runs in tests/parallel; these pin the arithmetic (what is averaged, when, over which ranks, in what
+precision, and before what) and the agreement rules where a failure is cheap to read."""
 import numpy as np
 import pytest
 
@@ -12,49 +13,108 @@ from hvdtrain.errors import DataError, NonFiniteLoss, UserError
 keras3 = pytest.mark.keras3   # hvdtrain's own layer exists on Keras 3 only (Keras 2 trains with Horovod's)
 
 
+class ProcessSet:
+    """A Horovod process set: the ranks in it."""
+
+    def __init__(self, ranks):
+        self.ranks = list(ranks)
+
+    def __repr__(self):
+        return f"ProcessSet({self.ranks})"
+
+
+class _Cast:
+    """Horovod's Compression.fp16: float tensors travel as float16 and come back in their own dtype."""
+
+    @staticmethod
+    def compress(tensor):
+        import tensorflow as tf
+        return (tf.cast(tensor, tf.float16), tensor.dtype) if tensor.dtype.is_floating else (tensor, None)
+
+    @staticmethod
+    def decompress(tensor, dtype):
+        import tensorflow as tf
+        return tensor if dtype is None else tf.cast(tensor, dtype)
+
+
+class _NoCompression:
+    @staticmethod
+    def compress(tensor):
+        return tensor, None
+
+    @staticmethod
+    def decompress(tensor, ctx):
+        return tensor
+
+
 class FakeHorovod:
-    """horovod.tensorflow as rank 0 of `size` sees it: every collective combines this rank's value with the peer's
-    (`peer(value, name)`; by default the peer has the same value) and is recorded in `calls`."""
+    """horovod.tensorflow as rank `rank` of `size` sees it: every collective combines this rank's value with the
+    peers' (`peer(value, name)`: what the others contribute, as one rank would; by default the same value) over the
+    process set it is given, in what the compression sends, and is recorded: `calls` (kind, name or count) and
+    `requests` (kind, name, op, compression, process set, the tensors' shapes, the dtypes that travel)."""
     Sum, Average, Min, Max = "sum", "average", "min", "max"
 
     class Compression:
-        none, fp16 = "none", "fp16"
+        none, fp16 = _NoCompression, _Cast
 
-    global_process_set = "all ranks"
+    def __init__(self, size: int = 2, rank: int = 0, peer=lambda value, name: value):
+        self._size, self._rank, self.peer, self.calls, self.requests = size, rank, peer, [], []
 
-    def __init__(self, size: int = 2, peer=lambda value, name: value):
-        self._size, self.peer, self.calls = size, peer, []
+    @property
+    def global_process_set(self):
+        return ProcessSet(range(self._size))
 
     def size(self):
         return self._size
 
     def rank(self):
-        return 0
+        return self._rank
 
-    def _reduce(self, x, op, name):
+    def _record(self, kind, name, op, compression, process_set, tensors):
+        import tensorflow as tf
+        assert self._rank in process_set.ranks, f"rank {self._rank} asked to take part in {process_set}"
+        self.requests.append({"kind": kind, "name": name, "op": op, "compression": compression,
+                              "process_set": process_set, "shapes": [tuple(t.shape) for t in tensors],
+                              "sent": [(compression or _NoCompression).compress(tf.convert_to_tensor(t))[0].dtype.name
+                                       for t in tensors]})
+
+    def _reduce(self, x, op, name, compression, process_set):
         import tensorflow as tf
         x = tf.convert_to_tensor(x)
-        p = tf.cast(tf.convert_to_tensor(self.peer(x, name)), x.dtype)
-        return {"sum": x + p, "average": (x + p) / 2, "min": tf.minimum(x, p), "max": tf.maximum(x, p)}[op]
+        sent, ctx = compression.compress(x)
+        peer, _ = compression.compress(tf.cast(tf.convert_to_tensor(self.peer(x, name)), x.dtype))
+        n = len(process_set.ranks)   # the peer's value stands for each of the n - 1 others
+        total = {"sum": sent + (n - 1) * peer, "average": (sent + (n - 1) * peer) / n,
+                 "min": tf.minimum(sent, peer), "max": tf.maximum(sent, peer)}[op]
+        return compression.decompress(total, ctx)
 
-    def allreduce(self, tensor, op="average", name=None, compression=None, process_set=global_process_set):
+    def allreduce(self, tensor, op="average", name=None, compression=_NoCompression, process_set=None):
+        process_set = process_set or self.global_process_set
         self.calls.append(("allreduce", name))
-        return self._reduce(tensor, op, name)
+        self._record("allreduce", name, op, compression, process_set, [tensor])
+        return self._reduce(tensor, op, name, compression, process_set)
 
-    def grouped_allreduce(self, tensors, op="average", compression=None, name=None, process_set=global_process_set):
+    def grouped_allreduce(self, tensors, op="average", compression=_NoCompression, name=None, process_set=None):
+        process_set = process_set or self.global_process_set
         self.calls.append(("grouped_allreduce", len(tensors)))
-        return [self._reduce(t, op, name) for t in tensors]
+        self._record("grouped_allreduce", name, op, compression, process_set, tensors)
+        return [self._reduce(t, op, name, compression, process_set) for t in tensors]
 
     def allgather_object(self, obj, name=None):
         self.calls.append(("allgather_object", name))
-        return [obj, self.peer(obj, name)]
+        others = [self.peer(obj, name)] * (self._size - 1)
+        return others[:self._rank] + [obj] + others[self._rank:]   # in rank order
 
-    def broadcast(self, tensor, root_rank=0, name=None, process_set=global_process_set):
-        return tensor                      # rank 0's value is this rank's
+    def broadcast(self, tensor, root_rank=0, name=None, process_set=None):
+        process_set = process_set or self.global_process_set
+        assert root_rank in process_set.ranks, f"root {root_rank} is not in {process_set}"
+        self._record("broadcast", name, None, None, process_set, [tensor])
+        self.requests[-1]["root"] = root_rank
+        return tensor if root_rank == self._rank else self.peer(tensor, name)   # the root's value
 
     def broadcast_object(self, obj, root_rank=0, name=None):
         self.calls.append(("broadcast_object", name))
-        return obj
+        return obj if root_rank == self._rank else self.peer(obj, name)
 
     def join(self):
         self.calls.append(("join", None))
@@ -65,11 +125,21 @@ def fake(monkeypatch):
     """Install a FakeHorovod (configure it through the returned object) wherever the backend asks for Horovod."""
     h = FakeHorovod()
     monkeypatch.setattr(collectives, "hvd", lambda: h)
+    monkeypatch.setattr(collectives, "_group_sets", {})   # a test may set up stages (see `stages`)
     if KERAS_MAJOR >= 3:
         from hvdtrain.backend import keras3 as layer
         monkeypatch.setattr(layer, "hvd", lambda: h)
     monkeypatch.delenv("HOROVOD_ELASTIC", raising=False)
     return h
+
+
+@pytest.fixture
+def stages(fake, monkeypatch):
+    """A 2-stage pipeline on 4 ranks (stage = rank % 2): the process sets Horovod was started with."""
+    fake._size = 4
+    sets = [ProcessSet([0, 2]), ProcessSet([1, 3])]
+    monkeypatch.setattr(collectives, "_group_sets", {tuple(s.ranks): s for s in sets})
+    return sets
 
 
 # ---- collectives: agreement, and one rank needing no round trip ----------------------------------------------------
@@ -123,6 +193,48 @@ def test_sums_and_agreement_combine_the_peers_values(fake):
     assert collectives.all_agree(True, "t") is False
 
 
+def test_a_rank_other_than_0_takes_rank_0s_variables(fake):
+    import tensorflow as tf
+    fake._rank = 1
+    fake.peer = lambda x, name: x * 0 + 7.0                  # what rank 0 holds
+    v = tf.Variable([1.0, 2.0])
+    collectives.broadcast_variables([v], name="t.start")
+    np.testing.assert_array_equal(v.numpy(), [7.0, 7.0])
+    assert [(r["root"], r["process_set"].ranks) for r in fake.requests] == [(0, [0, 1])]
+
+
+def test_a_stages_later_replica_takes_the_stages_first_replicas_variables(fake, stages):
+    import tensorflow as tf
+    fake._rank = 3                                           # stage 1, replica 1: its stage's first rank is 1
+    fake.peer = lambda x, name: x * 0 + 7.0
+    v = tf.Variable([1.0, 2.0])
+    collectives.broadcast_variables([v], name="t.start", group=(1, 3))
+    np.testing.assert_array_equal(v.numpy(), [7.0, 7.0])
+    assert [(r["root"], r["process_set"]) for r in fake.requests] == [(1, stages[1])]
+    fake.requests.clear()
+    fake._rank = 1                                           # the root itself keeps its values
+    collectives.broadcast_variables([v], name="t.start", group=(1, 3))
+    assert [r["root"] for r in fake.requests] == [1]
+
+
+def test_the_weight_averager_sets_every_variable_to_the_average_in_one_request(fake, stages):
+    import tensorflow as tf
+    fake._rank = 2                                           # stage 0, replica 1
+    fake.peer = lambda x, name: x * 0 + 10.0
+    a, b = tf.Variable([1.0, 2.0]), tf.Variable([[4.0]])
+    over_all = collectives.variable_averager([a, b], "t.local_sgd")
+    over_stage = collectives.variable_averager([a], "t.stage", group=(0, 2))
+    assert fake.requests == []                               # made, not yet run: calling it is the collective
+    over_all()                                               # (v + 3 * 10) / 4 over the 4 ranks
+    np.testing.assert_array_equal(a.numpy(), [7.75, 8.0])
+    np.testing.assert_array_equal(b.numpy(), [[8.5]])
+    over_stage()                                             # (v + 10) / 2 over the stage's 2 replicas
+    np.testing.assert_array_equal(a.numpy(), [8.875, 9.0])
+    assert [(r["kind"], r["name"], r["op"], r["process_set"].ranks, r["shapes"]) for r in fake.requests] == [
+        ("grouped_allreduce", "t.local_sgd", "average", [0, 1, 2, 3], [(2,), (1, 1)]),
+        ("grouped_allreduce", "t.stage", "average", [0, 2], [(2,)])]
+
+
 def test_only_horovod_errors_are_collective_failures():
     assert collectives.from_horovod(RuntimeError("HorovodAllreduce failed: Gloo connection closed"))
     assert not collectives.from_horovod(ValueError("shapes (3,) and (4,) are incompatible"))
@@ -161,6 +273,48 @@ def test_clipping_sees_the_averaged_gradient(fake):
     fake.peer = lambda g, name: g * 0                  # average of (6, 8) and (0, 0) is (3, 4), norm 5
     got = _step(backend.distributed_optimizer(keras.optimizers.SGD(1.0, clipnorm=1.0)), [[6.0, 8.0]], start=(0, 0))
     np.testing.assert_allclose(got, [-0.6, -0.8], rtol=1e-6)   # clipped before averaging it would be (-0.3, -0.4)
+
+
+@keras3
+def test_fp16_compression_sends_float16_and_the_update_gets_what_arrived(fake):
+    import keras
+
+    from hvdtrain import backend
+    g = 1.0 + 2.0 ** -12                                  # a float32 value float16 rounds to 1.0
+    compressed = _step(backend.distributed_optimizer(keras.optimizers.SGD(1.0), fp16_compression=True), [[g, -g]],
+                       start=(0, 0))
+    np.testing.assert_array_equal(compressed, [-1.0, 1.0])
+    plain = _step(backend.distributed_optimizer(keras.optimizers.SGD(1.0)), [[g, -g]], start=(0, 0))
+    np.testing.assert_array_equal(plain, np.float32([-g, g]))
+    assert [r["sent"] for r in fake.requests] == [["float16"], ["float32"]]   # what reached Horovod
+
+
+@keras3
+def test_a_pipeline_stage_averages_over_its_own_replicas_only(fake, stages):
+    import keras
+
+    from hvdtrain import backend
+    fake._rank, fake.peer = 3, lambda g, name: 3 * g      # stage 1's other replica (rank 1) has 3g
+    got = _step(backend.distributed_optimizer(keras.optimizers.SGD(1.0), group=(1, 3)), [[0.5, -1.0]])
+    np.testing.assert_allclose(got, [1.0 - 1.0, 2.0 + 2.0])   # mean over 2 replicas; over all 4 ranks it would be 2.5g
+    assert [r["process_set"] for r in fake.requests] == [stages[1]]
+
+
+@keras3
+def test_frozen_layers_send_nothing_only_the_trainable_parts_gradients_are_averaged(fake):
+    import keras
+
+    from hvdtrain import backend, models
+    from hvdtrain.config import ModelConfig
+    keras.backend.clear_session()   # layer names count from zero again
+    keras.utils.set_random_seed(1)
+    model = models.build_model(ModelConfig(name="mlp", hidden=(16,), trainable_from="dense_1"), (4,), 3)
+    model.compile(optimizer=backend.distributed_optimizer(keras.optimizers.SGD(0.1)),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)
+    x, y = np.random.default_rng(0).normal(size=(16, 4)).astype("float32"), np.arange(16) % 3
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    # The compiled step asks once, when it is traced: dense_1's kernel and bias, not dense's.
+    assert [sorted(r["shapes"]) for r in fake.requests] == [[(3,), (16, 3)]]
 
 
 @keras3
@@ -236,36 +390,41 @@ def test_bucketed_averaging_gives_the_same_update_in_more_all_reduces(fake):
 # ---- the controller: the agreed stop, as rank 0 of two sees it -----------------------------------------------------
 
 def _session_fit(tmp_path, fake, steps=8, every=3, **options):
-    """Fit a small model for one epoch of `steps` steps through a real Session (rank 0 of two, the peer faked)."""
+    """Fit a small model for one epoch of `steps` steps through a real Session (the fake's rank of two, the peer
+    faked)."""
     import keras
 
     from hvdtrain import backend
-    from hvdtrain import callbacks as cb
+    from hvdtrain.loop.progress import Options
+    from hvdtrain.loop.stop import StopRequest
     from hvdtrain.rundir import RunDir
-    from hvdtrain.session import Session, fit_segments
+    from hvdtrain.session import Session
+    from hvdtrain.strategies import DataParallel
     from hvdtrain.world import World
     keras.utils.set_random_seed(1)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     model.compile(optimizer=backend.distributed_optimizer(keras.optimizers.SGD(0.1)),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)
-    world = World(rank=0, size=2, local_size=2, controller="gloo")
-    session = Session(world, RunDir(tmp_path / "run").check(), steps_per_epoch=steps, epochs=1, global_batch=8,
-                      options=cb.Options(check_every_steps=every, tensorboard=False, progress="none", **options),
-                      stop=cb.StopRequest(), meta={})
+    world = World(rank=fake.rank(), size=2, local_rank=fake.rank(), local_size=2, controller="gloo")
+    session = Session(world, RunDir(tmp_path / "run").check(), DataParallel(world), steps_per_epoch=steps, epochs=1,
+                      global_batch=8, options=Options(check_every_steps=every, tensorboard=False, progress="none",
+                                                      **options), stop=StopRequest(), meta={})
     x, y = np.random.default_rng(0).normal(size=(4 * steps, 4)).astype("float32"), np.arange(4 * steps) % 3
 
     def batches_from(first_epoch, epochs, skip):
         import tensorflow as tf
         return tf.data.Dataset.from_tensor_slices((x, y)).batch(4).skip(skip)
-    fit_segments(model, batches_from, session, session.callbacks())
+    session.strategy.train(session, model, batches_from)
     return session
 
 
-def _peer_flags(stop=0.0, bad=0.0):
+def _peer_flags(stop=0.0, bad=0.0, peer_rank=1):
     """The peer's share of the agreement vector [rank 0 bad, rank 1 bad, stop requested, present]."""
     def peer(value, name):
         if name == "hvdtrain.agreed_stop":
-            return np.array([0.0, bad, stop, 1.0])
+            flags = np.array([0.0, 0.0, stop, 1.0])
+            flags[peer_rank] = bad
+            return flags
         return "SIGUSR1" if name == "hvdtrain.stop_reason" else value
     return peer
 
@@ -279,6 +438,17 @@ def test_a_peers_stop_request_stops_this_rank_at_the_next_agreement_step_with_a_
     assert session.status == "stopped"
     assert sorted(c.name for c in (tmp_path / "run/checkpoints").glob("ckpt-*")) == ["ckpt-00000003"]
     assert p.history and p.history[-1]["partial"] == 1 and p.history[-1]["global_step"] == 3
+
+
+@keras3
+def test_rank_1_stops_where_rank_0_asked_and_leaves_the_checkpoint_to_it(tmp_path, fake):
+    fake._rank, fake.peer = 1, _peer_flags(stop=1.0, peer_rank=0)
+    session = _session_fit(tmp_path, fake, steps=8, every=3)
+    p = session.progress
+    assert (p.stop_reason, p.position.global_step, p.requested_by) == ("stop_requested", 3, "SIGUSR1 on rank 0")
+    assert session.status == "stopped" and not list((tmp_path / "run").rglob("ckpt-*"))   # rank 0 writes them
+    broadcasts = [r for r in fake.requests if r["kind"] == "broadcast"]      # the start: rank 0's state, taken
+    assert broadcasts and {r["root"] for r in broadcasts} == {0}
 
 
 @keras3

@@ -62,6 +62,9 @@ def test_checkpoint_of_another_model_names_the_first_differing_weight(tmp_path):
     assert "belongs to another model (weight 0, " in message and "kernel: shape [3, 5] here, [3, 4] in the checkpoint" in message
     with pytest.raises(UserError, match="model is 'm', this run has 'x'"):
         checkpoint.check_compatible(path, checkpoint.read_meta(path), checkpoint.signature(model, (3,), 2, "x"))
+    model.layers[0].trainable = False   # model.trainable_from: the optimizer's state would not fit
+    with pytest.raises(UserError, match=r"was trained with other layers frozen \(0 frozen weights there, 2 here\)"):
+        checkpoint.check_compatible(path, checkpoint.read_meta(path), checkpoint.signature(model, (3,), 2, "m"))
 
 
 def test_accumulated_gradients_and_position_survive_a_checkpoint(tmp_path):

@@ -55,6 +55,15 @@ def test_every_shipped_config_loads_with_the_values_it_states():
     ("model:\n  weights: /no/such.h5\n", "model.weights file not found: /no/such.h5"),
     ("- just\n- a list\n", "must hold a mapping of sections"),
     ("trainer: 5\n", "config section 'trainer' must be a mapping"),
+    ("parallel:\n  shard_state: 3\n", "parallel.shard_state must be 0 (whole state), 1 (sharded optimizer state) or 2 "
+                                      "(and sharded gradients), got 3"),
+    ("parallel:\n  shard_state: 1\ntrainer:\n  sync: local_sgd\n", "parallel.shard_state=1 shards the state of "
+     "every-step averaging; trainer.sync=local_sgd keeps whole models apart between averages: set "
+     "parallel.shard_state=0"),
+    ("parallel:\n  shard_state: 2\ntrainer:\n  sync: fedavg\n", "parallel.shard_state=2 shards the state of "
+     "every-step averaging; trainer.sync=fedavg keeps whole models apart"),
+    ("parallel:\n  shard_state: 1\ntrainer:\n  elastic: true\n", "parallel.shard_state > 0 cannot be elastic"),
+    ("parallel:\n  shard_state: 1\nruntime:\n  bucket_mb: 4\n", "runtime.bucket_mb applies to stage 0's all-reduce"),
 ])
 def test_each_bad_config_gives_one_clear_line(tmp_path, text, message):
     with pytest.raises(UserError) as err:

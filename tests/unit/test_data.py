@@ -43,6 +43,16 @@ def test_each_global_batch_is_split_disjointly_across_ranks(tmp_path, n, size, b
         assert len(set(seen)) == len(seen) == (n // batch) * batch, "an example repeats within an epoch"
 
 
+def test_a_global_batch_holds_the_same_examples_in_the_same_order_whatever_the_number_of_ranks(tmp_path):
+    """What lets a run move to another number of ranks: the ranks' shares of a step, in rank order, are the same
+    global batch on 1, 2, 3 or 6 ranks."""
+    cfg = ids_npz(tmp_path, 100)
+    one = rank_stream(cfg, 0, 1, 12, epochs=2)[1]
+    for size in (2, 3, 6):
+        streams = [rank_stream(cfg, r, size, 12, epochs=2)[1] for r in range(size)]
+        assert [np.concatenate(parts).tolist() for parts in zip(*streams)] == [b.tolist() for b in one]
+
+
 def test_order_is_reshuffled_per_epoch_and_reproducible(tmp_path):
     cfg = ids_npz(tmp_path, 64)
     _, a = rank_stream(cfg, 0, 2, 16, epochs=3)

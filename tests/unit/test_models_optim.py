@@ -48,6 +48,55 @@ def test_unknown_or_broken_models_say_what_to_use(monkeypatch, name, message):
     assert message in str(err.value) and err.value.agreed
 
 
+def test_trainable_from_freezes_the_layers_before_it_and_trains_only_the_rest():
+    """A plain Keras train step on the frozen model: the frozen weights keep their bits, the rest moves, and the
+    gradients (what an optimizer receives, and so what is all-reduced) are the trainable part's only."""
+    import keras
+    keras.backend.clear_session()   # layer names count from zero again
+    keras.utils.set_random_seed(1)
+    model = models.build_model(ModelConfig(name="mlp", hidden=(16, 8), trainable_from="dense_1"), (4,), 3)
+    assert [(layer.name, layer.trainable) for layer in model.layers] == [
+        ("flatten", False), ("dense", False), ("dense_1", True), ("dense_2", True)]
+    trained = [model.get_layer(name) for name in ("dense_1", "dense_2")]
+    assert [id(w) for w in model.trainable_weights] == [id(w) for layer in trained for w in layer.weights]
+    before = {layer.name: layer.get_weights() for layer in model.layers}
+    model.compile(keras.optimizers.SGD(0.5), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(np.random.default_rng(0).normal(size=(32, 4)).astype("float32"), np.arange(32) % 3, epochs=2,
+              verbose=0)
+    changed = {layer.name: [not np.array_equal(w, b) for w, b in zip(layer.get_weights(), before[layer.name])]
+               for layer in model.layers if layer.weights}
+    assert changed == {"dense": [False, False], "dense_1": [True, True], "dense_2": [True, True]}
+
+
+@pytest.mark.parametrize("layer, message", [
+    ("dense_7", "model.trainable_from: model 'mlp' has no layer 'dense_7' (did you mean 'dense_2'?); its layers are "
+                "flatten, dense, dense_1, dense_2"),
+    ("flatten", None),   # the first layer: nothing frozen
+])
+def test_trainable_from_names_a_layer_of_the_model(layer, message):
+    import keras
+    keras.backend.clear_session()
+    cfg = ModelConfig(name="mlp", hidden=(16, 8), trainable_from=layer)
+    if message is None:
+        assert all(layer.trainable for layer in models.build_model(cfg, (4,), 3).layers)
+        return
+    with pytest.raises(UserError) as err:
+        models.build_model(cfg, (4,), 3)
+    assert str(err.value) == message and err.value.agreed
+
+
+def test_trainable_from_must_leave_weights_to_train():
+    import keras
+
+    @models.register_model("ends-in-softmax-test")
+    def ends_in_softmax(input_shape, num_classes, cfg):
+        return keras.Sequential([keras.Input(input_shape), keras.layers.Dense(num_classes),
+                                 keras.layers.Activation("linear", name="scores")])
+    with pytest.raises(UserError, match=r"^model.trainable_from=scores: no layer from there on has weights to train; "
+                                        r"name an earlier layer$"):
+        models.build_model(ModelConfig(name="ends-in-softmax-test", trainable_from="scores"), (4,), 3)
+
+
 def test_application_refuses_too_small_inputs_with_one_line():
     with pytest.raises(UserError, match=r"model.name=ResNet50 with inputs \[8, 8, 3\]: "):
         models.build_model(ModelConfig(name="ResNet50"), (8, 8, 3), 3)
@@ -107,6 +156,18 @@ def test_warmup_then_cosine_schedule_values():
     assert values[2] == pytest.approx(0.4)          # peak = lr * 4 ranks
     assert values[3] == pytest.approx(0.2, rel=1e-5)  # cosine halfway through the remaining 40 steps
     assert values[4] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_a_warmup_without_scaling_is_the_same_on_any_number_of_replicas():
+    """lr_scaling=none: the same target on 1, 2 or 4 replicas, so the same warm-up, from lr/10 (nothing to warm
+    from but a fixed share of it); with linear scaling on one replica, that same warm-up too."""
+    def first_steps(scaling, size):
+        sched = lr_schedule(OptimConfig(lr=0.05, lr_scaling=scaling, warmup_epochs=1), size=size,
+                            steps_per_epoch=10, epochs=2)
+        return [float(sched(s)) for s in (0, 5, 10)]
+    one = first_steps("none", 1)
+    assert one == pytest.approx([0.005, 0.0275, 0.05])
+    assert first_steps("none", 2) == first_steps("none", 4) == one == first_steps("linear", 1)
 
 
 def test_constant_schedule_without_warmup_and_serialisation():

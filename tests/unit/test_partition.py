@@ -6,7 +6,7 @@ import pytest
 
 from hvdtrain.data.partition import describe, partition
 from hvdtrain.errors import DataError
-from hvdtrain.federated import sampled
+from hvdtrain.strategies.federated import sampled
 
 LABELS = np.repeat(np.arange(10), 144)[:1437]   # digits-like: 10 labels, 1,437 examples
 np.random.default_rng(0).shuffle(LABELS)

@@ -57,7 +57,7 @@ def test_a_schedule_that_runs_a_backward_before_its_forward_is_caught(monkeypatc
 def test_stages_are_neighbouring_ranks_and_replicas_read_one_shard_each():
     worlds = [World(rank=r, size=6, local_size=6, local_rank=r, stages=3) for r in range(6)]
     assert [(w.stage, w.replica) for w in worlds] == [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]
-    assert worlds[4].stage_ranks() == [1, 4] and worlds[4].replica_group == 1
+    assert worlds[4].part_ranks() == [1, 4] and worlds[4].replica_group == (1, 4)
     assert (worlds[3].previous_rank, worlds[3].next_rank) == (None, 4)
     assert (worlds[5].previous_rank, worlds[5].next_rank) == (4, None)
     assert [(w.data_view().rank, w.data_view().size) for w in worlds] == [(0, 2)] * 3 + [(1, 2)] * 3
@@ -69,6 +69,8 @@ def test_stages_are_neighbouring_ranks_and_replicas_read_one_shard_each():
 
 @pytest.mark.parametrize("overrides,size,message", [
     (["--parallel.pipeline_stages=3"], 4, "parallel.pipeline_stages=3 does not divide the 4 ranks"),
+    (["--parallel.pipeline_stages=4"], 2, "parallel.pipeline_stages=4: 4 stages need at least 4 ranks; 2 are running; "
+                                          "launch with `scripts/launch.sh 4 hvdtrain ...`"),
     (["--parallel.pipeline_stages=2", "--parallel.microbatches=5"], 2,
      "parallel.microbatches=5 does not divide the replica batch of 64"),
     (["--parallel.pipeline_stages=2", "--trainer.global_batch_size=30"], 8,
@@ -141,13 +143,24 @@ def test_a_residual_block_is_never_cut_and_named_cuts_are_checked():
     ("mlp", 2, ("dense_9",), "model 'mlp' has no layer 'dense_9' (did you mean 'dense_2'?)"),
     ("mlp", 2, ("flatten",), "'flatten' is the model's first layer"),
     ("mlp", 3, ("dense_2", "dense"), "'dense' comes before 'dense_2' in the model"),
-    ("mlp", 5, (), "parallel.pipeline_stages=5 needs 4 cut(s) but model 'mlp' has 3 place(s) where exactly one tensor "
+    ("mlp", 5, (), "parallel.pipeline_stages=5 needs 4 cuts but model 'mlp' has 3 places where exactly one tensor "
                    "crosses (before 'dense', before 'dense_1', before 'dense_2'); use at most 4 stages"),
+    ("one-cut mlp", 3, (), "parallel.pipeline_stages=3 needs 2 cuts but model 'mlp' has 1 place where exactly one "
+                           "tensor crosses (before 'dense'); use at most 2 stages"),
+    ("one layer", 2, (), "parallel.pipeline_stages=2 needs 1 cut but model 'one_layer' has 0 places where exactly "
+                         "one tensor crosses (none); it cannot be split: use parallel.pipeline_stages=1"),
 ])
 def test_impossible_splits_are_refused_with_one_line(model_name, stages, names, message):
+    import keras
     from hvdtrain.pipeline import split
+    if model_name == "one layer":
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)], name="one_layer")
+    elif model_name == "one-cut mlp":
+        model = _model("mlp", hidden=())
+    else:
+        model = _model(model_name, **({"blocks": 1} if model_name == "resnet" else {}))
     with pytest.raises(ConfigError) as err:
-        split.plan(_model(model_name, **({"blocks": 1} if model_name == "resnet" else {})), stages, names)
+        split.plan(model, stages, names)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
@@ -168,7 +181,8 @@ def test_the_keras_2_stack_refuses_pipeline_stages_with_one_line(monkeypatch):
     monkeypatch.setattr(runtime, "keras_major", lambda: 2)   # what TF 2.15's stack answers
     cfg = load_config(None, ["--parallel.pipeline_stages=2"])
     with pytest.raises(UserError, match=r"^parallel.pipeline_stages > 1 needs the Keras 3 stack \(TensorFlow >= 2.16\)"):
-        pipeline.build(cfg, World(rank=0, size=2, local_size=2, stages=2), whole=None, task=None, log=None)
+        pipeline.build(cfg.parallel, World(rank=0, size=2, local_size=2, stages=2), whole=None, objective=None,
+                       log=None, global_batch=cfg.trainer.global_batch_size)
 
 
 # ---- a stage that fails while serving --------------------------------------------------------------------------------
@@ -180,7 +194,7 @@ class _Loopback:
         import collections
         self.queues = collections.defaultdict(collections.deque)
 
-    def send(self, array, dest, tag):
+    def send(self, array, dest, tag, kind="activations"):
         self.queues[dest, tag].append(array)
 
     send_object = send
@@ -263,7 +277,7 @@ def test_a_rank_other_than_0_makes_only_its_stage_weights_with_the_unsplit_model
     whole = pipeline.build_whole(build, World(rank=1, size=2, local_size=2, stages=2))
     assert pipeline.held_parameters(whole) == 0   # nothing made yet
     _, stages = split.plan(whole, 2, ("dense_1",))
-    pipeline._made_here(stages[1])
+    pipeline.make_only(stages[1])
     assert pipeline.held_parameters(whole) == stages[1].count_params() < whole.count_params()
     assert all(np.array_equal(w.numpy(), expected[w.path]) for w in stages[1].weights)
 
@@ -284,7 +298,7 @@ def test_weights_the_builder_sets_are_kept_for_the_stage_that_makes_them():
     keras.backend.clear_session()
     whole = pipeline.build_whole(pretrained, World(rank=1, size=2, local_size=2, stages=2))
     _, stages = split.plan(whole, 2, ("dense_1",))
-    pipeline._made_here(stages[1])
+    pipeline.make_only(stages[1])
     assert pipeline.held_parameters(whole) == stages[1].count_params()
     assert all(np.all(w.numpy() == 0.5) for w in stages[1].weights)
     assert not keras.src.backend.common.global_state.get_global_attribute("uninitialized_variables")

@@ -2,7 +2,7 @@
 never a newer one; the sweep driver's pruned/paused decision survives that in its own record, trial.stop."""
 from __future__ import annotations
 
-from hvdtrain.callbacks import StopRequest
+from hvdtrain.loop.stop import StopRequest
 from hvdtrain.rundir import write_atomic
 from hvdtrain.sweep.trial import PAUSED, PRUNED, TrialDir
 

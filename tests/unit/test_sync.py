@@ -1,18 +1,18 @@
-"""trainer.sync's plan: which steps average gradients, after which steps the weights are averaged, where the ranks may
-agree, and the bytes it costs; checked against a step-by-step count written independently of the closed forms. The
-settings' bad values and combinations each stop with one line."""
+"""trainer.sync's strategies: which steps average gradients, after which steps local SGD averages the weights, where
+the ranks may agree; checked against a step-by-step walk written independently of the closed forms. The settings'
+bad values and combinations each stop with one line."""
 import pytest
 
 from hvdtrain.config import ConfigError, load_config
-from hvdtrain.sync import SyncPlan
+from hvdtrain.strategies.local_sgd import Periods
 
 
-def step_by_step(plan: SyncPlan, done: int) -> tuple[int, int]:
+def step_by_step(plan: Periods, done: int) -> tuple[int, int]:
     """(gradient averages, weight averages) in the first `done` steps, walking the steps one by one."""
     gradients = weights = 0
     for step in range(done):
         completed = step + 1
-        if plan.mode == "every_step" or step < plan.warmup_steps:
+        if step < plan.warmup_steps:
             gradients += 1
         elif (completed - plan.warmup_steps) % plan.period == 0 or completed % plan.steps_per_epoch == 0:
             weights += 1
@@ -22,46 +22,38 @@ def step_by_step(plan: SyncPlan, done: int) -> tuple[int, int]:
 @pytest.mark.parametrize("period,warmup,steps_per_epoch", [(1, 0, 22), (8, 0, 22), (4, 22, 22), (16, 5, 7),
                                                             (3, 100, 10), (22, 0, 22), (5, 3, 1)])
 def test_the_counts_match_a_step_by_step_walk(period, warmup, steps_per_epoch):
-    plan = SyncPlan("local_sgd", period, warmup, "local", steps_per_epoch)
+    plan = Periods(period, warmup, steps_per_epoch)
     for done in range(0, 5 * steps_per_epoch + 3):
-        assert (plan.gradient_averages(done), plan.weight_averages(done)) == step_by_step(plan, done), done
-        assert plan.communicated_bytes(done, 10, 1000) == 10 * plan.gradient_averages(done) + \
-            1000 * plan.weight_averages(done)
+        gradients = sum(plan.averages_gradients(step) for step in range(done))
+        assert (gradients, plan.weight_averages(done)) == step_by_step(plan, done), done
 
 
 def test_local_sgd_averages_the_weights_every_period_and_at_every_epoch_end_after_the_warmup():
-    plan = SyncPlan("local_sgd", period=8, warmup_steps=4, steps_per_epoch=22)
+    plan = Periods(period=8, warmup_steps=4, steps_per_epoch=22)
     assert [s for s in range(8) if plan.averages_gradients(s)] == [0, 1, 2, 3]
     averaged = [done for done in range(1, 45) if plan.averages_weights_after(done)]
     assert averaged == [12, 20, 22, 28, 36, 44]
     # The replicas are one model during the warm-up and right after each average, apart in between.
-    apart = [done for done in range(1, 45) if plan.local_after(done) and not plan.averages_weights_after(done)]
+    apart = [done for done in range(1, 45) if not plan.one_model_after(done)]
     assert apart == [d for d in range(5, 45) if d not in averaged]
 
 
-def test_every_step_averages_every_gradient_and_never_the_weights():
-    plan = SyncPlan(steps_per_epoch=22)
-    assert all(plan.averages_gradients(s) and not plan.averages_weights_after(s + 1) for s in range(100))
-    assert plan.communicated_bytes(660, 203_304, 999) == 660 * 203_304
-    assert plan.describe() == {"mode": "every_step"}
-
-
-def test_fedavg_averages_the_weights_once_a_round_and_never_a_gradient():
-    plan = SyncPlan("fedavg", steps_per_epoch=1)
-    assert not any(plan.averages_gradients(s) for s in range(10))
-    assert plan.communicated_bytes(60, 999, 406_624) == 60 * 406_624 and plan.describe() == {"mode": "fedavg"}
-    cfg = load_config(None, ["--trainer.sync=fedavg", "--fedavg.clients=30", "--fedavg.fraction=0.2"])
-    assert SyncPlan.from_config(cfg.trainer, 1) == plan and cfg.fedavg.per_round == 6
-    assert load_config(None, ["--trainer.sync=fedavg", "--fedavg.fraction=0.001"]).fedavg.per_round == 1
-
-
-def test_the_plan_comes_from_the_trainer_settings():
+def test_the_strategy_and_its_plan_come_from_the_settings():
+    from hvdtrain import strategies
+    from hvdtrain.world import World
     cfg = load_config(None, ["--trainer.sync=local_sgd", "--trainer.sync_period=4", "--trainer.sync_warmup_steps=30",
                              "--trainer.sync_optimizer_state=average"])
-    plan = SyncPlan.from_config(cfg.trainer, steps_per_epoch=22)
-    assert plan == SyncPlan("local_sgd", 4, 30, "average", 22)
-    assert plan.describe() == {"mode": "local_sgd", "period": 4, "warmup_steps": 30, "optimizer_state": "average"}
+    local = strategies.create(cfg, World())
+    assert local.epoch_steps(lambda: 22) == 22 and local.periods == Periods(4, 30, 22)
+    assert local.describe() == {"mode": "local_sgd", "period": 4, "warmup_steps": 30, "optimizer_state": "average",
+                                "weight_averages_this_run": 0}
     assert load_config(None, ["--trainer.sync=local_sgd"]).trainer.sync_optimizer_state == "local"
+    names = {extra: strategies.name_for(load_config(None, extra)) for extra in
+             [(), ("--trainer.sync=fedavg",), ("--parallel.pipeline_stages=2",)]}
+    assert list(names.values()) == ["every_step", "fedavg", "pipeline"]
+    fedavg = load_config(None, ["--trainer.sync=fedavg", "--fedavg.clients=30", "--fedavg.fraction=0.2"])
+    assert fedavg.fedavg.per_round == 6
+    assert load_config(None, ["--trainer.sync=fedavg", "--fedavg.fraction=0.001"]).fedavg.per_round == 1
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -77,6 +69,8 @@ def test_the_plan_comes_from_the_trainer_settings():
     (["--data.partition=labels:2"], "data.partition applies to trainer.sync=fedavg only"),
     (["--trainer.sync=fedavg", "--data.partition=labels:0"],
      "data.partition must be iid, labels:K (K >= 1) or dirichlet:ALPHA (ALPHA > 0), got 'labels:0'"),
+    (["--trainer.sync=fedavg", "--data.partition=labels:11"], "data.partition=labels:11 asks for 11 labels per "
+     "client but there are 10 classes (data.num_classes); use labels:K with K <= 10"),
     (["--trainer.sync=fedavg", "--fedavg.fraction=1.5"],
      "fedavg.fraction must be in (0, 1] (the share of clients sampled per round), got 1.5"),
     (["--trainer.sync=fedavg", "--fedavg.clients=0"], "fedavg.clients must be >= 1, got 0"),

@@ -51,7 +51,13 @@ def run(job: dict) -> dict:
     return result
 
 
-jobs, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
-results = {job["name"]: run(job) for job in jobs}
-from hvdtrain.backend import rank_hint  # noqa: E402
-(out / f"results-rank{rank_hint()}.json").write_text(json.dumps(results, indent=1))
+def work(run_job=run) -> None:
+    """Every job of JOBS.json in turn (`run_job`: how one is run), then this rank's results."""
+    jobs, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
+    results = {job["name"]: run_job(job) for job in jobs}
+    from hvdtrain.backend import rank_hint
+    (out / f"results-rank{rank_hint()}.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    work()

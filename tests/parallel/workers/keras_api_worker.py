@@ -2,7 +2,8 @@
 optimizer from hvdtrain.keras.distribute (or, with `plain`, a plain one); writes this rank's weight digest and what
 happened. All modes run one after another in this process (start-up paid once).
 
-usage: keras_api_worker.py OUT_DIR MODE...    MODE: distributed | plain | accumulate | fp16 | sparse | mixed_float16
+usage: keras_api_worker.py OUT_DIR MODE...
+MODE: distributed | plain | accumulate | fp16 | sparse | mixed_float16 | sharded (shard_state=2, accumulating)
 Writes OUT_DIR/<MODE>-rank<R>.json.
 """
 import json
@@ -13,8 +14,14 @@ import hvdtrain.keras as hk
 import keras
 import numpy as np
 
+from hvdtrain import backend
 from hvdtrain.checkpoint import weights_digest
 from hvdtrain.errors import UserError
+
+
+def gradients_sent() -> dict:
+    """The gradient bytes this process has handed to Horovod so far, by dtype (counted where they are sent)."""
+    return backend.sent_bytes().get("gradients", {})
 
 
 def train(mode: str) -> dict:
@@ -32,14 +39,19 @@ def train(mode: str) -> dict:
     model = keras.Model(inputs, keras.layers.Dense(3)(hidden))
     y = rng.integers(0, 3, 64)
     optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
-    if mode != "plain":
-        optimizer = hk.distribute(optimizer, fp16_compression=mode == "fp16",
-                                  backward_passes_per_step=2 if mode == "accumulate" else 1)
-    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)
-    result = {"optimizer": type(model.optimizer).__name__, "rank": world.rank}
+    result = {"rank": world.rank, "trainable_parameters": sum(int(np.prod(v.shape)) for v in model.trainable_variables)}
+    before = gradients_sent()
     try:
+        if mode != "plain":
+            optimizer = hk.distribute(optimizer, fp16_compression=mode == "fp16",
+                                      backward_passes_per_step=2 if mode in ("accumulate", "sharded") else 1,
+                                      shard_state=2 if mode == "sharded" else 0)
+        model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=False)
+        result["optimizer"] = type(model.optimizer).__name__
         model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=hk.callbacks(world))
-        result.update(digest=weights_digest(model), steps=int(model.optimizer.iterations.numpy()))
+        result.update(digest=weights_digest(model), steps=int(model.optimizer.iterations.numpy()),
+                      gradients_sent={dtype: n - before.get(dtype, 0) for dtype, n in gradients_sent().items()
+                                      if n != before.get(dtype, 0)})
     except UserError as exc:
         result["error"] = str(exc)
     return result

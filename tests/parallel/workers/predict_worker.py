@@ -15,7 +15,7 @@ import tensorflow as tf
 
 import hvdtrain.keras as hk
 from hvdtrain.cli import main
-from hvdtrain.inference import load, locate
+from hvdtrain.inference.run import load, locate
 
 run, inputs, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 THREE_FILES = [i for f in range(3) for i in range(f, 50, 3)]   # the input order of three/*.tfrecord (dealt, read by file)

@@ -3,11 +3,11 @@ from decentralized data"), simulated: K clients each hold a share of the trainin
 round (what an epoch is here)
 
   1. samples C x K clients (seeded by the round: the same choice on every rank, and again after a resume),
-  2. deals them to the ranks (client i of the round to rank i mod N); a rank trains its clients one after another,
-     each from the round's global model with a fresh optimizer, E passes over its data in batches of B,
+  2. deals them to the ranks (client i of the round to rank (i + round) mod N); a rank trains its clients one after
+     another, each from the round's global model with a fresh optimizer, E passes over its data in batches of B,
   3. averages the clients' weights, weighted by their numbers of examples, in one all-reduce of the weighted sums,
-  4. agrees on stops and non-finite values, evaluates the global model exactly, writes the round's line and
-     metrics.csv row, and checkpoints it (so a resume continues with the next round, bit for bit).
+  4. hands the round to the loop controller as one step and one epoch: the agreed stop, exact evaluation, the
+     writers, the checkpoint (so a resume continues with the next round, bit for bit).
 
 FedSGD, the paper's baseline, is E = 1 and B = 0 (a client's whole data in one batch). The learning rate follows
 optim.lr and optim.schedule with rounds as epochs (cosine decays over the rounds). Random layers (Dropout) draw from
@@ -15,18 +15,69 @@ seeds derived from (data.seed, round, client), so a client trains alike on any r
 """
 from __future__ import annotations
 
-import time
-
 import keras
 import numpy as np
 
 from hvdtrain import backend, optim
 from hvdtrain.checkpoint import latest
-from hvdtrain import callbacks as cb
 from hvdtrain.data import partition
 from hvdtrain.errors import UserError
 from hvdtrain.rundir import write_json
-from hvdtrain.sync import model_state
+from hvdtrain.strategies.base import DataParallel
+from hvdtrain.variables import model_state
+
+
+class Federated(DataParallel):
+    name = "fedavg"
+    progress_unit = "round"
+
+    def __init__(self, world, cfg, source, run):
+        """`cfg`: the run's config (fedavg.*, data.partition and data.seed, optim.*, trainer.epochs)."""
+        super().__init__(world)
+        self.cfg, self.fed, self.source, self.run = cfg, cfg.fedavg, source, run
+        self.shares = None   # each client's example indices, once prepared
+        self.rounds_run = self.examples_trained = 0
+
+    @classmethod
+    def from_config(cls, cfg, world, *, source=None, run=None) -> "Federated":
+        return cls(world, cfg, source, run)
+
+    def epoch_steps(self, count) -> int:
+        return 1   # a round is an epoch of one step
+
+    def optimizer(self, optim_cfg, precision: str, bucket_mb: float, steps_per_epoch: int, epochs: int):
+        """A client's plain optimizer: clients train alone, the rounds average; the learning rate is set per round."""
+        return optim.optimizer_with(optim_cfg, optim_cfg.lr)
+
+    def distribute(self, optimizer, **options):
+        return optimizer
+
+    def prepare(self, model, objective, optimizer=None):
+        self.shares = client_shares(self.cfg, self.source, self.run, self.world)
+        return super().prepare(model, objective, optimizer)
+
+    def start(self, model, elastic: bool = False) -> None:
+        backend.build_optimizer(model.optimizer, model.trainable_variables)
+        backend.broadcast_variables(model.variables, name="hvdtrain.fedavg.start")   # a fresh run: rank 0's weights
+
+    def after_step(self, model, done: int) -> bool:
+        return True   # every round ends with the weights averaged
+
+    def train(self, session, model, batches_from, evaluate=None, callbacks=(), diagnose=None, **fit_kwargs) -> None:
+        """Rounds instead of fit, driven through the same loop controller."""
+        controller = session.loop(evaluate, unit=self.progress_unit)
+        with session.guard(diagnose):
+            Rounds(self, model, controller).run()
+
+    def describe(self) -> dict:
+        return {"mode": self.name}
+
+    def summary(self, model, global_batch: int) -> dict:
+        """The rounds, not one client's optimizer steps or a global batch no client used."""
+        return {"fedavg": {**{f: getattr(self.fed, f) for f in ("clients", "fraction", "local_epochs",
+                                                                  "local_batch_size")},
+                           "per_round": self.fed.per_round, "partition": self.cfg.data.partition,
+                           "rounds_this_run": self.rounds_run, "examples_trained_this_run": self.examples_trained}}
 
 
 def client_shares(cfg, source, run, world) -> list[np.ndarray]:
@@ -63,72 +114,61 @@ def sampled(clients: int, per_round: int, seed: int, round_: int) -> list[int]:
 
 
 class Rounds:
-    """The federated loop over a Trainer's parts (model, session, data, evaluation)."""
+    """The federated loop: each round trains this rank's clients and averages them, then the loop controller takes
+    the round as one step and one epoch."""
 
-    def __init__(self, trainer):
-        cfg = trainer.cfg
-        self.cfg, self.fed, self.world, self.model = cfg, cfg.fedavg, trainer.world, trainer.model
-        self.session, self.evaluate = trainer.session, trainer.evaluate
-        self.shares = trainer.shares
-        arrays = trainer.source.arrays("train")
+    def __init__(self, strategy: Federated, model, controller):
+        cfg = strategy.cfg
+        self.strategy, self.cfg, self.fed, self.world = strategy, cfg, cfg.fedavg, strategy.world
+        self.model, self.controller = model, controller
+        arrays = strategy.source.arrays("train")
         self.x, self.y = arrays.x, arrays.y
         self.schedule = optim.lr_schedule(cfg.optim, 1, 1, cfg.trainer.epochs)   # rounds as epochs
-        self.weights = model_state(self.model)
-        self.options = trainer.session.options
+        self.weights = model_state(model)
         # Random layers' generators (Keras 3 keeps their state in int variables, outside the weights)
-        self.seed_states = [v for v in self.model.variables
+        self.seed_states = [v for v in model.variables
                             if "seed_generator_state" in (getattr(v, "path", None) or v.name)]
 
     def run(self) -> None:
-        p, world, model = self.session.progress, self.world, self.model
-        backend.broadcast_variables(model.variables, name="hvdtrain.fedavg.start")   # a fresh run: rank 0's weights
-        watchdog = cb.Watchdog(self.options.stall_timeout_s, world.rank, self.session.run.path)
-        writers = RoundWriters(self.session, p.epochs) if world.is_chief else None
-        agreement = cb.StopAgreement(world, p, self.session.stop)
-        watchdog.on_train_begin()
-        try:
-            while p.position.epoch < p.epochs and not p.stop_reason:
-                logs = self.round(p.position.epoch, watchdog)
-                agreement.check(model, logs)
-                if p.stop_reason == "nonfinite":
-                    break
-                self.finish_round(logs, writers)
-        finally:
-            watchdog.done.set()
-            if writers:
-                writers.close()
+        c = self.controller
+        p = c.progress
+        c.attach(self.model)
+        c.train_begin()
+        while not p.finished and not p.stop_reason:
+            r = p.position.epoch
+            c.epoch_begin(r)
+            logs, examples = self.round(r)
+            c.step_end(0, logs, samples=examples * self.fed.local_epochs)
+            c.epoch_end(r, logs, averaged=True)   # the round's loss is every client's already
+        c.train_end()
 
-    def round(self, r: int, watchdog) -> dict:
-        started = time.perf_counter()
-        watchdog.beat()   # a rank without clients this round waits in the average; the round's start is progress
+    def round(self, r: int) -> tuple[dict, int]:
+        """Train this rank's clients of round r and average every rank's into the model: (the round's logs, the
+        examples its clients hold)."""
         chosen = sampled(self.fed.clients, self.fed.per_round, self.cfg.data.seed, r)
         start = [v.numpy() for v in self.weights]
         sums = [np.zeros(w.shape, np.float64) for w in start]
         examples = loss = 0.0
         size = self.world.size
         for client in [c for i, c in enumerate(chosen) if (i + r) % size == self.world.rank]:   # dealt in turn
-            client_loss = self.train_client(client, r, start, watchdog)
-            n = len(self.shares[client])
+            client_loss = self.train_client(client, r, start)
+            n = len(self.strategy.shares[client])
             for total, v in zip(sums, self.weights):
                 total += n * v.numpy().astype(np.float64)
             examples, loss = examples + n, loss + n * client_loss
         flat = np.concatenate([s.ravel() for s in sums] + [np.array([examples, loss])])
-        watchdog.armed = False   # waiting for peers whose clients are larger is not a stall
-        total = backend.allreduce_sum(flat, "hvdtrain.fedavg.round")
-        watchdog.beat()
-        watchdog.armed = True
+        with self.controller.watchdog.waiting():   # waiting for peers whose clients are larger is not a stall
+            total = backend.allreduce_sum(flat, "hvdtrain.fedavg.round", kind="weights")
         examples, loss = total[-2], total[-1]
         offset = 0
         for v, w in zip(self.weights, start):   # the weighted average, into every rank's model
             v.assign((total[offset:offset + w.size] / examples).reshape(w.shape).astype(w.dtype))
             offset += w.size
-        self.session.progress.advance()
-        self.session.local_state.synced_at(self.session.progress.position.global_step)   # averaged with the weights
-        seconds = time.perf_counter() - started
-        return {"loss": loss / examples, "clients": len(chosen), "client_examples": int(examples),
-                "samples_per_sec": examples * self.fed.local_epochs / seconds, "epoch_seconds": seconds}
+        self.strategy.rounds_run += 1
+        self.strategy.examples_trained += int(examples) * self.fed.local_epochs
+        return {"loss": loss / examples, "clients": len(chosen), "client_examples": int(examples)}, int(examples)
 
-    def train_client(self, client: int, r: int, start: list, watchdog) -> float:
+    def train_client(self, client: int, r: int, start: list) -> float:
         """E passes of one client over its data, from the round's global weights with a fresh optimizer."""
         import tensorflow as tf
         model, optimizer = self.model, self.model.optimizer
@@ -141,7 +181,7 @@ class Rounds:
         for i, state in enumerate(self.seed_states):
             state.assign(np.array([seed + i, 0], dtype=state.dtype))   # Keras 3: the dtype is a name
         tf.random.set_seed(seed)
-        mine = self.shares[client]
+        mine = self.strategy.shares[client]
         rng = np.random.default_rng([self.cfg.data.seed, r, client])
         batch = self.fed.local_batch_size or len(mine)
         passes = [mine[rng.permutation(len(mine))] for _ in range(self.fed.local_epochs)]
@@ -149,47 +189,6 @@ class Rounds:
         for order in passes:   # each pass batched on its own: a batch never spans two passes
             one = tf.data.Dataset.from_tensor_slices((self.x[order], self.y[order])).batch(batch)
             data = one if data is None else data.concatenate(one)
-        beat = keras.callbacks.LambdaCallback(on_train_batch_end=watchdog.on_train_batch_end)
-        history = model.fit(data, epochs=1, verbose=0, shuffle=False, callbacks=[beat])
+        progress = keras.callbacks.LambdaCallback(on_train_batch_end=lambda *_, **__: self.controller.watchdog.arm())
+        history = model.fit(data, epochs=1, verbose=0, shuffle=False, callbacks=[progress])
         return float(history.history["loss"][-1])
-
-    def finish_round(self, logs: dict, writers) -> None:
-        p, session = self.session.progress, self.session
-        at = p.position
-        if self.evaluate is not None:
-            metrics = self.evaluate(self.model)
-            p.last_eval = (at.global_step, metrics)
-            logs.update({f"val_{k}": v for k, v in (metrics or {}).items() if k != "examples" and isinstance(v, float)})
-        logs["communicated_bytes"] = session.sync.communicated_bytes(self.model, 1)
-        logs["global_step"] = at.global_step
-        p.history.append({"epoch": at.epoch, **{k: float(v) for k, v in logs.items()}})
-        if writers:
-            writers.write(at.epoch, logs)
-        last = at.epoch >= p.epochs
-        if last or p.stop_reason or at.epoch % self.options.checkpoint_every_epochs == 0:
-            session.checkpointer.save(self.model, at, self.world.size)
-
-
-class RoundWriters:
-    """Rank 0's line per round and metrics.csv row."""
-
-    SHOWN = ("loss", "val_loss", "val_accuracy", "val_mae")
-
-    def __init__(self, session, rounds: int):
-        self.rounds, self.mode = rounds, session.options.progress
-        self.csv = keras.callbacks.CSVLogger(str(session.run.path / "metrics.csv"), append=True) \
-            if session.options.csv else None
-        if self.csv:
-            self.csv.on_train_begin()
-
-    def write(self, round_: int, logs: dict) -> None:
-        if self.csv:
-            self.csv.on_epoch_end(round_ - 1, dict(logs))
-        if self.mode != "none":
-            shown = "  ".join(f"{k} {logs[k]:.4f}" for k in self.SHOWN if k in logs)
-            print(f"round {round_}/{self.rounds}  {shown}  {logs['clients']} clients, {logs['client_examples']} "
-                  f"examples  {logs['epoch_seconds']:.1f}s", flush=True)
-
-    def close(self) -> None:
-        if self.csv:
-            self.csv.on_train_end()
