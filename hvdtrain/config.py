@@ -200,8 +200,8 @@ class RuntimeConfig:
     intra_op_threads: int = _f(0, "TensorFlow intra-op threads per rank (0: CPU cores / ranks on this node)")
     inter_op_threads: int = _f(0, "TensorFlow inter-op threads per rank (0: 2)")
     # 0.05 ms, not Horovod's 5 ms or our earlier 0.5: a back-to-back all-reduce waits for the next tick, so the
-    # tick bounds latency (0.5 ms -> ~590 us at 4 KB), and with MPI yielding while idle the faster tick did not
-    # cost training throughput (docs/benchmarks.md, tuning).
+    # tick bounds latency (0.5 ms -> ~590 us at 4 KB). It applies where Horovod does not wake on enqueue (a Horovod
+    # built without scripts/patches, or wake_on_enqueue off); hvdtrain's build waits idle_cycle_time_ms instead.
     cycle_time_ms: float = _f(0.05, "HOROVOD_CYCLE_TIME: how often Horovod's background thread batches tensors")
     fusion_threshold_mb: float = _f(64.0, "HOROVOD_FUSION_THRESHOLD: tensors are fused into buffers up to this size")
     # 0: on 2 CPU ranks no bucket size beat one group beyond run-to-run noise (docs/benchmarks.md, bench averaging):
@@ -215,6 +215,14 @@ class RuntimeConfig:
                              choices=("auto", "mpi", "gloo"))
     mpi_yield_when_idle: bool = _f(True, "OMPI_MCA_mpi_yield_when_idle: MPI waits yield the CPU instead of spinning "
                                    "(Horovod's background thread polls MPI every cycle; spinning steals the cores training needs)")
+    wake_on_enqueue: bool = _f(True, "HOROVOD_WAKE_ON_ENQUEUE (scripts/patches): Horovod's background thread starts its "
+                                     "cycle as soon as a collective is enqueued, instead of sleeping out the cycle time")
+    # 5 ms: a woken thread needs no tick for latency; each idle tick is an MPI round on the cores training uses
+    # (an idle rank: 23-31 % of a core at the 0.05 ms cycle, 2-3 % at 5 ms; docs/benchmarks.md).
+    idle_cycle_time_ms: float = _f(5.0, "HOROVOD_IDLE_CYCLE_TIME (scripts/patches): with wake_on_enqueue, how long Horovod's "
+                                        "background thread sleeps while no collective is waiting")
+    tf_thread_spinning: bool = _f(False, "TensorFlow's inter-op threads spin before they sleep (TensorFlow's default); off, "
+                                         "they sleep at once and leave the core to Horovod's background thread")
     stall_timeout_s: float = _f(60.0, "a collective that some ranks never join shuts the job down after this many seconds")
     expected_ranks: int = _f(0, "refuse to start unless exactly this many ranks are running (0: any number)")
     precision: str = _f("float32", "float32 | mixed_float16 (loss scaling agreed by all ranks) | mixed_bfloat16",
@@ -223,6 +231,7 @@ class RuntimeConfig:
     def __post_init__(self):
         _require(self.intra_op_threads >= 0 and self.inter_op_threads >= 0, "runtime thread counts must be >= 0")
         _require(self.cycle_time_ms > 0, "runtime.cycle_time_ms must be > 0")
+        _require(self.idle_cycle_time_ms > 0, "runtime.idle_cycle_time_ms must be > 0")
         _require(self.fusion_threshold_mb >= 0, "runtime.fusion_threshold_mb must be >= 0")
         _require(self.bucket_mb >= 0, "runtime.bucket_mb must be >= 0")
         _require(self.stall_timeout_s > 0, "runtime.stall_timeout_s must be > 0")

@@ -142,12 +142,30 @@ def configure(runtime, local_size: int) -> None:
     try:
         tf.config.threading.set_intra_op_parallelism_threads(intra)
         tf.config.threading.set_inter_op_parallelism_threads(inter)
+        _set_thread_spinning(runtime.tf_thread_spinning)
     except RuntimeError:
         pass  # already initialised in this process (e.g. a second Trainer in one test): keep the first setting
     keras.utils.set_random_seed(runtime.seed)   # the same on every rank: replicas start identical
     if runtime.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_global_policy(runtime.precision)
+
+
+def _set_thread_spinning(enabled: bool) -> None:
+    """TensorFlow's inter-op threads spin for a while after each op before they sleep. A Horovod collective's
+    enqueue wakes Horovod's background thread, which then waited ~60 us for the core the spinning thread held (a
+    4 KB all-reduce took ~95 us instead of ~35 us; docs/benchmarks.md). ConfigProto's disable_thread_spinning has no
+    public setter in eager mode: it goes into the context's config before the context starts."""
+    from tensorflow.core.protobuf import config_pb2
+    from tensorflow.python.eager import context
+    ctx = context.context()
+    if ctx._context_handle is not None:   # noqa: SLF001  (started: too late, like the thread counts above)
+        raise RuntimeError("TensorFlow's context is already initialised")
+    config = config_pb2.ConfigProto()
+    if ctx._config is not None:           # noqa: SLF001
+        config.CopyFrom(ctx._config)      # noqa: SLF001
+    config.experimental.disable_thread_spinning = not enabled
+    ctx._config = config                  # noqa: SLF001
 
 
 def threads(runtime, local_size: int) -> tuple[int, int]:

@@ -7,6 +7,7 @@
 #   scripts/install.sh --venv DIR              # another virtualenv (default .venv); `make test` puts tf2.15 in .venv-tf2.15
 #   scripts/install.sh --with-slurm            # also munge + Slurm (tests/slurm/ and scripts/slurm-local.sh need them)
 #   scripts/install.sh --rebuild-horovod       # force a Horovod rebuild
+#   scripts/install.sh --venv DIR --extra-patch FILE   # one more Horovod patch (e.g. scripts/breakdown's probe)
 #   HVDTRAIN_GPU=1 scripts/install.sh          # GPU nodes: tensorflow[and-cuda] and HOROVOD_GPU_OPERATIONS=NCCL
 # A virtualenv that holds the other stack is converted in place (TensorFlow, Keras and NumPy replaced, leftovers of
 # the old stack removed, Horovod rebuilt); `pip check` must pass afterwards. Logs of the Horovod build: VENV/horovod-build.log.
@@ -18,27 +19,31 @@ HOROVOD_SDIST_SHA256=92a43f5a94c43907a56805bad15f19700c62ffc83b7ca483f9e104e229f
 PYTHON="${PYTHON:-python3}"
 APT_CORE=(libopenmpi-dev openmpi-bin g++ make cmake git patch)
 APT_SLURM=(slurmctld slurmd slurm-client munge iproute2)
-stack=tf2.21; venv=.venv; rebuild=0; with_slurm=0; gpu="${HVDTRAIN_GPU:-0}"
+stack=tf2.21; venv=.venv; rebuild=0; with_slurm=0; gpu="${HVDTRAIN_GPU:-0}"; extra_patches=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --stack) stack="${2:?--stack needs tf2.21 or tf2.15}"; shift ;;
     --venv) venv="${2:?--venv needs a directory}"; shift ;;
     --rebuild-horovod) rebuild=1 ;;
+    --extra-patch) extra_patches+=("${2:?--extra-patch needs a patch file}"); shift ;;
     --with-slurm) with_slurm=1 ;;
     -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
+# Patches both stacks get (each patch's header says why); the stack's own come after them.
+COMMON_PATCHES=(scripts/patches/horovod-0.28.1-build.patch scripts/patches/horovod-0.28.1-runner.patch
+                scripts/patches/horovod-0.28.1-wake-on-enqueue.patch scripts/patches/horovod-0.28.1-scale-on-copy-out.patch)
 case "$stack" in
   tf2.21|current) stack=tf2.21; TF_VERSION=2.21.0; KERAS_MAJOR=3
-                  PATCHES=(scripts/patches/horovod-0.28.1-build.patch scripts/patches/horovod-0.28.1-runner.patch
-                           scripts/patches/horovod-0.28.1-tf2.21.patch)
+                  PATCHES=("${COMMON_PATCHES[@]}" scripts/patches/horovod-0.28.1-tf2.21.patch)
                   [ "$gpu" = 1 ] && PATCHES+=(scripts/patches/horovod-0.28.1-tf2.21-gpu.patch) ;;
   tf2.15) TF_VERSION=2.15.1; KERAS_MAJOR=2
-          PATCHES=(scripts/patches/horovod-0.28.1-build.patch scripts/patches/horovod-0.28.1-runner.patch) ;;
+          PATCHES=("${COMMON_PATCHES[@]}") ;;
   *) echo "install.sh: --stack must be tf2.21 or tf2.15, got '$stack'" >&2; exit 2 ;;
 esac
+PATCHES+=("${extra_patches[@]}")   # in the build record too: an install without them rebuilds
 
 say()  { printf '\033[1m[install]\033[0m %s\n' "$*"; }
 fail() { printf '[install] FAILED: %s\n' "$*" >&2; exit 1; }

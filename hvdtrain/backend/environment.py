@@ -102,6 +102,8 @@ def comm_environment(runtime) -> dict[str, str]:
         wanted["HOROVOD_CPU_OPERATIONS"] = runtime.cpu_operations.upper()
     elif launched_by_mpi():
         wanted["HOROVOD_CPU_OPERATIONS"] = "MPI"  # MPI's shared-memory transport beats Gloo's TCP on one host
+    if runtime.wake_on_enqueue:   # read by hvdtrain's Horovod build (scripts/patches); others ignore both
+        wanted.update(HOROVOD_WAKE_ON_ENQUEUE="1", HOROVOD_IDLE_CYCLE_TIME=f"{runtime.idle_cycle_time_ms:g}")
     if runtime.mpi_yield_when_idle:
         # Read by OpenMPI at MPI_Init, so setting it before hvd.init is enough. Without it every MPI wait spins a
         # core: 2 ranks on 2 cores trained the 6M-parameter MLP ~3.5x slower (docs/benchmarks.md).
@@ -116,7 +118,8 @@ def apply_comm_environment(runtime) -> None:
 
 # Horovod variables that change performance (the launcher's own HOROVOD_RANK, HOROVOD_GLOO_* etc. are not settings).
 TUNING_KEYS = ("HOROVOD_CYCLE_TIME", "HOROVOD_FUSION_THRESHOLD", "HOROVOD_CPU_OPERATIONS", "HOROVOD_CACHE_CAPACITY",
-               "HOROVOD_AUTOTUNE", "HOROVOD_HIERARCHICAL_ALLREDUCE", "HOROVOD_TIMELINE", "OMPI_MCA_mpi_yield_when_idle")
+               "HOROVOD_AUTOTUNE", "HOROVOD_HIERARCHICAL_ALLREDUCE", "HOROVOD_TIMELINE", "HOROVOD_WAKE_ON_ENQUEUE",
+               "HOROVOD_IDLE_CYCLE_TIME", "OMPI_MCA_mpi_yield_when_idle")
 
 
 def active_comm_settings() -> dict[str, str]:

@@ -2,8 +2,9 @@
 
     horovodrun -np 2 --mpi python -m hvdtrain.bench.allreduce_worker --output ar.json [--raw-only] [--merge] ...
 
---raw-only times only MPI_Allreduce through mpi4py, with OpenMPI's own defaults (no Horovod, no hvdtrain settings);
---merge keeps the rows of the other launches already in --output. See hvdtrain/bench/allreduce.py for what is measured.
+--raw-only times only MPI_Allreduce through mpi4py, with OpenMPI's own defaults (no Horovod, no hvdtrain settings), or
+with --hvdtrain-mpi-settings under the OMPI_* settings hvdtrain starts its ranks with; --merge keeps the rows of the
+other launches already in --output. See hvdtrain/bench/allreduce.py for what is measured.
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ def add_arguments(p) -> None:
     p.add_argument("--output", required=True, metavar="FILE.json")
     add_measure_arguments(p)
     p.add_argument("--raw-only", action="store_true", help="time only MPI_Allreduce (mpi4py), OpenMPI's defaults")
+    p.add_argument("--hvdtrain-mpi-settings", action="store_true",
+                   help="with --raw-only: under hvdtrain's OMPI_* settings instead of OpenMPI's defaults")
     p.add_argument("--merge", action="store_true", help="keep the other launches' rows already in --output")
 
 
@@ -79,9 +82,14 @@ def measure(args, *, raw_only: bool, merge: bool) -> int:
     from hvdtrain.config import load_config
     before = harness.loadavg()
     if raw_only:
+        name, launch = "mpi4py", "mpi-raw"
+        if args.hvdtrain_mpi_settings:   # read by OpenMPI at MPI_Init, so set before mpi4py starts it
+            runtime = load_config(None, args.overrides).runtime
+            os.environ.update({k: v for k, v in backend.comm_environment(runtime).items() if k.startswith("OMPI_")})
+            name, launch = "mpi4py-hvdtrain-settings", "mpi-raw-hvdtrain"
         MPI = backend.mpi()
-        impls, rank, n = [_mpi4py_impl("mpi4py")], MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
-        launch, settings, stack = "mpi-raw", _openmpi_settings(), None
+        impls, rank, n = [_mpi4py_impl(name)], MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+        settings, stack = _openmpi_settings(), None
     else:
         cfg = load_config(None, args.overrides)
         backend.apply_comm_environment(cfg.runtime)   # before MPI_Init: some settings are OpenMPI's
@@ -89,7 +97,7 @@ def measure(args, *, raw_only: bool, merge: bool) -> int:
         # first; Horovod then shares it).
         raw = _mpi4py_impl("mpi4py-hvdtrain-env") if backend.launched_by_mpi() else None
         from hvdtrain import world
-        w = world.start(cfg.runtime, configure=False)
+        w = world.start(cfg.runtime)   # threads and TensorFlow settings as training has them
         impls = [impl for impl in (raw, _horovod_impl(w.controller, backend),
                                    _horovod_eager_impl(w.controller, backend) if args.eager else None) if impl]
         rank, n, launch, settings, stack = w.rank, w.size, w.controller, backend.active_comm_settings(), harness.rank_stack()

@@ -31,6 +31,8 @@ class PlainHorovodSession:
         tf.config.threading.set_intra_op_parallelism_threads(threads)   # before anything starts TensorFlow's runtime
         if runtime_cfg is not None:   # horovod-tuned: hvdtrain's HOROVOD_*/OMPI_* settings, so only the code differs
             apply_comm_environment(runtime_cfg)
+        # TensorFlow's own thread behaviour, unless started with hvdtrain's settings
+        self.runtime_overrides = {} if runtime_cfg is not None else {"tf_thread_spinning": True}
         self.hvd = h = hvd()
         h.init()
         self.world = World(rank=h.rank(), size=h.size(), local_rank=h.local_rank(), local_size=h.local_size())

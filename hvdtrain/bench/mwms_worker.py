@@ -48,6 +48,7 @@ def _free_port() -> int:
 class MwmsSession:
     """The session interface of train_worker.measure, on MultiWorkerMirroredStrategy."""
     parts = False   # no comm-free step or pipeline timing: those are hvdtrain's diagnostics
+    runtime_overrides = {"tf_thread_spinning": True}   # TensorFlow's own thread behaviour
 
     def __init__(self, threads: int, keras3_workarounds: bool = True):
         import tensorflow as tf

@@ -33,6 +33,7 @@ def run(args) -> int:
 class HorovodSession:
     """single: plain Keras in one process, Horovod not started; hvdtrain: hvdtrain's startup, optimizer and check."""
     parts = True   # also time the step without communication and the input pipeline alone
+    runtime_overrides: dict = {}   # hvdtrain's runtime settings as configured
 
     def __init__(self, role: str, runtime_cfg):
         from hvdtrain import backend, world
@@ -55,7 +56,13 @@ class HorovodSession:
         return callbacks(self.world, average_metrics=False) if self.distributed else []
 
     def slowest(self, value: float) -> float:
-        return max(self.backend.allgather_object(value, "hvdtrain.bench.slowest")) if self.world.size > 1 else value
+        return max(self._gathered(value, "hvdtrain.bench.slowest"))
+
+    def total(self, value: float) -> float:
+        return sum(self._gathered(value, "hvdtrain.bench.total"))
+
+    def _gathered(self, value: float, name: str) -> list[float]:
+        return self.backend.allgather_object(value, name) if self.world.size > 1 else [value]
 
     def barrier(self) -> None:
         if self.world.size > 1:
@@ -80,7 +87,8 @@ class HorovodSession:
 def measure(args, cfg, session, impl: str) -> int:
     """Time every model of --models in this rank; rank 0 writes the rows."""
     from hvdtrain import runtime
-    runtime.configure(cfg.replace(runtime={"intra_op_threads": args.threads}).runtime, session.world.local_size)
+    runtime_cfg = cfg.replace(runtime={"intra_op_threads": args.threads, **session.runtime_overrides}).runtime
+    runtime.configure(runtime_cfg, session.world.local_size)
     rows = [_measure_model(args, cfg, name, session, impl)
             for name in (m.strip() for m in args.models.split(",") if m.strip())]
     if session.world.rank == 0:
@@ -97,6 +105,7 @@ class StepTimer:
     warmup: int
     ends: list = field(default_factory=list)
     epoch_ends: list = field(default_factory=list)    # wall clock, to find the timed steps in a Horovod timeline
+    cpu_ends: list = field(default_factory=list)      # this process's CPU time (all threads)
 
     def callback(self):
         import keras
@@ -104,10 +113,19 @@ class StepTimer:
         def mark(batch, logs):
             self.ends.append(time.perf_counter())
             self.epoch_ends.append(time.time())
+            self.cpu_ends.append(time.process_time())
         return keras.callbacks.LambdaCallback(on_train_batch_end=mark)
 
     def step_seconds(self) -> float:
-        timed = self.ends[self.warmup - 1:]
+        return self._per_step(self.ends)
+
+    def cpu_seconds(self) -> float:
+        """CPU time this process used per timed step: on a shared machine a setting that spins or polls shows here
+        even when the wall clock is too noisy to tell."""
+        return self._per_step(self.cpu_ends)
+
+    def _per_step(self, marks: list) -> float:
+        timed = marks[self.warmup - 1:]
         return (timed[-1] - timed[0]) / (len(timed) - 1)
 
     def step_ends_epoch_us(self) -> list[float]:
@@ -158,10 +176,13 @@ def _measure_model(args, cfg, name: str, session, impl: str) -> dict:
            "samples_per_sec": global_batch / step, "per_rank_samples_per_sec": per_rank / step,
            "loadavg": harness.loadavg(), "step_ends_epoch_us": timer.step_ends_epoch_us()}
     if session.parts:
+        row["cpu_ms_per_step"] = session.total(timer.cpu_seconds()) * 1e3   # all ranks together
         row["bucket_layout"] = session.bucket_layout(model)
         if world.size > 1:   # the same steps without communication, all ranks at once
-            local = session.slowest(timed_fit(compiled(False), []).step_seconds())
-            row.update(local_step_ms=local * 1e3, comm_share=max(0.0, 1.0 - local / step))
+            local_timer = timed_fit(compiled(False), [])
+            local = session.slowest(local_timer.step_seconds())
+            row.update(local_step_ms=local * 1e3, comm_share=max(0.0, 1.0 - local / step),
+                       local_cpu_ms_per_step=session.total(local_timer.cpu_seconds()) * 1e3)
         pipeline = session.slowest(_pipeline_seconds(make(world), args.warmup, args.steps))
         row["pipeline_samples_per_sec"] = per_rank / pipeline
         row["pipeline_ratio"] = row["pipeline_samples_per_sec"] / (per_rank / step)

@@ -2,6 +2,7 @@
 promised fields (the stack included), plots. These check correctness only; speed is for `make bench`, never for
 tests. `bench stacks`, which runs both virtualenvs, is in tests/integration/test_bench_stacks.py."""
 import json
+import os
 import time
 
 import pytest
@@ -29,8 +30,8 @@ def allreduce_doc(tmp_path_factory):
 def test_allreduce_every_implementation_returns_the_exact_sum(allreduce_doc):
     _, doc, _, _ = allreduce_doc
     impls = {r["impl"] for r in doc["rows"]}
-    assert impls == {"mpi4py", "mpi4py-hvdtrain-env", "hvdtrain-mpi", "hvdtrain-mpi-eager", "hvdtrain-gloo",
-                     "hvdtrain-gloo-eager"}
+    assert impls == {"mpi4py", "mpi4py-hvdtrain-settings", "mpi4py-hvdtrain-env", "hvdtrain-mpi", "hvdtrain-mpi-eager",
+                     "hvdtrain-gloo", "hvdtrain-gloo-eager"}
     for impl in impls:
         sizes = sorted(r["size_bytes"] for r in doc["rows"] if r["impl"] == impl)
         assert sizes == [4096, 16384, 65536, 262144, 1048576], impl
@@ -52,18 +53,20 @@ def test_allreduce_json_has_the_promised_fields(allreduce_doc):
     assert {"tensorflow-cpu", "keras", "horovod", "mpi4py", "python"} <= set(doc["versions"])
     assert_rank_stack(doc["stack"])
     assert doc["machine"]["cpus"] >= 1 and len(doc["machine"]["loadavg"]) == 3
-    assert sorted(run["launch"] for run in doc["runs"]) == ["gloo", "mpi", "mpi-raw"]
+    assert sorted(run["launch"] for run in doc["runs"]) == ["gloo", "mpi", "mpi-raw", "mpi-raw-hvdtrain"]
     assert all(len(run["loadavg_before"]) == 3 for run in doc["runs"])
     # hvdtrain's configured settings reached both Horovod launches; auto picks MPI operations under mpirun.
-    # The raw baseline ran with OpenMPI's defaults (hvdtrain's yield-while-waiting would only slow it down).
+    # The raw baseline ran once with OpenMPI's defaults and once with hvdtrain's OpenMPI settings.
     assert doc["settings"]["mpi"]["HOROVOD_CPU_OPERATIONS"] == "MPI"
     assert doc["settings"]["mpi"]["OMPI_MCA_mpi_yield_when_idle"] == "1"
+    assert doc["settings"]["mpi"]["HOROVOD_WAKE_ON_ENQUEUE"] == "1"
     assert "HOROVOD_CYCLE_TIME" in doc["settings"]["gloo"]
     assert doc["settings"]["mpi-raw"] == {"OpenMPI": "defaults"}
+    assert doc["settings"]["mpi-raw-hvdtrain"] == {"OMPI_MCA_mpi_yield_when_idle": "1"}
     # Only 1 MB of the 1-16 MB range is measured here, so the summary ratio is that one size's ratio,
-    # against the faster of the two raw MPI measurements.
+    # against the fastest of the raw MPI measurements.
     busbw = {(r["impl"], r["size_bytes"]): r["busbw_gbps"] for r in doc["rows"]}
-    raw = max(busbw[("mpi4py", 1 << 20)], busbw[("mpi4py-hvdtrain-env", 1 << 20)])
+    raw = max(busbw[(impl, 1 << 20)] for impl in ("mpi4py", "mpi4py-hvdtrain-settings", "mpi4py-hvdtrain-env"))
     assert doc["summary"]["hvdtrain-mpi"]["busbw_vs_mpi_1_16mb_min"] == pytest.approx(busbw[("hvdtrain-mpi", 1 << 20)] / raw)
     assert not any("target" in key for s in doc["summary"].values() for key in s)   # ratios, no verdicts
 
@@ -95,6 +98,9 @@ def test_train_bench_compares_single_hvdtrain_horovod_and_mwms(tmp_path):
             assert 0.0 <= row["comm_share"] < 1.0
             assert row["pipeline_ratio"] == pytest.approx(row["pipeline_samples_per_sec"]
                                                           / row["per_rank_samples_per_sec"])
+            # CPU time of both ranks per step: at most every core of the machine for both processes' whole step.
+            for cpu, wall in ((row["cpu_ms_per_step"], row["step_ms"]), (row["local_cpu_ms_per_step"], row["local_step_ms"])):
+                assert 0 < cpu <= 2 * os.cpu_count() * wall
         if row["impl"] == "mwms" and doc["stack"]["name"] == "tf2.21":   # Keras 3: stock model.fit is recorded
             assert row["stock_fit"].startswith("fails: ")   # keras-team/keras#20585
     mlp = next(r for r in doc["rows"] if r["model"] == "mlp")

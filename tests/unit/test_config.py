@@ -119,3 +119,32 @@ def test_every_field_is_documented():
     assert yaml.safe_load(Config().to_yaml())["trainer"]["run_dir"] == "runs/digits"
 
 
+
+
+def test_communication_settings_reach_horovod_and_openmpi_by_their_names_and_the_environment_wins(monkeypatch):
+    from hvdtrain.backend import comm_environment
+    from hvdtrain.config import RuntimeConfig
+    names = ("HOROVOD_WAKE_ON_ENQUEUE", "HOROVOD_IDLE_CYCLE_TIME", "HOROVOD_CYCLE_TIME", "OMPI_MCA_mpi_yield_when_idle")
+    for name in (*names, "HOROVOD_ELASTIC"):
+        monkeypatch.delenv(name, raising=False)
+    wanted = comm_environment(RuntimeConfig(cycle_time_ms=2.5, idle_cycle_time_ms=7))
+    assert [wanted[name] for name in names] == ["1", "7", "2.5", "1"]
+    off = comm_environment(RuntimeConfig(wake_on_enqueue=False, mpi_yield_when_idle=False))
+    assert not {"HOROVOD_WAKE_ON_ENQUEUE", "HOROVOD_IDLE_CYCLE_TIME", "OMPI_MCA_mpi_yield_when_idle"} & set(off)
+    monkeypatch.setenv("HOROVOD_WAKE_ON_ENQUEUE", "0")   # a job script's choice
+    assert comm_environment(RuntimeConfig())["HOROVOD_WAKE_ON_ENQUEUE"] == "0"
+
+
+def test_tensorflow_thread_spinning_is_off_unless_asked_for():
+    import subprocess
+    import sys
+
+    from conftest import env
+    code = ("import sys\nfrom hvdtrain import runtime\nfrom hvdtrain.config import RuntimeConfig\n"
+            "runtime.configure(RuntimeConfig(tf_thread_spinning=sys.argv[1] == 'on'), 1)\n"
+            "import tensorflow as tf\nfrom tensorflow.python.eager import context\n"
+            "tf.constant(1.0) + 1.0   # the context starts with its config\n"
+            "print(context.context().config.experimental.disable_thread_spinning)")
+    got = [subprocess.run([sys.executable, "-c", code, spin], env=env(), capture_output=True, text=True, timeout=120)
+           for spin in ("off", "on")]
+    assert [p.stdout.strip().splitlines()[-1] for p in got] == ["True", "False"], [p.stderr for p in got]
