@@ -62,7 +62,12 @@ def _check_stages(run: Path, stages: int) -> None:
     if latest is None:
         raise UserError(f"run directory {run} holds no checkpoint; --stages {stages} restores each stage from the "
                         "run's latest checkpoint")
-    layout = checkpoint.read_meta(latest).get("signature", {}).get("pipeline")
+    signature = checkpoint.read_meta(latest).get("signature", {})
+    layout, split = signature.get("pipeline"), signature.get("tensor")
+    if split:
+        raise UserError(f"--stages {stages}: {run} was trained with layers split over {split['degree']} ranks "
+                        "(parallel.tensor_parallel), which a stage replica does not put back together; serve it "
+                        "without --stages (its model.keras is the whole model)")
     if not layout:
         raise UserError(f"--stages {stages}: {run} was trained without pipeline stages, so its checkpoint holds the "
                         "whole model; serve it without --stages (each replica then holds the whole model)")

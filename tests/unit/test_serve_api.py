@@ -136,6 +136,13 @@ def test_model_argument_names_a_run_a_keras_file_or_a_saved_model(tmp_path):
         settings_for(str(tmp_path / "nowhere"), load_config().serve)
     with pytest.raises(UserError, match="trained without pipeline stages|holds no checkpoint"):
         settings_for(str(run), load_config().serve, stages=2)
+    ckpt = run / "checkpoints" / "ckpt-00000010"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text(json.dumps({"signature": {"pipeline": {"stages": 2, "first_layers": ["a", "b"]},
+                                                              "tensor": {"degree": 2, "plan": {}}}}))
+    with pytest.raises(UserError, match=r"^--stages 2: .* was trained with layers split over 2 ranks "
+                                        r"\(parallel.tensor_parallel\).*serve it without --stages"):
+        settings_for(str(run), load_config().serve, stages=2)
 
 
 def test_a_port_in_use_is_refused_before_anything_starts():
