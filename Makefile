@@ -28,14 +28,15 @@ train: $(STACK)
 
 ## Every tier on TF 2.21, then on TF 2.15 its unit tier and the tests marked `stacks` (what differs between the
 ## stacks), in three lanes side by side: unit, then parallel; the Slurm tier (mostly waiting on Slurm), then TF 2.15's
-## stacks tier; TF 2.15's unit tier, then integration (the lanes' sums of measured tier times are within a minute). Installs Slurm and the TF 2.15 stack first if needed. A failing tier does not stop the others; the
+## stacks tier, then the parallel tests of pipeline stages and sharded state (parallel-stages); TF 2.15's unit tier,
+## then integration (the lanes' sums of measured tier times within a few minutes). Installs Slurm and the TF 2.15 stack first if needed. A failing tier does not stop the others; the
 ## summary at the end lists every tier's time and the ten slowest tests (test-reports/ keeps every test's time).
 test: $(STACK) $(SLURM) $(OLD_STACK)
-	@scripts/test.sh $(VENV):unit $(VENV):parallel + $(VENV):slurm $(OLD_VENV):stacks + $(OLD_VENV):unit $(VENV):integration
+	@scripts/test.sh $(VENV):unit $(VENV):parallel + $(VENV):slurm $(OLD_VENV):stacks $(VENV):parallel-stages + $(OLD_VENV):unit $(VENV):integration
 test-unit: $(STACK)
 	@scripts/test.sh $(VENV):unit
 test-parallel: $(STACK)
-	@scripts/test.sh $(VENV):parallel
+	@scripts/test.sh $(VENV):parallel $(VENV):parallel-stages
 test-integration: $(STACK)
 	@scripts/test.sh $(VENV):integration
 test-slurm: $(SLURM)

@@ -6,7 +6,9 @@
 #   scripts/test.sh .venv:unit .venv:parallel + .venv:slurm .venv-tf2.15:unit      # two lanes at once
 #   PYTEST_ARGS="-x -k resume" scripts/test.sh .venv:parallel
 # A tier is a pytest marker: unit, parallel, integration, slurm (the directories of tests/; tests/bench runs with
-# unit), or stacks (the tests that also run on the TF 2.15 stack). pytest finding no tests counts as a failure.
+# unit), or stacks (the tests that also run on the TF 2.15 stack); parallel-stages is the part of the parallel tier
+# about pipeline stages and sharded state (STAGE_TESTS), which `make test` runs in another lane than the rest of the
+# parallel tier (so that no lane is much longer than the others). pytest finding no tests counts as a failure.
 # Every tier leaves its JUnit XML (each test's time) in test-reports/.
 # `+` starts another lane: lanes run side by side, each its tiers in order (the Slurm tier mostly waits on Slurm, so
 # `make test` runs it next to the other stack's tiers). A lane's tier prints its whole output when it ends, so the
@@ -19,10 +21,13 @@ reports=test-reports   # each tier's JUnit XML (every test's time), kept after t
 rm -rf "$reports"; mkdir -p "$reports"
 
 # Where a tier's tests live: pytest collects (imports) only those files.
+STAGE_TESTS="tests/parallel/test_pipeline.py tests/parallel/test_keras_api_pipeline.py tests/parallel/test_sharded.py"
 tier_dirs() {
   case "$1" in
     unit) echo tests/unit tests/bench ;;
     stacks) echo tests/parallel ;;
+    parallel-stages) echo $STAGE_TESTS ;;
+    parallel) echo tests/parallel; for f in $STAGE_TESTS; do echo "--ignore=$f"; done ;;
     *) echo "tests/$1" ;;
   esac
 }
@@ -37,10 +42,10 @@ run_tier() {
     printf '\n\033[1m== %s tests, %s (%s), %s\033[0m\n' "$tier" "$venv" "${stack#stack=}" "$(date -u +%H:%M:%S)"
     started=$SECONDS
     # shellcheck disable=SC2086
-    PATH="$PWD/$venv/bin:$PATH" "$venv/bin/python" -m pytest -m "$tier" $(tier_dirs "$tier") --junitxml="$reports/$n-$tier-${venv#.}.xml" \
+    PATH="$PWD/$venv/bin:$PATH" "$venv/bin/python" -m pytest -m "${tier%-stages}" $(tier_dirs "$tier") --junitxml="$reports/$n-$tier-${venv#.}.xml" \
       -o junit_suite_name="$tier $venv" ${PYTEST_ARGS:-} </dev/null; rc=$?
     [ "$rc" = 5 ] && { echo "test.sh: pytest collected no $tier tests; that is a failure" >&2; rc=1; }
-    printf '%-11s %-13s %-7s %5ds  %s\n' "$tier" "$venv" "${stack#stack=}" $((SECONDS - started)) \
+    printf '%-15s %-13s %-7s %5ds  %s\n' "$tier" "$venv" "${stack#stack=}" $((SECONDS - started)) \
       "$([ "$rc" = 0 ] && echo passed || echo "FAILED (exit $rc)")" >"$work/$n.result"
   } >"$out" 2>&1
 }
