@@ -406,10 +406,9 @@ class Config:
                                   "which a resume does); set trainer.elastic=false")
             yield r.bucket_mb == 0, ("runtime.bucket_mb applies to stage 0's all-reduce; parallel.shard_state > 0 "
                                      "sends one reduce-scatter per step: set runtime.bucket_mb=0")
-        if p.shard_state and p.tensor_split:
-            yield False, (f"parallel.shard_state={p.shard_state} with parallel.tensor_parallel={p.tensor_parallel} is "
-                          "not supported yet (the sharded ranges would cut across split layers' slices); set "
-                          "parallel.shard_state=0 or parallel.tensor_parallel=1")
+            yield not p.tensor_split, (f"parallel.shard_state={p.shard_state} with parallel.tensor_parallel="
+                                       f"{p.tensor_parallel} is not supported yet (the sharded ranges would cut across "
+                                       "split layers' slices); set parallel.shard_state=0 or parallel.tensor_parallel=1")
         if sync == "local_sgd":
             yield not p.pipelined, ("trainer.sync=local_sgd averages whole models, not pipeline stages; use "
                                     "trainer.sync=every_step with parallel.pipeline_stages > 1")
@@ -613,14 +612,16 @@ def check_layout(stages: int, tensor: int, size: int) -> None:
     """The ranks a layout of `stages` pipeline stages and tensor groups of `tensor` ranks needs, against `size`."""
     group = stages * tensor
     if size < group:
-        what = f"{stages} stages" if tensor == 1 else \
-            ("a tensor group" if stages == 1 else f"{stages} stages") + f" of {tensor} ranks"
-        name = f"parallel.pipeline_stages={stages}" if tensor == 1 else \
-            f"parallel.tensor_parallel={tensor}" + (f" x parallel.pipeline_stages={stages}" if stages > 1 else "")
+        if tensor == 1:
+            name, needs = f"parallel.pipeline_stages={stages}", f"{stages} stages need"
+        elif stages == 1:
+            name, needs = f"parallel.tensor_parallel={tensor}", f"a tensor group of {tensor} ranks needs"
+        else:
+            name = f"parallel.tensor_parallel={tensor} x parallel.pipeline_stages={stages}"
+            needs = f"{stages} stages of {tensor} ranks need"
         launch = f"horovodrun --mpi -np {group}, mpirun, srun --mpi=pmix" if stages > 1 else f"horovodrun -np {group}"
-        raise ConfigError(f"{name}: {what} need{'s' if what.startswith('a ') else ''} at least {group} ranks; {size} "
-                          f"{'is' if size == 1 else 'are'} running; launch with `scripts/launch.sh {group} hvdtrain "
-                          f"...` (or {launch})")
+        raise ConfigError(f"{name}: {needs} at least {group} ranks; {size} {'is' if size == 1 else 'are'} running; "
+                          f"launch with `scripts/launch.sh {group} hvdtrain ...` (or {launch})")
     if size % tensor:
         raise ConfigError(f"parallel.tensor_parallel={tensor} does not divide the {counted(size, 'rank')}: launch a "
                           f"multiple of {tensor} ranks (each tensor group has {tensor} ranks) or change "

@@ -31,6 +31,7 @@ tier_dirs() {
     *) echo "tests/$1" ;;
   esac
 }
+tier_marker() { [ "$1" = parallel-stages ] && echo parallel || echo "$1"; }   # parallel-stages is part of parallel
 
 # One tier: its output to $work/<n>.out (or straight through with one lane), its summary line to $work/<n>.result.
 run_tier() {
@@ -42,7 +43,7 @@ run_tier() {
     printf '\n\033[1m== %s tests, %s (%s), %s\033[0m\n' "$tier" "$venv" "${stack#stack=}" "$(date -u +%H:%M:%S)"
     started=$SECONDS
     # shellcheck disable=SC2086
-    PATH="$PWD/$venv/bin:$PATH" "$venv/bin/python" -m pytest -m "${tier%-stages}" $(tier_dirs "$tier") --junitxml="$reports/$n-$tier-${venv#.}.xml" \
+    PATH="$PWD/$venv/bin:$PATH" "$venv/bin/python" -m pytest -m "$(tier_marker "$tier")" $(tier_dirs "$tier") --junitxml="$reports/$n-$tier-${venv#.}.xml" \
       -o junit_suite_name="$tier $venv" ${PYTEST_ARGS:-} </dev/null; rc=$?
     [ "$rc" = 5 ] && { echo "test.sh: pytest collected no $tier tests; that is a failure" >&2; rc=1; }
     printf '%-15s %-13s %-7s %5ds  %s\n' "$tier" "$venv" "${stack#stack=}" $((SECONDS - started)) \

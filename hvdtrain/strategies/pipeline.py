@@ -129,7 +129,7 @@ class Pipeline(DataParallel):
 
 def part_name(stage: int, tensor_rank: int | None = None) -> str:
     """A stage's part of a checkpoint (`stage-<s>`, or `stage-<s>-tensor-<t>` for its tensor slices)."""
-    return f"stage-{stage}" if tensor_rank is None else f"stage-{stage}-tensor-{tensor_rank}"
+    return f"stage-{stage}" if tensor_rank is None else f"stage-{stage}-{tensor.part_name(tensor_rank)}"
 
 
 def restore_whole(ckpt, model, layout: dict, split: dict | None = None) -> None:

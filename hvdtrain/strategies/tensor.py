@@ -56,7 +56,7 @@ class Tensor(DataParallel):
 
     @property
     def weights_part(self):
-        return f"tensor-{self.world.tensor_rank}", self.world.replica == 0   # each slice's first replica writes it
+        return part_name(self.world.tensor_rank), self.world.replica == 0   # each slice's first replica writes it
 
     def check(self, model) -> None:
         """The model must be this strategy's, its optimizer averaging over the slice's replicas only."""
@@ -106,6 +106,11 @@ def split_of(whole, plan: dict, world):
     return split_model(whole, checked, world.tensor, world.tensor_rank, world.tensor_group, pipelines.initial_value)
 
 
+def part_name(tensor_rank: int) -> str:
+    """A tensor slice's part of a checkpoint."""
+    return f"tensor-{tensor_rank}"
+
+
 def layout(split) -> dict:
     """What a checkpoint of a tensor-parallel model must match to be resumed: the degree and the plan."""
     return {"degree": split.tensor, "plan": dict(split.plan)}
@@ -136,7 +141,7 @@ def restore_whole(ckpt, model, found: dict, read=None) -> None:
     """A tensor-parallel checkpoint's slices into the whole model: slice t read into rank t's split model by
     `read(split_model, t)` (default: from its `tensor-<t>/state`; a pipeline's reads its stages' parts)."""
     from hvdtrain.tensor.shard import merged, split_model
-    read = read or (lambda split, t: checkpoint.restore(ckpt, split, part=f"tensor-{t}"))
+    read = read or (lambda split, t: checkpoint.restore(ckpt, split, part=part_name(t)))
     slices = []
     for t in range(found["degree"]):
         split = split_model(model, found["plan"], found["degree"], t)
